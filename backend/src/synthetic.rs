@@ -1,0 +1,257 @@
+//! Tiny random-weight Llama models for tests, written both as GGUF (the llama.cpp layout, Q/K rows
+//! permuted for the interleaved RoPE) and as a Hugging Face directory (safetensors, config.json,
+//! tokenizer.json, tokenizer_config.json). Same weights, two files: the loaders must agree.
+//! Nothing here downloads anything.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::error::Result;
+
+/// ChatML, as SmolLM2 uses it.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const MERGES: [(&str, &str); 6] = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "g")];
+
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub tied: bool,
+    pub seed: u64,
+    /// Multiplies the random weights: larger gives peakier distributions.
+    pub scale: f32,
+    /// Store the 2-D weights as Q8_0 in the GGUF (the safetensors stay f32).
+    pub q8: bool,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self { n_layers: 3, d_model: 32, d_ff: 64, n_heads: 4, n_kv_heads: 2, tied: true, seed: 7, scale: 1.0, q8: false }
+    }
+}
+
+impl TinySpec {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+}
+
+/// GPT-2's byte-to-unicode table used by byte-level BPE.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        table[*b as usize] = char::from_u32(c).unwrap();
+    }
+    table
+}
+
+/// The tiny vocabulary: special tokens, the 256 byte tokens, then the merged tokens.
+pub fn vocab() -> Vec<String> {
+    let mut v: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+    v.extend(bytes_to_unicode().into_iter().map(String::from));
+    v.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
+    v
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        // xorshift64*, mapped to [-1, 1)
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545F4914F6CDD1D);
+        (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn tensor(&mut self, shape: (usize, usize), scale: f32) -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| self.next_f32() * scale).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+    fn norm(&mut self, n: usize) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n).map(|_| 1.0 + 0.2 * self.next_f32()).collect();
+        Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
+    }
+}
+
+/// Random weights in Hugging Face naming and layout.
+pub fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
+    let mut rng = Rng(spec.seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+    let (d, f, hd) = (spec.d_model, spec.d_ff, spec.head_dim());
+    let vocab = vocab().len();
+    let s = spec.scale;
+    let mut w = vec![("model.embed_tokens.weight".to_string(), rng.tensor((vocab, d), s)?)];
+    for l in 0..spec.n_layers {
+        let p = format!("model.layers.{l}");
+        let wd = s / (d as f32).sqrt() * 1.7;
+        w.push((format!("{p}.input_layernorm.weight"), rng.norm(d)?));
+        w.push((format!("{p}.self_attn.q_proj.weight"), rng.tensor((spec.n_heads * hd, d), wd)?));
+        w.push((format!("{p}.self_attn.k_proj.weight"), rng.tensor((spec.n_kv_heads * hd, d), wd)?));
+        w.push((format!("{p}.self_attn.v_proj.weight"), rng.tensor((spec.n_kv_heads * hd, d), wd)?));
+        w.push((format!("{p}.self_attn.o_proj.weight"), rng.tensor((d, spec.n_heads * hd), wd)?));
+        w.push((format!("{p}.post_attention_layernorm.weight"), rng.norm(d)?));
+        w.push((format!("{p}.mlp.gate_proj.weight"), rng.tensor((f, d), wd)?));
+        w.push((format!("{p}.mlp.up_proj.weight"), rng.tensor((f, d), wd)?));
+        w.push((format!("{p}.mlp.down_proj.weight"), rng.tensor((d, f), s / (f as f32).sqrt() * 1.7)?));
+    }
+    w.push(("model.norm.weight".to_string(), rng.norm(d)?));
+    if !spec.tied {
+        w.push(("lm_head.weight".to_string(), rng.tensor((vocab, d), s)?));
+    }
+    Ok(w)
+}
+
+/// llama.cpp's permutation of HF Q/K rows into the interleaved-RoPE layout.
+pub fn permute_for_gguf(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    let hd = rows / n_heads;
+    Ok(w.reshape((n_heads, 2, hd / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+fn gguf_name(hf: &str) -> String {
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        let (l, tail) = rest.split_once('.').unwrap();
+        let t = match tail {
+            "input_layernorm.weight" => "attn_norm.weight",
+            "self_attn.q_proj.weight" => "attn_q.weight",
+            "self_attn.k_proj.weight" => "attn_k.weight",
+            "self_attn.v_proj.weight" => "attn_v.weight",
+            "self_attn.o_proj.weight" => "attn_output.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            "mlp.gate_proj.weight" => "ffn_gate.weight",
+            "mlp.up_proj.weight" => "ffn_up.weight",
+            "mlp.down_proj.weight" => "ffn_down.weight",
+            other => panic!("unknown tensor {other}"),
+        };
+        return format!("blk.{l}.{t}");
+    }
+    match hf {
+        "model.embed_tokens.weight" => "token_embd.weight",
+        "model.norm.weight" => "output_norm.weight",
+        "lm_head.weight" => "output.weight",
+        other => panic!("unknown tensor {other}"),
+    }
+    .to_string()
+}
+
+/// Write the tiny model as a GGUF file.
+pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
+    let vocab = vocab();
+    let strs = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let types: Vec<Value> = (0..vocab.len()).map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 })).collect();
+    let u = |x: usize| Value::U32(x as u32);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String("tiny-random-llama".into())),
+        ("llama.block_count", u(spec.n_layers)),
+        ("llama.context_length", u(256)),
+        ("llama.embedding_length", u(spec.d_model)),
+        ("llama.feed_forward_length", u(spec.d_ff)),
+        ("llama.attention.head_count", u(spec.n_heads)),
+        ("llama.attention.head_count_kv", u(spec.n_kv_heads)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.rope.dimension_count", u(spec.head_dim())),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.vocab_size", u(vocab.len())),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens", strs(vocab.clone())),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.merges", strs(MERGES.iter().map(|(a, b)| format!("{a} {b}")).collect())),
+        ("tokenizer.ggml.bos_token_id", u(1)),
+        ("tokenizer.ggml.eos_token_id", u(2)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+        ("tokenizer.chat_template", Value::String(CHAT_TEMPLATE.into())),
+    ];
+    let mut tensors = Vec::new();
+    for (name, t) in weights(spec)? {
+        let t = if name.ends_with("q_proj.weight") {
+            permute_for_gguf(&t, spec.n_heads)?
+        } else if name.ends_with("k_proj.weight") {
+            permute_for_gguf(&t, spec.n_kv_heads)?
+        } else {
+            t
+        };
+        let dtype = if spec.q8 && t.rank() == 2 { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+        tensors.push((gguf_name(&name), QTensor::quantize(&t, dtype)?));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path)?;
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    Ok(())
+}
+
+/// The tokenizer.json a Hugging Face export of the tiny model would carry, written out as JSON
+/// (not through our GGUF tokenizer builder), so the two tokenizer paths can be compared.
+pub fn tokenizer_json() -> serde_json::Value {
+    let vocab = vocab();
+    let vmap: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let added: Vec<serde_json::Value> = SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vmap, "merges": MERGES.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>()}
+    })
+}
+
+/// Write the tiny model as a Hugging Face directory.
+pub fn write_hf_dir(spec: &TinySpec, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let w: HashMap<String, Tensor> = weights(spec)?.into_iter().collect();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    let cfg = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": spec.d_model,
+        "intermediate_size": spec.d_ff,
+        "vocab_size": vocab().len(),
+        "num_hidden_layers": spec.n_layers,
+        "num_attention_heads": spec.n_heads,
+        "num_key_value_heads": spec.n_kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": spec.tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).map_err(std::io::Error::other)?)?;
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer_json()).map_err(std::io::Error::other)?)?;
+    let tc = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": CHAT_TEMPLATE});
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&tc).map_err(std::io::Error::other)?)?;
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! Tokenizers: built from GGUF metadata (byte-level BPE from `tokenizer.ggml.tokens` and
+//! `tokenizer.ggml.merges`, with the model's pre-tokenizer rules) or read from tokenizer.json.
+//!
+//! candle's own GGUF tokenizer falls back to GPT-2 defaults for SmolLM2 (pre = "smollm") and adds a
+//! leading space, so we build the `tokenizers::Tokenizer` ourselves.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// Llama 3's pre-tokenizer regex (llama.cpp's "llama-bpe").
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer plus what the model wants around it (BOS, end-of-sequence ids).
+#[derive(Clone)]
+pub struct Tok {
+    inner: Tokenizer,
+    pub bos_id: Option<u32>,
+    /// Tokens that end generation.
+    pub eos_ids: Vec<u32>,
+    /// Prepend BOS to plain-text prompts.
+    pub add_bos: bool,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+fn meta<'a>(c: &'a Content, key: &str) -> Option<&'a Value> {
+    c.metadata.get(key)
+}
+
+fn meta_u32(c: &Content, key: &str) -> Option<u32> {
+    meta(c, key).and_then(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32)))
+}
+
+impl Tok {
+    /// Build the tokenizer stored in GGUF metadata.
+    pub fn from_gguf(c: &Content) -> Result<Self> {
+        let model = meta(c, "tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned();
+        if model.as_deref() != Some("gpt2") {
+            return Err(Error::Tokenizer(format!(
+                "only byte-level BPE (tokenizer.ggml.model = \"gpt2\") GGUF tokenizers are supported, found {model:?}"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            let v = meta(c, key).ok_or_else(|| Error::Tokenizer(format!("missing {key}")))?;
+            v.to_vec()
+                .map_err(|e| Error::Tokenizer(format!("{key}: {e}")))?
+                .iter()
+                .map(|x| x.to_string().cloned().map_err(|e| Error::Tokenizer(format!("{key}: {e}"))))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match meta(c, "tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| Error::Tokenizer(e.to_string()))?
+                .iter()
+                .map(|x| x.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let pre = meta(c, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}")))
+            })
+            .collect::<Result<_>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut tk = Tokenizer::new(bpe);
+        let pre_tok: PreTokenizerWrapper = match pre.as_str() {
+            "llama-bpe" | "llama3" => Sequence::new(vec![
+                Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?
+                    .into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+            // "smollm" (SmolLM/SmolLM2) splits digits one by one before the GPT-2 byte-level regex.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+            _ => ByteLevel::new(false, true, true).into(),
+        };
+        tk.with_pre_tokenizer(Some(pre_tok));
+        tk.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched whole in the input text.
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == 3 || ty == 4)
+            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .collect();
+        tk.add_special_tokens(specials).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let bos_id = meta_u32(c, "tokenizer.ggml.bos_token_id");
+        let eos_id = meta_u32(c, "tokenizer.ggml.eos_token_id");
+        let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
+        if let Some(eot) = meta_u32(c, "tokenizer.ggml.eot_token_id") {
+            eos_ids.push(eot);
+        }
+        let add_bos = meta(c, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        Ok(Self { bos_token: name(bos_id), eos_token: name(eos_id), inner: tk, bos_id, eos_ids, add_bos })
+    }
+
+    /// Read tokenizer.json (and tokenizer_config.json / config.json for BOS and EOS) from a directory.
+    pub fn from_hf_dir(dir: &Path, eos_from_config: &[u32]) -> Result<Self> {
+        let inner = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
+        let cfg: serde_json::Value = std::fs::read(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let token_str = |key: &str| -> Option<String> {
+            match &cfg[key] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
+                _ => None,
+            }
+        };
+        let bos_token = token_str("bos_token");
+        let eos_token = token_str("eos_token");
+        let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut eos_ids: Vec<u32> = eos_token.as_deref().and_then(|t| inner.token_to_id(t)).into_iter().collect();
+        for &e in eos_from_config {
+            if !eos_ids.contains(&e) {
+                eos_ids.push(e);
+            }
+        }
+        // Does the tokenizer's post-processor add BOS to plain text?
+        let with = inner.encode("a", true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let without = inner.encode("a", false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let add_bos = match cfg["add_bos_token"].as_bool() {
+            Some(b) => b,
+            None => with.get_ids().len() > without.get_ids().len(),
+        };
+        Ok(Self { inner, bos_id, eos_ids, add_bos, bos_token, eos_token })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` as it is (special tokens written in it are matched whole), no BOS.
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    }
+
+    /// Token ids of a plain-text prompt, with BOS if the model wants one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend(self.encode_raw(text)?);
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>").
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// `text` must be exactly one token: its id, or an error that shows how it tokenizes and
+    /// suggests single-token variants.
+    pub fn single_token(&self, text: &str) -> Result<u32> {
+        let ids = self.encode_raw(text)?;
+        if ids.len() == 1 {
+            return Ok(ids[0]);
+        }
+        let pieces: Vec<String> = ids.iter().map(|&i| format!("{:?}", self.token_text(i))).collect();
+        let base = text.trim();
+        let mut cands = vec![format!(" {base}"), base.to_owned()];
+        let mut chars = base.chars();
+        if let Some(f) = chars.next() {
+            let cap: String = f.to_uppercase().chain(chars).collect();
+            cands.push(format!(" {cap}"));
+            cands.push(cap);
+        }
+        cands.push(format!(" {}", base.to_lowercase()));
+        cands.push(format!(" {base}s"));
+        let mut ok: Vec<String> = Vec::new();
+        for c in cands {
+            if c != text && !ok.contains(&format!("{c:?}")) && self.encode_raw(&c).map(|v| v.len() == 1).unwrap_or(false) {
+                ok.push(format!("{c:?}"));
+            }
+        }
+        let how = if ids.is_empty() { "no tokens".to_owned() } else { format!("{} tokens [{}]", ids.len(), pieces.join(", ")) };
+        let hint = if ok.is_empty() { String::new() } else { format!("; single-token variants: {}", ok.join(", ")) };
+        Err(Error::UnknownToken(format!("{text:?} is not a single token: it tokenizes as {how}{hint}")))
+    }
+}

@@ -1,0 +1,230 @@
+//! Typed messages shared by the backend (CLI `--json` output and HTTP API) and the web frontend.
+//! Serde only: this crate knows nothing of actix, leptos or candle.
+
+use serde::{Deserialize, Serialize};
+
+/// Documented bounds on inputs; the backend rejects anything outside them with a clear error.
+pub mod limits {
+    /// Largest absolute clamp value accepted. Natural activations of the default model stay
+    /// within a few tens; this leaves room for strong steering while refusing absurd values.
+    pub const MAX_CLAMP_ABS: f32 = 1000.0;
+    /// Most clamps in one request.
+    pub const MAX_CLAMPS: usize = 16;
+    /// Most values in one clamp sweep.
+    pub const MAX_SWEEP_VALUES: usize = 64;
+    /// Most new tokens in one generation.
+    pub const MAX_NEW_TOKENS: usize = 512;
+    /// Longest prompt, in bytes of text and in tokens.
+    pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+    pub const MAX_PROMPT_TOKENS: usize = 2048;
+    pub const MAX_TEMPERATURE: f64 = 5.0;
+    /// Most top-k entries returned by a next-token query.
+    pub const MAX_TOP_K: usize = 100;
+}
+
+/// Force one MLP neuron's activation to `value` at every position. Written `L:N:V` on the
+/// command line and in URLs (e.g. `12:345:8.5`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClampSpec {
+    pub layer: usize,
+    pub neuron: usize,
+    pub value: f32,
+}
+
+impl std::fmt::Display for ClampSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.layer, self.neuron, self.value)
+    }
+}
+
+impl std::str::FromStr for ClampSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        if parts.len() != 3 {
+            return Err(format!("clamp {s:?} must be LAYER:NEURON:VALUE, e.g. 12:345:8.5"));
+        }
+        let layer = parts[0].parse().map_err(|_| format!("clamp {s:?}: layer {:?} is not a number", parts[0]))?;
+        let neuron = parts[1].parse().map_err(|_| format!("clamp {s:?}: neuron {:?} is not a number", parts[1]))?;
+        let value = parts[2].parse().map_err(|_| format!("clamp {s:?}: value {:?} is not a number", parts[2]))?;
+        Ok(ClampSpec { layer, neuron, value })
+    }
+}
+
+/// One chat turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A prompt: plain text, or a user message wrapped in the model's chat template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptSpec {
+    pub text: String,
+    /// Render `text` (or `messages`) through the chat template. Default: true for models with one.
+    #[serde(default)]
+    pub chat: Option<bool>,
+    /// Full conversation, instead of a single user message in `text`.
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+}
+
+/// Sampling settings. `temperature = 0` is greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_max_new() -> usize {
+    128
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: None, seed: default_seed(), max_new_tokens: default_max_new() }
+    }
+}
+
+/// `POST /api/models/{model}/generate` request; also what `flash-interp generate` runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub clamps: Vec<ClampSpec>,
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    /// Generate the normal and the steered answer side by side, with the same seed.
+    #[serde(default)]
+    pub compare: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_new_tokens` reached.
+    Length,
+    /// The client went away.
+    Cancelled,
+}
+
+/// Which of a pair of answers a result or stream event belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    Normal,
+    Steered,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub variant: Variant,
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub stop: StopReason,
+    /// Decoding speed in tokens per second (wall clock), for information.
+    pub tokens_per_second: f64,
+}
+
+/// Response to a generate request: one completion, or two with `compare`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateResponse {
+    pub prompt_tokens: usize,
+    pub completions: Vec<Completion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenProb {
+    pub id: u32,
+    pub text: String,
+    pub prob: f32,
+    pub logit: f32,
+}
+
+/// Next-token distribution of a prompt (top-k).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NextTokenRequest {
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub clamps: Vec<ClampSpec>,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    10
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NextTokenResponse {
+    pub prompt_tokens: usize,
+    pub top: Vec<TokenProb>,
+}
+
+/// `POST /api/models/{model}/sweep`: p(target next token) as one neuron is clamped to each value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepRequest {
+    pub prompt: PromptSpec,
+    pub layer: usize,
+    pub neuron: usize,
+    /// Must be a single token, e.g. " dog".
+    pub target: String,
+    pub values: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub value: f32,
+    pub prob: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepResponse {
+    pub target_id: u32,
+    pub target_text: String,
+    /// p(target) with no clamp.
+    pub baseline: f32,
+    /// The neuron's own activation at the last prompt position, unclamped.
+    pub natural_value: f32,
+    pub points: Vec<SweepPoint>,
+}
+
+/// Every error answered by the API, and printed by the CLI with `--json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clamp_spec_round_trips_through_its_text_form() {
+        let c: ClampSpec = "12:345:-8.5".parse().unwrap();
+        assert_eq!(c, ClampSpec { layer: 12, neuron: 345, value: -8.5 });
+        assert_eq!(c.to_string().parse::<ClampSpec>().unwrap(), c);
+        assert!("12:345".parse::<ClampSpec>().is_err());
+        assert!("a:1:2".parse::<ClampSpec>().unwrap_err().contains("layer"));
+    }
+
+    #[test]
+    fn generate_request_defaults_fill_in() {
+        let r: GenerateRequest = serde_json::from_str(r#"{"prompt":{"text":"hi"}}"#).unwrap();
+        assert_eq!(r.sampling, SamplingParams::default());
+        assert!(r.clamps.is_empty() && !r.compare && r.prompt.chat.is_none());
+    }
+}
