@@ -31,7 +31,7 @@ pub enum Error {
     Template(String),
     #[error("fetching the model: {0}")]
     Fetch(String),
-    #[error("tensor computation: {0}")]
+    #[error("tensor computation: {}", first_line(.0))]
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -39,9 +39,14 @@ pub enum Error {
 
 impl Error {
     pub fn model(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        Error::Model { path: path.into(), message: message.to_string() }
+        Error::Model { path: path.into(), message: first_line(message) }
     }
     pub fn bad(message: impl Into<String>) -> Self {
         Error::BadInput(message.into())
     }
+}
+
+/// candle appends a backtrace to its errors when RUST_BACKTRACE is set; users get one line.
+fn first_line(e: impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim_end().to_owned()
 }

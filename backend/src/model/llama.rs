@@ -77,7 +77,7 @@ impl RmsNorm {
         Ok(Self { weight: src.vector(key)?, eps: cfg.rms_eps })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
     }
 }
 

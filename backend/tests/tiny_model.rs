@@ -1,0 +1,340 @@
+//! Engine tests on tiny random-weight models written by the tests themselves (GGUF and
+//! safetensors). Each test compares against an independent computation: candle-transformers'
+//! own Llama implementations, a separate run, or an identity that must hold.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use flash_interp::engine::{Engine, LoadOptions};
+use flash_interp::model::{Cache, Clamp, Intervention, WeightMode};
+use flash_interp::synthetic::{self, TinySpec};
+use flash_interp::Error;
+use shared::{PromptSpec, SamplingParams};
+
+struct Tiny {
+    _dir: tempfile::TempDir,
+    gguf: std::path::PathBuf,
+    hf: std::path::PathBuf,
+}
+
+fn tiny(spec: &TinySpec) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    let hf = dir.path().join("tiny-hf");
+    synthetic::write_gguf(spec, &gguf).unwrap();
+    synthetic::write_hf_dir(spec, &hf).unwrap();
+    Tiny { _dir: dir, gguf, hf }
+}
+
+fn load(path: &std::path::Path) -> Engine {
+    Engine::load(path, &LoadOptions::default()).unwrap()
+}
+
+fn logits(e: &Engine, ids: &[u32], iv: &Intervention) -> Vec<f32> {
+    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let out = e.model.forward(&x, &mut Cache::new(e.config()), std::slice::from_ref(iv), &[]).unwrap();
+    out.logits.i(0).unwrap().to_vec1().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+const IDS: [u32; 7] = [1, 40, 77, 263, 5, 120, 99];
+
+#[test]
+fn forward_matches_candle_transformers_llama_on_safetensors() {
+    // candle-transformers' Llama (HF layout, split-halves RoPE) is an independent implementation
+    // with no intervention code: our forward with an empty intervention must match it.
+    for tied in [true, false] {
+        let spec = TinySpec { tied, ..Default::default() };
+        let t = tiny(&spec);
+        let ours = load(&t.hf);
+        let lc: candle_transformers::models::llama::LlamaConfig =
+            serde_json::from_slice(&std::fs::read(t.hf.join("config.json")).unwrap()).unwrap();
+        let cfg = lc.into_config(false);
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[t.hf.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        };
+        let reference = candle_transformers::models::llama::Llama::load(vb, &cfg).unwrap();
+        for n in [1, 3, IDS.len()] {
+            let mut cache = candle_transformers::models::llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
+            let x = Tensor::new(&IDS[..n], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let want: Vec<f32> = reference.forward(&x, 0, &mut cache).unwrap().i(0).unwrap().to_vec1().unwrap();
+            let got = logits(&ours, &IDS[..n], &Intervention::none());
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-4, "tied={tied} n={n}: max |diff| {d}");
+        }
+    }
+}
+
+#[test]
+fn forward_matches_candle_quantized_llama_on_gguf() {
+    // candle-transformers' quantized_llama reads the same GGUF with the interleaved RoPE.
+    let t = tiny(&TinySpec::default());
+    let ours = load(&t.gguf);
+    let mut f = std::fs::File::open(&t.gguf).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut reference =
+        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let want: Vec<f32> = reference.forward(&x, 0).unwrap().i(0).unwrap().to_vec1().unwrap();
+    let got = logits(&ours, &IDS, &Intervention::none());
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-4, "max |diff| {d}");
+}
+
+#[test]
+fn gguf_and_safetensors_loaders_give_the_same_logits() {
+    // Same weights; the GGUF has llama.cpp's permuted Q/K rows, so this checks the RoPE layouts.
+    let t = tiny(&TinySpec::default());
+    let (a, b) = (load(&t.gguf), load(&t.hf));
+    assert_eq!(a.config().n_layers, b.config().n_layers);
+    assert!(a.config().tied_embeddings && b.config().tied_embeddings);
+    for n in [1, 4, IDS.len()] {
+        let d = max_abs_diff(&logits(&a, &IDS[..n], &Intervention::none()), &logits(&b, &IDS[..n], &Intervention::none()));
+        assert!(d < 1e-4, "n={n}: max |diff| {d}");
+    }
+}
+
+#[test]
+fn q8_0_gguf_is_close_to_f32_and_quantized_mode_runs() {
+    let f32m = tiny(&TinySpec::default());
+    let q8 = tiny(&TinySpec { q8: true, ..Default::default() });
+    let reference = logits(&load(&f32m.gguf), &IDS, &Intervention::none());
+    let dequant = logits(&load(&q8.gguf), &IDS, &Intervention::none());
+    let scale = reference.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    let d = max_abs_diff(&reference, &dequant);
+    assert!(d > 0.0 && d < 0.05 * scale, "Q8_0 dequantized: max |diff| {d} (logit scale {scale})");
+    let quant = Engine::load(&q8.gguf, &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();
+    let q = logits(&quant, &IDS, &Intervention::none());
+    let dq = max_abs_diff(&reference, &q);
+    assert!(dq < 0.1 * scale, "quantized matmuls: max |diff| {dq} (logit scale {scale})");
+}
+
+#[test]
+fn empty_intervention_is_exactly_the_plain_forward() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let plain = e.model.forward(&x, &mut Cache::new(e.config()), &[], &[]).unwrap().logits;
+    let empty = e.model.forward(&x, &mut Cache::new(e.config()), &[Intervention::none()], &[]).unwrap().logits;
+    let a: Vec<f32> = plain.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = empty.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn clamping_a_neuron_to_its_natural_value_changes_nothing() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let ids = [40u32]; // one position: the natural value is a single number
+    let x = Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let layers: Vec<usize> = (0..e.config().n_layers).collect();
+    let out = e.model.forward(&x, &mut Cache::new(e.config()), &[], &layers).unwrap();
+    let plain: Vec<f32> = out.logits.i(0).unwrap().to_vec1().unwrap();
+    for (layer, acts) in &out.mlp_acts {
+        for neuron in [0, 17, e.config().d_ff - 1] {
+            let natural: f32 = acts.i((0, 0, neuron)).unwrap().to_scalar().unwrap();
+            let same = logits(&e, &ids, &Intervention { clamps: vec![Clamp { layer: *layer, neuron, value: natural }] });
+            assert_eq!(plain, same, "layer {layer} neuron {neuron} natural {natural}");
+            // And the clamp is not a no-op: a different value changes the logits.
+            let moved = logits(&e, &ids, &Intervention { clamps: vec![Clamp { layer: *layer, neuron, value: natural + 5.0 }] });
+            assert!(max_abs_diff(&plain, &moved) > 1e-3, "layer {layer} neuron {neuron}: clamp had no effect");
+        }
+    }
+}
+
+#[test]
+fn clamp_sets_the_activation_at_every_position() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let iv = Intervention { clamps: vec![Clamp { layer: 1, neuron: 5, value: 3.25 }, Clamp { layer: 1, neuron: 9, value: -2.0 }] };
+    let out = e.model.forward(&x, &mut Cache::new(e.config()), &[iv], &[1]).unwrap();
+    let acts = &out.mlp_acts[0].1;
+    let n5: Vec<f32> = acts.i((0, .., 5)).unwrap().to_vec1().unwrap();
+    let n9: Vec<f32> = acts.i((0, .., 9)).unwrap().to_vec1().unwrap();
+    assert!(n5.iter().all(|&v| v == 3.25) && n9.iter().all(|&v| v == -2.0));
+    assert_eq!(n5.len(), IDS.len());
+}
+
+fn gen(e: &Engine, variants: &[Intervention], params: &SamplingParams, cache: bool) -> Vec<flash_interp::engine::GenOutput> {
+    let ids = e.prompt_ids(&PromptSpec { text: "the cat".into(), chat: Some(true), messages: None }).unwrap();
+    e.generate(&ids, variants, params, cache, &mut |_, _| true).unwrap()
+}
+
+#[test]
+fn cached_and_uncached_generation_agree() {
+    let t = tiny(&TinySpec { scale: 2.0, ..Default::default() });
+    let e = load(&t.gguf);
+    let steer = Intervention { clamps: vec![Clamp { layer: 2, neuron: 3, value: 6.0 }] };
+    for temperature in [0.0, 0.9] {
+        let params = SamplingParams { temperature, top_p: Some(0.95), seed: 11, max_new_tokens: 24 };
+        for variants in [vec![Intervention::none()], vec![Intervention::none(), steer.clone()]] {
+            let a = gen(&e, &variants, &params, true);
+            let b = gen(&e, &variants, &params, false);
+            assert_eq!(a.iter().map(|g| &g.tokens).collect::<Vec<_>>(), b.iter().map(|g| &g.tokens).collect::<Vec<_>>());
+            assert!(a.iter().all(|g| !g.tokens.is_empty()));
+            // Same seed, same input: the same text again.
+            let c = gen(&e, &variants, &params, true);
+            for (x, y) in a.iter().zip(&c) {
+                assert_eq!((&x.tokens, &x.text, x.stop), (&y.tokens, &y.text, y.stop));
+            }
+        }
+    }
+}
+
+#[test]
+fn paired_generation_equals_two_separate_generations() {
+    // The paired mode shares the prompt's computation below the clamped layer and runs both rows
+    // as one batch; each row must equal its own single run.
+    let t = tiny(&TinySpec { scale: 2.0, ..Default::default() });
+    let e = load(&t.gguf);
+    let steer = Intervention { clamps: vec![Clamp { layer: 1, neuron: 20, value: 8.0 }] };
+    let params = SamplingParams { temperature: 0.7, top_p: None, seed: 5, max_new_tokens: 20 };
+    let pair = gen(&e, &[Intervention::none(), steer.clone()], &params, true);
+    let normal = gen(&e, &[Intervention::none()], &params, true);
+    let steered = gen(&e, &[steer], &params, true);
+    assert_eq!(pair[0].tokens, normal[0].tokens);
+    assert_eq!(pair[1].tokens, steered[0].tokens);
+    assert_ne!(pair[0].tokens, pair[1].tokens, "a strong clamp should change the answer");
+}
+
+#[test]
+fn sweep_equals_separate_clamped_forwards() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let (layer, neuron, target) = (1, 7, 120u32);
+    let values = [-4.0f32, 0.0, 1.5, 10.0];
+    let r = e.sweep(&IDS, layer, neuron, target, &values).unwrap();
+    let prob = |iv: &Intervention| {
+        let l = logits(&e, &IDS, iv);
+        let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = l.iter().map(|x| (x - m).exp()).sum();
+        (l[target as usize] - m).exp() / z
+    };
+    assert!((r.baseline - prob(&Intervention::none())).abs() < 1e-6);
+    for (v, p) in values.iter().zip(&r.probs) {
+        let want = prob(&Intervention { clamps: vec![Clamp { layer, neuron, value: *v }] });
+        assert!((p - want).abs() < 1e-6, "value {v}: sweep {p} vs separate {want}");
+    }
+    assert!(r.probs.iter().any(|p| (p - r.baseline).abs() > 1e-4), "the sweep moved nothing");
+    // The natural value reported is the unclamped activation at the last position.
+    let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let out = e.model.forward(&x, &mut Cache::new(e.config()), &[], &[layer]).unwrap();
+    let natural: f32 = out.mlp_acts[0].1.i((0, IDS.len() - 1, neuron)).unwrap().to_scalar().unwrap();
+    assert_eq!(r.natural_value, natural);
+}
+
+#[test]
+fn next_token_matches_softmax_of_the_logits() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.hf);
+    let top = e.next_token(&IDS, &Intervention::none(), 5).unwrap();
+    let l = logits(&e, &IDS, &Intervention::none());
+    let mut sorted = l.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    assert_eq!(top.len(), 5);
+    for (t, want) in top.iter().zip(&sorted) {
+        assert_eq!(t.logit, *want);
+        assert_eq!(l[t.id as usize], t.logit);
+    }
+    let total: f32 = top.iter().map(|t| t.prob).sum();
+    assert!(total > 0.0 && total <= 1.0 + 1e-6);
+}
+
+#[test]
+fn gguf_tokenizer_agrees_with_tokenizer_json() {
+    let t = tiny(&TinySpec::default());
+    let (a, b) = (load(&t.gguf), load(&t.hf));
+    for s in ["the cat in the hat", "dog 2024 has 365 days", "<|im_start|>user\nhi<|im_end|>", "héllo wörld!"] {
+        let ia = a.tok.encode_raw(s).unwrap();
+        assert_eq!(ia, b.tok.encode_raw(s).unwrap(), "{s:?}");
+        assert_eq!(a.tok.decode(&ia).unwrap(), s);
+    }
+    // Digits split one by one; merges apply; special tokens are matched whole.
+    assert_eq!(a.tok.encode_raw("2024").unwrap().len(), 4);
+    assert_eq!(a.tok.encode_raw(" the").unwrap().len(), 1);
+    assert_eq!(a.tok.encode_raw("<|im_end|>").unwrap(), vec![2]);
+    assert_eq!(a.tok.eos_ids, vec![2]);
+}
+
+#[test]
+fn chat_prompt_uses_the_models_template() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let ids = e.prompt_ids(&PromptSpec { text: "hi".into(), chat: None, messages: None }).unwrap();
+    let manual = e.tok.encode_raw("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    assert_eq!(ids, manual);
+    let plain = e.prompt_ids(&PromptSpec { text: "hi".into(), chat: Some(false), messages: None }).unwrap();
+    assert_eq!(plain, e.tok.encode_raw("hi").unwrap());
+}
+
+#[test]
+fn single_token_errors_show_the_tokenization_and_suggest_variants() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    assert_eq!(e.tok.single_token(" the").unwrap(), e.tok.encode_raw(" the").unwrap()[0]);
+    let err = e.tok.single_token("the").unwrap_err().to_string();
+    assert!(err.contains("not a single token") && err.contains("\" the\""), "{err}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let bad = |r: Result<Intervention, Error>| match r {
+        Err(Error::BadInput(m)) => m,
+        other => panic!("expected BadInput, got {other:?}"),
+    };
+    let c = |layer, neuron, value| e.intervention(&[shared::ClampSpec { layer, neuron, value }]);
+    assert!(bad(c(3, 0, 1.0)).contains("layer 3 is out of range"));
+    assert!(bad(c(0, 64, 1.0)).contains("neuron 64 is out of range"));
+    assert!(bad(c(0, 0, f32::NAN)).contains("not a finite"));
+    assert!(bad(c(0, 0, f32::INFINITY)).contains("not a finite"));
+    assert!(bad(c(0, 0, 1e6)).contains("outside the allowed range"));
+    let empty = e.prompt_ids(&PromptSpec { text: "  ".into(), chat: Some(false), messages: None });
+    assert!(matches!(empty, Err(Error::BadInput(m)) if m.contains("empty")));
+    let long = "the ".repeat(300); // 300 tokens > the tiny model's 256-token context
+    let r = e.prompt_ids(&PromptSpec { text: long, chat: Some(false), messages: None });
+    assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
+    let params = SamplingParams { temperature: -1.0, ..Default::default() };
+    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &mut |_, _| true), Err(Error::BadInput(_))));
+    let params = SamplingParams { top_p: Some(1.5), ..Default::default() };
+    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &mut |_, _| true), Err(Error::BadInput(_))));
+    assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[f32::NAN]), Err(Error::BadInput(_))));
+    assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[]), Err(Error::BadInput(_))));
+    assert!(matches!(e.sweep(&IDS, 0, 0, 100_000, &[1.0]), Err(Error::BadInput(_))));
+    // The engine still works after all that.
+    assert_eq!(logits(&e, &IDS, &Intervention::none()).len(), synthetic::vocab().len());
+}
+
+#[test]
+fn truncated_and_foreign_files_are_rejected() {
+    let t = tiny(&TinySpec::default());
+    let bytes = std::fs::read(&t.gguf).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let err = Engine::load(&cut, &LoadOptions::default()).err().expect("truncated file must fail");
+    assert!(matches!(&err, Error::Model { message, .. } if message.contains("truncated")), "{err}");
+    let header_only = dir.path().join("head.gguf");
+    std::fs::write(&header_only, &bytes[..100]).unwrap();
+    assert!(matches!(Engine::load(&header_only, &LoadOptions::default()), Err(Error::Model { .. })));
+    let text = dir.path().join("notes.gguf");
+    std::fs::write(&text, "this is not a model").unwrap();
+    let err = Engine::load(&text, &LoadOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("not a readable GGUF"), "{err}");
+    assert!(matches!(Engine::load(&dir.path().join("missing.gguf"), &LoadOptions::default()), Err(Error::Model { .. })));
+}
+
+#[test]
+fn wrong_sha256_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("blob");
+    std::fs::write(&f, b"abc").unwrap();
+    let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"; // sha256("abc")
+    flash_interp::fetch::verify_sha256(&f, want).unwrap();
+    let err = flash_interp::fetch::verify_sha256(&f, flash_interp::fetch::GGUF_SHA256).unwrap_err();
+    assert!(matches!(err, Error::Checksum { .. }) && err.to_string().contains("expected"));
+}

@@ -1,0 +1,101 @@
+//! The real default model must behave: answer the capital of France, tokenize like llama.cpp,
+//! and respond to clamps.
+
+use std::sync::OnceLock;
+
+use flash_interp::engine::{Engine, LoadOptions};
+use flash_interp::model::{Intervention, WeightMode};
+use flash_interp_e2e::{default_model, fixture};
+use shared::{PromptSpec, SamplingParams};
+
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| Engine::load(&default_model(), &LoadOptions::default()).expect("load default model"))
+}
+
+fn plain(text: &str) -> PromptSpec {
+    PromptSpec { text: text.into(), chat: Some(false), messages: None }
+}
+
+#[test]
+fn model_file_is_the_pinned_one_with_the_expected_shape() {
+    let fx = fixture("smollm2-tokenizer.json");
+    let sha = flash_interp::fetch::sha256_file(&default_model()).unwrap();
+    assert_eq!(sha, fx["model_file"]["gguf_sha256"].as_str().unwrap());
+    let c = engine().config();
+    let d = &fx["dims"];
+    assert_eq!(c.n_layers as u64, d["n_layers"].as_u64().unwrap());
+    assert_eq!(c.d_model as u64, d["d_model"].as_u64().unwrap());
+    assert_eq!(c.d_ff as u64, d["d_ff"].as_u64().unwrap());
+    assert_eq!(c.n_heads as u64, d["n_heads"].as_u64().unwrap());
+    assert_eq!(c.n_kv_heads as u64, d["n_kv_heads"].as_u64().unwrap());
+    assert_eq!(c.vocab_size as u64, d["vocab_size"].as_u64().unwrap());
+    assert!(c.tied_embeddings, "SmolLM2's LM head is tied to the embedding");
+}
+
+#[test]
+fn tokenizer_matches_known_ids() {
+    let fx = fixture("smollm2-tokenizer.json");
+    let tok = &engine().tok;
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    for (text, want) in fx["encode"].as_object().unwrap() {
+        let got = tok.encode_raw(text).unwrap();
+        assert_eq!(got, ids(want), "{text:?}");
+        assert_eq!(tok.decode(&got).unwrap(), *text);
+    }
+    for (text, want) in fx["single_tokens"].as_object().unwrap() {
+        assert_eq!(tok.single_token(text).unwrap(), ids(want)[0], "{text:?}");
+    }
+    // The chat template from the GGUF metadata renders the exact prompt, and it tokenizes to the
+    // known ids (special tokens matched whole).
+    let chat = &fx["chat_prompt"];
+    let spec = PromptSpec { text: chat["user"].as_str().unwrap().into(), chat: None, messages: None };
+    let rendered = engine().chat.as_ref().unwrap().render(&[flash_interp::chat::Message { role: "user".into(), content: spec.text.clone() }]).unwrap();
+    assert_eq!(rendered, chat["rendered"].as_str().unwrap());
+    assert_eq!(engine().prompt_ids(&spec).unwrap(), ids(&chat["ids"]));
+}
+
+#[test]
+fn paris_is_the_most_likely_next_token() {
+    let e = engine();
+    let ids = e.prompt_ids(&plain("The capital of France is")).unwrap();
+    let top = e.next_token(&ids, &Intervention::none(), 5).unwrap();
+    assert_eq!(top[0].text, " Paris", "top tokens: {top:?}");
+    assert!(top[0].prob > 0.5, "p(Paris) = {}", top[0].prob);
+}
+
+#[test]
+fn chat_answer_names_paris() {
+    let e = engine();
+    let ids = e.prompt_ids(&PromptSpec { text: "What is the capital of France?".into(), chat: None, messages: None }).unwrap();
+    let mut streamed = String::new();
+    let out = e
+        .generate(&ids, &[Intervention::none()], &SamplingParams { max_new_tokens: 30, ..Default::default() }, true, &mut |_, t| {
+            streamed.push_str(t);
+            true
+        })
+        .unwrap();
+    assert!(out[0].text.contains("Paris"), "answer: {:?}", out[0].text);
+    assert_eq!(streamed, out[0].text, "streamed text must add up to the answer");
+}
+
+#[test]
+fn sweep_baseline_matches_next_token_and_clamps_move_probability() {
+    let e = engine();
+    let ids = e.prompt_ids(&plain("The capital of France is")).unwrap();
+    let paris = e.tok.single_token(" Paris").unwrap();
+    let top = e.next_token(&ids, &Intervention::none(), 1).unwrap();
+    let r = e.sweep(&ids, 20, 100, paris, &[-30.0, 0.0, 30.0]).unwrap();
+    assert!((r.baseline - top[0].prob).abs() < 1e-5);
+    assert!(r.natural_value.is_finite());
+    assert!(r.probs.iter().all(|p| p.is_finite() && (0.0..=1.0).contains(p)));
+    assert!(r.probs.iter().any(|p| (p - r.baseline).abs() > 1e-4), "clamping moved nothing: {r:?}");
+}
+
+#[test]
+fn quantized_mode_runs_and_stays_near_the_reference() {
+    let q = Engine::load(&default_model(), &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();
+    let ids = q.prompt_ids(&plain("The capital of France is")).unwrap();
+    let top = q.next_token(&ids, &Intervention::none(), 5).unwrap();
+    assert!(top.iter().any(|t| t.text == " Paris"), "quantized top-5: {top:?}");
+}
