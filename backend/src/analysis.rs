@@ -1,5 +1,243 @@
 //! Questions answered with the neuron map: concept search, neuron detail, model comparison.
 
-/// Things derived from a model once and kept (activation statistics, unit up rows).
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{DType, IndexOp, Tensor, D};
+use shared::{
+    ActivationStats, ChangedNeuron, CompareResponse, LayerAgreement, NeuronDetail, Polarity, SearchHit, SimilarNeuron,
+    TokenScore, View, ViewTokens,
+};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::map::{self, NeuronMap, NORM_TOP};
+use crate::model::{Cache, Intervention};
+
+/// Fixed prompts over which a neuron's natural activation statistics are taken.
+pub const STAT_PROMPTS: [&str; 8] = [
+    "The capital of France is Paris, a city known for art, food and fashion.",
+    "My favourite animal is the dog, but my sister prefers cats and horses.",
+    "In 2024 the team released a new version of the software with 365 fixes.",
+    "She played the piano while the rain fell softly on the old wooden roof.",
+    "To make a pizza, spread tomato sauce on the dough and add cheese.",
+    "The stock market fell sharply after the central bank raised interest rates.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Photosynthesis converts sunlight, water and carbon dioxide into sugar and oxygen.",
+];
+
+/// Things derived from a model once and kept: stacked directions per view, unit up rows,
+/// activation statistics.
 #[derive(Default)]
-pub struct Derived {}
+pub struct Derived {
+    dirs: Mutex<HashMap<View, Arc<Tensor>>>,
+    unit_up: OnceLock<Tensor>,
+    acts: OnceLock<Vec<ActivationStats>>,
+}
+
+/// All neurons' directions of `view`, stacked `[n_layers · d_ff, d]`, f32.
+fn stacked(engine: &Engine, view: View) -> Result<Arc<Tensor>> {
+    let mut cache = engine.derived.dirs.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = cache.get(&view) {
+        return Ok(t.clone());
+    }
+    let layers = (0..engine.config().n_layers).map(|l| map::directions(&engine.model, view, l)).collect::<Result<Vec<_>>>()?;
+    let t = Arc::new(Tensor::cat(&layers, 0)?);
+    cache.insert(view, t.clone());
+    Ok(t)
+}
+
+/// Result of a concept search, per neuron and polarity.
+#[derive(Debug, Clone)]
+pub struct SearchResult {
+    /// Score of every neuron (global index), positive polarity.
+    pub pos: Vec<f32>,
+    /// Score of every neuron, negative polarity.
+    pub neg: Vec<f32>,
+    pub top: Vec<SearchHit>,
+}
+
+/// The paper's normalised probability p(t) / mean(top-100 p), summed over `tokens`, for every
+/// neuron and both polarities: exp(±logit_t − logsumexp(top-100 logits) + ln 100), one
+/// matrix–vector product per token (the softmax denominator cancels).
+pub fn search(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize) -> Result<SearchResult> {
+    if tokens.is_empty() {
+        return Err(Error::bad("a concept needs at least one token"));
+    }
+    let dirs = stacked(engine, map.meta.view)?;
+    let wu = engine.model.lm_head_weight()?.to_dtype(DType::F32)?;
+    let ids = Tensor::new(tokens, wu.device())?;
+    let mut u = wu.index_select(&ids, 0)?; // [T, d]
+    if map.meta.final_norm {
+        u = u.broadcast_mul(&engine.model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?;
+    }
+    let logits: Vec<Vec<f32>> = dirs.matmul(&u.t()?)?.to_vec2()?; // [N, T]
+    let ln_top = (NORM_TOP as f32).ln();
+    let n = map.n_neurons();
+    let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
+    for (i, row) in logits.iter().enumerate() {
+        let (bp, bn) = (ln_top - map.pos.lse_top[i], ln_top - map.neg.lse_top[i]);
+        pos[i] = row.iter().map(|&l| (l + bp).exp()).sum();
+        neg[i] = row.iter().map(|&l| (-l + bn).exp()).sum();
+    }
+    let best: Vec<f32> = pos.iter().zip(&neg).map(|(a, b)| a.max(*b)).collect();
+    let top = crate::engine::top_indices(&best, top_n)
+        .into_iter()
+        .map(|i| {
+            let polarity = if pos[i] >= neg[i] { Polarity::Pos } else { Polarity::Neg };
+            let (layer, neuron) = (i / map.meta.d_ff, i % map.meta.d_ff);
+            let (ids, _) = map.top(polarity, layer, neuron);
+            SearchHit { layer, neuron, polarity, score: best[i], top_tokens: ids.iter().take(8).map(|&t| engine.tok.token_text(t)).collect() }
+        })
+        .collect();
+    Ok(SearchResult { pos, neg, top })
+}
+
+impl SearchResult {
+    /// Per-layer series for plots: |x| is the better polarity's score, negative when it is `neg`.
+    pub fn signed_layers(&self, d_ff: usize) -> Vec<Vec<f32>> {
+        self.pos
+            .chunks(d_ff)
+            .zip(self.neg.chunks(d_ff))
+            .map(|(p, q)| p.iter().zip(q).map(|(&a, &b)| if a >= b { a } else { -b }).collect())
+            .collect()
+    }
+}
+
+/// Tokens of one decoded direction, top `n` of a polarity, with normalised scores.
+fn decode(engine: &Engine, wu: &Tensor, w: &Tensor, polarity: Polarity, n: usize) -> Result<Vec<TokenScore>> {
+    let logits: Vec<f32> = (wu.matmul(&w.unsqueeze(1)?)?.squeeze(1)? * polarity.sign() as f64)?.to_vec1()?;
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
+    let lse = m + z.ln() as f32;
+    let top = crate::engine::top_indices(&logits, NORM_TOP.max(n));
+    let lse_top = m + (top.iter().take(NORM_TOP).map(|&i| ((logits[i] - m) as f64).exp()).sum::<f64>()).ln() as f32;
+    let ln_top = (NORM_TOP as f32).ln();
+    Ok(top
+        .into_iter()
+        .take(n)
+        .map(|i| TokenScore {
+            id: i as u32,
+            text: engine.tok.token_text(i as u32),
+            prob: (logits[i] - lse).exp(),
+            norm: (logits[i] - lse_top + ln_top).exp(),
+        })
+        .collect())
+}
+
+/// Natural activation statistics of every neuron over [`STAT_PROMPTS`] (computed once).
+pub fn activation_stats(engine: &Engine) -> Result<&[ActivationStats]> {
+    if let Some(s) = engine.derived.acts.get() {
+        return Ok(s);
+    }
+    let cfg = engine.config();
+    let n = cfg.n_layers * cfg.d_ff;
+    let (mut sum, mut sq, mut mn, mut mx, mut count) = (vec![0f64; n], vec![0f64; n], vec![f32::INFINITY; n], vec![f32::NEG_INFINITY; n], 0usize);
+    let layers: Vec<usize> = (0..cfg.n_layers).collect();
+    for p in STAT_PROMPTS {
+        let ids = engine.tok.encode_prompt(p)?;
+        let x = Tensor::new(ids.as_slice(), engine.model.device())?.unsqueeze(0)?;
+        let out = engine.model.forward(&x, &mut Cache::new(cfg), &[Intervention::none()], &layers)?;
+        for (l, acts) in out.mlp_acts {
+            let rows: Vec<Vec<f32>> = acts.i(0)?.to_vec2()?;
+            for row in &rows {
+                for (j, &v) in row.iter().enumerate() {
+                    let i = l * cfg.d_ff + j;
+                    sum[i] += v as f64;
+                    sq[i] += (v as f64) * (v as f64);
+                    mn[i] = mn[i].min(v);
+                    mx[i] = mx[i].max(v);
+                }
+            }
+        }
+        count += ids.len();
+    }
+    let stats = (0..n)
+        .map(|i| {
+            let mean = sum[i] / count as f64;
+            ActivationStats { mean: mean as f32, std: (sq[i] / count as f64 - mean * mean).max(0.0).sqrt() as f32, min: mn[i], max: mx[i], positions: count }
+        })
+        .collect();
+    Ok(engine.derived.acts.get_or_init(|| stats))
+}
+
+/// Up rows scaled to unit length, stacked `[N, d]`.
+fn unit_up(engine: &Engine) -> Result<&Tensor> {
+    if let Some(t) = engine.derived.unit_up.get() {
+        return Ok(t);
+    }
+    let up = stacked(engine, View::Up)?;
+    let norms = up.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let t = up.broadcast_div(&norms)?;
+    Ok(engine.derived.unit_up.get_or_init(|| t))
+}
+
+/// Everything about one neuron: top and bottom tokens of each view, natural activation
+/// statistics, and the most similar neurons (cosine of up rows, all layers).
+pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: bool, n_tokens: usize) -> Result<NeuronDetail> {
+    crate::limits::check_layer_neuron(layer, neuron, engine.config())?;
+    let wu = map::unembedding(&engine.model, final_norm)?;
+    let mut views = Vec::new();
+    for view in View::ALL {
+        let w = map::directions(&engine.model, view, layer)?.i(neuron)?;
+        for polarity in [Polarity::Pos, Polarity::Neg] {
+            views.push(ViewTokens { view, polarity, tokens: decode(engine, &wu, &w, polarity, n_tokens)? });
+        }
+    }
+    let i = layer * engine.config().d_ff + neuron;
+    let activation = activation_stats(engine)?[i];
+    let unit = unit_up(engine)?;
+    let cos: Vec<f32> = unit.matmul(&unit.i(i)?.unsqueeze(1)?)?.squeeze(1)?.to_vec1()?;
+    let abs: Vec<f32> = cos.iter().enumerate().map(|(j, c)| if j == i { -1.0 } else { c.abs() }).collect();
+    let d_ff = engine.config().d_ff;
+    let similar = crate::engine::top_indices(&abs, 10)
+        .into_iter()
+        .map(|j| SimilarNeuron { layer: j / d_ff, neuron: j % d_ff, cosine: cos[j] })
+        .collect();
+    Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar })
+}
+
+/// Base vs instruct: per layer, the share of neurons whose top token (up view, positive
+/// polarity) is the same in both models, and the neurons whose up rows changed most.
+pub fn compare_models(a: &Engine, b: &Engine, map_a: &NeuronMap, map_b: &NeuronMap, top_n: usize) -> Result<CompareResponse> {
+    let (ca, cb) = (a.config(), b.config());
+    if (ca.n_layers, ca.d_ff, ca.d_model, ca.vocab_size) != (cb.n_layers, cb.d_ff, cb.d_model, cb.vocab_size) {
+        return Err(Error::bad(format!(
+            "models differ in shape: {} layers x {} neurons (d {}, vocab {}) vs {} x {} (d {}, vocab {})",
+            ca.n_layers, ca.d_ff, ca.d_model, ca.vocab_size, cb.n_layers, cb.d_ff, cb.d_model, cb.vocab_size
+        )));
+    }
+    let (ka, kb) = (map_a.meta.k, map_b.meta.k);
+    let mut layers = Vec::with_capacity(ca.n_layers);
+    let mut total_same = 0;
+    for l in 0..ca.n_layers {
+        let same = (0..ca.d_ff)
+            .filter(|&n| {
+                let i = l * ca.d_ff + n;
+                map_a.pos.ids[i * ka] == map_b.pos.ids[i * kb]
+            })
+            .count();
+        total_same += same;
+        layers.push(LayerAgreement { layer: l, same_top: same, neurons: ca.d_ff, share: same as f32 / ca.d_ff as f32 });
+    }
+    let (ua, ub) = (unit_up(a)?, unit_up(b)?);
+    let cos: Vec<f32> = (ua * ub)?.sum(D::Minus1)?.to_vec1()?;
+    let neg: Vec<f32> = cos.iter().map(|c| -c).collect();
+    let changed = crate::engine::top_indices(&neg, top_n)
+        .into_iter()
+        .map(|i| ChangedNeuron {
+            layer: i / ca.d_ff,
+            neuron: i % ca.d_ff,
+            cosine: cos[i],
+            top_a: a.tok.token_text(map_a.pos.ids[i * ka]),
+            top_b: b.tok.token_text(map_b.pos.ids[i * kb]),
+        })
+        .collect();
+    Ok(CompareResponse {
+        model_a: a.info.name.clone(),
+        model_b: b.info.name.clone(),
+        layers,
+        overall_share: total_same as f32 / (ca.n_layers * ca.d_ff) as f32,
+        changed,
+    })
+}

@@ -13,8 +13,11 @@ use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::fetch;
 use flash_interp::model::{Intervention, WeightMode};
 use indicatif::{ProgressBar, ProgressStyle};
+use flash_interp::analysis;
 use flash_interp::engine::MapOrigin;
-use shared::{View, ApiError, ClampSpec, GenerateResponse, NextTokenResponse, PromptSpec, SamplingParams, SweepPoint, SweepResponse};
+
+mod bench;
+use shared::{SearchResponse, TokenInfo, View, ApiError, ClampSpec, GenerateResponse, NextTokenResponse, PromptSpec, SamplingParams, SweepPoint, SweepResponse};
 
 #[derive(Parser)]
 #[command(name = "flash-interp", version, about = "Find and steer feature neurons of Llama-style language models")]
@@ -62,6 +65,63 @@ enum Cmd {
     Sweep(SweepArgs),
     /// Decode every neuron through the LM head (the neuron map), cached on disk.
     Map(MapArgs),
+    /// Concept search: which neurons decode to these tokens (each must be a single token, e.g. " dog").
+    Search(SearchArgs),
+    /// Everything about one neuron: top/bottom tokens of each view, activation statistics, similar neurons.
+    Neuron(NeuronArgs),
+    /// Base vs instruct: share of neurons whose top token survived, per layer, and the neurons that changed most.
+    CompareModels(CompareArgs),
+    /// Time the neuron map against numpy and PyTorch peers on the same weights, and search latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct SearchArgs {
+    /// The concept's tokens, e.g. " dog" " dogs" " puppy" (after `--` for tokens starting with '-').
+    #[arg(required = true)]
+    tokens: Vec<String>,
+    #[arg(long, default_value = "up")]
+    view: View,
+    #[arg(long)]
+    final_norm: bool,
+    /// How many top neurons to list.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+}
+
+#[derive(Args)]
+struct NeuronArgs {
+    layer: usize,
+    index: usize,
+    #[arg(long)]
+    final_norm: bool,
+    /// Tokens to show per view and polarity.
+    #[arg(long, default_value_t = 10)]
+    tokens: usize,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// First model (e.g. the base model): GGUF file or Hugging Face directory.
+    a: PathBuf,
+    /// Second model (e.g. the instruct model), same shape.
+    b: PathBuf,
+    /// How many most-changed neurons to list.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The peer script (numpy / PyTorch).
+    #[arg(long, default_value = "scripts/peer_map.py")]
+    peer: PathBuf,
+    /// Peers to run.
+    #[arg(long, value_delimiter = ',', default_value = "numpy,torch")]
+    peers: Vec<String>,
+    /// Rows per matmul chunk for the peers (numpy is much slower with whole layers).
+    #[arg(long, default_value_t = 128)]
+    peer_chunk: usize,
 }
 
 #[derive(Args)]
@@ -213,11 +273,7 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-fn load(cli: &Cli) -> Result<Engine> {
-    let path = match &cli.model {
-        Some(p) => p.clone(),
-        None => fetch::ensure_default_model(&fetch::models_dir(), false)?,
-    };
+fn load_options(cli: &Cli) -> Result<LoadOptions> {
     let device = match cli.device.as_str() {
         "cpu" => Device::Cpu,
         d if d == "cuda" || d.starts_with("cuda:") => {
@@ -232,9 +288,30 @@ fn load(cli: &Cli) -> Result<Engine> {
         Weights::Bf16 => WeightMode::Dense(DType::BF16),
         Weights::Quantized => WeightMode::Quantized,
     };
+    Ok(LoadOptions { device, mode, ..Default::default() })
+}
+
+fn model_path(cli: &Cli) -> Result<PathBuf> {
+    Ok(match &cli.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model(&fetch::models_dir(), false)?,
+    })
+}
+
+/// The neuron map, with a progress bar while it is built.
+fn map_with_progress(engine: &Engine, view: View, final_norm: bool) -> Result<std::sync::Arc<flash_interp::map::NeuronMap>> {
+    let pb = ProgressBar::new((engine.config().n_layers * engine.config().d_ff) as u64);
+    pb.set_style(ProgressStyle::with_template("{spinner} mapping neurons {bar:40} {pos}/{len} ({elapsed}, eta {eta})")?);
+    let (map, _) = engine.map(view, final_norm, &|done, _| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    Ok(map)
+}
+
+fn load(cli: &Cli) -> Result<Engine> {
+    let path = model_path(cli)?;
     let pb = spinner(&format!("loading {}", path.display()));
     let t = Instant::now();
-    let engine = Engine::load(&path, &LoadOptions { device, mode, ..Default::default() })?;
+    let engine = Engine::load(&path, &load_options(cli)?)?;
     pb.finish_and_clear();
     tracing::info!("loaded {} in {:.2}s", path.display(), t.elapsed().as_secs_f64());
     Ok(engine)
@@ -258,6 +335,70 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate(a) => generate(cli, a),
+        Cmd::Search(a) => {
+            let engine = load(cli)?;
+            let ids = a.tokens.iter().map(|t| engine.tok.single_token(t)).collect::<flash_interp::Result<Vec<u32>>>()?;
+            let map = map_with_progress(&engine, a.view, a.final_norm)?;
+            let r = analysis::search(&engine, &map, &ids, a.top)?;
+            let resp = SearchResponse {
+                tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
+                view: a.view,
+                final_norm: a.final_norm,
+                layers: r.signed_layers(engine.config().d_ff),
+                top: r.top,
+            };
+            if cli.json {
+                return print_json(&resp);
+            }
+            println!("best score per layer (p / mean top-100 p):");
+            for (l, row) in resp.layers.iter().enumerate() {
+                let best = row.iter().cloned().fold(0f32, |m, x| m.max(x.abs()));
+                println!("  layer {l:>3}  {best:>8.3}  {}", "#".repeat((best * 10.0).min(60.0) as usize));
+            }
+            println!("\n  layer  neuron  polarity     score  top tokens");
+            for h in &resp.top {
+                println!("  {:>5}  {:>6}  {:>8}  {:>8.3}  {:?}", h.layer, h.neuron, format!("{:?}", h.polarity).to_lowercase(), h.score, h.top_tokens);
+            }
+            Ok(())
+        }
+        Cmd::Neuron(a) => {
+            let engine = load(cli)?;
+            let d = analysis::neuron_detail(&engine, a.layer, a.index, a.final_norm, a.tokens)?;
+            if cli.json {
+                return print_json(&d);
+            }
+            println!("layer {} neuron {}", d.layer, d.neuron);
+            let s = d.activation;
+            println!("natural activation over {} positions: mean {:.3}, std {:.3}, range [{:.3}, {:.3}]", s.positions, s.mean, s.std, s.min, s.max);
+            for v in &d.views {
+                let toks: Vec<String> = v.tokens.iter().map(|t| format!("{:?} {:.3}", t.text, t.norm)).collect();
+                println!("{:>4} {:<3}  {}", v.view.as_str(), format!("{:?}", v.polarity).to_lowercase(), toks.join(", "));
+            }
+            let sim: Vec<String> = d.similar.iter().map(|s| format!("{}:{} ({:+.2})", s.layer, s.neuron, s.cosine)).collect();
+            println!("similar: {}", sim.join(", "));
+            Ok(())
+        }
+        Cmd::CompareModels(a) => {
+            let opts = load_options(cli)?;
+            let ea = Engine::load(&a.a, &opts)?;
+            let eb = Engine::load(&a.b, &opts)?;
+            let ma = map_with_progress(&ea, View::Up, false)?;
+            let mb = map_with_progress(&eb, View::Up, false)?;
+            let r = analysis::compare_models(&ea, &eb, &ma, &mb, a.top)?;
+            if cli.json {
+                return print_json(&r);
+            }
+            println!("share of neurons whose top token is the same: {:.1}% overall", 100.0 * r.overall_share);
+            for l in &r.layers {
+                println!("  layer {:>3}  {:>5.1}%  ({}/{})", l.layer, 100.0 * l.share, l.same_top, l.neurons);
+            }
+            println!("changed most (cosine of up rows):");
+            for c in &r.changed {
+                println!("  {:>3}:{:<6} {:+.3}  {:?} -> {:?}", c.layer, c.neuron, c.cosine, c.top_a, c.top_b);
+            }
+            Ok(())
+        }
+        Cmd::Bench(a) => bench::run(cli, a),
         Cmd::Map(a) => {
             let engine = load(cli)?;
             if a.rebuild {
@@ -269,6 +410,7 @@ fn run(cli: &Cli) -> Result<()> {
             let start = Instant::now();
             let (map, origin) = engine.map(a.view, a.final_norm, &|done, _| pb.set_position(done as u64))?;
             pb.finish_and_clear();
+            tracing::info!("map kernel: {}", flash_interp::map::kernel::backend_name());
             let secs = start.elapsed().as_secs_f64();
             let how = match origin {
                 MapOrigin::Built(s) => format!("built in {s:.2}s"),

@@ -31,11 +31,15 @@ pub struct TinySpec {
     pub scale: f32,
     /// Store the 2-D weights as Q8_0 in the GGUF (the safetensors stay f32).
     pub q8: bool,
+    /// Neurons (layer, index) whose up row and down column are negated: the model is unchanged.
+    pub negate: Vec<(usize, usize)>,
+    /// Neurons whose up row is replaced by fresh random values (a "fine-tuned" copy).
+    pub perturb: Vec<(usize, usize)>,
 }
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self { n_layers: 3, d_model: 32, d_ff: 64, n_heads: 4, n_kv_heads: 2, tied: true, seed: 7, scale: 1.0, q8: false }
+        Self { n_layers: 3, d_model: 32, d_ff: 64, n_heads: 4, n_kv_heads: 2, tied: true, seed: 7, scale: 1.0, q8: false, negate: vec![], perturb: vec![] }
     }
 }
 
@@ -115,6 +119,28 @@ pub fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     w.push(("model.norm.weight".to_string(), rng.norm(d)?));
     if !spec.tied {
         w.push(("lm_head.weight".to_string(), rng.tensor((vocab, d), s)?));
+    }
+    let mut fresh = Rng(spec.seed.wrapping_mul(0xD1B54A32D192ED03) | 1);
+    for (name, t) in w.iter_mut() {
+        let Some(rest) = name.strip_prefix("model.layers.") else { continue };
+        let (l, tail) = rest.split_once('.').unwrap();
+        let l: usize = l.parse().unwrap();
+        let is_up = tail == "mlp.up_proj.weight";
+        let is_down = tail == "mlp.down_proj.weight";
+        if !is_up && !is_down {
+            continue;
+        }
+        let mut rows: Vec<Vec<f32>> = if is_up { t.to_vec2()? } else { t.t()?.to_vec2()? };
+        for &(_, n) in spec.negate.iter().filter(|(ln, _)| *ln == l) {
+            rows[n].iter_mut().for_each(|x| *x = -*x);
+        }
+        if is_up {
+            for &(_, n) in spec.perturb.iter().filter(|(ln, _)| *ln == l) {
+                rows[n].iter_mut().for_each(|x| *x = fresh.next_f32() * s / (d as f32).sqrt() * 1.7);
+            }
+        }
+        let flat = Tensor::new(rows, &Device::Cpu)?;
+        *t = if is_up { flat } else { flat.t()?.contiguous()? };
     }
     Ok(w)
 }

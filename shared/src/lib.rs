@@ -255,6 +255,117 @@ pub struct SweepResponse {
     pub points: Vec<SweepPoint>,
 }
 
+/// A token and its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub text: String,
+}
+
+/// One neuron found by a concept search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    pub layer: usize,
+    pub neuron: usize,
+    /// The polarity whose decoding matched the concept.
+    pub polarity: Polarity,
+    /// Normalised probability p(t) / mean(top-100 p), summed over the concept's tokens.
+    pub score: f32,
+    /// The neuron's top tokens in that polarity.
+    pub top_tokens: Vec<String>,
+}
+
+/// Concept search: every neuron's score, per layer, and the strongest neurons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchResponse {
+    pub tokens: Vec<TokenInfo>,
+    pub view: View,
+    pub final_norm: bool,
+    /// `layers[l][n]`: the score of neuron `n` of layer `l` in its better polarity, negated when
+    /// that polarity is `neg` (so |x| is the score and the sign says which polarity matched).
+    pub layers: Vec<Vec<f32>>,
+    pub top: Vec<SearchHit>,
+}
+
+/// A token of a decoded neuron direction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenScore {
+    pub id: u32,
+    pub text: String,
+    /// Softmax probability over the vocabulary.
+    pub prob: f32,
+    /// Normalised probability: prob / mean(top-100 prob) of the same decoding.
+    pub norm: f32,
+}
+
+/// Top tokens of one view in one polarity (`neg` lists the bottom tokens of the direction).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewTokens {
+    pub view: View,
+    pub polarity: Polarity,
+    pub tokens: Vec<TokenScore>,
+}
+
+/// The neuron's natural activation (act(gate)·up) over all positions of a fixed set of prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActivationStats {
+    pub mean: f32,
+    pub std: f32,
+    pub min: f32,
+    pub max: f32,
+    /// Positions the statistics are over.
+    pub positions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimilarNeuron {
+    pub layer: usize,
+    pub neuron: usize,
+    /// Cosine of the up rows (sign included: a negative cosine is a match in the other polarity).
+    pub cosine: f32,
+}
+
+/// `GET /api/models/{model}/neurons/{layer}/{index}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeuronDetail {
+    pub layer: usize,
+    pub neuron: usize,
+    pub final_norm: bool,
+    pub views: Vec<ViewTokens>,
+    pub activation: ActivationStats,
+    pub similar: Vec<SimilarNeuron>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerAgreement {
+    pub layer: usize,
+    /// Neurons whose top token (up view, positive polarity) is the same in both models.
+    pub same_top: usize,
+    pub neurons: usize,
+    pub share: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangedNeuron {
+    pub layer: usize,
+    pub neuron: usize,
+    /// Cosine between the neuron's up rows in the two models.
+    pub cosine: f32,
+    pub top_a: String,
+    pub top_b: String,
+}
+
+/// Base vs instruct (the paper's §3.3): how many neurons kept their top token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareResponse {
+    pub model_a: String,
+    pub model_b: String,
+    pub layers: Vec<LayerAgreement>,
+    pub overall_share: f32,
+    /// The neurons whose up rows changed most (lowest cosine first).
+    pub changed: Vec<ChangedNeuron>,
+}
+
 /// Every error answered by the API, and printed by the CLI with `--json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {

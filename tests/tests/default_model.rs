@@ -10,7 +10,12 @@ use shared::{PromptSpec, SamplingParams};
 
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| Engine::load(&default_model(), &LoadOptions::default()).expect("load default model"))
+    E.get_or_init(|| {
+        let mut e = Engine::load(&default_model(), &LoadOptions::default()).expect("load default model");
+        // A private cache, so the test builds the map rather than trusting an earlier run's.
+        e.cache_dir = std::env::temp_dir().join(format!("flash-interp-test-cache-{}", std::process::id()));
+        e
+    })
 }
 
 fn plain(text: &str) -> PromptSpec {
@@ -98,4 +103,29 @@ fn quantized_mode_runs_and_stays_near_the_reference() {
     let ids = q.prompt_ids(&plain("The capital of France is")).unwrap();
     let top = q.next_token(&ids, &Intervention::none(), 5).unwrap();
     assert!(top.iter().any(|t| t.text == " Paris"), "quantized top-5: {top:?}");
+}
+
+#[test]
+fn map_and_search_cover_every_neuron_and_the_top_dog_neuron_steers_toward_dog() {
+    let e = engine();
+    let cfg = e.config();
+    let (map, _) = e.map(shared::View::Up, false, &|_, _| {}).unwrap();
+    assert_eq!(map.n_neurons(), cfg.n_layers * cfg.d_ff);
+    let dog = e.tok.single_token(" dog").unwrap();
+    let r = flash_interp::analysis::search(e, &map, &[dog], 5).unwrap();
+    let layers = r.signed_layers(cfg.d_ff);
+    assert_eq!(layers.len(), 30);
+    assert!(layers.iter().all(|l| l.len() == 1536 && l.iter().all(|x| x.is_finite())));
+    // The map's first neuron for " dog". Which sign steers toward dog is what the neuron writes:
+    // the polarity in which its down column decodes to " dog".
+    let hit = &r.top[0];
+    assert!(hit.top_tokens.iter().any(|t| t.to_lowercase().contains("dog")), "{hit:?}");
+    let (down, _) = e.map(shared::View::Down, false, &|_, _| {}).unwrap();
+    let down_scores = flash_interp::analysis::search(e, &down, &[dog], 1).unwrap();
+    let i = hit.layer * cfg.d_ff + hit.neuron;
+    let sign = if down_scores.pos[i] >= down_scores.neg[i] { 1.0 } else { -1.0 };
+    let ids = e.prompt_ids(&plain("My favourite animal is the")).unwrap();
+    let s = e.sweep(&ids, hit.layer, hit.neuron, dog, &[sign * 20.0, -sign * 20.0]).unwrap();
+    assert!(s.probs[0] > 2.0 * s.baseline, "clamp {}:{} to {}: p(dog) {} vs baseline {}", hit.layer, hit.neuron, sign * 20.0, s.probs[0], s.baseline);
+    assert!(s.probs[1] < s.baseline, "the opposite sign should lower p(dog): {s:?}");
 }

@@ -58,9 +58,14 @@ pub struct Reducer<'a> {
 
 impl<'a> Reducer<'a> {
     pub fn new(wu: &'a [f32], d: usize) -> Self {
+        Self::with_amx(wu, d, true)
+    }
+
+    /// `allow_amx = false` forces the f32 gemm path.
+    pub fn with_amx(wu: &'a [f32], d: usize, allow_amx: bool) -> Self {
         assert!(d > 0 && wu.len() % d == 0);
         let vocab = wu.len() / d;
-        let packed = amx::available().then(|| amx::PackedB::new(wu, d));
+        let packed = (allow_amx && amx::available()).then(|| amx::PackedB::new(wu, d));
         Self { wu, d, vocab, packed }
     }
 
@@ -585,8 +590,10 @@ mod tests {
         // Sizes that are not multiples of any tile: 70 neurons, d = 40, vocab = 2500.
         let (d, k) = (40, 100);
         let (dirs, wu) = data(70, d, 2500, 12345);
-        let got = reduce(&dirs, &wu, d, k, &|_| {});
-        check(&got, &dirs, &wu, d, k, 1e-4);
+        for allow_amx in [true, false] {
+            let got = Reducer::with_amx(&wu, d, allow_amx).reduce(&dirs, k, &|_| {});
+            check(&got, &dirs, &wu, d, k, 1e-4);
+        }
     }
 
     #[test]
