@@ -573,7 +573,6 @@ mod tests {
                 assert!((red.lse as f64 - lse).abs() < lse_tol, "neuron {i} sign {sign}: lse {} vs {lse}", red.lse);
                 let mut idx: Vec<usize> = (0..vocab).collect();
                 idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
-                let want: Vec<u32> = idx[..k].iter().map(|&i| i as u32).collect();
                 // Same tokens in the same order, except that tokens whose logits tie within the
                 // error bound may swap; every logit within its bound of the brute force.
                 for (pos, (t, &j)) in red.top.iter().zip(&idx).enumerate() {
