@@ -558,6 +558,7 @@ mod tests {
 
     /// Brute force in f64: every logit, full logsumexp, full sort.
     fn check(got: &[NeuronReduction], dirs: &[f32], wu: &[f32], d: usize, k: usize, lse_tol: f64) {
+        assert!(got.iter().all(|g| g.pos.top.len() == k && g.neg.top.len() == k));
         let vocab = wu.len() / d;
         for (i, g) in got.iter().enumerate() {
             let logits: Vec<f64> =
