@@ -10,7 +10,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use shared::limits::{MAX_CLAMPS, MAX_SWEEP_VALUES, MAX_TOP_K};
-use shared::{ClampSpec, Completion, PromptSpec, SamplingParams, StopReason, TokenProb, Variant, View};
+use shared::{
+    ClampSpec, Completion, GenerateRequest, GenerateResponse, NextTokenRequest, NextTokenResponse, PromptSpec, SamplingParams,
+    StopReason, SweepPoint, SweepRequest, SweepResponse, TokenProb, Variant, View,
+};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
@@ -220,6 +223,11 @@ impl Engine {
         }
         let f = map::cache::fingerprint(&self.info.path)?;
         Ok(self.fingerprint.get_or_init(|| f))
+    }
+
+    /// Whether the map of `view` is in memory.
+    pub fn map_ready(&self, view: View, final_norm: bool) -> bool {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&(view, final_norm))
     }
 
     /// The neuron map of `view`: from memory, else from the disk cache, else built (and cached
@@ -448,6 +456,47 @@ impl Engine {
             probs.extend(p);
         }
         Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
+    }
+
+    /// Run a `shared::GenerateRequest`: validation, prompt, one or two variants, streaming.
+    /// `on_text(variant, text)` returns false to cancel.
+    pub fn generate_request(&self, req: &GenerateRequest, on_text: &mut dyn FnMut(Variant, &str) -> bool) -> Result<GenerateResponse> {
+        let ids = self.prompt_ids(&req.prompt)?;
+        let steered = self.intervention(&req.clamps)?;
+        if req.compare && steered.is_empty() {
+            return Err(Error::bad("compare needs at least one clamp"));
+        }
+        let variants = if req.compare { vec![Intervention::none(), steered] } else { vec![steered] };
+        let kinds: Vec<Variant> = if req.compare {
+            vec![Variant::Normal, Variant::Steered]
+        } else if req.clamps.is_empty() {
+            vec![Variant::Normal]
+        } else {
+            vec![Variant::Steered]
+        };
+        let outs = self.generate(&ids, &variants, &req.sampling, true, &mut |r, t| on_text(kinds[r], t))?;
+        Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, !req.clamps.is_empty()) })
+    }
+
+    /// Run a `shared::NextTokenRequest`.
+    pub fn next_token_request(&self, req: &NextTokenRequest) -> Result<NextTokenResponse> {
+        let ids = self.prompt_ids(&req.prompt)?;
+        let iv = self.intervention(&req.clamps)?;
+        Ok(NextTokenResponse { prompt_tokens: ids.len(), top: self.next_token(&ids, &iv, req.top_k)? })
+    }
+
+    /// Run a `shared::SweepRequest`.
+    pub fn sweep_request(&self, req: &SweepRequest) -> Result<SweepResponse> {
+        let ids = self.prompt_ids(&req.prompt)?;
+        let target = self.tok.single_token(&req.target)?;
+        let r = self.sweep(&ids, req.layer, req.neuron, target, &req.values)?;
+        Ok(SweepResponse {
+            target_id: target,
+            target_text: self.tok.token_text(target),
+            baseline: r.baseline,
+            natural_value: r.natural_value,
+            points: req.values.iter().zip(&r.probs).map(|(&value, &prob)| SweepPoint { value, prob }).collect(),
+        })
     }
 
     /// Turn generation outputs into the shared message type.

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod limits;
 pub mod map;
 pub mod model;
+pub mod server;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -11,13 +11,15 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::fetch;
-use flash_interp::model::{Intervention, WeightMode};
+use flash_interp::model::WeightMode;
 use indicatif::{ProgressBar, ProgressStyle};
 use flash_interp::analysis;
 use flash_interp::engine::MapOrigin;
 
 mod bench;
-use shared::{SearchResponse, TokenInfo, View, ApiError, ClampSpec, GenerateResponse, NextTokenResponse, PromptSpec, SamplingParams, SweepPoint, SweepResponse};
+use shared::{
+    ApiError, ClampSpec, GenerateRequest, NextTokenRequest, PromptSpec, SamplingParams, SearchResponse, SweepRequest, TokenInfo, Variant, View,
+};
 
 #[derive(Parser)]
 #[command(name = "flash-interp", version, about = "Find and steer feature neurons of Llama-style language models")]
@@ -73,6 +75,39 @@ enum Cmd {
     CompareModels(CompareArgs),
     /// Time the neuron map against numpy and PyTorch peers on the same weights, and search latency.
     Bench(BenchArgs),
+    /// Serve the web app and the JSON API (see /api/openapi.json).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to bind.
+    #[arg(long, env = "FLASH_INTERP_BIND", default_value = "127.0.0.1")]
+    bind: String,
+    /// Port (0 picks a free one).
+    #[arg(long, env = "FLASH_INTERP_PORT", default_value_t = 8080)]
+    port: u16,
+    /// More models to serve beside --model (repeatable): GGUF files or Hugging Face directories.
+    #[arg(long = "also")]
+    also: Vec<PathBuf>,
+    /// Generations and sweeps running at once.
+    #[arg(long, env = "FLASH_INTERP_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// Requests that may wait for a worker; more get 503 with Retry-After.
+    #[arg(long, env = "FLASH_INTERP_QUEUE", default_value_t = 8)]
+    queue: usize,
+    /// Expensive requests (search, sweep, next-token, generate) per minute per client IP; 0 = off.
+    #[arg(long, env = "FLASH_INTERP_RATE_LIMIT", default_value_t = 0)]
+    rate_limit: u32,
+    /// The built web app (Trunk's output).
+    #[arg(long, env = "FLASH_INTERP_DIST", default_value = "dist")]
+    dist: PathBuf,
+    /// Decode neuron maps with the final RMSNorm folded in.
+    #[arg(long)]
+    final_norm: bool,
+    /// Memory for cached identical results, in MiB.
+    #[arg(long, default_value_t = 64)]
+    cache_mb: usize,
 }
 
 #[derive(Args)]
@@ -233,7 +268,10 @@ fn parse_values(s: &str) -> Result<Vec<f32>> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLASH_INTERP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLASH_INTERP_LOG")
+                .unwrap_or_else(|_| "warn,flash_interp=info,flash_interp::http=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -399,6 +437,7 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => bench::run(cli, a),
+        Cmd::Serve(a) => serve(cli, a),
         Cmd::Map(a) => {
             let engine = load(cli)?;
             if a.rebuild {
@@ -428,12 +467,11 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Cmd::NextToken(a) => {
             let engine = load(cli)?;
-            let ids = engine.prompt_ids(&a.prompt.spec())?;
-            let iv = engine.intervention(&a.clamps)?;
-            let top = engine.next_token(&ids, &iv, a.top_k)?;
+            let resp = engine.next_token_request(&NextTokenRequest { prompt: a.prompt.spec(), clamps: a.clamps.clone(), top_k: a.top_k })?;
             if cli.json {
-                return print_json(&NextTokenResponse { prompt_tokens: ids.len(), top });
+                return print_json(&resp);
             }
+            let top = resp.top;
             for t in top {
                 println!("{:>8.4}  {:>6}  {:?}", t.prob, t.id, t.text);
             }
@@ -441,19 +479,11 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Cmd::Sweep(a) => {
             let engine = load(cli)?;
-            let ids = engine.prompt_ids(&a.prompt.spec())?;
-            let target = engine.tok.single_token(&a.target)?;
             let values = parse_values(&a.values)?;
             let pb = spinner(&format!("sweeping {} values of layer {} neuron {}", values.len(), a.layer, a.neuron));
-            let r = engine.sweep(&ids, a.layer, a.neuron, target, &values)?;
+            let req = SweepRequest { prompt: a.prompt.spec(), layer: a.layer, neuron: a.neuron, target: a.target.clone(), values };
+            let resp = engine.sweep_request(&req)?;
             pb.finish_and_clear();
-            let resp = SweepResponse {
-                target_id: target,
-                target_text: engine.tok.token_text(target),
-                baseline: r.baseline,
-                natural_value: r.natural_value,
-                points: values.iter().zip(&r.probs).map(|(&value, &prob)| SweepPoint { value, prob }).collect(),
-            };
             if cli.json {
                 return print_json(&resp);
             }
@@ -469,47 +499,75 @@ fn run(cli: &Cli) -> Result<()> {
 
 fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
     let engine = load(cli)?;
-    let ids = engine.prompt_ids(&a.prompt.spec())?;
-    let steered = engine.intervention(&a.clamps)?;
-    if a.compare && steered.is_empty() {
-        bail!("--compare needs at least one --clamp LAYER:NEURON:VALUE");
-    }
-    let variants = if a.compare { vec![Intervention::none(), steered] } else { vec![steered] };
-    let params = SamplingParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_new_tokens: a.max_tokens };
-    let stream = !cli.json && !a.compare;
-    let pb = if a.compare && !cli.json {
-        let pb = ProgressBar::new(a.max_tokens as u64);
-        pb.set_style(ProgressStyle::with_template("{spinner} generating normal and steered {bar:30} {pos}/{len} tokens ({elapsed})")?);
-        Some(pb)
-    } else {
-        None
+    let req = GenerateRequest {
+        prompt: a.prompt.spec(),
+        clamps: a.clamps.clone(),
+        sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_new_tokens: a.max_tokens },
+        compare: a.compare,
+        stream: false,
     };
-    let mut on_text = |row: usize, text: &str| {
+    let stream = !cli.json && !a.compare;
+    let pb = (a.compare && !cli.json).then(|| {
+        let pb = ProgressBar::new(a.max_tokens as u64);
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} generating normal and steered {bar:30} {pos}/{len} tokens ({elapsed})").expect("valid template"),
+        );
+        pb
+    });
+    let resp = engine.generate_request(&req, &mut |variant, text| {
         if stream {
             print!("{text}");
             let _ = std::io::stdout().flush();
         }
-        if let Some(pb) = &pb {
-            if row == 0 {
-                pb.inc(1);
-            }
+        if let (Some(pb), Variant::Normal) = (&pb, variant) {
+            pb.inc(1);
         }
         true
-    };
-    let outs = engine.generate(&ids, &variants, &params, !a.no_cache, &mut on_text)?;
+    })?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let completions = Engine::completions(outs, !a.clamps.is_empty());
     if cli.json {
-        return print_json(&GenerateResponse { prompt_tokens: ids.len(), completions });
+        return print_json(&resp);
     }
     if stream {
         println!();
         return Ok(());
     }
     let clamps: Vec<String> = a.clamps.iter().map(|c| c.to_string()).collect();
-    print_side_by_side("normal", &completions[0].text, &format!("steered ({})", clamps.join(" ")), &completions[1].text);
+    let c = &resp.completions;
+    print_side_by_side("normal", &c[0].text, &format!("steered ({})", clamps.join(" ")), &c[1].text);
+    Ok(())
+}
+
+fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
+    use flash_interp::server::{self, AppState, ServerConfig};
+    let opts = load_options(cli)?;
+    let mut paths = vec![model_path(cli)?];
+    paths.extend(a.also.iter().cloned());
+    let mut engines = Vec::new();
+    for p in &paths {
+        let pb = spinner(&format!("loading {}", p.display()));
+        engines.push(std::sync::Arc::new(Engine::load(p, &opts)?));
+        pb.finish_and_clear();
+    }
+    let config = ServerConfig {
+        workers: a.workers,
+        queue: a.queue,
+        rate_limit_per_minute: (a.rate_limit > 0).then_some(a.rate_limit),
+        dist: a.dist.clone(),
+        final_norm: a.final_norm,
+        cache_bytes: a.cache_mb << 20,
+    };
+    let state = AppState::new(engines, config);
+    state.warm_maps();
+    let listener = std::net::TcpListener::bind((a.bind.as_str(), a.port)).with_context(|| format!("binding {}:{}", a.bind, a.port))?;
+    let addr = listener.local_addr()?;
+    eprintln!("Flash Interp serving {} model(s) on http://{addr}/", state.models.len());
+    if !a.dist.join("index.html").exists() {
+        eprintln!("note: {} has no index.html; the web app is not built, the API works", a.dist.display());
+    }
+    actix_web::rt::System::new().block_on(server::serve(state, listener))?;
     Ok(())
 }
 

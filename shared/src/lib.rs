@@ -23,6 +23,7 @@ pub mod limits {
 }
 
 /// Which weight vector of an MLP neuron is decoded through the LM head.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum View {
@@ -60,6 +61,7 @@ impl std::str::FromStr for View {
 /// A direction decoded as it is (`pos`) or negated (`neg`). In a gated MLP the sign of an up row
 /// means nothing by itself (negating the up row and the down column together leaves the model
 /// unchanged), so both are decoded and every result says which one it shows.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Polarity {
@@ -78,6 +80,7 @@ impl Polarity {
 
 /// Force one MLP neuron's activation to `value` at every position. Written `L:N:V` on the
 /// command line and in URLs (e.g. `12:345:8.5`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClampSpec {
     pub layer: usize,
@@ -106,6 +109,7 @@ impl std::str::FromStr for ClampSpec {
 }
 
 /// One chat turn.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
@@ -113,6 +117,7 @@ pub struct ChatMessage {
 }
 
 /// A prompt: plain text, or a user message wrapped in the model's chat template.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptSpec {
     pub text: String,
@@ -125,6 +130,7 @@ pub struct PromptSpec {
 }
 
 /// Sampling settings. `temperature = 0` is greedy.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     #[serde(default)]
@@ -151,6 +157,7 @@ impl Default for SamplingParams {
 }
 
 /// `POST /api/models/{model}/generate` request; also what `flash-interp generate` runs.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: PromptSpec,
@@ -161,8 +168,12 @@ pub struct GenerateRequest {
     /// Generate the normal and the steered answer side by side, with the same seed.
     #[serde(default)]
     pub compare: bool,
+    /// Stream Server-Sent Events (token events, then a `done` event) instead of one JSON body.
+    #[serde(default)]
+    pub stream: bool,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
@@ -175,6 +186,7 @@ pub enum StopReason {
 }
 
 /// Which of a pair of answers a result or stream event belongs to.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
@@ -182,6 +194,7 @@ pub enum Variant {
     Steered,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     pub variant: Variant,
@@ -193,12 +206,14 @@ pub struct Completion {
 }
 
 /// Response to a generate request: one completion, or two with `compare`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateResponse {
     pub prompt_tokens: usize,
     pub completions: Vec<Completion>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenProb {
     pub id: u32,
@@ -208,6 +223,7 @@ pub struct TokenProb {
 }
 
 /// Next-token distribution of a prompt (top-k).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NextTokenRequest {
     pub prompt: PromptSpec,
@@ -221,6 +237,7 @@ fn default_top_k() -> usize {
     10
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NextTokenResponse {
     pub prompt_tokens: usize,
@@ -228,6 +245,7 @@ pub struct NextTokenResponse {
 }
 
 /// `POST /api/models/{model}/sweep`: p(target next token) as one neuron is clamped to each value.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepRequest {
     pub prompt: PromptSpec,
@@ -238,12 +256,14 @@ pub struct SweepRequest {
     pub values: Vec<f32>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SweepPoint {
     pub value: f32,
     pub prob: f32,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepResponse {
     pub target_id: u32,
@@ -256,6 +276,7 @@ pub struct SweepResponse {
 }
 
 /// A token and its text.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {
     pub id: u32,
@@ -263,6 +284,7 @@ pub struct TokenInfo {
 }
 
 /// One neuron found by a concept search.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchHit {
     pub layer: usize,
@@ -276,6 +298,7 @@ pub struct SearchHit {
 }
 
 /// Concept search: every neuron's score, per layer, and the strongest neurons.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchResponse {
     pub tokens: Vec<TokenInfo>,
@@ -288,6 +311,7 @@ pub struct SearchResponse {
 }
 
 /// A token of a decoded neuron direction.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenScore {
     pub id: u32,
@@ -299,6 +323,7 @@ pub struct TokenScore {
 }
 
 /// Top tokens of one view in one polarity (`neg` lists the bottom tokens of the direction).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ViewTokens {
     pub view: View,
@@ -307,6 +332,7 @@ pub struct ViewTokens {
 }
 
 /// The neuron's natural activation (act(gate)·up) over all positions of a fixed set of prompts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ActivationStats {
     pub mean: f32,
@@ -317,6 +343,7 @@ pub struct ActivationStats {
     pub positions: usize,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimilarNeuron {
     pub layer: usize,
@@ -326,6 +353,7 @@ pub struct SimilarNeuron {
 }
 
 /// `GET /api/models/{model}/neurons/{layer}/{index}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NeuronDetail {
     pub layer: usize,
@@ -336,6 +364,7 @@ pub struct NeuronDetail {
     pub similar: Vec<SimilarNeuron>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerAgreement {
     pub layer: usize,
@@ -345,6 +374,7 @@ pub struct LayerAgreement {
     pub share: f32,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangedNeuron {
     pub layer: usize,
@@ -356,6 +386,7 @@ pub struct ChangedNeuron {
 }
 
 /// Base vs instruct (the paper's §3.3): how many neurons kept their top token.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompareResponse {
     pub model_a: String,
@@ -366,7 +397,46 @@ pub struct CompareResponse {
     pub changed: Vec<ChangedNeuron>,
 }
 
+/// One loaded model, as listed by `GET /api/models`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Stable id used in every other endpoint and in permalinks.
+    pub id: String,
+    pub name: String,
+    pub architecture: String,
+    pub format: String,
+    pub layers: usize,
+    pub neurons_per_layer: usize,
+    pub d_model: usize,
+    pub vocab_size: usize,
+    pub context: usize,
+    pub chat: bool,
+    /// Views whose neuron map is built and in memory.
+    pub maps_ready: Vec<View>,
+    /// Whether maps decode with the final RMSNorm folded in (the server's option).
+    pub final_norm: bool,
+}
+
+/// `GET /api/models/{model}/tokens?q=`: how a string tokenizes, and single tokens that start with it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeResponse {
+    pub tokens: Vec<TokenInfo>,
+    pub suggestions: Vec<TokenInfo>,
+}
+
+/// Final event of a streamed generation and body of a non-streamed one.
+/// Streamed token events are `event: token` with a [`TokenEvent`] body.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    pub variant: Variant,
+    pub text: String,
+}
+
 /// Every error answered by the API, and printed by the CLI with `--json`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub code: String,

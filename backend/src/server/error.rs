@@ -1,0 +1,78 @@
+//! One error type for the HTTP layer, answered as `ApiError { code, message }` with a status.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use shared::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Engine(#[from] crate::Error),
+    #[error("unknown model {0:?}; GET /api/models lists the loaded models")]
+    UnknownModel(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("all generation workers are busy and the queue is full; retry in a few seconds")]
+    Busy,
+    #[error("too many requests from this client; retry in {0} s")]
+    RateLimited(u64),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ServerError {
+    pub fn code(&self) -> &'static str {
+        use crate::Error as E;
+        match self {
+            ServerError::Engine(E::BadInput(_)) => "bad_input",
+            ServerError::Engine(E::TooLarge(_)) => "too_large",
+            ServerError::Engine(E::UnknownToken(_)) => "unknown_token",
+            ServerError::Engine(_) => "internal",
+            ServerError::UnknownModel(_) => "unknown_model",
+            ServerError::BadRequest(_) => "bad_request",
+            ServerError::NotFound(_) => "not_found",
+            ServerError::Busy => "busy",
+            ServerError::RateLimited(_) => "rate_limited",
+            ServerError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ServerError {
+    fn status_code(&self) -> StatusCode {
+        use crate::Error as E;
+        match self {
+            ServerError::Engine(E::BadInput(_)) | ServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServerError::Engine(E::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServerError::Engine(E::UnknownToken(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            ServerError::UnknownModel(_) | ServerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServerError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ServerError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ServerError::Engine(_) | ServerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        // Internal details go to the log, not to strangers.
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("internal error: {self:?}");
+            "internal error; see the server log".to_owned()
+        } else {
+            self.to_string()
+        };
+        let mut resp = HttpResponse::build(status);
+        match self {
+            ServerError::Busy => {
+                resp.insert_header((header::RETRY_AFTER, "2"));
+            }
+            ServerError::RateLimited(s) => {
+                resp.insert_header((header::RETRY_AFTER, s.to_string()));
+            }
+            _ => {}
+        }
+        resp.json(ApiError { code: self.code().into(), message })
+    }
+}

@@ -1,0 +1,417 @@
+//! Routes and thin handlers: parse a `shared` type, run model work off the async executor,
+//! answer JSON (or Server-Sent Events for streamed generation).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::middleware::{Compress, Next};
+use actix_web::web::{self, Bytes, Data, Json, Path, Query};
+use actix_web::{HttpRequest, HttpResponse};
+use governor::clock::{Clock, DefaultClock};
+use serde::{Deserialize, Serialize};
+use shared::*;
+use utoipa::OpenApi;
+
+use super::{AppState, ServerError};
+use crate::analysis;
+
+type Res = Result<HttpResponse, ServerError>;
+
+/// Largest JSON body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// All routes: `/api/...`, `/healthz`, `/metrics`, then the web app with its deep-link fallback.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::JsonConfig::default().limit(MAX_BODY_BYTES).error_handler(|e, _| {
+        let err = match &e {
+            actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
+                ServerError::Engine(crate::Error::TooLarge(format!("request body over {MAX_BODY_BYTES} bytes")))
+            }
+            _ => ServerError::BadRequest(format!("malformed JSON body: {e}")),
+        };
+        err.into()
+    }))
+    .app_data(web::QueryConfig::default().error_handler(|e, _| ServerError::BadRequest(format!("bad query: {e}")).into()))
+    .app_data(web::PathConfig::default().error_handler(|e, _| ServerError::NotFound(format!("bad path: {e}")).into()))
+    .service(
+        web::scope("/api")
+            .wrap(actix_web::middleware::from_fn(observe))
+            .wrap(Compress::default())
+            .route("/models", web::get().to(models))
+            .route("/models/{model}/tokens", web::get().to(tokens))
+            .route("/models/{model}/search", web::get().to(search))
+            .route("/models/{model}/neurons/{layer}/{index}", web::get().to(neuron))
+            .route("/models/{model}/sweep", web::post().to(sweep))
+            .route("/models/{model}/next-token", web::post().to(next_token))
+            .route("/models/{model}/generate", web::post().to(generate))
+            .route("/compare", web::get().to(compare))
+            .route("/openapi.json", web::get().to(openapi))
+            .default_service(web::to(|| async { Err::<HttpResponse, _>(ServerError::NotFound("no such API endpoint".into())) })),
+    )
+    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })) }))
+    .route("/metrics", web::get().to(metrics))
+    .service(web::scope("").wrap(actix_web::middleware::from_fn(observe)).wrap(Compress::default()).default_service(web::to(app)));
+}
+
+/// One log line and the metrics for every request.
+async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.path().to_owned();
+    let state = req.app_data::<Data<AppState>>().cloned();
+    let res = next.call(req).await?;
+    let pattern = res.request().match_pattern().unwrap_or_else(|| "other".into());
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(s) = state {
+        s.metrics.requests.with_label_values(&[pattern.as_str(), res.status().as_str()]).inc();
+        s.metrics.latency.with_label_values(&[pattern.as_str()]).observe(secs);
+    }
+    tracing::info!(target: "flash_interp::http", "{method} {path} {} {:.1}ms", res.status().as_u16(), secs * 1000.0);
+    Ok(res)
+}
+
+/// The built web app: files from `dist/`, and `index.html` for the app's own deep links.
+async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
+    let dist = &state.config.dist;
+    let rel = req.path().trim_start_matches('/');
+    let safe = !rel.split('/').any(|p| p == ".." || p.starts_with('.'));
+    if safe && !rel.is_empty() {
+        let file = dist.join(rel);
+        if file.is_file() {
+            if let Ok(f) = actix_files::NamedFile::open(&file) {
+                let mut resp = f.into_response(&req);
+                // Trunk names assets by content hash: they never change under one name.
+                resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("public, max-age=31536000, immutable"));
+                return resp;
+            }
+        }
+    }
+    match std::fs::read(dist.join("index.html")) {
+        Ok(html) => HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .body(html),
+        Err(_) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(
+            "<!doctype html><title>Flash Interp</title><h1>Flash Interp</h1><p>The API is running (<a href=\"/api/models\">/api/models</a>, \
+             <a href=\"/api/openapi.json\">/api/openapi.json</a>). The web app is not built: see the README.</p>",
+        ),
+    }
+}
+
+fn check_rate(state: &AppState, req: &HttpRequest) -> Result<(), ServerError> {
+    if let Some(limiter) = &state.limiter {
+        let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        if let Err(not_until) = limiter.check_key(&ip) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(ServerError::RateLimited(wait.as_secs().max(1)));
+        }
+    }
+    Ok(())
+}
+
+/// Run model work on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Result<T, ServerError> {
+    web::block(f).await.map_err(|e| ServerError::Internal(e.to_string()))?.map_err(ServerError::from)
+}
+
+fn json_body(body: &[u8]) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(body.to_vec())
+}
+
+/// Answer from the result cache, or compute, cache and answer.
+async fn cached<T: Serialize + Send + 'static>(state: &AppState, key: String, f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Res {
+    if let Some(body) = state.cache.get(&key) {
+        return Ok(json_body(&body));
+    }
+    let v = blocking(f).await?;
+    let body = serde_json::to_vec(&v).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let resp = json_body(&body);
+    state.cache.put(key, body);
+    Ok(resp)
+}
+
+fn key<T: Serialize>(endpoint: &str, model: &str, v: &T) -> String {
+    format!("{endpoint}|{model}|{}", serde_json::to_string(v).unwrap_or_default())
+}
+
+#[utoipa::path(get, path = "/api/models", responses((status = 200, body = Vec<ModelSummary>)))]
+async fn models(state: Data<AppState>) -> HttpResponse {
+    let list: Vec<ModelSummary> = state
+        .models
+        .iter()
+        .map(|m| {
+            let c = m.engine.config();
+            ModelSummary {
+                id: m.id.clone(),
+                name: m.engine.info.name.clone(),
+                architecture: "llama".into(),
+                format: m.engine.info.format.into(),
+                layers: c.n_layers,
+                neurons_per_layer: c.d_ff,
+                d_model: c.d_model,
+                vocab_size: c.vocab_size,
+                context: c.max_seq_len,
+                chat: m.engine.chat.is_some(),
+                maps_ready: View::ALL.into_iter().filter(|&v| m.engine.map_ready(v, state.config.final_norm)).collect(),
+                final_norm: state.config.final_norm,
+            }
+        })
+        .collect();
+    HttpResponse::Ok().json(list)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct TokensQuery {
+    /// The text to tokenize, and the prefix to suggest single tokens for.
+    q: String,
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/tokens", params(("model" = String, Path), TokensQuery),
+    responses((status = 200, body = TokenizeResponse), (status = 404, body = ApiError)))]
+async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery>) -> Res {
+    let m = state.model(&model)?;
+    if q.q.chars().count() > 256 {
+        return Err(crate::Error::TooLarge("q is limited to 256 characters".into()).into());
+    }
+    let tok = &m.engine.tok;
+    let tokens = tok.encode_raw(&q.q)?.into_iter().map(|id| TokenInfo { id, text: tok.token_text(id) }).collect();
+    let mut suggestions: Vec<&(String, u32)> = Vec::new();
+    if !q.q.is_empty() {
+        for prefix in [q.q.clone(), format!(" {}", q.q.trim_start())] {
+            let start = m.vocab.partition_point(|(t, _)| t.as_str() < prefix.as_str());
+            suggestions.extend(m.vocab[start..].iter().take_while(|(t, _)| t.starts_with(&prefix)).take(200));
+        }
+    }
+    suggestions.sort_by_key(|(t, id)| (t.len(), *id));
+    suggestions.dedup();
+    let suggestions = suggestions.into_iter().take(10).map(|(t, id)| TokenInfo { id: *id, text: t.clone() }).collect();
+    Ok(HttpResponse::Ok().json(TokenizeResponse { tokens, suggestions }))
+}
+
+#[derive(Deserialize, Serialize, utoipa::IntoParams)]
+struct SearchQuery {
+    /// Comma-separated single tokens, e.g. ` dog, dogs` (URL-encoded; spaces matter).
+    tokens: String,
+    /// up (default), gate or down.
+    view: Option<View>,
+    /// Strongest neurons to list (default 20, at most 100).
+    top: Option<usize>,
+}
+
+/// Round to 3 significant digits: plots need no more, and it keeps an 8B model's response small.
+fn round3(x: f32) -> f32 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f32.powi(2 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/search", params(("model" = String, Path), SearchQuery),
+    responses((status = 200, body = SearchResponse), (status = 400, body = ApiError), (status = 422, body = ApiError)))]
+async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchQuery>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let words: Vec<&str> = q.tokens.split(',').filter(|s| !s.is_empty()).collect();
+    if words.is_empty() || words.len() > 16 {
+        return Err(crate::Error::bad("give 1 to 16 comma-separated tokens").into());
+    }
+    let top = q.top.unwrap_or(20);
+    if top == 0 || top > 100 {
+        return Err(crate::Error::bad("top must be between 1 and 100").into());
+    }
+    let ids = words.iter().map(|w| m.engine.tok.single_token(w)).collect::<crate::Result<Vec<u32>>>()?;
+    let (engine, view, final_norm) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm);
+    cached(&state, key("search", &m.id, &(&ids, view, top)), move || {
+        let (map, _) = engine.map(view, final_norm, &|_, _| {})?;
+        let r = analysis::search(&engine, &map, &ids, top)?;
+        let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
+        Ok(SearchResponse {
+            tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
+            view,
+            final_norm,
+            layers,
+            top: r.top,
+        })
+    })
+    .await
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct NeuronQuery {
+    /// Tokens per view and polarity (default 20, at most 100).
+    tokens: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}",
+    params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path), NeuronQuery),
+    responses((status = 200, body = NeuronDetail), (status = 400, body = ApiError)))]
+async fn neuron(state: Data<AppState>, path: Path<(String, usize, usize)>, q: Query<NeuronQuery>) -> Res {
+    let (model, layer, index) = path.into_inner();
+    let m = state.model(&model)?;
+    let n = q.tokens.unwrap_or(20);
+    if n == 0 || n > 100 {
+        return Err(crate::Error::bad("tokens must be between 1 and 100").into());
+    }
+    crate::limits::check_layer_neuron(layer, index, m.engine.config())?;
+    let (engine, final_norm) = (m.engine.clone(), state.config.final_norm);
+    cached(&state, key("neuron", &m.id, &(layer, index, n)), move || analysis::neuron_detail(&engine, layer, index, final_norm, n)).await
+}
+
+/// Run expensive work (sweeps, generations) through the bounded worker queue.
+async fn queued<T: Send + 'static>(state: &Data<AppState>, f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Result<T, ServerError> {
+    let permit = state.queue.acquire().await?;
+    state.metrics.running.inc();
+    let st = state.clone();
+    let r = blocking(move || {
+        let _permit = permit;
+        let r = f();
+        st.metrics.running.dec();
+        r
+    })
+    .await;
+    r
+}
+
+#[utoipa::path(post, path = "/api/models/{model}/sweep", params(("model" = String, Path)), request_body = SweepRequest,
+    responses((status = 200, body = SweepResponse), (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<SweepRequest>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let k = key("sweep", &m.id, &*body);
+    if let Some(b) = state.cache.get(&k) {
+        return Ok(json_body(&b));
+    }
+    let engine = m.engine.clone();
+    let body = body.into_inner();
+    let r = queued(&state, move || engine.sweep_request(&body)).await?;
+    let bytes = serde_json::to_vec(&r).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let resp = json_body(&bytes);
+    state.cache.put(k, bytes);
+    Ok(resp)
+}
+
+#[utoipa::path(post, path = "/api/models/{model}/next-token", params(("model" = String, Path)), request_body = NextTokenRequest,
+    responses((status = 200, body = NextTokenResponse), (status = 400, body = ApiError)))]
+async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<NextTokenRequest>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let engine = m.engine.clone();
+    let body = body.into_inner();
+    cached(&state, key("next", &m.id, &body), move || engine.next_token_request(&body)).await
+}
+
+fn sse(event: &str, data: &impl Serialize) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {}\n\n", serde_json::to_string(data).unwrap_or_default()))
+}
+
+#[utoipa::path(post, path = "/api/models/{model}/generate", params(("model" = String, Path)), request_body = GenerateRequest,
+    responses((status = 200, description = "GenerateResponse JSON, or with stream: true a text/event-stream of `token` events (TokenEvent) and a final `done` event (GenerateResponse)", body = GenerateResponse),
+        (status = 400, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
+async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<GenerateRequest>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let engine = m.engine.clone();
+    let body = body.into_inner();
+    // Fail fast on bad input, before taking a worker.
+    engine.prompt_ids(&body.prompt)?;
+    engine.intervention(&body.clamps)?;
+    crate::limits::check_sampling(body.sampling.temperature, body.sampling.top_p, body.sampling.max_new_tokens)?;
+    if !body.stream {
+        let k = key("generate", &m.id, &body);
+        if let Some(b) = state.cache.get(&k) {
+            return Ok(json_body(&b));
+        }
+        let st = state.clone();
+        let r = queued(&state, move || {
+            engine.generate_request(&body, &mut |_, _| {
+                st.metrics.tokens.inc();
+                true
+            })
+        })
+        .await?;
+        let bytes = serde_json::to_vec(&r).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let resp = json_body(&bytes);
+        state.cache.put(k, bytes);
+        return Ok(resp);
+    }
+    let permit = state.queue.acquire().await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let st = state.clone();
+    st.metrics.running.inc();
+    std::thread::spawn(move || {
+        let _permit = permit;
+        // A send fails once the client has gone: the callback returns false and generation stops,
+        // freeing the worker.
+        let r = engine.generate_request(&body, &mut |variant, text| {
+            st.metrics.tokens.inc();
+            tx.blocking_send(sse("token", &TokenEvent { variant, text: text.to_owned() })).is_ok()
+        });
+        let last = match r {
+            Ok(resp) => sse("done", &resp),
+            Err(e) => {
+                let e = ServerError::from(e);
+                sse("error", &ApiError { code: e.code().into(), message: e.to_string() })
+            }
+        };
+        let _ = tx.blocking_send(last);
+        st.metrics.running.dec();
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx)) });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct CompareQuery {
+    /// First model id (e.g. the base model).
+    a: String,
+    /// Second model id (e.g. the instruct model).
+    b: String,
+    /// Most-changed neurons to list (default 20, at most 200).
+    top: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/compare", params(CompareQuery),
+    responses((status = 200, body = CompareResponse), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+async fn compare(state: Data<AppState>, q: Query<CompareQuery>) -> Res {
+    let (a, b) = (state.model(&q.a)?, state.model(&q.b)?);
+    let top = q.top.unwrap_or(20);
+    if top == 0 || top > 200 {
+        return Err(crate::Error::bad("top must be between 1 and 200").into());
+    }
+    let (ea, eb) = (a.engine.clone(), b.engine.clone());
+    cached(&state, key("compare", &format!("{}|{}", a.id, b.id), &top), move || {
+        let (ma, _) = ea.map(View::Up, false, &|_, _| {})?;
+        let (mb, _) = eb.map(View::Up, false, &|_, _| {})?;
+        analysis::compare_models(&ea, &eb, &ma, &mb, top)
+    })
+    .await
+}
+
+async fn metrics(state: Data<AppState>) -> HttpResponse {
+    state.metrics.queue_depth.set(state.queue.waiting() as i64);
+    let text = prometheus::TextEncoder::new().encode_to_string(&state.metrics.registry.gather()).unwrap_or_default();
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Flash Interp API", description = "Find and steer feature neurons of Llama-style models. Errors are ApiError {code, message}."),
+    paths(models, tokens, search, neuron, sweep, next_token, generate, compare),
+    components(schemas(ApiError, ModelSummary, TokenizeResponse, TokenInfo, SearchResponse, SearchHit, NeuronDetail, ViewTokens,
+        TokenScore, ActivationStats, SimilarNeuron, SweepRequest, SweepResponse, SweepPoint, NextTokenRequest, NextTokenResponse,
+        TokenProb, GenerateRequest, GenerateResponse, Completion, TokenEvent, PromptSpec, ChatMessage, SamplingParams, ClampSpec,
+        CompareResponse, LayerAgreement, ChangedNeuron, View, Polarity, Variant, StopReason))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
