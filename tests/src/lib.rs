@@ -17,3 +17,14 @@ pub fn fixture(name: &str) -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
     serde_json::from_slice(&std::fs::read(p).expect("fixture")).expect("fixture json")
 }
+
+/// Start the real server on 127.0.0.1, port 0, in a thread of its own; returns its base URL.
+pub fn spawn_server(models: Vec<std::sync::Arc<flash_interp::Engine>>, config: flash_interp::server::ServerConfig) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let port = listener.local_addr().unwrap().port();
+    let state = flash_interp::server::AppState::new(models, config);
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(flash_interp::server::serve(state, listener)).expect("server");
+    });
+    format!("http://127.0.0.1:{port}")
+}

@@ -1,0 +1,214 @@
+//! In-process route tests (actix_web::test) on tiny models: every endpoint, success and each
+//! error class, through the same `configure` the server uses.
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{test, web, App};
+use flash_interp::engine::{Engine, LoadOptions};
+use flash_interp::server::{routes, AppState, ServerConfig};
+use flash_interp::synthetic::{self, TinySpec};
+use shared::*;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: Arc<AppState>,
+}
+
+fn fixture(config: ServerConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engines = Vec::new();
+    for (name, spec) in [("base", TinySpec::default()), ("tuned", TinySpec { perturb: vec![(1, 2)], ..Default::default() }), ("small", TinySpec { d_ff: 32, ..Default::default() })] {
+        let p = dir.path().join(format!("{name}.gguf"));
+        synthetic::write_gguf(&TinySpec { scale: 2.0, ..spec }, &p).unwrap();
+        let mut e = Engine::load(&p, &LoadOptions::default()).unwrap();
+        e.cache_dir = dir.path().join("cache");
+        engines.push(Arc::new(e));
+    }
+    let dist = dir.path().join("dist");
+    std::fs::create_dir_all(&dist).unwrap();
+    std::fs::write(dist.join("index.html"), "<html>APP-INDEX</html>").unwrap();
+    std::fs::write(dist.join("app-1234.js"), "console.log(1)").unwrap();
+    Fixture { state: AppState::new(engines, ServerConfig { dist, ..config }), _dir: dir }
+}
+
+macro_rules! app {
+    ($f:expr) => {
+        test::init_service(App::new().app_data(web::Data::from($f.state.clone())).configure(routes::configure)).await
+    };
+}
+
+async fn error_of(resp: actix_web::dev::ServiceResponse) -> (StatusCode, ApiError) {
+    let status = resp.status();
+    let body: ApiError = test::read_body_json(resp).await;
+    (status, body)
+}
+
+#[actix_web::test]
+async fn models_tokens_and_meta_endpoints() {
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    let models: Vec<ModelSummary> = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models").to_request()).await;
+    assert_eq!(models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), vec!["base", "tuned", "small"]);
+    assert_eq!((models[0].layers, models[0].neurons_per_layer), (3, 64));
+    let t: TokenizeResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=th").to_request()).await;
+    assert_eq!(t.tokens.len(), 2);
+    assert!(t.suggestions.iter().any(|s| s.text == " the") && t.suggestions.iter().all(|s| s.text.trim_start().starts_with("th")));
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/nope/tokens?q=a").to_request()).await;
+    assert_eq!(error_of(resp).await.1.code, "unknown_model");
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/tokens").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/nothing/here").to_request()).await;
+    let (status, e) = error_of(resp).await;
+    assert_eq!((status, e.code.as_str()), (StatusCode::NOT_FOUND, "not_found"));
+    let doc: serde_json::Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/openapi.json").to_request()).await;
+    for p in ["/api/models", "/api/models/{model}/search", "/api/models/{model}/generate", "/api/compare"] {
+        assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
+    }
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/healthz").to_request()).await;
+    assert!(resp.status().is_success());
+    let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains("flash_interp_requests_total{endpoint=\"/api/models\",status=\"200\"} 1"), "{metrics}");
+}
+
+#[actix_web::test]
+async fn app_deep_links_fall_back_to_index_and_assets_are_cached() {
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    for uri in ["/", "/neuron/2/5?model=base", "/steer?prompt=hi&clamp=1:2:3"] {
+        let body = test::call_and_read_body(&app, test::TestRequest::get().uri(uri).to_request()).await;
+        assert_eq!(&body[..], b"<html>APP-INDEX</html>", "{uri}");
+    }
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/app-1234.js").to_request()).await;
+    assert!(resp.headers().get("cache-control").unwrap().to_str().unwrap().contains("immutable"));
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/../Cargo.toml").to_request()).await;
+    assert_eq!(test::read_body(resp).await, &b"<html>APP-INDEX</html>"[..]);
+}
+
+#[actix_web::test]
+async fn search_and_neuron_endpoints() {
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    let r: SearchResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
+    assert_eq!(r.layers.len(), 3);
+    assert!(r.layers.iter().all(|l| l.len() == 64));
+    assert_eq!(r.top.len(), 5);
+    assert_eq!(r.tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(), vec![" the", "in"]);
+    // Same request again: served from the cache, identical.
+    let again: SearchResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
+    assert_eq!(r, again);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=the%20cat").to_request()).await;
+    let (status, e) = error_of(resp).await;
+    assert_eq!((status, e.code.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "unknown_token"));
+    assert!(e.message.contains("tokenizes as"));
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=a&view=sideways").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let d: NeuronDetail = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/neurons/2/5?tokens=4").to_request()).await;
+    assert_eq!((d.layer, d.neuron, d.views.len(), d.views[0].tokens.len()), (2, 5, 6, 4));
+    for (uri, status) in [("/api/models/base/neurons/3/0", StatusCode::BAD_REQUEST), ("/api/models/base/neurons/0/64", StatusCode::BAD_REQUEST), ("/api/models/base/neurons/x/1", StatusCode::NOT_FOUND)] {
+        let resp = test::call_service(&app, test::TestRequest::get().uri(uri).to_request()).await;
+        assert_eq!(resp.status(), status, "{uri}");
+    }
+}
+
+#[actix_web::test]
+async fn sweep_next_token_and_generate_endpoints() {
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    let prompt = PromptSpec { text: "the cat".into(), chat: Some(false), messages: None };
+    let sweep = SweepRequest { prompt: prompt.clone(), layer: 1, neuron: 3, target: " the".into(), values: vec![-5.0, 0.0, 5.0] };
+    let r: SweepResponse = test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/sweep").set_json(&sweep).to_request()).await;
+    assert_eq!(r.points.len(), 3);
+    let bad = SweepRequest { values: vec![1e9], ..sweep.clone() };
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/sweep").set_json(&bad).to_request()).await;
+    assert_eq!(error_of(resp).await.1.code, "bad_input");
+    let too_many = SweepRequest { values: vec![1.0; 100], ..sweep };
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/sweep").set_json(&too_many).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let nt: NextTokenResponse = test::call_and_read_body_json(
+        &app,
+        test::TestRequest::post().uri("/api/models/base/next-token").set_json(&NextTokenRequest { prompt: prompt.clone(), clamps: vec![], top_k: 3 }).to_request(),
+    )
+    .await;
+    assert_eq!(nt.top.len(), 3);
+    let gen = GenerateRequest {
+        prompt: PromptSpec { text: "hi".into(), chat: None, messages: None },
+        clamps: vec![ClampSpec { layer: 1, neuron: 3, value: 9.0 }],
+        sampling: SamplingParams { max_new_tokens: 6, ..Default::default() },
+        compare: true,
+        stream: false,
+    };
+    let g: GenerateResponse = test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&gen).to_request()).await;
+    assert_eq!(g.completions.iter().map(|c| c.variant).collect::<Vec<_>>(), vec![Variant::Normal, Variant::Steered]);
+    // Streamed: token events, then a done event with the same completions.
+    let body = test::call_and_read_body(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&GenerateRequest { stream: true, ..gen.clone() }).to_request()).await;
+    let text = String::from_utf8_lossy(&body);
+    let done = text.split("event: done\ndata: ").nth(1).expect("done event").trim();
+    let streamed: GenerateResponse = serde_json::from_str(done).unwrap();
+    assert_eq!(streamed.completions.iter().map(|c| &c.token_ids).collect::<Vec<_>>(), g.completions.iter().map(|c| &c.token_ids).collect::<Vec<_>>());
+    // Error classes.
+    let cases: Vec<(serde_json::Value, StatusCode, &str)> = vec![
+        (serde_json::json!({"prompt": {"text": "x"}, "clamps": [{"layer": 9, "neuron": 0, "value": 1.0}]}), StatusCode::BAD_REQUEST, "bad_input"),
+        (serde_json::json!({"prompt": {"text": "x"}, "sampling": {"temperature": -1}}), StatusCode::BAD_REQUEST, "bad_input"),
+        (serde_json::json!({"prompt": {"text": "x"}, "sampling": {"max_new_tokens": 100000}}), StatusCode::BAD_REQUEST, "bad_input"),
+        (serde_json::json!({"prompt": {"text": "x"}, "compare": true}), StatusCode::BAD_REQUEST, "bad_input"),
+        (serde_json::json!({"prompt": {"text": "the ".repeat(300), "chat": false}}), StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        (serde_json::json!({"prompt": "not an object"}), StatusCode::BAD_REQUEST, "bad_request"),
+        (serde_json::json!({"prompt": {"text": "x".repeat(70_000)}}), StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+    ];
+    for (body, status, code) in cases {
+        let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&body).to_request()).await;
+        let (s, e) = error_of(resp).await;
+        assert_eq!((s, e.code.as_str()), (status, code), "{}", e.message);
+    }
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::post().uri("/api/models/base/generate").insert_header(("content-type", "application/json")).set_payload("{not json").to_request(),
+    )
+    .await;
+    assert_eq!(error_of(resp).await.1.code, "bad_request");
+}
+
+#[actix_web::test]
+async fn compare_endpoint() {
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    let r: CompareResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/compare?a=base&b=tuned&top=1").to_request()).await;
+    assert_eq!((r.changed[0].layer, r.changed[0].neuron), (1, 2));
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/compare?a=base&b=small").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/compare?a=base&b=gone").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+#[actix_web::test]
+async fn rate_limit_and_full_queue_answer_with_retry_after() {
+    let f = fixture(ServerConfig { rate_limit_per_minute: Some(2), workers: 1, queue: 0, ..Default::default() });
+    let app = app!(f);
+    let uri = "/api/models/base/search?tokens=in";
+    for _ in 0..2 {
+        let resp = test::call_service(&app, test::TestRequest::get().uri(uri).peer_addr("10.0.0.1:1".parse().unwrap()).to_request()).await;
+        assert!(resp.status().is_success());
+    }
+    let resp = test::call_service(&app, test::TestRequest::get().uri(uri).peer_addr("10.0.0.1:1".parse().unwrap()).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    // Another client is not limited; with the only worker taken and no queue, it gets 503.
+    let held = f.state.queue.acquire().await.unwrap();
+    let gen = GenerateRequest {
+        prompt: PromptSpec { text: "hi".into(), chat: None, messages: None },
+        clamps: vec![],
+        sampling: SamplingParams { max_new_tokens: 2, ..Default::default() },
+        compare: false,
+        stream: false,
+    };
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").peer_addr("10.0.0.2:1".parse().unwrap()).set_json(&gen).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    drop(held);
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").peer_addr("10.0.0.2:1".parse().unwrap()).set_json(&gen).to_request()).await;
+    assert!(resp.status().is_success());
+}
