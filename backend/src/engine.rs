@@ -52,10 +52,14 @@ pub struct Engine {
     pub tok: Tok,
     pub chat: Option<ChatTemplate>,
     pub info: ModelInfo,
+    /// Loaded with quantized matmuls.
+    quantized: bool,
     /// Where neuron maps are cached.
     pub cache_dir: PathBuf,
     fingerprint: OnceLock<String>,
     maps: Mutex<HashMap<(View, bool), Arc<NeuronMap>>>,
+    /// Held while a map is loaded or built, so concurrent requests wait for one build.
+    map_build: Mutex<()>,
     pub(crate) derived: crate::analysis::Derived,
 }
 
@@ -137,7 +141,7 @@ impl Engine {
             None => None,
         };
         let model = Llama::load(&src, &cfg)?;
-        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: path.to_owned(), format: "gguf" }))
+        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: path.to_owned(), format: "gguf" }, opts.mode))
     }
 
     fn load_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
@@ -196,11 +200,12 @@ impl Engine {
             None => None,
         };
         let model = Llama::load(&src, &cfg)?;
-        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: dir.to_owned(), format: "safetensors" }))
+        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: dir.to_owned(), format: "safetensors" }, opts.mode))
     }
 
-    fn assemble(model: Llama, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo) -> Self {
+    fn assemble(model: Llama, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo, mode: WeightMode) -> Self {
         Self {
+            quantized: mode == WeightMode::Quantized,
             model: Arc::new(model),
             tok,
             chat,
@@ -208,6 +213,7 @@ impl Engine {
             cache_dir: map::cache_dir(),
             fingerprint: OnceLock::new(),
             maps: Mutex::new(HashMap::new()),
+            map_build: Mutex::new(()),
             derived: Default::default(),
         }
     }
@@ -225,6 +231,15 @@ impl Engine {
         Ok(self.fingerprint.get_or_init(|| f))
     }
 
+    /// How the weights are held, as recorded in map caches ("f32", "f16", "bf16", "quantized").
+    pub fn weights_desc(&self) -> String {
+        if self.quantized {
+            "quantized".into()
+        } else {
+            format!("{:?}", self.model.dtype()).to_lowercase()
+        }
+    }
+
     /// Whether the map of `view` is in memory.
     pub fn map_ready(&self, view: View, final_norm: bool) -> bool {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&(view, final_norm))
@@ -236,6 +251,11 @@ impl Engine {
         if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)) {
             return Ok((m.clone(), MapOrigin::Memory));
         }
+        let _building = self.map_build.lock().unwrap_or_else(|e| e.into_inner());
+        // Another request may have built it while this one waited.
+        if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)) {
+            return Ok((m.clone(), MapOrigin::Memory));
+        }
         let fp = self.fingerprint()?.to_owned();
         let path = map::cache_path(&self.cache_dir, &self.info.name, &fp, view, final_norm);
         let cfg = self.config();
@@ -244,6 +264,7 @@ impl Engine {
             view,
             final_norm,
             k: map::TOP_K.min(cfg.vocab_size),
+            weights: self.weights_desc(),
             n_layers: cfg.n_layers,
             d_ff: cfg.d_ff,
             vocab: cfg.vocab_size,
@@ -255,7 +276,7 @@ impl Engine {
                     tracing::warn!("{e}; rebuilding");
                 }
                 let start = Instant::now();
-                let m = NeuronMap::build(&self.model, view, final_norm, &fp, progress)?;
+                let m = NeuronMap::build(&self.model, view, final_norm, &fp, &self.weights_desc(), progress)?;
                 let secs = start.elapsed().as_secs_f64();
                 if let Err(e) = map::cache::save(&m, &path) {
                     tracing::warn!("could not cache the map at {}: {e}", path.display());
@@ -382,16 +403,17 @@ impl Engine {
                     continue;
                 }
                 gen[r].push(tok);
-                let text = self.tok.decode(&gen[r])?;
+                texts[r] = self.tok.decode(&gen[r])?;
+                let text = &texts[r];
                 // Hold back a partial UTF-8 character until its last byte arrives.
                 if !text.ends_with('\u{FFFD}') && text.len() > emitted[r] && text.is_char_boundary(emitted[r]) {
-                    if !on_text(r, &text[emitted[r]..]) {
+                    let delta = &text[emitted[r]..];
+                    emitted[r] = text.len();
+                    if !on_text(r, delta) {
                         stop.iter_mut().for_each(|s| *s = s.or(Some(StopReason::Cancelled)));
                         break;
                     }
-                    emitted[r] = text.len();
                 }
-                texts[r] = text;
                 if step + 1 == params.max_new_tokens {
                     stop[r] = Some(StopReason::Length);
                 }
@@ -411,6 +433,13 @@ impl Engine {
                 let input = Tensor::from_vec(flat, (n, t), dev)?;
                 self.model.forward(&input, &mut Cache::new(self.config()), variants, &[])?.logits
             };
+        }
+        // Whatever was held back (a character cut by the length limit) goes out last, so the
+        // streamed text always adds up to the returned text.
+        for r in 0..n {
+            if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > emitted[r] && texts[r].is_char_boundary(emitted[r]) {
+                on_text(r, &texts[r][emitted[r]..]);
+            }
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         Ok((0..n)
@@ -458,14 +487,23 @@ impl Engine {
         Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
     }
 
-    /// Run a `shared::GenerateRequest`: validation, prompt, one or two variants, streaming.
-    /// `on_text(variant, text)` returns false to cancel.
-    pub fn generate_request(&self, req: &GenerateRequest, on_text: &mut dyn FnMut(Variant, &str) -> bool) -> Result<GenerateResponse> {
+    /// Everything a generate request can fail on before it runs (cheap: tokenization only).
+    pub fn validate_generate(&self, req: &GenerateRequest) -> Result<Vec<u32>> {
         let ids = self.prompt_ids(&req.prompt)?;
         let steered = self.intervention(&req.clamps)?;
         if req.compare && steered.is_empty() {
             return Err(Error::bad("compare needs at least one clamp"));
         }
+        limits::check_sampling(req.sampling.temperature, req.sampling.top_p, req.sampling.max_new_tokens)?;
+        limits::check_prompt_tokens(ids.len(), req.sampling.max_new_tokens, self.config().max_seq_len)?;
+        Ok(ids)
+    }
+
+    /// Run a `shared::GenerateRequest`: validation, prompt, one or two variants, streaming.
+    /// `on_text(variant, text)` returns false to cancel.
+    pub fn generate_request(&self, req: &GenerateRequest, on_text: &mut dyn FnMut(Variant, &str) -> bool) -> Result<GenerateResponse> {
+        let ids = self.validate_generate(req)?;
+        let steered = self.intervention(&req.clamps)?;
         let variants = if req.compare { vec![Intervention::none(), steered] } else { vec![steered] };
         let kinds: Vec<Variant> = if req.compare {
             vec![Variant::Normal, Variant::Steered]

@@ -267,14 +267,13 @@ fn parse_values(s: &str) -> Result<Vec<f32>> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs one line per request; the other commands stay quiet unless asked.
+    let default_filter = if matches!(cli.cmd, Cmd::Serve(_)) { "warn,flash_interp=info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLASH_INTERP_LOG")
-                .unwrap_or_else(|_| "warn,flash_interp=info,flash_interp::http=info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLASH_INTERP_LOG").unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

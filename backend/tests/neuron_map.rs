@@ -238,3 +238,15 @@ fn compare_models_finds_the_perturbed_neurons() {
     let mc = build(&c.engine, View::Up, false);
     assert!(analysis::compare_models(&a.engine, &c.engine, &ma, &mc, 3).is_err());
 }
+
+#[test]
+fn concurrent_map_requests_share_one_build() {
+    let t = tiny(&TinySpec::default(), "tiny");
+    let origins: Vec<MapOrigin> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| t.engine.map(View::Down, false, &|_, _| {}).unwrap().1)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let built = origins.iter().filter(|o| matches!(o, MapOrigin::Built(_))).count();
+    assert_eq!(built, 1, "{origins:?}");
+    assert!(origins.iter().all(|o| matches!(o, MapOrigin::Built(_) | MapOrigin::Memory)));
+}

@@ -10,6 +10,8 @@ use flash_interp::server::{routes, AppState, ServerConfig};
 use flash_interp::synthetic::{self, TinySpec};
 use shared::*;
 
+const MAX_BODY: usize = routes::MAX_BODY_BYTES;
+
 struct Fixture {
     _dir: tempfile::TempDir,
     state: Arc<AppState>,
@@ -159,7 +161,18 @@ async fn sweep_next_token_and_generate_endpoints() {
         (serde_json::json!({"prompt": "not an object"}), StatusCode::BAD_REQUEST, "bad_request"),
         (serde_json::json!({"prompt": {"text": "x".repeat(70_000)}}), StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
     ];
-    for (body, status, code) in cases {
+    for (mut body, status, code) in cases {
+        // Streamed or not, bad input is refused before any work starts (the malformed-prompt and
+        // oversized-body cases fail in the JSON extractor, so streaming makes no difference there).
+        let extractor_fails = !body["prompt"].is_object() || body["prompt"]["text"].as_str().is_some_and(|t| t.len() > MAX_BODY);
+        if !extractor_fails {
+            let mut streamed = body.clone();
+            streamed["stream"] = serde_json::json!(true);
+            let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&streamed).to_request()).await;
+            let (s, e) = error_of(resp).await;
+            assert_eq!((s, e.code.as_str()), (status, code), "streamed: {}", e.message);
+        }
+        body["stream"] = serde_json::json!(false);
         let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&body).to_request()).await;
         let (s, e) = error_of(resp).await;
         assert_eq!((s, e.code.as_str()), (status, code), "{}", e.message);

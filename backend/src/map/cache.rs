@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"FLASHMAP";
 /// Bump when the layout or the meaning of any field changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 fn cache_err(path: &Path, message: impl Into<String>) -> Error {
     Error::Cache { path: path.to_owned(), message: message.into() }
@@ -44,7 +44,9 @@ pub fn save(map: &NeuronMap, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{seq}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&buf)?;

@@ -27,6 +27,8 @@ pub struct MapMeta {
     /// Directions multiplied by the final RMSNorm weight before decoding.
     pub final_norm: bool,
     pub k: usize,
+    /// How the weights were held when the map was built ("f32", "bf16", "quantized", ...).
+    pub weights: String,
     pub n_layers: usize,
     pub d_ff: usize,
     pub vocab: usize,
@@ -90,7 +92,7 @@ impl NeuronMap {
 
     /// Decode every neuron of `model` in `view`. `progress(done, total)` is called from worker
     /// threads as neurons finish.
-    pub fn build(model: &Llama, view: View, final_norm: bool, fingerprint: &str, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Self> {
+    pub fn build(model: &Llama, view: View, final_norm: bool, fingerprint: &str, weights: &str, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Self> {
         let cfg = model.config();
         let wu = unembedding(model, final_norm)?;
         let (vocab, d) = wu.dims2()?;
@@ -121,6 +123,7 @@ impl NeuronMap {
             view,
             final_norm,
             k,
+            weights: weights.to_owned(),
             n_layers: cfg.n_layers,
             d_ff: cfg.d_ff,
             vocab,

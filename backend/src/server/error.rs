@@ -26,7 +26,7 @@ impl ServerError {
     pub fn code(&self) -> &'static str {
         use crate::Error as E;
         match self {
-            ServerError::Engine(E::BadInput(_)) => "bad_input",
+            ServerError::Engine(E::BadInput(_) | E::Template(_) | E::Tokenizer(_)) => "bad_input",
             ServerError::Engine(E::TooLarge(_)) => "too_large",
             ServerError::Engine(E::UnknownToken(_)) => "unknown_token",
             ServerError::Engine(_) => "internal",
@@ -40,11 +40,25 @@ impl ServerError {
     }
 }
 
+impl ServerError {
+    /// The message a client sees: internal details go to the log, not to strangers.
+    pub fn public_message(&self) -> String {
+        if self.status_code() == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("internal error: {self:?}");
+            "internal error; see the server log".to_owned()
+        } else {
+            self.to_string()
+        }
+    }
+}
+
 impl ResponseError for ServerError {
     fn status_code(&self) -> StatusCode {
         use crate::Error as E;
         match self {
-            ServerError::Engine(E::BadInput(_)) | ServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            // Template and tokenizer errors come from what the user sent (e.g. a chat template's
+            // raise_exception on a malformed conversation).
+            ServerError::Engine(E::BadInput(_) | E::Template(_) | E::Tokenizer(_)) | ServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ServerError::Engine(E::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             ServerError::Engine(E::UnknownToken(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             ServerError::UnknownModel(_) | ServerError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -56,13 +70,7 @@ impl ResponseError for ServerError {
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        // Internal details go to the log, not to strangers.
-        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!("internal error: {self:?}");
-            "internal error; see the server log".to_owned()
-        } else {
-            self.to_string()
-        };
+        let message = self.public_message();
         let mut resp = HttpResponse::build(status);
         match self {
             ServerError::Busy => {

@@ -69,13 +69,19 @@ impl WorkQueue {
         if let Ok(p) = self.sem.clone().try_acquire_owned() {
             return Ok(p);
         }
+        /// Leaves the queue when dropped, also if the waiting request is dropped mid-wait.
+        struct InQueue<'a>(&'a AtomicUsize);
+        impl Drop for InQueue<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(ServerError::Busy);
         }
-        let p = self.sem.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        p.map_err(|e| ServerError::Internal(e.to_string()))
+        let _in_queue = InQueue(&self.waiting);
+        self.sem.clone().acquire_owned().await.map_err(|e| ServerError::Internal(e.to_string()))
     }
 }
 
@@ -143,6 +149,8 @@ pub struct AppState {
     pub limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     pub metrics: Metrics,
     pub cache: ResultCache,
+    /// Requests seen by the rate limiter, to prune its per-IP state now and then.
+    pub rate_checks: AtomicUsize,
 }
 
 impl AppState {
@@ -177,6 +185,7 @@ impl AppState {
             models,
             limiter,
             metrics: Metrics::new(),
+            rate_checks: AtomicUsize::new(0),
             config,
         })
     }

@@ -80,7 +80,7 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
     let safe = !rel.split('/').any(|p| p == ".." || p.starts_with('.'));
     if safe && !rel.is_empty() {
         let file = dist.join(rel);
-        if file.is_file() {
+        if file.is_file() && rel != "index.html" {
             if let Ok(f) = actix_files::NamedFile::open(&file) {
                 let mut resp = f.into_response(&req);
                 // Trunk names assets by content hash: they never change under one name.
@@ -103,6 +103,9 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
 
 fn check_rate(state: &AppState, req: &HttpRequest) -> Result<(), ServerError> {
     if let Some(limiter) = &state.limiter {
+        if state.rate_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1024 == 1023 {
+            limiter.retain_recent();
+        }
         let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         if let Err(not_until) = limiter.check_key(&ip) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -249,7 +252,8 @@ struct NeuronQuery {
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}",
     params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path), NeuronQuery),
     responses((status = 200, body = NeuronDetail), (status = 400, body = ApiError)))]
-async fn neuron(state: Data<AppState>, path: Path<(String, usize, usize)>, q: Query<NeuronQuery>) -> Res {
+async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usize, usize)>, q: Query<NeuronQuery>) -> Res {
+    check_rate(&state, &req)?;
     let (model, layer, index) = path.into_inner();
     let m = state.model(&model)?;
     let n = q.tokens.unwrap_or(20);
@@ -276,22 +280,25 @@ async fn queued<T: Send + 'static>(state: &Data<AppState>, f: impl FnOnce() -> c
     r
 }
 
+/// Answer from the result cache, or run `f` through the worker queue, cache and answer.
+async fn queued_cached<T: Serialize + Send + 'static>(state: &Data<AppState>, key: String, f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Res {
+    if let Some(b) = state.cache.get(&key) {
+        return Ok(json_body(&b));
+    }
+    let r = queued(state, f).await?;
+    let bytes = serde_json::to_vec(&r).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let resp = json_body(&bytes);
+    state.cache.put(key, bytes);
+    Ok(resp)
+}
+
 #[utoipa::path(post, path = "/api/models/{model}/sweep", params(("model" = String, Path)), request_body = SweepRequest,
     responses((status = 200, body = SweepResponse), (status = 400, body = ApiError), (status = 503, body = ApiError)))]
 async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<SweepRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
-    let k = key("sweep", &m.id, &*body);
-    if let Some(b) = state.cache.get(&k) {
-        return Ok(json_body(&b));
-    }
-    let engine = m.engine.clone();
-    let body = body.into_inner();
-    let r = queued(&state, move || engine.sweep_request(&body)).await?;
-    let bytes = serde_json::to_vec(&r).map_err(|e| ServerError::Internal(e.to_string()))?;
-    let resp = json_body(&bytes);
-    state.cache.put(k, bytes);
-    Ok(resp)
+    let (engine, body) = (m.engine.clone(), body.into_inner());
+    queued_cached(&state, key("sweep", &m.id, &body), move || engine.sweep_request(&body)).await
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/next-token", params(("model" = String, Path)), request_body = NextTokenRequest,
@@ -299,9 +306,8 @@ async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, bod
 async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<NextTokenRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
-    let engine = m.engine.clone();
-    let body = body.into_inner();
-    cached(&state, key("next", &m.id, &body), move || engine.next_token_request(&body)).await
+    let (engine, body) = (m.engine.clone(), body.into_inner());
+    queued_cached(&state, key("next", &m.id, &body), move || engine.next_token_request(&body)).await
 }
 
 fn sse(event: &str, data: &impl Serialize) -> Bytes {
@@ -316,27 +322,17 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
     let m = state.model(&model)?;
     let engine = m.engine.clone();
     let body = body.into_inner();
-    // Fail fast on bad input, before taking a worker.
-    engine.prompt_ids(&body.prompt)?;
-    engine.intervention(&body.clamps)?;
-    crate::limits::check_sampling(body.sampling.temperature, body.sampling.top_p, body.sampling.max_new_tokens)?;
+    // Fail fast on bad input, before taking a worker or starting a stream.
+    engine.validate_generate(&body)?;
     if !body.stream {
-        let k = key("generate", &m.id, &body);
-        if let Some(b) = state.cache.get(&k) {
-            return Ok(json_body(&b));
-        }
         let st = state.clone();
-        let r = queued(&state, move || {
+        return queued_cached(&state, key("generate", &m.id, &body), move || {
             engine.generate_request(&body, &mut |_, _| {
                 st.metrics.tokens.inc();
                 true
             })
         })
-        .await?;
-        let bytes = serde_json::to_vec(&r).map_err(|e| ServerError::Internal(e.to_string()))?;
-        let resp = json_body(&bytes);
-        state.cache.put(k, bytes);
-        return Ok(resp);
+        .await;
     }
     let permit = state.queue.acquire().await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
@@ -354,7 +350,7 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
             Ok(resp) => sse("done", &resp),
             Err(e) => {
                 let e = ServerError::from(e);
-                sse("error", &ApiError { code: e.code().into(), message: e.to_string() })
+                sse("error", &ApiError { code: e.code().into(), message: e.public_message() })
             }
         };
         let _ = tx.blocking_send(last);
@@ -380,7 +376,8 @@ struct CompareQuery {
 
 #[utoipa::path(get, path = "/api/compare", params(CompareQuery),
     responses((status = 200, body = CompareResponse), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
-async fn compare(state: Data<AppState>, q: Query<CompareQuery>) -> Res {
+async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>) -> Res {
+    check_rate(&state, &req)?;
     let (a, b) = (state.model(&q.a)?, state.model(&q.b)?);
     let top = q.top.unwrap_or(20);
     if top == 0 || top > 200 {
