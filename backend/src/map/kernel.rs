@@ -63,7 +63,7 @@ impl<'a> Reducer<'a> {
 
     /// `allow_amx = false` forces the f32 gemm path.
     pub fn with_amx(wu: &'a [f32], d: usize, allow_amx: bool) -> Self {
-        assert!(d > 0 && wu.len() % d == 0);
+        assert!(d > 0 && wu.len().is_multiple_of(d));
         let vocab = wu.len() / d;
         let packed = (allow_amx && amx::available()).then(|| amx::PackedB::new(wu, d));
         Self { wu, d, vocab, packed }
@@ -71,7 +71,7 @@ impl<'a> Reducer<'a> {
 
     pub fn reduce(&self, dirs: &[f32], k: usize, on_rows: &(dyn Fn(usize) + Sync)) -> Vec<NeuronReduction> {
         let d = self.d;
-        assert!(dirs.len() % d == 0);
+        assert!(dirs.len().is_multiple_of(d));
         assert!(k >= 1 && k <= self.vocab, "k = {k} must be in 1..={}", self.vocab);
         let rows = if self.packed.is_some() { amx::ROWS } else { gemm_path::ROWS };
         dirs.par_chunks(rows * d)
