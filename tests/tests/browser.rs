@@ -50,7 +50,7 @@ fn shot_dir() -> PathBuf {
 }
 
 #[actix_web::test]
-async fn the_app_loads_lists_the_model_and_its_permalinks_work() {
+async fn search_permalinks_models_and_about_pages_work_in_a_browser() {
     let dist = repo().join("dist");
     assert!(dist.join("index.html").exists(), "dist/ is not built: run `trunk build --release` (scripts/setup.sh does)");
     let engine = Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap());
@@ -69,8 +69,49 @@ async fn the_app_loads_lists_the_model_and_its_permalinks_work() {
     );
     let c = ClientBuilder::rustls().expect("rustls").capabilities(caps).connect(&url).await.expect("connect to chromedriver");
     let result = async {
-        // Cold load of the home page: the WASM app fetches /api/models and lists the model.
-        c.goto(&base).await?;
+        // Cold load of a search permalink: the per-layer bars and the ranked neurons, with the
+        // map's first neuron for " dog" on top.
+        c.goto(&format!("{base}/?q=%20dog")).await?;
+        let row = c.wait().at_most(Duration::from_secs(60)).for_element(Locator::Css("tr.hit")).await?;
+        let first = row.text().await?;
+        assert!(first.starts_with("29 808 neg"), "{first}");
+        assert_eq!(c.find_all(Locator::Css("li.bar-row")).await?.len(), 30, "one bar per layer");
+        std::fs::write(shot_dir().join("search.png"), c.screenshot().await?).unwrap();
+        // Typing another concept puts it in the URL and shows its neurons.
+        let input = c.find(Locator::Css("input#q")).await?;
+        input.clear().await?;
+        input.send_keys(" cat\n").await?;
+        let start = Instant::now();
+        while !c.current_url().await?.as_str().contains("q=%20cat") {
+            assert!(start.elapsed() < Duration::from_secs(10), "the URL did not take the new query");
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        let start = Instant::now();
+        loop {
+            // While the new search runs the table is replaced by the loading message.
+            let rows = c.find_all(Locator::Css("tr.hit")).await?;
+            let t = match rows.first() {
+                Some(r) => r.text().await?,
+                None => first.clone(),
+            };
+            if t != first {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "the results did not change");
+            actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Reloading the permalink restores the same view.
+        let permalink = c.current_url().await?;
+        let before = c.find(Locator::Css("tr.hit")).await?.text().await?;
+        c.goto(permalink.as_str()).await?;
+        let after = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("tr.hit")).await?.text().await?;
+        assert_eq!(before, after);
+        // An error (a concept that is not one token) is shown, not swallowed.
+        c.goto(&format!("{base}/?q=doggo")).await?;
+        let err = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("main .error")).await?;
+        assert!(err.text().await?.contains("not a single token"));
+        // The model list.
+        c.goto(&format!("{base}/models")).await?;
         let li = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("li.model")).await?;
         let text = li.text().await?;
         assert!(text.contains("SmolLM2") && text.contains("30 layers"), "{text}");

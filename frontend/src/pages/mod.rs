@@ -1,2 +1,3 @@
 pub mod about;
 pub mod home;
+pub mod search;
