@@ -76,10 +76,8 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
         times.sort_by(f64::total_cmp);
         let load_start = Instant::now();
         let path = map::cache_path(&tmp.join("cache"), &engine.info.name, engine.fingerprint()?, View::Up, false);
-        let fp = engine.fingerprint()?.to_owned();
+        map::cache::load(&path, &engine.map_meta(View::Up, false)?)?;
         let cfg = engine.config();
-        let meta = map::MapMeta { model_fingerprint: fp, view: View::Up, final_norm: false, k: map::TOP_K, weights: engine.weights_desc(), n_layers: cfg.n_layers, d_ff: cfg.d_ff, vocab: cfg.vocab_size };
-        map::cache::load(&path, &meta)?;
         let cache_load = load_start.elapsed().as_secs_f64();
         Ok(serde_json::json!({
             "neurons": cfg.n_layers * cfg.d_ff,

@@ -240,6 +240,21 @@ impl Engine {
         }
     }
 
+    /// What a map of this model in `view` is built with: the key a cached map must match.
+    pub fn map_meta(&self, view: View, final_norm: bool) -> Result<map::MapMeta> {
+        let cfg = self.config();
+        Ok(map::MapMeta {
+            model_fingerprint: self.fingerprint()?.to_owned(),
+            view,
+            final_norm,
+            k: map::TOP_K.min(cfg.vocab_size),
+            weights: self.weights_desc(),
+            n_layers: cfg.n_layers,
+            d_ff: cfg.d_ff,
+            vocab: cfg.vocab_size,
+        })
+    }
+
     /// Whether the map of `view` is in memory.
     pub fn map_ready(&self, view: View, final_norm: bool) -> bool {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&(view, final_norm))
@@ -256,19 +271,9 @@ impl Engine {
         if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)) {
             return Ok((m.clone(), MapOrigin::Memory));
         }
-        let fp = self.fingerprint()?.to_owned();
+        let expect = self.map_meta(view, final_norm)?;
+        let fp = expect.model_fingerprint.clone();
         let path = map::cache_path(&self.cache_dir, &self.info.name, &fp, view, final_norm);
-        let cfg = self.config();
-        let expect = map::MapMeta {
-            model_fingerprint: fp.clone(),
-            view,
-            final_norm,
-            k: map::TOP_K.min(cfg.vocab_size),
-            weights: self.weights_desc(),
-            n_layers: cfg.n_layers,
-            d_ff: cfg.d_ff,
-            vocab: cfg.vocab_size,
-        };
         let (m, origin) = match map::cache::load(&path, &expect) {
             Ok(m) => (m, MapOrigin::Cache),
             Err(e) => {
@@ -513,7 +518,7 @@ impl Engine {
             vec![Variant::Steered]
         };
         let outs = self.generate(&ids, &variants, &req.sampling, true, &mut |r, t| on_text(kinds[r], t))?;
-        Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, !req.clamps.is_empty()) })
+        Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, &kinds) })
     }
 
     /// Run a `shared::NextTokenRequest`.
@@ -537,13 +542,12 @@ impl Engine {
         })
     }
 
-    /// Turn generation outputs into the shared message type.
-    pub fn completions(outs: Vec<GenOutput>, steered_only: bool) -> Vec<Completion> {
-        let n = outs.len();
+    /// Turn generation outputs into the shared message type, one variant kind per output.
+    fn completions(outs: Vec<GenOutput>, kinds: &[Variant]) -> Vec<Completion> {
         outs.into_iter()
-            .enumerate()
-            .map(|(i, o)| Completion {
-                variant: if n == 2 && i == 0 || (n == 1 && !steered_only) { Variant::Normal } else { Variant::Steered },
+            .zip(kinds)
+            .map(|(o, &variant)| Completion {
+                variant,
                 text: o.text,
                 token_ids: o.tokens,
                 stop: o.stop,

@@ -335,13 +335,13 @@ fn model_path(cli: &Cli) -> Result<PathBuf> {
     })
 }
 
-/// The neuron map, with a progress bar while it is built.
-fn map_with_progress(engine: &Engine, view: View, final_norm: bool) -> Result<std::sync::Arc<flash_interp::map::NeuronMap>> {
+/// The neuron map and where it came from, with a progress bar while it is built.
+fn map_with_progress(engine: &Engine, view: View, final_norm: bool) -> Result<(std::sync::Arc<flash_interp::map::NeuronMap>, MapOrigin)> {
     let pb = ProgressBar::new((engine.config().n_layers * engine.config().d_ff) as u64);
     pb.set_style(ProgressStyle::with_template("{spinner} mapping neurons {bar:40} {pos}/{len} ({elapsed}, eta {eta})")?);
-    let (map, _) = engine.map(view, final_norm, &|done, _| pb.set_position(done as u64))?;
+    let r = engine.map(view, final_norm, &|done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
-    Ok(map)
+    Ok(r)
 }
 
 fn load(cli: &Cli) -> Result<Engine> {
@@ -375,7 +375,7 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Search(a) => {
             let engine = load(cli)?;
             let ids = a.tokens.iter().map(|t| engine.tok.single_token(t)).collect::<flash_interp::Result<Vec<u32>>>()?;
-            let map = map_with_progress(&engine, a.view, a.final_norm)?;
+            let (map, _) = map_with_progress(&engine, a.view, a.final_norm)?;
             let r = analysis::search(&engine, &map, &ids, a.top)?;
             let resp = SearchResponse {
                 tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
@@ -419,8 +419,8 @@ fn run(cli: &Cli) -> Result<()> {
             let opts = load_options(cli)?;
             let ea = Engine::load(&a.a, &opts)?;
             let eb = Engine::load(&a.b, &opts)?;
-            let ma = map_with_progress(&ea, View::Up, false)?;
-            let mb = map_with_progress(&eb, View::Up, false)?;
+            let (ma, _) = map_with_progress(&ea, View::Up, false)?;
+            let (mb, _) = map_with_progress(&eb, View::Up, false)?;
             let r = analysis::compare_models(&ea, &eb, &ma, &mb, a.top)?;
             if cli.json {
                 return print_json(&r);
@@ -443,11 +443,8 @@ fn run(cli: &Cli) -> Result<()> {
                 let fp = engine.fingerprint()?.to_owned();
                 let _ = std::fs::remove_file(flash_interp::map::cache_path(&engine.cache_dir, &engine.info.name, &fp, a.view, a.final_norm));
             }
-            let pb = ProgressBar::new((engine.config().n_layers * engine.config().d_ff) as u64);
-            pb.set_style(ProgressStyle::with_template("{spinner} mapping neurons {bar:40} {pos}/{len} ({elapsed}, eta {eta})")?);
             let start = Instant::now();
-            let (map, origin) = engine.map(a.view, a.final_norm, &|done, _| pb.set_position(done as u64))?;
-            pb.finish_and_clear();
+            let (map, origin) = map_with_progress(&engine, a.view, a.final_norm)?;
             tracing::info!("map kernel: {}", flash_interp::map::kernel::backend_name());
             let secs = start.elapsed().as_secs_f64();
             let how = match origin {

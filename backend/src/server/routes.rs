@@ -124,12 +124,13 @@ fn json_body(body: &[u8]) -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(body.to_vec())
 }
 
-/// Answer from the result cache, or compute, cache and answer.
-async fn cached<T: Serialize + Send + 'static>(state: &AppState, key: String, f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Res {
+/// Answer from the result cache, or run `work` (a future: it starts only on a miss), cache and
+/// answer. `work` is `blocking(..)` for light model work, `queued(..)` for expensive work.
+async fn cached<T: Serialize>(state: &AppState, key: String, work: impl std::future::Future<Output = Result<T, ServerError>>) -> Res {
     if let Some(body) = state.cache.get(&key) {
         return Ok(json_body(&body));
     }
-    let v = blocking(f).await?;
+    let v = work.await?;
     let body = serde_json::to_vec(&v).map_err(|e| ServerError::Internal(e.to_string()))?;
     let resp = json_body(&body);
     state.cache.put(key, body);
@@ -228,7 +229,7 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
     }
     let ids = words.iter().map(|w| m.engine.tok.single_token(w)).collect::<crate::Result<Vec<u32>>>()?;
     let (engine, view, final_norm) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm);
-    cached(&state, key("search", &m.id, &(&ids, view, top)), move || {
+    cached(&state, key("search", &m.id, &(&ids, view, top)), blocking(move || {
         let (map, _) = engine.map(view, final_norm, &|_, _| {})?;
         let r = analysis::search(&engine, &map, &ids, top)?;
         let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
@@ -239,7 +240,7 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
             layers,
             top: r.top,
         })
-    })
+    }))
     .await
 }
 
@@ -262,7 +263,7 @@ async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usi
     }
     crate::limits::check_layer_neuron(layer, index, m.engine.config())?;
     let (engine, final_norm) = (m.engine.clone(), state.config.final_norm);
-    cached(&state, key("neuron", &m.id, &(layer, index, n)), move || analysis::neuron_detail(&engine, layer, index, final_norm, n)).await
+    cached(&state, key("neuron", &m.id, &(layer, index, n)), blocking(move || analysis::neuron_detail(&engine, layer, index, final_norm, n))).await
 }
 
 /// Run expensive work (sweeps, generations) through the bounded worker queue.
@@ -280,25 +281,13 @@ async fn queued<T: Send + 'static>(state: &Data<AppState>, f: impl FnOnce() -> c
     r
 }
 
-/// Answer from the result cache, or run `f` through the worker queue, cache and answer.
-async fn queued_cached<T: Serialize + Send + 'static>(state: &Data<AppState>, key: String, f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Res {
-    if let Some(b) = state.cache.get(&key) {
-        return Ok(json_body(&b));
-    }
-    let r = queued(state, f).await?;
-    let bytes = serde_json::to_vec(&r).map_err(|e| ServerError::Internal(e.to_string()))?;
-    let resp = json_body(&bytes);
-    state.cache.put(key, bytes);
-    Ok(resp)
-}
-
 #[utoipa::path(post, path = "/api/models/{model}/sweep", params(("model" = String, Path)), request_body = SweepRequest,
     responses((status = 200, body = SweepResponse), (status = 400, body = ApiError), (status = 503, body = ApiError)))]
 async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<SweepRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
     let (engine, body) = (m.engine.clone(), body.into_inner());
-    queued_cached(&state, key("sweep", &m.id, &body), move || engine.sweep_request(&body)).await
+    cached(&state, key("sweep", &m.id, &body), queued(&state, move || engine.sweep_request(&body))).await
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/next-token", params(("model" = String, Path)), request_body = NextTokenRequest,
@@ -307,7 +296,7 @@ async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
     let (engine, body) = (m.engine.clone(), body.into_inner());
-    queued_cached(&state, key("next", &m.id, &body), move || engine.next_token_request(&body)).await
+    cached(&state, key("next", &m.id, &body), queued(&state, move || engine.next_token_request(&body))).await
 }
 
 fn sse(event: &str, data: &impl Serialize) -> Bytes {
@@ -326,13 +315,14 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
     engine.validate_generate(&body)?;
     if !body.stream {
         let st = state.clone();
-        return queued_cached(&state, key("generate", &m.id, &body), move || {
+        let k = key("generate", &m.id, &body);
+        let work = queued(&state, move || {
             engine.generate_request(&body, &mut |_, _| {
                 st.metrics.tokens.inc();
                 true
             })
-        })
-        .await;
+        });
+        return cached(&state, k, work).await;
     }
     let permit = state.queue.acquire().await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
@@ -384,11 +374,11 @@ async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>
         return Err(crate::Error::bad("top must be between 1 and 200").into());
     }
     let (ea, eb) = (a.engine.clone(), b.engine.clone());
-    cached(&state, key("compare", &format!("{}|{}", a.id, b.id), &top), move || {
+    cached(&state, key("compare", &format!("{}|{}", a.id, b.id), &top), blocking(move || {
         let (ma, _) = ea.map(View::Up, false, &|_, _| {})?;
         let (mb, _) = eb.map(View::Up, false, &|_, _| {})?;
         analysis::compare_models(&ea, &eb, &ma, &mb, top)
-    })
+    }))
     .await
 }
 
