@@ -61,6 +61,12 @@ pub struct SearchResult {
 /// neuron and both polarities: exp(±logit_t − logsumexp(top-100 logits) + ln 100), one
 /// matrix–vector product per token (the softmax denominator cancels).
 pub fn search(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize) -> Result<SearchResult> {
+    search_polarity(engine, map, tokens, top_n, None)
+}
+
+/// [`search`] restricted to one polarity (`Some`): the other polarity's scores are zero, so the
+/// ranking, the hits and the per-layer series show only the chosen one.
+pub fn search_polarity(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
     if tokens.is_empty() {
         return Err(Error::bad("a concept needs at least one token"));
     }
@@ -80,11 +86,16 @@ pub fn search(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize) ->
         pos[i] = row.iter().map(|&l| (l + bp).exp()).sum();
         neg[i] = row.iter().map(|&l| (-l + bn).exp()).sum();
     }
+    match only {
+        Some(Polarity::Pos) => neg.fill(0.0),
+        Some(Polarity::Neg) => pos.fill(0.0),
+        None => {}
+    }
     let best: Vec<f32> = pos.iter().zip(&neg).map(|(a, b)| a.max(*b)).collect();
     let top = crate::engine::top_indices(&best, top_n)
         .into_iter()
         .map(|i| {
-            let polarity = if pos[i] >= neg[i] { Polarity::Pos } else { Polarity::Neg };
+            let polarity = if pos[i] >= neg[i] && only != Some(Polarity::Neg) { Polarity::Pos } else { Polarity::Neg };
             let (layer, neuron) = (i / map.meta.d_ff, i % map.meta.d_ff);
             let (ids, _) = map.top(polarity, layer, neuron);
             SearchHit { layer, neuron, polarity, score: best[i], top_tokens: ids.iter().take(8).map(|&t| engine.tok.token_text(t)).collect() }

@@ -110,6 +110,19 @@ fn search_scores_are_the_normalised_probability() {
     let signed = r.signed_layers(m.meta.d_ff);
     assert_eq!(signed.len(), t.engine.config().n_layers);
     assert!(signed.iter().flatten().all(|x| x.is_finite()));
+
+    // One polarity only: its scores unchanged, the other's zero, hits ranked by it alone.
+    for (only, own, other) in [(Polarity::Pos, &r.pos, &r.neg), (Polarity::Neg, &r.neg, &r.pos)] {
+        let f = analysis::search_polarity(&t.engine, &m, &tokens, 5, Some(only)).unwrap();
+        let (f_own, f_other) = if only == Polarity::Pos { (&f.pos, &f.neg) } else { (&f.neg, &f.pos) };
+        assert_eq!(f_own, own);
+        assert!(f_other.iter().all(|&x| x == 0.0) && other.iter().any(|&x| x > 0.0));
+        let best = own.iter().cloned().fold(0f32, f32::max);
+        assert_eq!(f.top[0].score, best);
+        assert!(f.top.iter().all(|h| h.polarity == only));
+        let s = f.signed_layers(m.meta.d_ff);
+        assert!(s.iter().flatten().all(|&x| x * only.sign() >= 0.0));
+    }
 }
 
 #[test]

@@ -30,7 +30,8 @@ fn fixture(config: ServerConfig) -> Fixture {
     let dist = dir.path().join("dist");
     std::fs::create_dir_all(&dist).unwrap();
     std::fs::write(dist.join("index.html"), "<html>APP-INDEX</html>").unwrap();
-    std::fs::write(dist.join("app-1234.js"), "console.log(1)").unwrap();
+    std::fs::write(dist.join("app-0123456789abcdef.js"), "console.log(1)").unwrap();
+    std::fs::write(dist.join("plotly.min.js"), "var Plotly = {}").unwrap();
     Fixture { state: AppState::new(engines, ServerConfig { dist, ..config }), _dir: dir }
 }
 
@@ -82,8 +83,13 @@ async fn app_deep_links_fall_back_to_index_and_assets_are_cached() {
         let body = test::call_and_read_body(&app, test::TestRequest::get().uri(uri).to_request()).await;
         assert_eq!(&body[..], b"<html>APP-INDEX</html>", "{uri}");
     }
-    let resp = test::call_service(&app, test::TestRequest::get().uri("/app-1234.js").to_request()).await;
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/app-0123456789abcdef.js").to_request()).await;
     assert!(resp.headers().get("cache-control").unwrap().to_str().unwrap().contains("immutable"));
+    // A file without a content hash in its name (plotly.min.js) is revalidated, never pinned.
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/plotly.min.js").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers().get("cache-control").unwrap().to_str().unwrap(), "no-cache");
+    assert!(resp.headers().contains_key("etag"));
     let resp = test::call_service(&app, test::TestRequest::get().uri("/../Cargo.toml").to_request()).await;
     assert_eq!(test::read_body(resp).await, &b"<html>APP-INDEX</html>"[..]);
 }

@@ -74,6 +74,11 @@ async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<Se
 }
 
 /// The built web app: files from `dist/`, and `index.html` for the app's own deep links.
+/// Whether a dist path carries Trunk's content hash (`name-<16 hex digits>` in some segment).
+fn content_hashed(rel: &str) -> bool {
+    rel.split(['/', '.', '_']).any(|part| part.rsplit_once('-').is_some_and(|(_, h)| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit())))
+}
+
 async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
     let dist = &state.config.dist;
     let rel = req.path().trim_start_matches('/');
@@ -83,8 +88,10 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
         if file.is_file() && rel != "index.html" {
             if let Ok(f) = actix_files::NamedFile::open(&file) {
                 let mut resp = f.into_response(&req);
-                // Trunk names assets by content hash: they never change under one name.
-                resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("public, max-age=31536000, immutable"));
+                // Trunk names its assets by content hash: they never change under one name. Other
+                // files (plotly.min.js) are revalidated with their ETag.
+                let policy = if content_hashed(rel) { "public, max-age=31536000, immutable" } else { "no-cache" };
+                resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static(policy));
                 return resp;
             }
         }
@@ -203,6 +210,8 @@ struct SearchQuery {
     view: Option<View>,
     /// Strongest neurons to list (default 20, at most 100).
     top: Option<usize>,
+    /// Only this polarity (pos or neg); default: the stronger of the two for each neuron.
+    polarity: Option<Polarity>,
 }
 
 /// Round to 3 significant digits: plots need no more, and it keeps an 8B model's response small.
@@ -228,10 +237,10 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
         return Err(crate::Error::bad("top must be between 1 and 100").into());
     }
     let ids = words.iter().map(|w| m.engine.tok.single_token(w)).collect::<crate::Result<Vec<u32>>>()?;
-    let (engine, view, final_norm) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm);
-    cached(&state, key("search", &m.id, &(&ids, view, top)), blocking(move || {
+    let (engine, view, final_norm, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm, q.polarity);
+    cached(&state, key("search", &m.id, &(&ids, view, top, only)), blocking(move || {
         let (map, _) = engine.map(view, final_norm, &|_, _| {})?;
-        let r = analysis::search(&engine, &map, &ids, top)?;
+        let r = analysis::search_polarity(&engine, &map, &ids, top, only)?;
         let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
         Ok(SearchResponse {
             tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
