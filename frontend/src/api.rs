@@ -1,16 +1,66 @@
-//! The typed fetch helper: every API call goes through here and returns `Result`, with the
+//! The typed fetch helpers: every API call goes through here and returns `Result`, with the
 //! server's `ApiError` message on failure.
 
+use gloo_net::http::{Request, Response};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use shared::ApiError;
 
-pub async fn get<T: DeserializeOwned>(url: &str) -> Result<T, String> {
-    let resp = gloo_net::http::Request::get(url).send().await.map_err(|e| format!("network error: {e}"))?;
+async fn decode<T: DeserializeOwned>(resp: Response) -> Result<T, String> {
     if resp.ok() {
         return resp.json::<T>().await.map_err(|e| format!("unexpected response: {e}"));
     }
+    Err(error_of(resp).await)
+}
+
+async fn error_of(resp: Response) -> String {
+    let status = resp.status();
     match resp.json::<ApiError>().await {
-        Ok(e) => Err(e.message),
-        Err(_) => Err(format!("HTTP {}", resp.status())),
+        Ok(e) if status == 429 || status == 503 => format!("{} (the server is busy; try again in a moment)", e.message),
+        Ok(e) => e.message,
+        Err(_) => format!("HTTP {status}"),
+    }
+}
+
+fn network(e: gloo_net::Error) -> String {
+    format!("network error: {e}")
+}
+
+pub async fn get<T: DeserializeOwned>(url: &str) -> Result<T, String> {
+    decode(Request::get(url).send().await.map_err(network)?).await
+}
+
+pub async fn post<B: Serialize, T: DeserializeOwned>(url: &str, body: &B) -> Result<T, String> {
+    decode(Request::post(url).json(body).map_err(network)?.send().await.map_err(network)?).await
+}
+
+/// POST `body` and read the answer as Server-Sent Events, calling `on_event` for each one as it
+/// arrives. `abort` cancels the request (and so the generation on the server).
+pub async fn post_sse<B: Serialize>(
+    url: &str,
+    body: &B,
+    abort: &web_sys::AbortSignal,
+    mut on_event: impl FnMut(crate::sse::Event),
+) -> Result<(), String> {
+    use wasm_bindgen::JsCast;
+    use wasm_bindgen_futures::JsFuture;
+    let resp = Request::post(url).abort_signal(Some(abort)).json(body).map_err(network)?.send().await.map_err(network)?;
+    if !resp.ok() {
+        return Err(error_of(resp).await);
+    }
+    let stream = resp.body().ok_or("the server sent no body")?;
+    let reader: web_sys::ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
+    let mut parser = crate::sse::Parser::default();
+    loop {
+        let chunk = JsFuture::from(reader.read()).await.map_err(|e| format!("stream interrupted: {e:?}"))?;
+        let done = js_sys::Reflect::get(&chunk, &"done".into()).ok().and_then(|d| d.as_bool()).unwrap_or(true);
+        if done {
+            return Ok(());
+        }
+        let value = js_sys::Reflect::get(&chunk, &"value".into()).map_err(|e| format!("stream interrupted: {e:?}"))?;
+        let bytes = js_sys::Uint8Array::new(&value).to_vec();
+        for ev in parser.push(&bytes) {
+            on_event(ev);
+        }
     }
 }

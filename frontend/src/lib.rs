@@ -1,34 +1,166 @@
 //! The Flash Interp web app (leptos, client-side rendered, built by Trunk). `main.rs` mounts;
-//! this file holds the router; one page per file under `pages/`; `api.rs` is the one typed
-//! fetch helper. (The full app — search plot, neuron pages, steering — is the web-app issue;
-//! this is its start: concept search with a ranked table, model list, about page.)
+//! this file holds the router, the header with its model picker, and the loaded-models context;
+//! one page per file under `pages/`; `api.rs` holds the typed fetch helpers; `state.rs` the URL
+//! state of every page (all state lives in the URL, so every view is a permalink); `chart.rs`
+//! the plotly component.
 
 use leptos::prelude::*;
 use leptos_router::components::{Route, Router, Routes, A};
+use leptos_router::hooks::{use_location, use_navigate};
 use leptos_router::path;
+use shared::ModelSummary;
 
 pub mod api;
+pub mod chart;
 pub mod pages;
+pub mod sse;
+pub mod state;
+
+/// The models the server has loaded, fetched once and shared by every page.
+#[derive(Clone, Copy)]
+pub struct Models(pub LocalResource<Result<Vec<ModelSummary>, String>>);
+
+impl Models {
+    pub fn get() -> Self {
+        expect_context()
+    }
+    /// The model a page shows: the URL's `model`, else the first one loaded. `None` while the
+    /// list is loading; an error for an unknown model or when the list failed to load.
+    pub fn pick(&self, wanted: Option<&str>) -> Option<Result<ModelSummary, String>> {
+        self.0.get().map(|r| {
+            let list = r?;
+            match wanted {
+                Some(w) => list.iter().find(|m| m.id == w).cloned().ok_or_else(|| {
+                    format!("unknown model {w:?}; this server has {}", list.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", "))
+                }),
+                None => list.first().cloned().ok_or_else(|| "the server has no model loaded".to_owned()),
+            }
+        })
+    }
+}
+
+/// The current query string, reactive. Rebuilt from the parsed query map: the raw search string
+/// of leptos_router 0.8's URL (`use_location().search`) is not updated by client-side navigation.
+pub fn use_search() -> Memo<String> {
+    let q = leptos_router::hooks::use_query_map();
+    Memo::new(move |_| q.with(|q| q.to_query_string()))
+}
+
+#[component]
+fn ModelPicker() -> impl IntoView {
+    let models = Models::get();
+    let loc = use_location();
+    let navigate = use_navigate();
+    let search = use_search();
+    let current = move || state::query_param(&search.get(), "model");
+    let on_change = move |ev: leptos::ev::Event| {
+        let id = event_target_value(&ev);
+        navigate(&state::with_model(&loc.pathname.get_untracked(), &search.get_untracked(), &id), Default::default());
+    };
+    view! {
+        <label class="picker">
+            <span class="visually-hidden">"Model"</span>
+            <select id="model-picker" on:change=on_change>
+                {move || {
+                    let cur = current();
+                    models
+                        .0
+                        .get()
+                        .and_then(|r| r.ok())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, m)| {
+                            let selected = cur.as_deref().map_or(i == 0, |c| c == m.id);
+                            view! { <option value=m.id.clone() selected=selected>{m.name.clone()}</option> }
+                        })
+                        .collect_view()
+                }}
+            </select>
+        </label>
+    }
+}
 
 #[component]
 pub fn App() -> impl IntoView {
+    provide_context(Models(LocalResource::new(|| api::get::<Vec<ModelSummary>>("/api/models"))));
+    // Browser Back/Forward loads the page afresh. With leptos_router 0.8.17 a page rebuilt by a
+    // popstate navigation stopped updating its view on later in-page URL changes (the browser test
+    // "search → neuron → Back → search again" caught it); a full load of a permalink is always
+    // right, and every asset but index.html is cached.
+    let _ = window_event_listener(leptos::ev::popstate, |_| {
+        let _ = window().location().reload();
+    });
     view! {
         <Router>
             <header class="top">
-                <A href="/">"Flash Interp"</A>
+                <A href="/" attr:class="brand">"Flash Interp"</A>
                 <nav>
+                    <A href="/">"Search"</A>
+                    <A href="/steer">"Steer"</A>
+                    <A href="/compare">"Compare"</A>
                     <A href="/models">"Models"</A>
                     <A href="/about">"About"</A>
-                    <a href="/api/openapi.json">"API"</a>
                 </nav>
+                <ModelPicker />
             </header>
             <main>
-                <Routes fallback=|| view! { <p class="error">"This page does not exist."</p> }>
+                <Routes fallback=|| view! {
+                    <h1>"Not found"</h1>
+                    <p class="error">"This page does not exist. " <a href="/">"Go to concept search"</a></p>
+                }>
                     <Route path=path!("/") view=pages::search::Search />
+                    <Route path=path!("/neuron/:layer/:index") view=pages::neuron::Neuron />
+                    <Route path=path!("/steer") view=pages::steer::Steer />
+                    <Route path=path!("/compare") view=pages::compare::Compare />
                     <Route path=path!("/models") view=pages::home::Home />
                     <Route path=path!("/about") view=pages::about::About />
                 </Routes>
             </main>
         </Router>
     }
+}
+
+/// A value fetched whenever `key` changes: an effect tracks `key`, runs `fetch` for it and stores
+/// the answer, dropping answers that arrive after a newer key. `None` while the first is loading.
+pub fn follow<K, T, F>(key: impl Fn() -> K + 'static, fetch: impl Fn(K) -> F + 'static) -> ReadSignal<Option<T>>
+where
+    K: 'static,
+    T: Send + Sync + 'static,
+    F: std::future::Future<Output = Option<T>> + 'static,
+{
+    let (value, set_value) = signal(None::<T>);
+    let generation = StoredValue::new(0u64);
+    Effect::new(move || {
+        let k = key();
+        let g = generation.get_value() + 1;
+        generation.set_value(g);
+        set_value.set(None);
+        let fut = fetch(k);
+        leptos::task::spawn_local(async move {
+            let v = fut.await;
+            if generation.try_get_value() == Some(g) {
+                set_value.try_set(v);
+            }
+        });
+    });
+    value
+}
+
+/// A loading / error / content switch for a `Result` that may not be there yet.
+pub fn status_view<T: Clone + 'static, V: IntoView + 'static>(
+    value: Option<Result<T, String>>,
+    loading: &'static str,
+    content: impl FnOnce(T) -> V,
+) -> AnyView {
+    match value {
+        None => view! { <p class="loading"><span class="spinner"></span>{loading}</p> }.into_any(),
+        Some(Err(e)) => view! { <p class="error" role="alert">{e}</p> }.into_any(),
+        Some(Ok(v)) => content(v).into_any(),
+    }
+}
+
+/// A token shown as text with its spaces visible (" dog" → "␣dog").
+pub fn show_token(t: &str) -> String {
+    t.replace(' ', "␣").replace('\n', "↵")
 }

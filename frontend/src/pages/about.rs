@@ -1,4 +1,4 @@
-//! About: the method in a few sentences.
+//! About: the method in a few sentences, with the formula.
 
 use leptos::prelude::*;
 
@@ -7,17 +7,30 @@ pub fn About() -> impl IntoView {
     view! {
         <h1>"How it works"</h1>
         <p>
-            "Every MLP neuron of a Llama-style model has an up-projection row: a vector in the residual stream. "
-            "Multiply it by the unembedding W_U and take the softmax, and you get the tokens the neuron looks for."
+            "Flash Interp follows “Flash Interpretability” (Davies). Every MLP neuron of a Llama-style model has an "
+            "up-projection row: a vector in the residual stream. Multiply it by the unembedding W"<sub>"U"</sub>
+            " and take the softmax, and you get a distribution over tokens that says what the neuron looks for. "
+            "Doing that for every neuron of every layer is one big matrix product, done once per model and cached: the neuron map."
         </p>
         <p>
-            "Concept search scores every neuron by its normalised probability p(t) / mean(top-100 p) = "
-            <code>"exp(logit_t − logsumexp(top-100 logits) + ln 100)"</code>
-            ": one matrix–vector product over all neurons once each neuron's top-100 statistic is stored."
+            "Concept search scores every neuron by its normalised probability"
+        </p>
+        <p class="formula">
+            <code>"score(t) = p(t) / mean(top-100 p) = exp(logit"<sub>"t"</sub>" − logsumexp(top-100 logits) + ln 100)"</code>
         </p>
         <p>
-            "Clamping a neuron forces its activation act(gate(x)) · up(x) to a constant at every position; "
-            "sweeping the value against p(target) shows the neuron's role."
+            "The softmax denominator cancels, so with each neuron's top-100 statistic stored a search is one matrix–vector "
+            "product over all neurons. Spikes in the per-layer plot are feature neurons. Because negating a neuron's up row "
+            "and its down column together leaves the model unchanged, each direction is also decoded negated (“neg”)."
+        </p>
+        <p>
+            "Clamping forces a neuron's activation act(gate(x)) · up(x) — the input of down_proj — to a constant at every "
+            "position. Sweeping the clamp value against p(target) shows the neuron's role; the steer page shows it in a "
+            "conversation, normal and steered side by side."
+        </p>
+        <p>
+            "Everything is also available without the browser: the "<code>"flash-interp"</code>" command line and the JSON API ("
+            <a href="/api/openapi.json">"OpenAPI"</a>")."
         </p>
     }
 }

@@ -1,3 +1,6 @@
 pub mod about;
+pub mod compare;
 pub mod home;
+pub mod neuron;
 pub mod search;
+pub mod steer;

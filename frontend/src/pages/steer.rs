@@ -1,0 +1,329 @@
+//! Steer page, `/steer?model=…&prompt=…&clamps=L:N:V,…&seed=…`: the same prompt answered twice
+//! side by side, normal and steered, streamed token by token. The clamps are editable (each with
+//! a slider and a number box); sampling settings, the seed and the number of samples live in the
+//! URL with them, so a shared link reproduces the same comparison. Opening such a link runs it.
+
+use leptos::prelude::*;
+use leptos_router::hooks::use_navigate;
+use shared::{limits, ApiError, ClampSpec, GenerateResponse, TokenEvent, Variant};
+
+use crate::state::{self, SteerState, MAX_SAMPLES};
+use crate::{api, use_search, Models};
+
+/// One normal/steered pair as it streams in.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Sample {
+    seed: u64,
+    normal: String,
+    steered: String,
+    done: bool,
+    error: Option<String>,
+    speed: Option<f64>,
+}
+
+/// A clamp row of the editor; its fields are signals so typing never re-renders the row.
+#[derive(Clone, Copy)]
+struct Row {
+    key: usize,
+    layer: RwSignal<String>,
+    neuron: RwSignal<String>,
+    value: RwSignal<String>,
+}
+
+impl Row {
+    fn new(key: usize, c: &ClampSpec) -> Self {
+        Row { key, layer: RwSignal::new(c.layer.to_string()), neuron: RwSignal::new(c.neuron.to_string()), value: RwSignal::new(c.value.to_string()) }
+    }
+    fn clamp(&self) -> Result<ClampSpec, String> {
+        format!("{}:{}:{}", self.layer.get_untracked().trim(), self.neuron.get_untracked().trim(), self.value.get_untracked().trim()).parse()
+    }
+}
+
+/// Slider range; the number box takes anything the API accepts.
+const SLIDER: f32 = 50.0;
+
+#[component]
+pub fn Steer() -> impl IntoView {
+    let search = use_search();
+    let st = Memo::new(move |_| state::parse::<SteerState>(&search.get()));
+    let models = Models::get();
+    let model = Memo::new(move |_| match st.get() {
+        Err(e) => Some(Err(e)),
+        Ok(s) => models.pick(s.model.as_deref()),
+    });
+
+    // The form: a draft of the URL state, reset whenever the URL changes.
+    let draft = RwSignal::new(SteerState::default());
+    let rows = RwSignal::new(Vec::<Row>::new());
+    let next_key = StoredValue::new(0usize);
+    let set_rows = move |clamps: &[ClampSpec]| {
+        let start = next_key.get_value();
+        next_key.set_value(start + clamps.len());
+        rows.set(clamps.iter().enumerate().map(|(i, c)| Row::new(start + i, c)).collect());
+    };
+    Effect::new(move || {
+        let s = st.get().unwrap_or_default();
+        set_rows(&s.clamp_list().unwrap_or_default());
+        draft.set(s);
+    });
+    let add_row = move |_| {
+        let k = next_key.get_value();
+        next_key.set_value(k + 1);
+        rows.update(|r| r.push(Row::new(k, &ClampSpec { layer: 0, neuron: 0, value: 10.0 })));
+    };
+
+    // Running: every URL change (or a Generate click on the same URL) starts a new comparison
+    // and aborts the one in flight, which also stops it on the server.
+    let samples = RwSignal::new(Vec::<Sample>::new());
+    let running = RwSignal::new(false);
+    let run_error = RwSignal::new(None::<String>);
+    let rerun = RwSignal::new(0u32);
+    let abort = StoredValue::new_local(None::<web_sys::AbortController>);
+    let stop = move || {
+        abort.update_value(|a| {
+            if let Some(a) = a.take() {
+                a.abort();
+            }
+        });
+        running.set(false);
+    };
+    Effect::new(move || {
+        rerun.track();
+        let (s, m) = (st.get(), model.get());
+        stop();
+        samples.set(Vec::new());
+        run_error.set(None);
+        let (s, m) = match (s, m) {
+            (Err(e), _) | (_, Some(Err(e))) => return run_error.set(Some(e)),
+            (Ok(s), Some(Ok(m))) if !s.clamps.is_empty() => (s, m),
+            _ => return,
+        };
+        let clamps = match s.validate() {
+            Ok(c) => c,
+            Err(e) => return run_error.set(Some(e)),
+        };
+        let Ok(ctrl) = web_sys::AbortController::new() else { return run_error.set(Some("this browser cannot stream".into())) };
+        let signal = ctrl.signal();
+        abort.set_value(Some(ctrl));
+        samples.set((0..s.n).map(|i| Sample { seed: s.seed.wrapping_add(i as u64), ..Default::default() }).collect());
+        running.set(true);
+        let url = format!("/api/models/{}/generate", state::segment(&m.id));
+        leptos::task::spawn_local(async move {
+            for i in 0..s.n {
+                let req = s.request(clamps.clone(), i);
+                let r = api::post_sse(&url, &req, &signal, |ev| {
+                    samples.try_update(|v| {
+                        let Some(x) = v.get_mut(i) else { return };
+                        match ev.event.as_str() {
+                            "token" => {
+                                if let Ok(t) = serde_json::from_str::<TokenEvent>(&ev.data) {
+                                    match t.variant {
+                                        Variant::Normal => x.normal.push_str(&t.text),
+                                        Variant::Steered => x.steered.push_str(&t.text),
+                                    }
+                                }
+                            }
+                            "done" => {
+                                if let Ok(r) = serde_json::from_str::<GenerateResponse>(&ev.data) {
+                                    for c in &r.completions {
+                                        match c.variant {
+                                            Variant::Normal => x.normal = c.text.clone(),
+                                            Variant::Steered => x.steered = c.text.clone(),
+                                        }
+                                        x.speed = Some(c.tokens_per_second);
+                                    }
+                                    x.done = true;
+                                }
+                            }
+                            "error" => x.error = Some(serde_json::from_str::<ApiError>(&ev.data).map(|e| e.message).unwrap_or(ev.data.clone())),
+                            _ => {}
+                        }
+                    });
+                })
+                .await;
+                if signal.aborted() {
+                    return;
+                }
+                if let Err(e) = r {
+                    samples.try_update(|v| v.get_mut(i).map(|x| x.error = Some(e)));
+                    break;
+                }
+                if samples.with_untracked(|v| v.get(i).is_some_and(|x| x.error.is_some())) {
+                    break;
+                }
+            }
+            running.try_set(false);
+        });
+    });
+    on_cleanup(move || {
+        abort.try_update_value(|a| {
+            if let Some(a) = a.take() {
+                a.abort();
+            }
+        });
+    });
+
+    let navigate = use_navigate();
+    let form_error = RwSignal::new(None::<String>);
+    let collect = move || -> Result<SteerState, String> {
+        let mut s = draft.get_untracked();
+        let clamps = rows.get_untracked().iter().map(|r| r.clamp()).collect::<Result<Vec<_>, _>>()?;
+        s.set_clamps(&clamps);
+        if s.model.is_none() {
+            s.model = model.get_untracked().and_then(|m| m.ok()).map(|m| m.id);
+        }
+        s.validate()?;
+        Ok(s)
+    };
+    let go = move |s: Result<SteerState, String>| match s {
+        Ok(s) => {
+            form_error.set(None);
+            let href = s.href();
+            if Ok(s) == st.get_untracked() {
+                rerun.update(|n| *n += 1);
+            } else {
+                navigate(&href, Default::default());
+            }
+        }
+        Err(e) => form_error.set(Some(e)),
+    };
+    let go2 = go.clone();
+    let submit = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        go(collect());
+    };
+    let regenerate = move |_| {
+        go2(collect().map(|mut s| {
+            s.seed = (js_sys::Math::random() * 1e9) as u64;
+            s
+        }))
+    };
+
+    let num_input = move |id: &'static str, label: &'static str, get: fn(&SteerState) -> String, set: fn(&mut SteerState, &str), attrs: (&'static str, &'static str, &'static str)| {
+        view! {
+            <label>
+                {label}
+                <input id=id type="number" min=attrs.0 max=attrs.1 step=attrs.2
+                    prop:value=move || draft.with(get)
+                    on:input=move |ev| { let v = event_target_value(&ev); draft.update(|d| set(d, &v)) } />
+            </label>
+        }
+    };
+
+    view! {
+        <h1>"Steer"</h1>
+        <p class="caption">"The same prompt, answered normally and with neurons clamped, side by side with the same seed."</p>
+        <form class="steer" novalidate=true on:submit=submit>
+            <label class="wide">
+                "Prompt"
+                <textarea id="prompt" rows="2" placeholder=state::DEFAULT_STEER_PROMPT maxlength=limits::MAX_PROMPT_BYTES
+                    prop:value=move || draft.with(|d| d.prompt.clone())
+                    on:input=move |ev| { let v = event_target_value(&ev); draft.update(|d| d.prompt = v) }></textarea>
+            </label>
+            <fieldset class="clamps">
+                <legend>"Clamps (layer : neuron = value)"</legend>
+                <For each=move || rows.get() key=|r| r.key let:row>
+                    <div class="clamp-row">
+                        <input class="clamp-layer" type="number" min="0" aria-label="layer" prop:value=row.layer on:input=move |ev| row.layer.set(event_target_value(&ev)) />
+                        <input class="clamp-neuron" type="number" min="0" aria-label="neuron" prop:value=row.neuron on:input=move |ev| row.neuron.set(event_target_value(&ev)) />
+                        <input class="clamp-slider" type="range" min=-SLIDER max=SLIDER step="0.5" aria-label="value"
+                            prop:value=row.value on:input=move |ev| row.value.set(event_target_value(&ev)) />
+                        <input class="clamp-value" type="number" step="any" min=-limits::MAX_CLAMP_ABS max=limits::MAX_CLAMP_ABS aria-label="value"
+                            prop:value=row.value on:input=move |ev| row.value.set(event_target_value(&ev)) />
+                        <button type="button" class="remove" aria-label="remove clamp"
+                            on:click=move |_| rows.update(|r| r.retain(|x| x.key != row.key))>"×"</button>
+                    </div>
+                </For>
+                <button type="button" id="add-clamp" on:click=add_row>"+ add clamp"</button>
+                <p class="hint">"Find neurons with concept search; a neuron page's “Steer with this neuron” fills this in."</p>
+            </fieldset>
+            <fieldset class="settings">
+                <legend>"Sampling"</legend>
+                {num_input("temp", "temperature ", |d| d.temp.to_string(), |d, v| d.temp = v.parse().unwrap_or(f64::NAN), ("0", "5", "0.1"))}
+                {num_input("top-p", "top-p ", |d| d.top_p.map(|p| p.to_string()).unwrap_or_default(), |d, v| d.top_p = v.parse().ok(), ("0", "1", "0.05"))}
+                {num_input("max", "max tokens ", |d| d.max.to_string(), |d, v| d.max = v.parse().unwrap_or(0), ("1", "512", "1"))}
+                {num_input("seed", "seed ", |d| d.seed.to_string(), |d, v| d.seed = v.parse().unwrap_or(0), ("0", "", "1"))}
+                {num_input("samples", "samples ", |d| d.n.to_string(), |d, v| d.n = v.parse().unwrap_or(0), ("1", "8", "1"))}
+                <label>
+                    "count word "
+                    <input id="word" type="text" placeholder="dog" prop:value=move || draft.with(|d| d.word.clone())
+                        on:input=move |ev| { let v = event_target_value(&ev); draft.update(|d| d.word = v) } />
+                </label>
+                <label class="check">
+                    <input id="chat" type="checkbox" prop:checked=move || draft.with(|d| d.chat)
+                        on:change=move |ev| { let v = event_target_checked(&ev); draft.update(|d| d.chat = v) } />
+                    "chat template"
+                </label>
+            </fieldset>
+            <div class="buttons">
+                <button type="submit" id="generate">"Generate"</button>
+                <button type="button" id="regenerate" on:click=regenerate>"Regenerate both (new seed)"</button>
+                {move || running.get().then(|| view! { <button type="button" id="stop" class="secondary" on:click=move |_| stop()>"Stop"</button> })}
+            </div>
+            {move || form_error.get().map(|e| view! { <p class="error" role="alert">{e}</p> })}
+            {move || (draft.with(|d| d.n > 1 && d.temp == 0.0)).then(|| view! {
+                <p class="hint">{format!("With temperature 0 every sample is the same; raise it to see how often the steered model talks about the concept (up to {MAX_SAMPLES} samples).")}</p>
+            })}
+        </form>
+        {move || run_error.get().map(|e| view! { <p class="error" role="alert" id="run-error">{e}</p> })}
+        <Summary st=st samples=samples />
+        <div id="samples">
+            {move || {
+                let clamps = st.get().ok().map(|s| s.clamps.replace(',', ", ")).unwrap_or_default();
+                samples
+                    .get()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, x)| view! { <Pair i=i x=x clamps=clamps.clone() running=running /> })
+                    .collect_view()
+            }}
+        </div>
+        {move || (samples.with(|v| v.is_empty()) && run_error.get().is_none() && st.get().is_ok_and(|s| s.clamps.is_empty())).then(|| view! {
+            <p class="hint" id="steer-empty">"Add a clamp and press Generate. Or try "
+                <a href="/steer?clamps=29%3A808%3A12&word=dog">"29:808 = 12"</a>
+                " on the default model (its down column writes “dog” and “cat”)."</p>
+        })}
+    }
+}
+
+#[component]
+fn Pair(i: usize, x: Sample, clamps: String, running: RwSignal<bool>) -> impl IntoView {
+    let streaming = !x.done && x.error.is_none() && running.get_untracked();
+    let cursor = move || streaming.then(|| view! { <span class="cursor">"▍"</span> });
+    view! {
+        <article class="pair" data-done=if x.done { "1" } else { "0" } id=format!("pair-{i}")>
+            <h3>{format!("sample {} · seed {}", i + 1, x.seed)}{x.speed.map(|s| format!(" · {s:.1} tokens/s"))}</h3>
+            <div class="cols">
+                <div class="col">
+                    <h4>"Normal"</h4>
+                    <p class="answer normal">{x.normal.clone()}{cursor}</p>
+                </div>
+                <div class="col steered">
+                    <h4>{format!("Steered ({clamps})")}</h4>
+                    <p class="answer steered">{x.steered.clone()}{cursor}</p>
+                </div>
+            </div>
+            {x.error.map(|e| view! { <p class="error" role="alert">{e}</p> })}
+        </article>
+    }
+}
+
+/// How often each side mentions the count word, over the finished samples.
+#[component]
+fn Summary(st: Memo<Result<SteerState, String>>, samples: RwSignal<Vec<Sample>>) -> impl IntoView {
+    move || {
+        let word = st.get().ok().map(|s| s.word).filter(|w| !w.trim().is_empty())?;
+        let v = samples.get();
+        let done: Vec<&Sample> = v.iter().filter(|x| x.done).collect();
+        if done.is_empty() {
+            return None;
+        }
+        let count = |f: fn(&Sample) -> &str| done.iter().filter(|x| state::mentions(f(x), &word)).count();
+        let (n, s) = (count(|x| &x.normal), count(|x| &x.steered));
+        Some(view! {
+            <p class="result" id="mentions">
+                {format!("“{}” appears in {n} of {} normal answers and {s} of {} steered answers.", word.trim(), done.len(), done.len())}
+            </p>
+        })
+    }
+}

@@ -1,0 +1,534 @@
+//! URL state of every page. Each page's whole state is a query string (plus the path), parsed
+//! here into a typed struct and formatted back, so every view is a permalink. Pure Rust with no
+//! browser calls: the round-trips are unit-tested natively (`cargo test -p frontend`).
+//!
+//! Defaults are left out of the URL so links stay short; a value that does not parse is an error
+//! the page shows ("this link is malformed: …"), never silently replaced.
+
+use serde::{Deserialize, Serialize};
+use shared::{limits, ClampSpec, Polarity, View};
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// Parse a query string (with or without its leading `?`).
+pub fn parse<T: for<'de> Deserialize<'de>>(search: &str) -> Result<T, String> {
+    serde_urlencoded::from_str(search.strip_prefix('?').unwrap_or(search)).map_err(|e| format!("this link is malformed: {e}"))
+}
+
+fn query<T: Serialize>(path: &str, state: &T) -> String {
+    let q = serde_urlencoded::to_string(state).unwrap_or_default();
+    if q.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{q}")
+    }
+}
+
+/// Percent-encode one path segment (a model id in an API path).
+pub fn segment(s: &str) -> String {
+    serde_urlencoded::to_string([("", s)]).unwrap_or_default().trim_start_matches('=').replace('+', "%20")
+}
+
+/// Which polarity a search shows: the stronger of the two (default), or one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolarityChoice {
+    #[default]
+    Both,
+    Pos,
+    Neg,
+}
+
+impl PolarityChoice {
+    pub fn polarity(self) -> Option<Polarity> {
+        match self {
+            PolarityChoice::Both => None,
+            PolarityChoice::Pos => Some(Polarity::Pos),
+            PolarityChoice::Neg => Some(Polarity::Neg),
+        }
+    }
+}
+
+fn default_view() -> View {
+    View::Up
+}
+fn is_up(v: &View) -> bool {
+    *v == View::Up
+}
+
+/// Concept search, at `/`: `?model=…&q=%20dog,%20dogs&view=down&polarity=pos`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub q: String,
+    #[serde(default = "default_view", skip_serializing_if = "is_up")]
+    pub view: View,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub polarity: PolarityChoice,
+}
+
+impl Default for SearchState {
+    fn default() -> Self {
+        Self { model: None, q: String::new(), view: View::Up, polarity: PolarityChoice::Both }
+    }
+}
+
+impl SearchState {
+    pub fn href(&self) -> String {
+        query("/", self)
+    }
+    /// The concept's tokens: commas separate; spaces inside a token are kept (" dog").
+    pub fn tokens(&self) -> Vec<String> {
+        split_tokens(&self.q)
+    }
+    /// The API URL of this search (the model must be known).
+    pub fn api_url(&self, model: &str, top: usize) -> String {
+        #[derive(Serialize)]
+        struct Q<'a> {
+            tokens: &'a str,
+            view: View,
+            top: usize,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            polarity: Option<Polarity>,
+        }
+        let tokens = self.tokens().join(",");
+        query(&format!("/api/models/{}/search", segment(model)), &Q { tokens: &tokens, view: self.view, top, polarity: self.polarity.polarity() })
+    }
+}
+
+/// Split the text box into tokens: commas separate, empty pieces are dropped, spaces are kept.
+pub fn split_tokens(q: &str) -> Vec<String> {
+    q.split(',').filter(|t| !t.trim().is_empty()).map(|t| t.to_owned()).collect()
+}
+
+/// The piece of the text box being typed (after the last comma), and what comes before it.
+pub fn last_piece(q: &str) -> (&str, &str) {
+    match q.rfind(',') {
+        Some(i) => (&q[..=i], &q[i + 1..]),
+        None => ("", q),
+    }
+}
+
+/// The text box with its last piece replaced by a suggested token (what a suggestion offers).
+pub fn complete_with(q: &str, token: &str) -> String {
+    format!("{}{}", last_piece(q).0, token)
+}
+
+/// Sweep settings of the neuron page.
+pub const DEFAULT_SWEEP_PROMPT: &str = "My favourite animal is the";
+
+fn default_from() -> f32 {
+    -20.0
+}
+fn default_to() -> f32 {
+    20.0
+}
+fn default_steps() -> usize {
+    17
+}
+
+/// Neuron page, at `/neuron/{layer}/{index}`: `?model=…` plus the sweep panel
+/// (`target`, `prompt`, `from`, `to`, `steps`, `log`); the sweep runs when a target is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeuronState {
+    #[serde(skip)]
+    pub layer: usize,
+    #[serde(skip)]
+    pub neuron: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default = "default_from")]
+    pub from: f32,
+    #[serde(default = "default_to")]
+    pub to: f32,
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub log: bool,
+}
+
+impl NeuronState {
+    pub fn new(layer: usize, neuron: usize, model: Option<String>) -> Self {
+        Self { layer, neuron, model, target: String::new(), prompt: None, from: default_from(), to: default_to(), steps: default_steps(), log: false }
+    }
+    /// The page's state from its path parameters and query string.
+    pub fn parse(layer: usize, neuron: usize, search: &str) -> Result<Self, String> {
+        let mut s: NeuronState = parse(search)?;
+        s.layer = layer;
+        s.neuron = neuron;
+        Ok(s)
+    }
+    pub fn href(&self) -> String {
+        // The sweep settings are only worth a place in the URL once a sweep is asked for.
+        if self.target.is_empty() {
+            #[derive(Serialize)]
+            struct M<'a> {
+                #[serde(skip_serializing_if = "Option::is_none")]
+                model: &'a Option<String>,
+            }
+            return query(&format!("/neuron/{}/{}", self.layer, self.neuron), &M { model: &self.model });
+        }
+        query(&format!("/neuron/{}/{}", self.layer, self.neuron), self)
+    }
+    pub fn sweep_prompt(&self) -> &str {
+        self.prompt.as_deref().unwrap_or(DEFAULT_SWEEP_PROMPT)
+    }
+    /// The clamp values to sweep: `steps` evenly spaced values from `from` to `to`.
+    pub fn sweep_values(&self) -> Result<Vec<f32>, String> {
+        sweep_values(self.from, self.to, self.steps)
+    }
+}
+
+/// `steps` evenly spaced values from `from` to `to` (both included), checked against the API's
+/// limits so a bad range is refused before a request is sent.
+pub fn sweep_values(from: f32, to: f32, steps: usize) -> Result<Vec<f32>, String> {
+    if !from.is_finite() || !to.is_finite() {
+        return Err("the sweep range must be numbers".into());
+    }
+    if from.abs() > limits::MAX_CLAMP_ABS || to.abs() > limits::MAX_CLAMP_ABS {
+        return Err(format!("clamp values must be within ±{}", limits::MAX_CLAMP_ABS));
+    }
+    if !(2..=limits::MAX_SWEEP_VALUES).contains(&steps) {
+        return Err(format!("a sweep takes 2 to {} values", limits::MAX_SWEEP_VALUES));
+    }
+    if from >= to {
+        return Err("the sweep's start must be below its end".into());
+    }
+    Ok((0..steps).map(|i| from + (to - from) * i as f32 / (steps - 1) as f32).collect())
+}
+
+pub const DEFAULT_STEER_PROMPT: &str = "What is your favourite animal?";
+
+fn default_max() -> usize {
+    64
+}
+fn is_default_max(v: &usize) -> bool {
+    *v == default_max()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn is_default_seed(v: &u64) -> bool {
+    *v == default_seed()
+}
+fn default_n() -> usize {
+    1
+}
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+fn default_chat() -> bool {
+    true
+}
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+/// Most samples one steer page runs at once.
+pub const MAX_SAMPLES: usize = 8;
+
+/// Steer page, at `/steer`: `?model=…&prompt=…&clamps=29:808:12,3:4:-2&seed=42&temp=0.8&max=64&n=4&word=dog`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SteerState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prompt: String,
+    /// `L:N:V` clamps, comma-separated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub clamps: String,
+    #[serde(default = "default_seed", skip_serializing_if = "is_default_seed")]
+    pub seed: u64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub temp: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default = "default_max", skip_serializing_if = "is_default_max")]
+    pub max: usize,
+    /// Samples to draw (seeds `seed`, `seed + 1`, …).
+    #[serde(default = "default_n", skip_serializing_if = "is_one")]
+    pub n: usize,
+    /// Wrap the prompt in the chat template.
+    #[serde(default = "default_chat", skip_serializing_if = "is_true")]
+    pub chat: bool,
+    /// A word to count in the answers ("how often does it talk about dogs").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub word: String,
+}
+
+impl Default for SteerState {
+    fn default() -> Self {
+        Self {
+            model: None,
+            prompt: String::new(),
+            clamps: String::new(),
+            seed: default_seed(),
+            temp: 0.0,
+            top_p: None,
+            max: default_max(),
+            n: 1,
+            chat: true,
+            word: String::new(),
+        }
+    }
+}
+
+impl SteerState {
+    pub fn href(&self) -> String {
+        query("/steer", self)
+    }
+    pub fn clamp_list(&self) -> Result<Vec<ClampSpec>, String> {
+        parse_clamps(&self.clamps)
+    }
+    pub fn set_clamps(&mut self, clamps: &[ClampSpec]) {
+        self.clamps = format_clamps(clamps);
+    }
+    /// The prompt to run (the page's default when the URL has none).
+    pub fn prompt_text(&self) -> &str {
+        if self.prompt.trim().is_empty() {
+            DEFAULT_STEER_PROMPT
+        } else {
+            &self.prompt
+        }
+    }
+    /// Check what the API would refuse, so the page says so before sending anything.
+    pub fn validate(&self) -> Result<Vec<ClampSpec>, String> {
+        let clamps = self.clamp_list()?;
+        if clamps.is_empty() {
+            return Err("add at least one clamp to compare a steered answer with the normal one".into());
+        }
+        if clamps.len() > limits::MAX_CLAMPS {
+            return Err(format!("at most {} clamps", limits::MAX_CLAMPS));
+        }
+        if let Some(c) = clamps.iter().find(|c| !c.value.is_finite() || c.value.abs() > limits::MAX_CLAMP_ABS) {
+            return Err(format!("clamp {c}: values must be within ±{}", limits::MAX_CLAMP_ABS));
+        }
+        if !(1..=MAX_SAMPLES).contains(&self.n) {
+            return Err(format!("samples must be between 1 and {MAX_SAMPLES}"));
+        }
+        if !(1..=limits::MAX_NEW_TOKENS).contains(&self.max) {
+            return Err(format!("max tokens must be between 1 and {}", limits::MAX_NEW_TOKENS));
+        }
+        if !(0.0..=limits::MAX_TEMPERATURE).contains(&self.temp) {
+            return Err(format!("temperature must be between 0 and {}", limits::MAX_TEMPERATURE));
+        }
+        Ok(clamps)
+    }
+    /// The API request of sample `i` (seed `seed + i`), streamed, normal and steered side by side.
+    pub fn request(&self, clamps: Vec<ClampSpec>, i: usize) -> shared::GenerateRequest {
+        shared::GenerateRequest {
+            prompt: shared::PromptSpec { text: self.prompt_text().to_owned(), chat: Some(self.chat), messages: None },
+            clamps,
+            sampling: shared::SamplingParams {
+                temperature: self.temp,
+                top_p: self.top_p,
+                seed: self.seed.wrapping_add(i as u64),
+                max_new_tokens: self.max,
+            },
+            compare: true,
+            stream: true,
+        }
+    }
+}
+
+pub fn parse_clamps(s: &str) -> Result<Vec<ClampSpec>, String> {
+    s.split(',').filter(|c| !c.trim().is_empty()).map(|c| c.parse::<ClampSpec>()).collect()
+}
+
+pub fn format_clamps(clamps: &[ClampSpec]) -> String {
+    clamps.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Whether an answer mentions a word (case-insensitive, whole words: "dog" matches "Dogs!" but
+/// not "hotdog"; a plural or possessive "s" is allowed).
+pub fn mentions(text: &str, word: &str) -> bool {
+    let w = word.trim().to_lowercase();
+    if w.is_empty() {
+        return false;
+    }
+    let t = text.to_lowercase();
+    let is_word = |c: char| c.is_alphanumeric();
+    let mut start = 0;
+    while let Some(i) = t[start..].find(&w) {
+        let (a, b) = (start + i, start + i + w.len());
+        let before_ok = t[..a].chars().next_back().is_none_or(|c| !is_word(c));
+        let rest = &t[b..];
+        let rest = rest.strip_prefix("'s").or_else(|| rest.strip_prefix('s')).unwrap_or(rest);
+        let after_ok = rest.chars().next().is_none_or(|c| !is_word(c));
+        if before_ok && after_ok {
+            return true;
+        }
+        start = b;
+    }
+    false
+}
+
+/// Compare page, at `/compare?a=…&b=…`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CompareState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b: Option<String>,
+}
+
+impl CompareState {
+    pub fn href(&self) -> String {
+        query("/compare", self)
+    }
+}
+
+/// One parameter of a query string, decoded.
+pub fn query_param(search: &str, name: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(search.strip_prefix('?').unwrap_or(search)).unwrap_or_default();
+    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+/// A page's path with its `model` parameter replaced (the model picker's links).
+pub fn with_model(path: &str, search: &str, model: &str) -> String {
+    let mut pairs: Vec<(String, String)> = serde_urlencoded::from_str(search.strip_prefix('?').unwrap_or(search)).unwrap_or_default();
+    pairs.retain(|(k, _)| k != "model");
+    pairs.insert(0, ("model".into(), model.into()));
+    query(path, &pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_state_round_trips() {
+        let cases = [
+            SearchState::default(),
+            SearchState { model: Some("smollm2-135m-instruct.q4-1".into()), q: " dog, dogs,puppy".into(), view: View::Down, polarity: PolarityChoice::Neg },
+            SearchState { model: None, q: "a&b=c?d#e%f+g ü 🐶".into(), view: View::Gate, polarity: PolarityChoice::Pos },
+        ];
+        for s in cases {
+            let href = s.href();
+            let (path, q) = href.split_once('?').unwrap_or((&href, ""));
+            assert_eq!(path, "/");
+            assert_eq!(parse::<SearchState>(q).unwrap(), s, "{href}");
+        }
+    }
+
+    #[test]
+    fn search_state_defaults_stay_out_of_the_url() {
+        assert_eq!(SearchState::default().href(), "/");
+        let s = SearchState { q: " dog".into(), ..Default::default() };
+        assert_eq!(s.href(), "/?q=+dog");
+        // Links written by hand with %20 parse the same as the + form.
+        assert_eq!(parse::<SearchState>("?q=%20dog").unwrap(), s);
+    }
+
+    #[test]
+    fn malformed_links_are_errors_not_defaults() {
+        let e = parse::<SearchState>("view=sideways").unwrap_err();
+        assert!(e.contains("malformed") && e.contains("sideways"), "{e}");
+        assert!(parse::<SteerState>("seed=-1").is_err());
+        assert!(parse::<NeuronState>("steps=many").is_err());
+    }
+
+    #[test]
+    fn search_api_url_encodes_tokens() {
+        let s = SearchState { q: " dog,&x".into(), polarity: PolarityChoice::Pos, ..Default::default() };
+        assert_eq!(s.api_url("m/1", 100), "/api/models/m%2F1/search?tokens=+dog%2C%26x&view=up&top=100&polarity=pos");
+        let both = SearchState { q: "cat".into(), view: View::Down, ..Default::default() };
+        assert_eq!(both.api_url("m", 5), "/api/models/m/search?tokens=cat&view=down&top=5");
+    }
+
+    #[test]
+    fn token_splitting_and_completion() {
+        assert_eq!(split_tokens(" dog, dogs,,puppy ,"), vec![" dog", " dogs", "puppy "]);
+        assert!(split_tokens(" , ").is_empty());
+        assert_eq!(last_piece(" dog, pu"), (" dog,", " pu"));
+        assert_eq!(last_piece("pu"), ("", "pu"));
+        assert_eq!(complete_with(" dog, pu", " puppy"), " dog, puppy");
+        assert_eq!(complete_with("ca", "cat"), "cat");
+    }
+
+    #[test]
+    fn neuron_state_round_trips() {
+        let plain = NeuronState::new(29, 808, Some("m".into()));
+        assert_eq!(plain.href(), "/neuron/29/808?model=m");
+        assert_eq!(NeuronState::parse(29, 808, "model=m").unwrap(), plain);
+        let sweep = NeuronState { target: " dog".into(), prompt: Some("I like the".into()), from: -5.5, to: 30.0, steps: 9, log: true, ..plain };
+        let href = sweep.href();
+        let q = href.split_once('?').unwrap().1;
+        assert_eq!(NeuronState::parse(29, 808, q).unwrap(), sweep, "{href}");
+        assert_eq!(NeuronState::new(0, 1, None).href(), "/neuron/0/1");
+    }
+
+    #[test]
+    fn sweep_values_are_even_and_bounded() {
+        assert_eq!(sweep_values(-1.0, 1.0, 5).unwrap(), vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert!(sweep_values(1.0, -1.0, 5).is_err());
+        assert!(sweep_values(0.0, 1.0, 1).is_err());
+        assert!(sweep_values(0.0, 1.0, limits::MAX_SWEEP_VALUES + 1).is_err());
+        assert!(sweep_values(0.0, 2000.0, 5).is_err());
+        assert!(sweep_values(f32::NAN, 1.0, 5).is_err());
+    }
+
+    #[test]
+    fn steer_state_round_trips() {
+        let mut s = SteerState { model: Some("m".into()), prompt: "Tell me, a story & more?".into(), seed: 7, temp: 0.8, top_p: Some(0.9), max: 100, n: 4, chat: false, word: "dog".into(), ..Default::default() };
+        s.set_clamps(&[ClampSpec { layer: 29, neuron: 808, value: 12.0 }, ClampSpec { layer: 3, neuron: 4, value: -2.5 }]);
+        let href = s.href();
+        assert!(href.contains("clamps=29%3A808%3A12%2C3%3A4%3A-2.5"), "{href}");
+        let back: SteerState = parse(href.split_once('?').unwrap().1).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.clamp_list().unwrap().len(), 2);
+        assert_eq!(SteerState::default().href(), "/steer");
+    }
+
+    #[test]
+    fn steer_requests_use_consecutive_seeds_and_refuse_bad_settings() {
+        let s = SteerState { clamps: "29:808:12".into(), seed: 10, n: 3, temp: 0.7, ..Default::default() };
+        let clamps = s.validate().unwrap();
+        let r = s.request(clamps, 2);
+        assert_eq!(r.sampling.seed, 12);
+        assert!(r.compare && r.stream);
+        assert_eq!(r.prompt.text, DEFAULT_STEER_PROMPT);
+        assert_eq!(r.prompt.chat, Some(true));
+        for bad in [
+            SteerState { clamps: String::new(), ..s.clone() },
+            SteerState { clamps: "29:808".into(), ..s.clone() },
+            SteerState { clamps: "29:808:5000".into(), ..s.clone() },
+            SteerState { clamps: "29:808:NaN".into(), ..s.clone() },
+            SteerState { n: 0, ..s.clone() },
+            SteerState { n: MAX_SAMPLES + 1, ..s.clone() },
+            SteerState { max: 0, ..s.clone() },
+            SteerState { temp: -1.0, ..s.clone() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mentions_counts_whole_words() {
+        assert!(mentions("I love Dogs!", "dog"));
+        assert!(mentions("the dog's bone", "dog"));
+        assert!(mentions("Dog.", " dog "));
+        assert!(!mentions("a hotdog stand", "dog"));
+        assert!(!mentions("dogma", "dog"));
+        assert!(!mentions("anything", ""));
+    }
+
+    #[test]
+    fn compare_and_model_links() {
+        let c = CompareState { a: Some("base".into()), b: Some("instruct".into()) };
+        assert_eq!(parse::<CompareState>(c.href().split_once('?').unwrap().1).unwrap(), c);
+        assert_eq!(with_model("/", "?q=+dog&model=old", "new"), "/?model=new&q=+dog");
+        assert_eq!(with_model("/about", "", "a b"), "/about?model=a+b");
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(query_param("?q=+dog&model=a%2Fb", "model").as_deref(), Some("a/b"));
+        assert_eq!(query_param("q=x", "model"), None);
+    }
+}
