@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Headless Chromium and its WebDriver for the browser tests (Debian's packages).
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# Headless Chromium and its WebDriver for the browser tests (Debian's packages); scripts/serve.sh
+# (FLASH_INTERP_APP_ONLY=1) does not need them.
+if [ -z "${FLASH_INTERP_APP_ONLY:-}" ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
     apt-get update -qq
     apt-get install -y -qq chromium chromium-driver
 fi
@@ -20,6 +21,14 @@ wb=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\
 if ! wasm-bindgen --version 2>/dev/null | grep -q "$wb"; then
     cargo install wasm-bindgen-cli --version "$wb"   # no --locked: one locked dependency is missing from the index
 fi
+
+# Front-end assets pinned in package-lock.json: plotly.js (copied into dist/ by Trunk) and
+# binaryen's wasm-opt 132 (Debian's wasm-opt 108 miscompiles wasm-bindgen output).
+if ! cmp -s package-lock.json node_modules/.installed-lock.json 2>/dev/null; then
+    npm ci --no-audit --no-fund
+    cp package-lock.json node_modules/.installed-lock.json
+fi
+export PATH="$PWD/node_modules/.bin:$PATH"
 
 # The web app, built into dist/ (served by `flash-interp serve`).
 trunk build --release --offline

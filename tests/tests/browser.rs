@@ -1,15 +1,24 @@
 //! The web app in headless Chromium (Debian's chromium + chromedriver, driven with fantoccini)
-//! against the real server and the real default model. Screenshots land in target/screenshots/.
+//! against the real server with the real default model (plus two tiny random models of one shape
+//! for the compare page). Screenshots land in target/screenshots/; look at them.
+//!
+//! The tests take a lock so that only one browser and one model run at a time on a small machine.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fantoccini::{ClientBuilder, Locator};
+use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
+use fantoccini::{Client, ClientBuilder, Locator};
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::server::ServerConfig;
+use flash_interp::synthetic::{self, TinySpec};
 use flash_interp_e2e::{default_model, spawn_server};
+
+type R<T = ()> = Result<T, fantoccini::error::CmdError>;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -49,13 +58,36 @@ fn shot_dir() -> PathBuf {
     d
 }
 
-#[actix_web::test]
-async fn search_permalinks_models_and_about_pages_work_in_a_browser() {
+async fn shot(c: &Client, name: &str) -> R {
+    std::fs::write(shot_dir().join(format!("{name}.png")), c.screenshot().await?).unwrap();
+    Ok(())
+}
+
+/// A running server (real default model first, then tiny "base" and "tuned"), a chromedriver
+/// and a browser session.
+struct Session {
+    base: String,
+    c: Client,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+    _models: tempfile::TempDir,
+}
+
+async fn start() -> Session {
     let dist = repo().join("dist");
     assert!(dist.join("index.html").exists(), "dist/ is not built: run `trunk build --release` (scripts/setup.sh does)");
-    let engine = Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap());
-    let base = spawn_server(vec![engine], ServerConfig { dist, ..Default::default() });
-    let (_driver, url) = chromedriver();
+    assert!(dist.join("plotly.min.js").exists(), "dist/plotly.min.js is missing: scripts/setup.sh runs npm ci before trunk");
+    let models = tempfile::tempdir().unwrap();
+    let mut engines = vec![Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap())];
+    for (name, spec) in [("base", TinySpec::default()), ("tuned", TinySpec { perturb: vec![(1, 2), (0, 7)], ..Default::default() })] {
+        let p = models.path().join(format!("{name}.gguf"));
+        synthetic::write_gguf(&TinySpec { scale: 2.0, ..spec }, &p).unwrap();
+        let mut e = Engine::load(&p, &LoadOptions::default()).unwrap();
+        e.cache_dir = models.path().join("cache");
+        engines.push(Arc::new(e));
+    }
+    let base = spawn_server(engines, ServerConfig { dist, ..Default::default() });
+    let (driver, url) = chromedriver();
     let profile = tempfile::tempdir().unwrap();
     let mut caps = serde_json::Map::new();
     caps.insert(
@@ -68,68 +100,318 @@ async fn search_permalinks_models_and_about_pages_work_in_a_browser() {
         }),
     );
     let c = ClientBuilder::rustls().expect("rustls").capabilities(caps).connect(&url).await.expect("connect to chromedriver");
-    let result = async {
-        // Cold load of a search permalink: the per-layer bars and the ranked neurons, with the
-        // map's first neuron for " dog" on top.
+    Session { base, c, _driver: driver, _profile: profile, _models: models }
+}
+
+async fn run(name: &str, steps: impl AsyncFnOnce(&Client, &str) -> R) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let s = start().await;
+    let r = steps(&s.c, &s.base).await;
+    if r.is_err() {
+        let _ = shot(&s.c, &format!("{name}-failure")).await;
+    }
+    s.c.close().await.ok();
+    r.expect("browser steps");
+}
+
+async fn wait(c: &Client, css: &str, secs: u64) -> R<fantoccini::elements::Element> {
+    c.wait().at_most(Duration::from_secs(secs)).for_element(Locator::Css(css)).await
+}
+
+/// Poll `f` until it returns `Some`, or fail with `what` after `secs`.
+async fn until<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> R<Option<T>>) -> R<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            eprintln!("timed out: {what}");
+            return Err(fantoccini::error::CmdError::WaitTimeout);
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn url(c: &Client) -> R<String> {
+    Ok(c.current_url().await?.to_string())
+}
+
+async fn js(c: &Client, script: &str) -> R<serde_json::Value> {
+    c.execute(script, vec![]).await
+}
+
+#[actix_web::test]
+async fn search_plot_neuron_page_and_sweep() {
+    run("search", async |c, base| {
+        // Cold load of a search permalink: the per-layer figure with one band and one tick per
+        // layer, the ranked neurons with the map's first neuron for " dog" on top.
         c.goto(&format!("{base}/?q=%20dog")).await?;
-        let row = c.wait().at_most(Duration::from_secs(60)).for_element(Locator::Css("tr.hit")).await?;
-        let first = row.text().await?;
-        assert!(first.starts_with("29 808 neg"), "{first}");
-        assert_eq!(c.find_all(Locator::Css("li.bar-row")).await?.len(), 30, "one bar per layer");
-        std::fs::write(shot_dir().join("search.png"), c.screenshot().await?).unwrap();
-        // Typing another concept puts it in the URL and shows its neurons.
+        wait(c, "#search-plot[data-drawn='1']", 90).await?;
+        let first_plot_ms = js(c, "return window.__fiFirstPlot").await?;
+        let nav = js(c, "const n = performance.getEntriesByType('navigation')[0]; return [n.responseEnd, n.domContentLoadedEventEnd]").await?;
+        println!("time to first plot on a cold load: {first_plot_ms} ms after navigation start (response end, DOMContentLoaded: {nav})");
+        let layers = c.find(Locator::Css("section.figure")).await?.attr("data-layers").await?;
+        assert_eq!(layers.as_deref(), Some("30"));
+        assert_eq!(c.find_all(Locator::Css("#search-plot .xtick")).await?.len(), 30, "one tick per layer");
+        assert_eq!(c.find_all(Locator::Css("#search-plot .scatterlayer .trace")).await?.len(), 2, "all neurons + the strongest");
+        let rows = c.find_all(Locator::Css("tr.hit")).await?;
+        assert_eq!(rows.len(), 20);
+        let first = rows[0].text().await?;
+        assert!(first.starts_with("1 29:808 neg"), "{first}");
+        shot(c, "search").await?;
+
+        // Hovering the strongest neuron's marker shows its address and top tokens; clicking it
+        // opens its page. (Real pointer actions: plotly's drag layer covers the markers.)
+        let marker = c.find(Locator::Css("#search-plot .scatterlayer .trace:nth-of-type(2) path.point")).await?;
+        let mouse = |then: Option<()>| {
+            let m = MouseActions::new("mouse".into()).then(PointerAction::MoveToElement { element: marker.clone(), duration: None, x: 0.0, y: 0.0 });
+            match then {
+                Some(()) => m.then(PointerAction::Down { button: MOUSE_BUTTON_LEFT }).then(PointerAction::Up { button: MOUSE_BUTTON_LEFT }),
+                None => m,
+            }
+        };
+        c.perform_actions(mouse(None)).await?;
+        let hover = wait(c, "#search-plot .hoverlayer .hovertext", 10).await?.text().await?;
+        assert!(hover.contains("layer 29 · neuron 808") && hover.contains("top:"), "{hover}");
+        c.perform_actions(mouse(Some(()))).await?;
+        let u = until(10, "clicking a marker opens the neuron page", async || {
+            let u = url(c).await?;
+            Ok(u.contains("/neuron/").then_some(u))
+        })
+        .await?;
+        assert!(u.contains("/neuron/29/808"), "{u}");
+        c.back().await?;
+        wait(c, "#search-plot[data-drawn='1']", 30).await?;
+
+        // Typing another concept puts it in the URL and shows its neurons; the view choice too.
         let input = c.find(Locator::Css("input#q")).await?;
         input.clear().await?;
         input.send_keys(" cat\n").await?;
-        let start = Instant::now();
-        while !c.current_url().await?.as_str().contains("q=%20cat") {
-            assert!(start.elapsed() < Duration::from_secs(10), "the URL did not take the new query");
-            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-        }
-        let start = Instant::now();
-        loop {
-            // While the new search runs the table is replaced by the loading message.
+        until(10, "the URL takes the new query", async || Ok(url(c).await?.contains("q=+cat").then_some(()))).await?;
+
+        let cat_first = until(30, "the results change", async || {
             let rows = c.find_all(Locator::Css("tr.hit")).await?;
             let t = match rows.first() {
                 Some(r) => r.text().await?,
-                None => first.clone(),
+                None => return Ok(None),
             };
-            if t != first {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "the results did not change");
-            actix_web::rt::time::sleep(Duration::from_millis(200)).await;
-        }
+            Ok((t != first).then_some(t))
+        })
+        .await?;
+        c.find(Locator::Css("select#view")).await?.select_by_value("down").await?;
+        until(10, "the URL takes the view", async || Ok(url(c).await?.contains("view=down").then_some(()))).await?;
+        // The down view's map is built on first use (seconds).
+        let down_first = until(120, "the down-view results", async || {
+            let rows = c.find_all(Locator::Css("tr.hit")).await?;
+            let t = match rows.first() {
+                Some(r) => r.text().await?,
+                None => return Ok(None),
+            };
+            Ok((t != cat_first).then_some(t))
+        })
+        .await?;
         // Reloading the permalink restores the same view.
-        let permalink = c.current_url().await?;
-        let before = c.find(Locator::Css("tr.hit")).await?.text().await?;
-        c.goto(permalink.as_str()).await?;
-        let after = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("tr.hit")).await?.text().await?;
-        assert_eq!(before, after);
+        let permalink = url(c).await?;
+        c.goto(&permalink).await?;
+        wait(c, "#search-plot[data-drawn='1']", 30).await?;
+        assert_eq!(c.find(Locator::Css("tr.hit")).await?.text().await?, down_first);
+        assert_eq!(c.find(Locator::Css("input#q")).await?.prop("value").await?.as_deref(), Some(" cat"));
+
+        // Suggestions as you type: the datalist offers single tokens completing the last piece.
+        let input = c.find(Locator::Css("input#q")).await?;
+        input.clear().await?;
+        input.send_keys(" dog, pupp").await?;
+        let opts = until(10, "token suggestions", async || {
+            let v = js(c, "return [...document.querySelectorAll('#token-suggestions option')].map(o => o.value)").await?;
+            let v: Vec<String> = serde_json::from_value(v).unwrap_or_default();
+            Ok((!v.is_empty() && v.iter().all(|o| o.starts_with(" dog,"))).then_some(v))
+        })
+        .await?;
+        assert!(opts.iter().any(|o| o.to_lowercase().contains("pupp")), "{opts:?}");
+
         // An error (a concept that is not one token) is shown, not swallowed.
         c.goto(&format!("{base}/?q=doggo")).await?;
-        let err = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("main .error")).await?;
+        let err = wait(c, "main .error", 30).await?;
         assert!(err.text().await?.contains("not a single token"));
-        // The model list.
+
+        // The neuron page: six token charts, activation statistics, similar neurons.
+        c.goto(&format!("{base}/neuron/29/808")).await?;
+        wait(c, "#similar tr", 60).await?;
+        until(30, "six token charts", async || Ok((c.find_all(Locator::Css(".tokens-chart .chart[data-drawn='1']")).await?.len() == 6).then_some(()))).await?;
+        assert!(c.find(Locator::Css("#activation")).await?.text().await?.contains("positions"));
+        assert!(c.find_all(Locator::Css("#similar tr")).await?.len() >= 5);
+        let down_pos = c.find(Locator::Css("#tokens-down-pos")).await?.text().await?;
+        assert!(down_pos.contains("dog") || down_pos.contains("cat"), "{down_pos}");
+        shot(c, "neuron").await?;
+
+        // The sweep: p(" dog") against the clamp value, drawn as a curve.
+        let target = c.find(Locator::Css("#sweep-target")).await?;
+        target.send_keys(" dog").await?;
+        c.find(Locator::Css("form.sweep button[type=submit]")).await?.click().await?;
+        until(10, "the sweep in the URL", async || Ok(url(c).await?.contains("target=+dog").then_some(()))).await?;
+        wait(c, "#sweep-plot[data-drawn='1']", 60).await?;
+        let d = js(c, "const p = document.querySelector('#sweep-plot .scatterlayer path.js-line'); return p ? p.getAttribute('d') : ''").await?;
+        assert!(d.as_str().is_some_and(|d| d.matches('L').count() >= 10), "the sweep curve: {d}");
+        let summary = c.find(Locator::Css("#sweep-summary")).await?.text().await?;
+        // Clamped positive this neuron writes " dog": the highest p is at a positive clamp.
+        let at: f32 = summary.rsplit("at clamp ").next().unwrap().trim_end_matches('.').parse().unwrap();
+        assert!(at > 0.0, "{summary}");
+        // Log axis, in the URL too; reloading restores the same figure.
+        c.find(Locator::Css("#sweep-log")).await?.click().await?;
+        until(10, "log in the URL", async || Ok(url(c).await?.contains("log=true").then_some(()))).await?;
+        wait(c, "#sweep-plot[data-drawn='1']", 30).await?;
+        assert_eq!(js(c, "return document.getElementById('sweep-plot').layout.yaxis.type").await?, "log");
+        let permalink = url(c).await?;
+        c.goto(&permalink).await?;
+        wait(c, "#sweep-plot[data-drawn='1']", 60).await?;
+        assert_eq!(c.find(Locator::Css("#sweep-summary")).await?.text().await?, summary);
+        assert_eq!(js(c, "return document.getElementById('sweep-plot').layout.yaxis.type").await?, "log");
+        shot(c, "neuron-sweep").await?;
+
+        // "Steer with this neuron" opens the steer page prefilled with a clamp of this neuron.
+        c.find(Locator::Css("#steer-link")).await?.click().await?;
+        until(10, "the steer page", async || Ok(url(c).await?.contains("/steer?").then_some(()))).await?;
+        let u = url(c).await?;
+        assert!(u.contains("clamps=29%3A808%3A"), "{u}");
+        wait(c, ".clamp-row", 10).await?;
+        assert_eq!(c.find(Locator::Css(".clamp-layer")).await?.prop("value").await?.as_deref(), Some("29"));
+        assert_eq!(c.find(Locator::Css(".clamp-neuron")).await?.prop("value").await?.as_deref(), Some("808"));
+        Ok(())
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn steer_page_streams_two_different_answers() {
+    run("steer", async |c, base| {
+        let link = format!("{base}/steer?prompt=What+is+your+favourite+animal%3F&clamps=29%3A808%3A12&max=40&word=dog");
+        c.goto(&link).await?;
+        // Streaming: text shows up before the pair is done.
+        let mut saw_partial = false;
+        until(120, "the comparison finishes", async || {
+            let Ok(pair) = c.find(Locator::Css("#pair-0")).await else { return Ok(None) };
+            let done = pair.attr("data-done").await?.as_deref() == Some("1");
+            if !done && !c.find(Locator::Css("#pair-0 .answer.steered")).await?.text().await?.trim_end_matches('▍').is_empty() {
+                saw_partial = true;
+            }
+            Ok(done.then_some(()))
+        })
+        .await?;
+        assert!(saw_partial, "the answers should stream in token by token");
+        let normal = c.find(Locator::Css("#pair-0 .answer.normal")).await?.text().await?;
+        let steered = c.find(Locator::Css("#pair-0 .answer.steered")).await?.text().await?;
+        assert_ne!(normal, steered);
+        let s = steered.to_lowercase();
+        assert!(s.contains("cat") || s.contains("dog"), "steered answer: {steered}");
+        assert!(c.find(Locator::Css("#mentions")).await?.text().await?.contains("steered answers"));
+        shot(c, "steer").await?;
+
+        // Reloading the link reproduces the same comparison (greedy, same seed).
+        c.goto(&link).await?;
+        wait(c, "#pair-0[data-done='1']", 120).await?;
+        assert_eq!(c.find(Locator::Css("#pair-0 .answer.normal")).await?.text().await?, normal);
+        assert_eq!(c.find(Locator::Css("#pair-0 .answer.steered")).await?.text().await?, steered);
+
+        // A clamp value the API refuses is caught in the form; the URL and answers stay.
+        let before = url(c).await?;
+        let value = c.find(Locator::Css(".clamp-value")).await?;
+        value.clear().await?;
+        value.send_keys("5000").await?;
+        c.find(Locator::Css("#generate")).await?.click().await?;
+        let err = wait(c, "form.steer .error", 10).await?.text().await?;
+        assert!(err.contains("1000"), "{err}");
+        assert_eq!(url(c).await?, before);
+
+        // A second clamp and "regenerate" with a new seed put both in the URL.
+        value.clear().await?;
+        value.send_keys("12").await?;
+        c.find(Locator::Css("#add-clamp")).await?.click().await?;
+        let rows = c.find_all(Locator::Css(".clamp-row")).await?;
+        assert_eq!(rows.len(), 2);
+        let (l, n) = (c.find_all(Locator::Css(".clamp-layer")).await?, c.find_all(Locator::Css(".clamp-neuron")).await?);
+        l[1].clear().await?;
+        l[1].send_keys("20").await?;
+        n[1].clear().await?;
+        n[1].send_keys("5").await?;
+        c.find(Locator::Css("#regenerate")).await?.click().await?;
+        let u = until(10, "a new URL", async || {
+            let u = url(c).await?;
+            Ok((u != before).then_some(u))
+        })
+        .await?;
+        assert!(u.contains("clamps=29%3A808%3A12%2C20%3A5%3A10"), "{u}");
+        assert!(u.contains("seed="), "{u}");
+        wait(c, "#pair-0[data-done='1']", 120).await?;
+
+        // Readable on a phone.
+        c.set_window_size(375, 900).await?;
+        shot(c, "steer-375").await?;
+        Ok(())
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn compare_models_picker_about_and_errors() {
+    run("compare", async |c, base| {
+        // The model list and its links.
         c.goto(&format!("{base}/models")).await?;
-        let li = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("li.model")).await?;
-        let text = li.text().await?;
+        wait(c, "li.model", 30).await?;
+        let models = c.find_all(Locator::Css("li.model")).await?;
+        assert_eq!(models.len(), 3);
+        let text = models[0].text().await?;
         assert!(text.contains("SmolLM2") && text.contains("30 layers"), "{text}");
-        std::fs::write(shot_dir().join("home.png"), c.screenshot().await?).unwrap();
+        shot(c, "models").await?;
+
+        // The picker switches the model and keeps the rest of the URL.
+        c.goto(&format!("{base}/?q=%20dog")).await?;
+        wait(c, "#search-plot[data-drawn='1']", 90).await?;
+        c.find(Locator::Css("#model-picker")).await?.select_by_value("base").await?;
+        until(10, "the model in the URL", async || Ok(url(c).await?.contains("model=base").then_some(()))).await?;
+        assert!(url(c).await?.contains("q=+dog") || url(c).await?.contains("q=%20dog"));
+        // The tiny model's vocabulary has no " dog": the error is the API's, shown on the page.
+        let err = wait(c, "main .error", 30).await?.text().await?;
+        assert!(err.contains("not a single token") || err.contains("dog"), "{err}");
+
+        // Compare two models of the same shape: per-layer share and the changed neurons.
+        c.goto(&format!("{base}/compare?a=base&b=tuned")).await?;
+        wait(c, "#compare-plot[data-drawn='1']", 60).await?;
+        let overall = c.find(Locator::Css("#overall")).await?.text().await?;
+        assert!(overall.contains("% of all neurons"), "{overall}");
+        let first = c.find(Locator::Css("#changed tbody tr")).await?.text().await?;
+        assert!(first.starts_with("1:2") || first.starts_with("0:7"), "the perturbed neurons changed most: {first}");
+        shot(c, "compare").await?;
+        c.find(Locator::Css("#changed tbody tr a")).await?.click().await?;
+        until(10, "a changed neuron's page", async || Ok(url(c).await?.contains("/neuron/").then_some(()))).await?;
+        wait(c, "#similar tr", 30).await?;
+        // Models of different shapes: the API's error is shown.
+        c.goto(&format!("{base}/compare?a=base&b={}", "smollm2-135m-instruct.q4-1")).await?;
+        let err = wait(c, "main .error", 60).await?.text().await?;
+        assert!(!err.is_empty());
+
         // A deep link opened cold renders its page (the server falls back to index.html).
         c.goto(&format!("{base}/about")).await?;
-        let h1 = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("main h1")).await?;
+        let h1 = wait(c, "main h1", 30).await?;
         assert_eq!(h1.text().await?, "How it works");
+        // A malformed link says so.
+        c.goto(&format!("{base}/?view=sideways")).await?;
+        assert!(wait(c, "main .error", 30).await?.text().await?.contains("malformed"));
         // Readable on a phone-sized screen.
         c.set_window_size(375, 800).await?;
-        std::fs::write(shot_dir().join("about-375.png"), c.screenshot().await?).unwrap();
+        c.goto(&format!("{base}/?q=%20dog")).await?;
+        wait(c, "#search-plot[data-drawn='1']", 60).await?;
+        let overflow = js(c, "return document.documentElement.scrollWidth > window.innerWidth").await?;
+        assert_eq!(overflow, false, "the search page scrolls sideways at 375 px");
+        shot(c, "search-375").await?;
+        c.goto(&format!("{base}/neuron/29/808")).await?;
+        until(30, "token charts", async || Ok((c.find_all(Locator::Css(".tokens-chart .chart[data-drawn='1']")).await?.len() == 6).then_some(()))).await?;
+        shot(c, "neuron-375").await?;
         // An unknown app path shows the app's own not-found message, not a blank page.
         c.goto(&format!("{base}/no/such/page")).await?;
-        let err = c.wait().at_most(Duration::from_secs(30)).for_element(Locator::Css("main .error")).await?;
+        let err = wait(c, "main .error", 30).await?;
         assert!(err.text().await?.contains("does not exist"));
-        Ok::<(), fantoccini::error::CmdError>(())
-    }
+        Ok(())
+    })
     .await;
-    c.close().await.ok();
-    result.expect("browser steps");
 }
