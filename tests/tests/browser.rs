@@ -267,6 +267,7 @@ async fn search_plot_neuron_page_and_sweep() {
         wait(c, "#sweep-plot[data-drawn='1']", 60).await?;
         assert_eq!(c.find(Locator::Css("#sweep-summary")).await?.text().await?, summary);
         assert_eq!(js(c, "return document.getElementById('sweep-plot').layout.yaxis.type").await?, "log");
+        js(c, "document.getElementById('sweep').scrollIntoView()").await?;
         shot(c, "neuron-sweep").await?;
 
         // "Steer with this neuron" opens the steer page prefilled with a clamp of this neuron.

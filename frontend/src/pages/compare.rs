@@ -6,6 +6,7 @@ use leptos::prelude::*;
 use leptos_router::hooks::use_navigate;
 use plotly::common::Marker;
 use plotly::layout::{Axis, Margin};
+use plotly::configuration::DisplayModeBar;
 use plotly::{Bar, Configuration, Layout, Plot};
 use shared::{CompareResponse, ModelSummary};
 
@@ -23,10 +24,10 @@ fn share_plot(r: &CompareResponse) -> Plot {
         Layout::new()
             .height(320)
             .margin(Margin::new().left(55).right(10).top(10).bottom(45))
-            .x_axis(Axis::new().title("layer"))
+            .x_axis(Axis::new().title("layer").dtick(1.0))
             .y_axis(Axis::new().title("same top token (%)").range(vec![0.0, 100.0])),
     );
-    plot.set_configuration(Configuration::new().responsive(true).display_logo(false));
+    plot.set_configuration(Configuration::new().responsive(true).display_logo(false).display_mode_bar(DisplayModeBar::False));
     plot
 }
 

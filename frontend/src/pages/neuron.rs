@@ -7,6 +7,7 @@ use leptos::prelude::*;
 use leptos_router::hooks::{use_navigate, use_params_map};
 use plotly::common::{Line, Marker, Mode, Orientation};
 use plotly::layout::{Axis, AxisType, Margin, Shape, ShapeLine, ShapeType};
+use plotly::configuration::DisplayModeBar;
 use plotly::{Bar, Configuration, Layout, Plot, Scatter};
 use shared::{NeuronDetail, Polarity, PromptSpec, SweepRequest, SweepResponse, ViewTokens};
 
@@ -69,7 +70,8 @@ fn token_chart(vt: &ViewTokens) -> Plot {
             .x_axis(Axis::new().title("p / mean top-100 p"))
             .y_axis(Axis::new().auto_margin(true)),
     );
-    plot.set_configuration(Configuration::new().responsive(true).display_logo(false));
+    // Small charts: no mode bar over the top bar.
+    plot.set_configuration(Configuration::new().responsive(true).display_logo(false).display_mode_bar(DisplayModeBar::False));
     plot
 }
 
