@@ -133,6 +133,19 @@ async fn until<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> R<Option<T>
     }
 }
 
+/// Wait until the ranked table's first row is there and differs from `old`; returns its text.
+async fn first_hit_other_than(c: &Client, old: &str, secs: u64, what: &str) -> R<String> {
+    until(secs, what, async || {
+        let rows = c.find_all(Locator::Css("tr.hit")).await?;
+        let t = match rows.first() {
+            Some(r) => r.text().await?,
+            None => return Ok(None),
+        };
+        Ok((t != old).then_some(t))
+    })
+    .await
+}
+
 async fn url(c: &Client) -> R<String> {
     Ok(c.current_url().await?.to_string())
 }
@@ -190,27 +203,11 @@ async fn search_plot_neuron_page_and_sweep() {
         input.send_keys(" cat\n").await?;
         until(10, "the URL takes the new query", async || Ok(url(c).await?.contains("q=+cat").then_some(()))).await?;
 
-        let cat_first = until(30, "the results change", async || {
-            let rows = c.find_all(Locator::Css("tr.hit")).await?;
-            let t = match rows.first() {
-                Some(r) => r.text().await?,
-                None => return Ok(None),
-            };
-            Ok((t != first).then_some(t))
-        })
-        .await?;
+        let cat_first = first_hit_other_than(c, &first, 30, "the results change").await?;
         c.find(Locator::Css("select#view")).await?.select_by_value("down").await?;
         until(10, "the URL takes the view", async || Ok(url(c).await?.contains("view=down").then_some(()))).await?;
         // The down view's map is built on first use (seconds).
-        let down_first = until(120, "the down-view results", async || {
-            let rows = c.find_all(Locator::Css("tr.hit")).await?;
-            let t = match rows.first() {
-                Some(r) => r.text().await?,
-                None => return Ok(None),
-            };
-            Ok((t != cat_first).then_some(t))
-        })
-        .await?;
+        let down_first = first_hit_other_than(c, &cat_first, 120, "the down-view results").await?;
         // Reloading the permalink restores the same view.
         let permalink = url(c).await?;
         c.goto(&permalink).await?;
