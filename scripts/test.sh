@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+
+# Formatting and lints first: cheap, and a failure here is a failure of the run.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+# The declared minimum Rust is true: no dependency asks for a newer one.
+python3 scripts/check_msrv.py
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -18,9 +18,39 @@ pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70
 pub const GGUF_BYTES: u64 = 98_362_432;
 pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Where the default model lives: `$FLASH_INTERP_MODELS` or `models/` in the current directory.
+/// Where the default model (and, in `cache/` beside it, the neuron-map caches) lives:
+/// `$FLASH_INTERP_MODELS`; else `models/` at the root of the Flash Interp checkout that holds the
+/// current directory (so commands and tests run from a subdirectory such as `tests/` never create
+/// a second `models/`); else the per-user data directory (`$XDG_DATA_HOME` or
+/// `~/.local/share`, then `flash-interp/models`).
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("FLASH_INTERP_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    resolve_models_dir(std::env::var_os("FLASH_INTERP_MODELS"), &cwd, data_home())
+}
+
+/// [`models_dir`] from its inputs, without reading the environment.
+pub fn resolve_models_dir(env: Option<std::ffi::OsString>, cwd: &Path, data_home: Option<PathBuf>) -> PathBuf {
+    if let Some(dir) = env.filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(root) = cwd.ancestors().find(|d| is_checkout_root(d)) {
+        return root.join("models");
+    }
+    match data_home {
+        Some(d) => d.join("flash-interp").join("models"),
+        None => cwd.join("models"),
+    }
+}
+
+/// The root of a Flash Interp checkout: a workspace whose `backend/` is the `flash-interp` crate.
+fn is_checkout_root(dir: &Path) -> bool {
+    dir.join("Cargo.toml").is_file()
+        && std::fs::read_to_string(dir.join("backend").join("Cargo.toml")).is_ok_and(|t| t.contains("name = \"flash-interp\""))
+}
+
+fn data_home() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("XDG_DATA_HOME").or_else(|| env("HOME").map(|h| h.join(".local").join("share")))
 }
 
 pub fn default_model_path(dir: &Path) -> PathBuf {
@@ -122,4 +152,24 @@ pub fn extract_member(archive: &Path, member: &str, sha256: &str, dest: &Path) -
     }
     std::fs::rename(&part, dest)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_dir_is_the_checkout_root_from_any_subdirectory() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+        let home = Some(PathBuf::from("/home/someone/.local/share"));
+        for cwd in [root.clone(), root.join("tests"), root.join("backend").join("src")] {
+            assert_eq!(resolve_models_dir(None, &cwd, home.clone()), root.join("models"), "from {}", cwd.display());
+        }
+        // The variable wins; an empty one is ignored.
+        assert_eq!(resolve_models_dir(Some("/data/m".into()), &root, home.clone()), PathBuf::from("/data/m"));
+        assert_eq!(resolve_models_dir(Some("".into()), &root, home.clone()), root.join("models"));
+        // Outside any checkout: the per-user data directory, never the current directory.
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert_eq!(resolve_models_dir(None, elsewhere.path(), home), PathBuf::from("/home/someone/.local/share/flash-interp/models"));
+    }
 }

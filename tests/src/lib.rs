@@ -13,6 +13,19 @@ pub fn default_model() -> PathBuf {
     flash_interp::fetch::ensure_default_model(&root.join("models"), false).expect("fetching the default model")
 }
 
+/// Where the tests' neuron maps are cached: a directory in the system's temp dir that this run's
+/// test binaries share (the first to need a map builds it), never the repository.
+pub fn test_map_cache() -> PathBuf {
+    std::env::temp_dir().join("flash-interp-test-maps")
+}
+
+/// The default model with its map cache in [`test_map_cache`].
+pub fn load_default(opts: &flash_interp::engine::LoadOptions) -> flash_interp::Engine {
+    let mut e = flash_interp::Engine::load(&default_model(), opts).expect("load the default model");
+    e.cache_dir = test_map_cache();
+    e
+}
+
 pub fn fixture(name: &str) -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);
     serde_json::from_slice(&std::fs::read(p).expect("fixture")).expect("fixture json")
@@ -27,4 +40,23 @@ pub fn spawn_server(models: Vec<std::sync::Arc<flash_interp::Engine>>, config: f
         actix_web::rt::System::new().block_on(flash_interp::server::serve(state, listener)).expect("server");
     });
     format!("http://127.0.0.1:{port}")
+}
+
+/// GET `url` and decode its JSON, retrying while the server builds the neuron map the answer
+/// needs (503 `map_building`, which must carry Retry-After and a progress figure). Panics on any
+/// other failure, or if the map is not ready within `limit`.
+pub async fn get_when_built<T: serde::de::DeserializeOwned>(c: &awc::Client, url: &str, limit: std::time::Duration) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        let mut r = c.get(url).send().await.expect("request");
+        let body = r.body().limit(64 << 20).await.expect("body");
+        if r.status().is_success() {
+            return serde_json::from_slice(&body).expect("JSON answer");
+        }
+        let e: shared::ApiError = serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{url}: {} {body:?}", r.status()));
+        assert_eq!((r.status().as_u16(), e.code.as_str()), (503, "map_building"), "{url}: {}", e.message);
+        assert!(r.headers().contains_key("retry-after") && e.progress.is_some(), "{e:?}");
+        assert!(start.elapsed() < limit, "{url}: the map was not built within {limit:?}");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
@@ -14,11 +14,11 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::server::ServerConfig;
 use flash_interp::synthetic::{self, TinySpec};
-use flash_interp_e2e::{default_model, spawn_server};
+use flash_interp_e2e::{load_default, spawn_server};
 
 type R<T = ()> = Result<T, fantoccini::error::CmdError>;
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -78,7 +78,7 @@ async fn start() -> Session {
     assert!(dist.join("index.html").exists(), "dist/ is not built: run `trunk build --release` (scripts/setup.sh does)");
     assert!(dist.join("plotly.min.js").exists(), "dist/plotly.min.js is missing: scripts/setup.sh runs npm ci before trunk");
     let models = tempfile::tempdir().unwrap();
-    let mut engines = vec![Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap())];
+    let mut engines = vec![Arc::new(load_default(&LoadOptions::default()))];
     for (name, spec) in [("base", TinySpec::default()), ("tuned", TinySpec { perturb: vec![(1, 2), (0, 7)], ..Default::default() })] {
         let p = models.path().join(format!("{name}.gguf"));
         synthetic::write_gguf(&TinySpec { scale: 2.0, ..spec }, &p).unwrap();
@@ -104,7 +104,7 @@ async fn start() -> Session {
 }
 
 async fn run(name: &str, steps: impl AsyncFnOnce(&Client, &str) -> R) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let s = start().await;
     let r = steps(&s.c, &s.base).await;
     if r.is_err() {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::server::ServerConfig;
-use flash_interp_e2e::{default_model, spawn_server};
+use flash_interp_e2e::{get_when_built, load_default, spawn_server};
 use futures_util::StreamExt;
 use shared::*;
 
@@ -14,7 +14,7 @@ const MODEL: &str = "smollm2-135m-instruct.q4-1";
 
 fn engine() -> Arc<Engine> {
     static E: OnceLock<Arc<Engine>> = OnceLock::new();
-    E.get_or_init(|| Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap())).clone()
+    E.get_or_init(|| Arc::new(load_default(&LoadOptions::default()))).clone()
 }
 
 fn client() -> awc::Client {
@@ -64,8 +64,7 @@ async fn serves_the_api_the_app_and_streams_two_different_answers() {
     let e: ApiError = r.json().await.unwrap();
     assert_eq!(e.code, "not_found");
     // A search over HTTP.
-    let mut r = c.get(format!("{base}/api/models/{MODEL}/search?tokens=%20dog&top=3")).send().await.unwrap();
-    let s: SearchResponse = r.json().limit(8 << 20).await.unwrap();
+    let s: SearchResponse = get_when_built(&c, &format!("{base}/api/models/{MODEL}/search?tokens=%20dog&top=3"), Duration::from_secs(300)).await;
     assert_eq!(s.layers.len(), 30);
     assert_eq!((s.top[0].layer, s.top[0].neuron), (29, 808));
     // Streamed compare: token events for both variants, then `done`, adding up to the answers.
