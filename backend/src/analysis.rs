@@ -1,12 +1,10 @@
 //! Questions answered with the neuron map: concept search, neuron detail, model comparison.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use shared::{
-    ActivationStats, ChangedNeuron, CompareResponse, LayerAgreement, NeuronDetail, Polarity, SearchHit, SimilarNeuron,
-    TokenScore, View, ViewTokens,
+    ActivationStats, ChangedNeuron, CompareResponse, LayerAgreement, NeuronDetail, Polarity, SearchHit, SimilarNeuron, TokenScore, View, ViewTokens,
 };
 
 use crate::engine::Engine;
@@ -30,21 +28,21 @@ pub const STAT_PROMPTS: [&str; 8] = [
 /// activation statistics.
 #[derive(Default)]
 pub struct Derived {
-    dirs: Mutex<HashMap<View, Arc<Tensor>>>,
+    /// Indexed by view (up, gate, down): each view's own lock, so one view never waits for another.
+    dirs: [OnceLock<Arc<Tensor>>; 3],
     unit_up: OnceLock<Tensor>,
     acts: OnceLock<Vec<ActivationStats>>,
 }
 
 /// All neurons' directions of `view`, stacked `[n_layers · d_ff, d]`, f32.
 fn stacked(engine: &Engine, view: View) -> Result<Arc<Tensor>> {
-    let mut cache = engine.derived.dirs.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = cache.get(&view) {
+    let slot = &engine.derived.dirs[View::ALL.iter().position(|&v| v == view).unwrap_or(0)];
+    if let Some(t) = slot.get() {
         return Ok(t.clone());
     }
     let layers = (0..engine.config().n_layers).map(|l| map::directions(&engine.model, view, l)).collect::<Result<Vec<_>>>()?;
     let t = Arc::new(Tensor::cat(&layers, 0)?);
-    cache.insert(view, t.clone());
-    Ok(t)
+    Ok(slot.get_or_init(|| t).clone())
 }
 
 /// Result of a concept search, per neuron and polarity.
@@ -107,11 +105,7 @@ pub fn search_polarity(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: 
 impl SearchResult {
     /// Per-layer series for plots: |x| is the better polarity's score, negative when it is `neg`.
     pub fn signed_layers(&self, d_ff: usize) -> Vec<Vec<f32>> {
-        self.pos
-            .chunks(d_ff)
-            .zip(self.neg.chunks(d_ff))
-            .map(|(p, q)| p.iter().zip(q).map(|(&a, &b)| if a >= b { a } else { -b }).collect())
-            .collect()
+        self.pos.chunks(d_ff).zip(self.neg.chunks(d_ff)).map(|(p, q)| p.iter().zip(q).map(|(&a, &b)| if a >= b { a } else { -b }).collect()).collect()
     }
 }
 
@@ -166,7 +160,13 @@ pub fn activation_stats(engine: &Engine) -> Result<&[ActivationStats]> {
     let stats = (0..n)
         .map(|i| {
             let mean = sum[i] / count as f64;
-            ActivationStats { mean: mean as f32, std: (sq[i] / count as f64 - mean * mean).max(0.0).sqrt() as f32, min: mn[i], max: mx[i], positions: count }
+            ActivationStats {
+                mean: mean as f32,
+                std: (sq[i] / count as f64 - mean * mean).max(0.0).sqrt() as f32,
+                min: mn[i],
+                max: mx[i],
+                positions: count,
+            }
         })
         .collect();
     Ok(engine.derived.acts.get_or_init(|| stats))
@@ -201,10 +201,8 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
     let cos: Vec<f32> = unit.matmul(&unit.i(i)?.unsqueeze(1)?)?.squeeze(1)?.to_vec1()?;
     let abs: Vec<f32> = cos.iter().enumerate().map(|(j, c)| if j == i { -1.0 } else { c.abs() }).collect();
     let d_ff = engine.config().d_ff;
-    let similar = crate::engine::top_indices(&abs, 10)
-        .into_iter()
-        .map(|j| SimilarNeuron { layer: j / d_ff, neuron: j % d_ff, cosine: cos[j] })
-        .collect();
+    let similar =
+        crate::engine::top_indices(&abs, 10).into_iter().map(|j| SimilarNeuron { layer: j / d_ff, neuron: j % d_ff, cosine: cos[j] }).collect();
     Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar })
 }
 

@@ -8,19 +8,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use shared::limits::{MAX_CLAMPS, MAX_SWEEP_VALUES, MAX_TOP_K};
+use shared::limits::MAX_CLAMPS;
 use shared::{
-    ClampSpec, Completion, GenerateRequest, GenerateResponse, NextTokenRequest, NextTokenResponse, PromptSpec, SamplingParams,
-    StopReason, SweepPoint, SweepRequest, SweepResponse, TokenProb, Variant, View,
+    ClampSpec, Completion, GenerateRequest, GenerateResponse, NextTokenRequest, NextTokenResponse, PromptSpec, SamplingParams, StopReason,
+    SweepPoint, SweepRequest, SweepResponse, TokenProb, Variant, View,
 };
 
+use crate::cancel::Cancel;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::map::{self, NeuronMap};
 use crate::model::config::RopeScaling;
 use crate::model::{Cache, Clamp, Config, GgufSource, Intervention, Key, Llama, SafetensorsSource, WeightMode, WeightSource};
+use crate::sampling::Sampler;
 use crate::tokenizer::Tok;
 
 /// How to load a model.
@@ -58,10 +59,14 @@ pub struct Engine {
     pub cache_dir: PathBuf,
     fingerprint: OnceLock<String>,
     maps: Mutex<HashMap<(View, bool), Arc<NeuronMap>>>,
-    /// Held while a map is loaded or built, so concurrent requests wait for one build.
-    map_build: Mutex<()>,
+    /// One lock per map, held while it is loaded or built: concurrent requests for the same map
+    /// wait for one build, and never for another map's.
+    map_build: Mutex<HashMap<MapKey, Arc<Mutex<()>>>>,
     pub(crate) derived: crate::analysis::Derived,
 }
+
+/// A map's key: its view, and whether the final norm is folded in.
+type MapKey = (View, bool);
 
 /// Where a neuron map came from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,10 +97,7 @@ pub struct SweepResult {
 impl Engine {
     /// Load a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let name = path
-            .file_name()
-            .map(|s| s.to_string_lossy().trim_end_matches(".gguf").to_owned())
-            .unwrap_or_else(|| "model".into());
+        let name = path.file_name().map(|s| s.to_string_lossy().trim_end_matches(".gguf").to_owned()).unwrap_or_else(|| "model".into());
         if path.is_dir() {
             Self::load_hf(path, opts, name)
         } else {
@@ -112,7 +114,8 @@ impl Engine {
         }
         let get = |k: &str| c.metadata.get(&format!("llama.{k}"));
         let req = |k: &str| -> Result<usize> {
-            get(k).and_then(|v| v.to_u32().ok().map(|x| x as usize).or_else(|| v.to_u64().ok().map(|x| x as usize)))
+            get(k)
+                .and_then(|v| v.to_u32().ok().map(|x| x as usize).or_else(|| v.to_u64().ok().map(|x| x as usize)))
                 .ok_or_else(|| Error::model(path, format!("missing metadata llama.{k}")))
         };
         let n_heads = req("attention.head_count")?;
@@ -146,8 +149,7 @@ impl Engine {
 
     fn load_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
         let raw = std::fs::read(dir.join("config.json")).map_err(|e| Error::model(dir.join("config.json"), e))?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&raw).map_err(|e| Error::model(dir.join("config.json"), e))?;
+        let json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| Error::model(dir.join("config.json"), e))?;
         let lc: candle_transformers::models::llama::LlamaConfig =
             serde_json::from_value(json.clone()).map_err(|e| Error::model(dir.join("config.json"), e))?;
         let rope_scaling = lc.rope_scaling.as_ref().and_then(|s| match s.rope_type {
@@ -182,17 +184,13 @@ impl Engine {
             None => vec![],
         };
         let tok = Tok::from_hf_dir(dir, &eos)?;
-        let tc: serde_json::Value = std::fs::read(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let tc: serde_json::Value =
+            std::fs::read(dir.join("tokenizer_config.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);
         let template = match &tc["chat_template"] {
             serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Array(a) => a
-                .iter()
-                .find(|t| t["name"] == "default")
-                .or(a.first())
-                .and_then(|t| t["template"].as_str().map(str::to_owned)),
+            serde_json::Value::Array(a) => {
+                a.iter().find(|t| t["name"] == "default").or(a.first()).and_then(|t| t["template"].as_str().map(str::to_owned))
+            }
             _ => None,
         };
         let chat = match template {
@@ -213,7 +211,7 @@ impl Engine {
             cache_dir: map::cache_dir(),
             fingerprint: OnceLock::new(),
             maps: Mutex::new(HashMap::new()),
-            map_build: Mutex::new(()),
+            map_build: Mutex::default(),
             derived: Default::default(),
         }
     }
@@ -257,19 +255,25 @@ impl Engine {
 
     /// Whether the map of `view` is in memory.
     pub fn map_ready(&self, view: View, final_norm: bool) -> bool {
-        self.maps.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&(view, final_norm))
+        self.map_if_ready(view, final_norm).is_some()
+    }
+
+    /// The map of `view` if it is in memory (never waits).
+    pub fn map_if_ready(&self, view: View, final_norm: bool) -> Option<Arc<NeuronMap>> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)).cloned()
     }
 
     /// The neuron map of `view`: from memory, else from the disk cache, else built (and cached
     /// atomically). A stale or corrupt cache file is rebuilt, never trusted.
     pub fn map(&self, view: View, final_norm: bool, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<(Arc<NeuronMap>, MapOrigin)> {
-        if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)) {
-            return Ok((m.clone(), MapOrigin::Memory));
+        if let Some(m) = self.map_if_ready(view, final_norm) {
+            return Ok((m, MapOrigin::Memory));
         }
-        let _building = self.map_build.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = self.map_build.lock().unwrap_or_else(|e| e.into_inner()).entry((view, final_norm)).or_default().clone();
+        let _building = lock.lock().unwrap_or_else(|e| e.into_inner());
         // Another request may have built it while this one waited.
-        if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)) {
-            return Ok((m.clone(), MapOrigin::Memory));
+        if let Some(m) = self.map_if_ready(view, final_norm) {
+            return Ok((m, MapOrigin::Memory));
         }
         let expect = self.map_meta(view, final_norm)?;
         let fp = expect.model_fingerprint.clone();
@@ -324,9 +328,7 @@ impl Engine {
         if clamps.len() > MAX_CLAMPS {
             return Err(Error::bad(format!("{} clamps given; at most {MAX_CLAMPS} are allowed", clamps.len())));
         }
-        let iv = Intervention {
-            clamps: clamps.iter().map(|c| Clamp { layer: c.layer, neuron: c.neuron, value: c.value }).collect(),
-        };
+        let iv = Intervention { clamps: clamps.iter().map(|c| Clamp { layer: c.layer, neuron: c.neuron, value: c.value }).collect() };
         self.model.validate(&iv)?;
         Ok(iv)
     }
@@ -336,11 +338,9 @@ impl Engine {
     }
 
     /// Next-token distribution after `ids`: the `top_k` most likely tokens.
-    pub fn next_token(&self, ids: &[u32], iv: &Intervention, top_k: usize) -> Result<Vec<TokenProb>> {
-        if top_k == 0 || top_k > MAX_TOP_K {
-            return Err(Error::bad(format!("top_k {top_k} must be between 1 and {MAX_TOP_K}")));
-        }
-        let mut cache = Cache::new(self.config());
+    pub fn next_token(&self, ids: &[u32], iv: &Intervention, top_k: usize, cancel: &Cancel) -> Result<Vec<TokenProb>> {
+        limits::check_top_k(top_k)?;
+        let mut cache = Cache::with_cancel(self.config(), cancel.clone());
         let out = self.model.forward(&self.input(ids)?, &mut cache, std::slice::from_ref(iv), &[])?;
         let logits = out.logits.i(0)?;
         let probs = crate::model::llama::softmax(&logits)?.to_vec1::<f32>()?;
@@ -362,6 +362,7 @@ impl Engine {
         variants: &[Intervention],
         params: &SamplingParams,
         use_cache: bool,
+        cancel: &Cancel,
         on_text: &mut dyn FnMut(usize, &str) -> bool,
     ) -> Result<Vec<GenOutput>> {
         limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
@@ -373,19 +374,10 @@ impl Engine {
             self.model.validate(iv)?;
         }
         let n = variants.len();
-        let sampling = if params.temperature <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            match params.top_p {
-                Some(p) if p < 1.0 => Sampling::TopP { p, temperature: params.temperature },
-                _ => Sampling::All { temperature: params.temperature },
-            }
-        };
-        let mut procs: Vec<LogitsProcessor> =
-            (0..n).map(|_| LogitsProcessor::from_sampling(params.seed, sampling.clone())).collect();
+        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(params)).collect();
         let start = Instant::now();
         let dev = self.model.device();
-        let mut cache = Cache::new(self.config());
+        let mut cache = Cache::with_cancel(self.config(), cancel.clone());
         let mut logits = self.model.forward(&self.input(ids)?, &mut cache, variants, &[])?.logits;
         let mut gen: Vec<Vec<u32>> = vec![Vec::new(); n];
         // Sequences fed to the model; a finished row keeps being fed its last token (ignored).
@@ -401,7 +393,7 @@ impl Engine {
                     next.push(*seqs[r].last().unwrap_or(&0));
                     continue;
                 }
-                let tok = procs[r].sample(&logits.i(r)?)?;
+                let tok = samplers[r].sample(&logits.i(r)?.to_vec1::<f32>()?)?;
                 next.push(tok);
                 if eos.contains(&tok) {
                     stop[r] = Some(StopReason::Eos);
@@ -436,7 +428,7 @@ impl Engine {
                 let t = seqs[0].len();
                 let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
                 let input = Tensor::from_vec(flat, (n, t), dev)?;
-                self.model.forward(&input, &mut Cache::new(self.config()), variants, &[])?.logits
+                self.model.forward(&input, &mut Cache::with_cancel(self.config(), cancel.clone()), variants, &[])?.logits
             };
         }
         // Whatever was held back (a character cut by the length limit) goes out last, so the
@@ -460,27 +452,20 @@ impl Engine {
     /// p(`target` as the next token after `ids`) with neuron (`layer`, `neuron`) clamped to each
     /// of `values`, plus the unclamped baseline and the neuron's natural activation at the last
     /// position. The prompt's layers below `layer` run once; the values run as one batch.
-    pub fn sweep(&self, ids: &[u32], layer: usize, neuron: usize, target: u32, values: &[f32]) -> Result<SweepResult> {
+    pub fn sweep(&self, ids: &[u32], layer: usize, neuron: usize, target: u32, values: &[f32], cancel: &Cancel) -> Result<SweepResult> {
         limits::check_layer_neuron(layer, neuron, self.config())?;
-        if values.is_empty() || values.len() > MAX_SWEEP_VALUES {
-            return Err(Error::bad(format!("a sweep takes 1 to {MAX_SWEEP_VALUES} values, got {}", values.len())));
-        }
-        for &v in values {
-            limits::check_clamp_value(v)?;
-        }
+        limits::check_sweep_values(values)?;
         if target as usize >= self.config().vocab_size {
             return Err(Error::bad(format!("target token id {target} is outside the vocabulary")));
         }
         let mut rows = vec![Intervention::none()];
         rows.extend(values.iter().map(|&value| Intervention { clamps: vec![Clamp { layer, neuron, value }] }));
-        // Bound the attention scores of one batch (rows x heads x t x t floats) to ~256 MB.
         let t = ids.len();
-        let per_row = 4 * self.config().n_heads * t * t + 4 * t * self.config().d_ff * 2;
-        let chunk = (256usize << 20).checked_div(per_row).unwrap_or(rows.len()).clamp(2, rows.len().max(2));
+        let chunk = self.sweep_chunk(t, rows.len());
         let mut probs = Vec::with_capacity(rows.len());
         let mut natural = f32::NAN;
         for (ci, part) in rows.chunks(chunk).enumerate() {
-            let mut cache = Cache::new(self.config());
+            let mut cache = Cache::with_cancel(self.config(), cancel.clone());
             let out = self.model.forward(&self.input(ids)?, &mut cache, part, &[layer])?;
             if ci == 0 {
                 // Row 0 of the first chunk is the unclamped run.
@@ -492,8 +477,49 @@ impl Engine {
         Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
     }
 
-    /// Everything a generate request can fail on before it runs (cheap: tokenization only).
-    pub fn validate_generate(&self, req: &GenerateRequest) -> Result<Vec<u32>> {
+    /// Estimated floating-point operations of one forward pass over `t` new positions with `past`
+    /// positions cached, with `rows` batch rows from layer `expand_at` on (one row below it), and
+    /// the LM head on the last position of each row. Counts what this implementation computes:
+    /// the weights' multiply-adds, and the attention scores and mix over all `past + t` positions.
+    pub fn forward_flops(&self, t: usize, past: usize, rows: usize, expand_at: usize) -> f64 {
+        let c = self.config();
+        let (d, q, kv) = (c.d_model as f64, (c.n_heads * c.head_dim) as f64, (c.n_kv_heads * c.head_dim) as f64);
+        let weights = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * c.d_ff as f64);
+        let t = t as f64;
+        let layer = t * weights + 4.0 * q * t * (past as f64 + t);
+        let expand_at = expand_at.min(c.n_layers) as f64;
+        let layers = expand_at + (c.n_layers as f64 - expand_at) * rows as f64;
+        layers * layer + rows as f64 * 2.0 * d * c.vocab_size as f64
+    }
+
+    /// Estimated work of a generation: the prompt once (split into the variants at the first
+    /// clamped layer), then every new token for every variant.
+    pub fn generate_flops(&self, prompt_tokens: usize, variants: &[Intervention], max_new: usize) -> f64 {
+        let rows = variants.len().max(1);
+        let expand_at = if rows > 1 { first_clamped_layer(variants).unwrap_or(self.config().n_layers) } else { 0 };
+        let prefill = self.forward_flops(prompt_tokens, 0, rows, expand_at);
+        let steps: f64 = (0..max_new).map(|s| self.forward_flops(1, prompt_tokens + s, rows, 0)).sum();
+        prefill + steps
+    }
+
+    /// Estimated work of a clamp sweep: the unclamped row and one row per value, in the chunks
+    /// [`Engine::sweep`] runs (each chunk recomputes the layers below the clamped one).
+    pub fn sweep_flops(&self, prompt_tokens: usize, layer: usize, values: usize) -> f64 {
+        let rows = values + 1;
+        let chunk = self.sweep_chunk(prompt_tokens, rows);
+        (0..rows).step_by(chunk).map(|start| self.forward_flops(prompt_tokens, 0, chunk.min(rows - start), layer)).sum()
+    }
+
+    /// Rows per forward pass of a sweep: the attention scores of one batch (rows × heads × t × t
+    /// floats) and its MLP activations bounded to ~256 MB.
+    fn sweep_chunk(&self, t: usize, rows: usize) -> usize {
+        let per_row = 4 * self.config().n_heads * t * t + 4 * t * self.config().d_ff * 2;
+        (256usize << 20).checked_div(per_row).unwrap_or(rows).clamp(2, rows.max(2))
+    }
+
+    /// A generate request checked and turned into prompt ids and its variants (cheap:
+    /// tokenization only): everything it can fail on before it runs.
+    fn prepare_generate(&self, req: &GenerateRequest) -> Result<(Vec<u32>, Vec<Intervention>, Vec<Variant>)> {
         let ids = self.prompt_ids(&req.prompt)?;
         let steered = self.intervention(&req.clamps)?;
         if req.compare && steered.is_empty() {
@@ -501,38 +527,63 @@ impl Engine {
         }
         limits::check_sampling(req.sampling.temperature, req.sampling.top_p, req.sampling.max_new_tokens)?;
         limits::check_prompt_tokens(ids.len(), req.sampling.max_new_tokens, self.config().max_seq_len)?;
-        Ok(ids)
+        Ok(if req.compare {
+            (ids, vec![Intervention::none(), steered], vec![Variant::Normal, Variant::Steered])
+        } else if steered.is_empty() {
+            (ids, vec![steered], vec![Variant::Normal])
+        } else {
+            (ids, vec![steered], vec![Variant::Steered])
+        })
+    }
+
+    /// Validate a generate request without running it; its estimated work in FLOPs.
+    pub fn generate_work(&self, req: &GenerateRequest) -> Result<f64> {
+        let (ids, variants, _) = self.prepare_generate(req)?;
+        Ok(self.generate_flops(ids.len(), &variants, req.sampling.max_new_tokens))
+    }
+
+    /// Validate a sweep request without running it; its estimated work in FLOPs.
+    pub fn sweep_work(&self, req: &SweepRequest) -> Result<f64> {
+        let ids = self.prompt_ids(&req.prompt)?;
+        self.tok.single_token(&req.target)?;
+        limits::check_layer_neuron(req.layer, req.neuron, self.config())?;
+        limits::check_sweep_values(&req.values)?;
+        Ok(self.sweep_flops(ids.len(), req.layer, req.values.len()))
+    }
+
+    /// Validate a next-token request without running it; its estimated work in FLOPs.
+    pub fn next_token_work(&self, req: &NextTokenRequest) -> Result<f64> {
+        let ids = self.prompt_ids(&req.prompt)?;
+        self.intervention(&req.clamps)?;
+        limits::check_top_k(req.top_k)?;
+        Ok(self.forward_flops(ids.len(), 0, 1, 0))
     }
 
     /// Run a `shared::GenerateRequest`: validation, prompt, one or two variants, streaming.
     /// `on_text(variant, text)` returns false to cancel.
-    pub fn generate_request(&self, req: &GenerateRequest, on_text: &mut dyn FnMut(Variant, &str) -> bool) -> Result<GenerateResponse> {
-        let ids = self.validate_generate(req)?;
-        let steered = self.intervention(&req.clamps)?;
-        let variants = if req.compare { vec![Intervention::none(), steered] } else { vec![steered] };
-        let kinds: Vec<Variant> = if req.compare {
-            vec![Variant::Normal, Variant::Steered]
-        } else if req.clamps.is_empty() {
-            vec![Variant::Normal]
-        } else {
-            vec![Variant::Steered]
-        };
-        let outs = self.generate(&ids, &variants, &req.sampling, true, &mut |r, t| on_text(kinds[r], t))?;
+    pub fn generate_request(
+        &self,
+        req: &GenerateRequest,
+        cancel: &Cancel,
+        on_text: &mut dyn FnMut(Variant, &str) -> bool,
+    ) -> Result<GenerateResponse> {
+        let (ids, variants, kinds) = self.prepare_generate(req)?;
+        let outs = self.generate(&ids, &variants, &req.sampling, true, cancel, &mut |r, t| on_text(kinds[r], t))?;
         Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, &kinds) })
     }
 
     /// Run a `shared::NextTokenRequest`.
-    pub fn next_token_request(&self, req: &NextTokenRequest) -> Result<NextTokenResponse> {
+    pub fn next_token_request(&self, req: &NextTokenRequest, cancel: &Cancel) -> Result<NextTokenResponse> {
         let ids = self.prompt_ids(&req.prompt)?;
         let iv = self.intervention(&req.clamps)?;
-        Ok(NextTokenResponse { prompt_tokens: ids.len(), top: self.next_token(&ids, &iv, req.top_k)? })
+        Ok(NextTokenResponse { prompt_tokens: ids.len(), top: self.next_token(&ids, &iv, req.top_k, cancel)? })
     }
 
     /// Run a `shared::SweepRequest`.
-    pub fn sweep_request(&self, req: &SweepRequest) -> Result<SweepResponse> {
+    pub fn sweep_request(&self, req: &SweepRequest, cancel: &Cancel) -> Result<SweepResponse> {
         let ids = self.prompt_ids(&req.prompt)?;
         let target = self.tok.single_token(&req.target)?;
-        let r = self.sweep(&ids, req.layer, req.neuron, target, &req.values)?;
+        let r = self.sweep(&ids, req.layer, req.neuron, target, &req.values, cancel)?;
         Ok(SweepResponse {
             target_id: target,
             target_text: self.tok.token_text(target),
@@ -546,15 +597,14 @@ impl Engine {
     fn completions(outs: Vec<GenOutput>, kinds: &[Variant]) -> Vec<Completion> {
         outs.into_iter()
             .zip(kinds)
-            .map(|(o, &variant)| Completion {
-                variant,
-                text: o.text,
-                token_ids: o.tokens,
-                stop: o.stop,
-                tokens_per_second: o.tokens_per_second,
-            })
+            .map(|(o, &variant)| Completion { variant, text: o.text, token_ids: o.tokens, stop: o.stop, tokens_per_second: o.tokens_per_second })
             .collect()
     }
+}
+
+/// The lowest layer any of `variants` clamps.
+fn first_clamped_layer(variants: &[Intervention]) -> Option<usize> {
+    variants.iter().flat_map(|iv| iv.clamps.iter().map(|c| c.layer)).min()
 }
 
 /// Indices of the `k` largest values, largest first.

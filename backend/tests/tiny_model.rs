@@ -6,6 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::model::{Cache, Clamp, Intervention, WeightMode};
 use flash_interp::synthetic::{self, TinySpec};
+use flash_interp::Cancel;
 use flash_interp::Error;
 use shared::{PromptSpec, SamplingParams};
 
@@ -49,12 +50,9 @@ fn forward_matches_candle_transformers_llama_on_safetensors() {
         let spec = TinySpec { tied, ..Default::default() };
         let t = tiny(&spec);
         let ours = load(&t.hf);
-        let lc: candle_transformers::models::llama::LlamaConfig =
-            serde_json::from_slice(&std::fs::read(t.hf.join("config.json")).unwrap()).unwrap();
+        let lc: candle_transformers::models::llama::LlamaConfig = serde_json::from_slice(&std::fs::read(t.hf.join("config.json")).unwrap()).unwrap();
         let cfg = lc.into_config(false);
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(&[t.hf.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
-        };
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[t.hf.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
         let reference = candle_transformers::models::llama::Llama::load(vb, &cfg).unwrap();
         for n in [1, 3, IDS.len()] {
             let mut cache = candle_transformers::models::llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
@@ -74,8 +72,7 @@ fn forward_matches_candle_quantized_llama_on_gguf() {
     let ours = load(&t.gguf);
     let mut f = std::fs::File::open(&t.gguf).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let mut reference =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu).unwrap();
     let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let want: Vec<f32> = reference.forward(&x, 0).unwrap().i(0).unwrap().to_vec1().unwrap();
     let got = logits(&ours, &IDS, &Intervention::none());
@@ -160,7 +157,7 @@ fn clamp_sets_the_activation_at_every_position() {
 
 fn gen(e: &Engine, variants: &[Intervention], params: &SamplingParams, cache: bool) -> Vec<flash_interp::engine::GenOutput> {
     let ids = e.prompt_ids(&PromptSpec { text: "the cat".into(), chat: Some(true), messages: None }).unwrap();
-    e.generate(&ids, variants, params, cache, &mut |_, _| true).unwrap()
+    e.generate(&ids, variants, params, cache, &Cancel::default(), &mut |_, _| true).unwrap()
 }
 
 #[test]
@@ -206,7 +203,7 @@ fn sweep_equals_separate_clamped_forwards() {
     let e = load(&t.gguf);
     let (layer, neuron, target) = (1, 7, 120u32);
     let values = [-4.0f32, 0.0, 1.5, 10.0];
-    let r = e.sweep(&IDS, layer, neuron, target, &values).unwrap();
+    let r = e.sweep(&IDS, layer, neuron, target, &values, &Cancel::default()).unwrap();
     let prob = |iv: &Intervention| {
         let l = logits(&e, &IDS, iv);
         let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -230,7 +227,7 @@ fn sweep_equals_separate_clamped_forwards() {
 fn next_token_matches_softmax_of_the_logits() {
     let t = tiny(&TinySpec::default());
     let e = load(&t.hf);
-    let top = e.next_token(&IDS, &Intervention::none(), 5).unwrap();
+    let top = e.next_token(&IDS, &Intervention::none(), 5, &Cancel::default()).unwrap();
     let l = logits(&e, &IDS, &Intervention::none());
     let mut sorted = l.clone();
     sorted.sort_by(|a, b| b.total_cmp(a));
@@ -299,12 +296,12 @@ fn bad_input_gives_clear_errors() {
     let r = e.prompt_ids(&PromptSpec { text: long, chat: Some(false), messages: None });
     assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
     let params = SamplingParams { temperature: -1.0, ..Default::default() };
-    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &mut |_, _| true), Err(Error::BadInput(_))));
+    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _| true), Err(Error::BadInput(_))));
     let params = SamplingParams { top_p: Some(1.5), ..Default::default() };
-    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &mut |_, _| true), Err(Error::BadInput(_))));
-    assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[f32::NAN]), Err(Error::BadInput(_))));
-    assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[]), Err(Error::BadInput(_))));
-    assert!(matches!(e.sweep(&IDS, 0, 0, 100_000, &[1.0]), Err(Error::BadInput(_))));
+    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _| true), Err(Error::BadInput(_))));
+    assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[f32::NAN], &Cancel::default()), Err(Error::BadInput(_))));
+    assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[], &Cancel::default()), Err(Error::BadInput(_))));
+    assert!(matches!(e.sweep(&IDS, 0, 0, 100_000, &[1.0], &Cancel::default()), Err(Error::BadInput(_))));
     // The engine still works after all that.
     assert_eq!(logits(&e, &IDS, &Intervention::none()).len(), synthetic::vocab().len());
 }
@@ -337,4 +334,86 @@ fn wrong_sha256_is_rejected() {
     flash_interp::fetch::verify_sha256(&f, want).unwrap();
     let err = flash_interp::fetch::verify_sha256(&f, flash_interp::fetch::GGUF_SHA256).unwrap_err();
     assert!(matches!(err, Error::Checksum { .. }) && err.to_string().contains("expected"));
+}
+
+#[test]
+fn every_valid_temperature_and_top_p_gives_an_answer() {
+    // Temperatures and top-p values this small used to overflow the sampler's softmax (a 500):
+    // they are valid input and mean greedy.
+    let t = tiny(&TinySpec { scale: 2.0, ..Default::default() });
+    let e = load(&t.gguf);
+    let run = |temperature: f64, top_p: Option<f64>| {
+        let params = SamplingParams { temperature, top_p, max_new_tokens: 12, seed: 3 };
+        e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _| true).unwrap()[0].tokens.clone()
+    };
+    let greedy = run(0.0, None);
+    for t in [1e-38, 1e-45, 1e-300, 5e-324] {
+        assert_eq!(run(t, None), greedy, "temperature {t}");
+    }
+    assert_eq!(run(1.0, Some(1e-300)), greedy);
+    assert_eq!(run(5.0, Some(1.0)).len(), 12, "the largest temperature samples too");
+}
+
+#[test]
+fn cancelled_work_stops_with_cancelled() {
+    let t = tiny(&TinySpec::default());
+    let e = load(&t.gguf);
+    let cancel = Cancel::default();
+    cancel.cancel();
+    let params = SamplingParams { max_new_tokens: 50, ..Default::default() };
+    let r = e.generate(&IDS, &[Intervention::none()], &params, true, &cancel, &mut |_, _| true);
+    assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    assert!(matches!(e.sweep(&IDS, 1, 2, 5, &[1.0, 2.0], &cancel), Err(Error::Cancelled)));
+    assert!(matches!(e.next_token(&IDS, &Intervention::none(), 3, &cancel), Err(Error::Cancelled)));
+    // Cancelled in the middle (as the server does when the client leaves): no more tokens.
+    let live = Cancel::default();
+    let mut seen = 0;
+    let params = SamplingParams { max_new_tokens: 50, temperature: 1.0, ..Default::default() };
+    let r = e.generate(&IDS, &[Intervention::none()], &params, true, &live.clone(), &mut |_, _| {
+        seen += 1;
+        if seen == 3 {
+            live.cancel();
+        }
+        true
+    });
+    assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    assert_eq!(seen, 3);
+}
+
+#[test]
+fn non_finite_weights_are_refused_at_load() {
+    for (name, value) in [("blk.1.attn_norm.weight", f32::NAN), ("output_norm.weight", f32::INFINITY), ("token_embd.weight", f32::NEG_INFINITY)] {
+        let t = tiny(&TinySpec::default());
+        synthetic::overwrite_f32(&t.gguf, name, value).unwrap();
+        for mode in [WeightMode::Dense(DType::F32), WeightMode::Quantized] {
+            let err = Engine::load(&t.gguf, &LoadOptions { mode, ..Default::default() }).err().expect("a NaN weight must not load");
+            assert!(matches!(&err, Error::Model { message, .. } if message.contains(name) && message.contains("NaN or infinite")), "{err}");
+        }
+    }
+}
+
+#[test]
+fn work_estimates_count_what_the_forward_computes() {
+    let spec = TinySpec::default();
+    let t = tiny(&spec);
+    let e = load(&t.gguf);
+    let c = e.config().clone();
+    let (d, q, kv, ff, v) =
+        (c.d_model as f64, (c.n_heads * c.head_dim) as f64, (c.n_kv_heads * c.head_dim) as f64, c.d_ff as f64, c.vocab_size as f64);
+    // By hand: per token and layer the q, k, v, o and gate/up/down products (2 FLOPs per
+    // multiply-add), the attention over all positions; then the LM head on the last position.
+    let per_token = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * ff);
+    let layer = |t: f64, past: f64| t * per_token + 4.0 * q * t * (past + t);
+    let layers = c.n_layers as f64;
+    assert_eq!(e.forward_flops(7, 0, 1, 0), layers * layer(7.0, 0.0) + 2.0 * d * v);
+    // Two rows from layer 1 on: layer 0 once, the others twice, and two LM heads.
+    assert_eq!(e.forward_flops(7, 0, 2, 1), (1.0 + 2.0 * (layers - 1.0)) * layer(7.0, 0.0) + 4.0 * d * v);
+    // A generation: the prompt, then each token with a growing context.
+    let one = [Intervention::none()];
+    let want = e.forward_flops(7, 0, 1, 0) + (0..5).map(|s| e.forward_flops(1, 7 + s, 1, 0)).sum::<f64>();
+    assert_eq!(e.generate_flops(7, &one, 5), want);
+    // More values, a lower layer and a longer prompt all cost more.
+    assert!(e.sweep_flops(7, 0, 10) > e.sweep_flops(7, 2, 10));
+    assert!(e.sweep_flops(7, 1, 20) > e.sweep_flops(7, 1, 10));
+    assert!(e.sweep_flops(50, 1, 10) > e.sweep_flops(7, 1, 10));
 }

@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::model::{Intervention, WeightMode};
+use flash_interp::Cancel;
 use flash_interp_e2e::{default_model, fixture};
 use shared::{PromptSpec, SamplingParams};
 
@@ -55,7 +56,8 @@ fn tokenizer_matches_known_ids() {
     // known ids (special tokens matched whole).
     let chat = &fx["chat_prompt"];
     let spec = PromptSpec { text: chat["user"].as_str().unwrap().into(), chat: None, messages: None };
-    let rendered = engine().chat.as_ref().unwrap().render(&[flash_interp::chat::Message { role: "user".into(), content: spec.text.clone() }]).unwrap();
+    let rendered =
+        engine().chat.as_ref().unwrap().render(&[flash_interp::chat::Message { role: "user".into(), content: spec.text.clone() }]).unwrap();
     assert_eq!(rendered, chat["rendered"].as_str().unwrap());
     assert_eq!(engine().prompt_ids(&spec).unwrap(), ids(&chat["ids"]));
 }
@@ -64,7 +66,7 @@ fn tokenizer_matches_known_ids() {
 fn paris_is_the_most_likely_next_token() {
     let e = engine();
     let ids = e.prompt_ids(&plain("The capital of France is")).unwrap();
-    let top = e.next_token(&ids, &Intervention::none(), 5).unwrap();
+    let top = e.next_token(&ids, &Intervention::none(), 5, &Cancel::default()).unwrap();
     assert_eq!(top[0].text, " Paris", "top tokens: {top:?}");
     assert!(top[0].prob > 0.5, "p(Paris) = {}", top[0].prob);
 }
@@ -75,10 +77,17 @@ fn chat_answer_names_paris() {
     let ids = e.prompt_ids(&PromptSpec { text: "What is the capital of France?".into(), chat: None, messages: None }).unwrap();
     let mut streamed = String::new();
     let out = e
-        .generate(&ids, &[Intervention::none()], &SamplingParams { max_new_tokens: 30, ..Default::default() }, true, &mut |_, t| {
-            streamed.push_str(t);
-            true
-        })
+        .generate(
+            &ids,
+            &[Intervention::none()],
+            &SamplingParams { max_new_tokens: 30, ..Default::default() },
+            true,
+            &Cancel::default(),
+            &mut |_, t| {
+                streamed.push_str(t);
+                true
+            },
+        )
         .unwrap();
     assert!(out[0].text.contains("Paris"), "answer: {:?}", out[0].text);
     assert_eq!(streamed, out[0].text, "streamed text must add up to the answer");
@@ -89,8 +98,8 @@ fn sweep_baseline_matches_next_token_and_clamps_move_probability() {
     let e = engine();
     let ids = e.prompt_ids(&plain("The capital of France is")).unwrap();
     let paris = e.tok.single_token(" Paris").unwrap();
-    let top = e.next_token(&ids, &Intervention::none(), 1).unwrap();
-    let r = e.sweep(&ids, 20, 100, paris, &[-30.0, 0.0, 30.0]).unwrap();
+    let top = e.next_token(&ids, &Intervention::none(), 1, &Cancel::default()).unwrap();
+    let r = e.sweep(&ids, 20, 100, paris, &[-30.0, 0.0, 30.0], &Cancel::default()).unwrap();
     assert!((r.baseline - top[0].prob).abs() < 1e-5);
     assert!(r.natural_value.is_finite());
     assert!(r.probs.iter().all(|p| p.is_finite() && (0.0..=1.0).contains(p)));
@@ -101,7 +110,7 @@ fn sweep_baseline_matches_next_token_and_clamps_move_probability() {
 fn quantized_mode_runs_and_stays_near_the_reference() {
     let q = Engine::load(&default_model(), &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();
     let ids = q.prompt_ids(&plain("The capital of France is")).unwrap();
-    let top = q.next_token(&ids, &Intervention::none(), 5).unwrap();
+    let top = q.next_token(&ids, &Intervention::none(), 5, &Cancel::default()).unwrap();
     assert!(top.iter().any(|t| t.text == " Paris"), "quantized top-5: {top:?}");
 }
 
@@ -125,7 +134,7 @@ fn map_and_search_cover_every_neuron_and_the_top_dog_neuron_steers_toward_dog() 
     let i = hit.layer * cfg.d_ff + hit.neuron;
     let sign = if down_scores.pos[i] >= down_scores.neg[i] { 1.0 } else { -1.0 };
     let ids = e.prompt_ids(&plain("My favourite animal is the")).unwrap();
-    let s = e.sweep(&ids, hit.layer, hit.neuron, dog, &[sign * 20.0, -sign * 20.0]).unwrap();
+    let s = e.sweep(&ids, hit.layer, hit.neuron, dog, &[sign * 20.0, -sign * 20.0], &Cancel::default()).unwrap();
     assert!(s.probs[0] > 2.0 * s.baseline, "clamp {}:{} to {}: p(dog) {} vs baseline {}", hit.layer, hit.neuron, sign * 20.0, s.probs[0], s.baseline);
     assert!(s.probs[1] < s.baseline, "the opposite sign should lower p(dog): {s:?}");
 }

@@ -10,6 +10,7 @@ use super::weights::{Key, WeightSource};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 
 /// Per-request key/value cache: one entry per layer, `[batch, kv_heads, seq, head_dim]`.
@@ -17,11 +18,16 @@ use crate::error::{Error, Result};
 pub struct Cache {
     kvs: Vec<Option<(Tensor, Tensor)>>,
     seq_len: usize,
+    /// Checked before every layer: a cancelled request stops within one layer's work.
+    cancel: Cancel,
 }
 
 impl Cache {
     pub fn new(cfg: &Config) -> Self {
-        Self { kvs: vec![None; cfg.n_layers], seq_len: 0 }
+        Self::with_cancel(cfg, Cancel::default())
+    }
+    pub fn with_cancel(cfg: &Config, cancel: Cancel) -> Self {
+        Self { kvs: vec![None; cfg.n_layers], seq_len: 0, cancel }
     }
     /// Number of positions already in the cache.
     pub fn seq_len(&self) -> usize {
@@ -109,21 +115,10 @@ impl Attention {
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, cos, sin)?
-        })
+        Ok(if self.interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let q = self.q.forward(x)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
         let k = self.k.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
@@ -161,11 +156,7 @@ pub struct Mlp {
 
 impl Mlp {
     fn load(src: &dyn WeightSource, l: usize) -> Result<Self> {
-        Ok(Self {
-            gate: src.linear(Key::Gate(l))?,
-            up: src.linear(Key::Up(l))?,
-            down: src.linear(Key::Down(l))?,
-        })
+        Ok(Self { gate: src.linear(Key::Gate(l))?, up: src.linear(Key::Up(l))?, down: src.linear(Key::Down(l))? })
     }
 
     fn hidden(&self, x: &Tensor) -> Result<Tensor> {
@@ -219,9 +210,7 @@ impl Llama {
         let inv = cfg.inv_freqs();
         let half = inv.len();
         let inv = Tensor::from_vec(inv, (1, half), &device)?;
-        let pos = Tensor::arange(0u32, cfg.max_seq_len as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.max_seq_len, 1))?;
+        let pos = Tensor::arange(0u32, cfg.max_seq_len as u32, &device)?.to_dtype(DType::F32)?.reshape((cfg.max_seq_len, 1))?;
         let angles = pos.broadcast_mul(&inv)?;
         let cos = angles.cos()?.to_dtype(dtype)?;
         let sin = angles.sin()?.to_dtype(dtype)?;
@@ -270,13 +259,7 @@ impl Llama {
     /// one row and `rows` has `n > 1`, the batch is expanded to `n` at the first layer where the
     /// rows differ: the shared prefix of the computation runs once (used by sweeps and by paired
     /// normal/steered generation). `record` lists layers whose MLP activations are returned.
-    pub fn forward(
-        &self,
-        input: &Tensor,
-        cache: &mut Cache,
-        rows: &[Intervention],
-        record: &[usize],
-    ) -> Result<ForwardOutput> {
+    pub fn forward(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let (b_in, t) = input.dims2()?;
         if t == 0 {
             return Err(Error::bad("empty input: at least one token is needed"));
@@ -290,11 +273,7 @@ impl Llama {
         }
         let offset = cache.seq_len;
         if offset + t > self.cfg.max_seq_len {
-            return Err(Error::TooLarge(format!(
-                "{} tokens exceed the model's context of {} tokens",
-                offset + t,
-                self.cfg.max_seq_len
-            )));
+            return Err(Error::TooLarge(format!("{} tokens exceed the model's context of {} tokens", offset + t, self.cfg.max_seq_len)));
         }
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
@@ -304,6 +283,7 @@ impl Llama {
         let mut batch = b_in;
         let mut acts = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
+            cache.cancel.check()?;
             if batch == 1 && n_rows > 1 && rows.iter().any(|iv| iv.touches(l)) {
                 x = self.expand(&x, cache, l, n_rows)?;
                 batch = n_rows;
@@ -323,6 +303,10 @@ impl Llama {
         cache.seq_len += t;
         let last = x.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?;
+        // x - x is 0 for finite x and NaN for NaN or ±inf: one scalar leaves the device.
+        if logits.sub(&logits)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+            return Err(Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into()));
+        }
         Ok(ForwardOutput { logits, mlp_acts: acts })
     }
 
@@ -362,9 +346,7 @@ fn apply_clamps(hidden: &Tensor, layer: usize, rows: &[Intervention], batch: usi
 
 fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let total = offset + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
 }
 

@@ -84,6 +84,16 @@ impl Key {
     }
 }
 
+/// Refuse a weight with NaN or infinite values (a corrupt file): otherwise the model would load and
+/// answer NaN probabilities. `x - x` is 0 for finite x and NaN for NaN or ±inf.
+fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
+    let t = t.to_dtype(DType::F32)?;
+    if t.sub(&t)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+        return Err(Error::model(path, format!("tensor {name} has NaN or infinite values: the file is corrupt")));
+    }
+    Ok(())
+}
+
 pub trait WeightSource {
     fn device(&self) -> &Device;
     /// A weight used as a linear layer `[out, in]`.
@@ -117,17 +127,13 @@ impl GgufSource {
         let file = File::open(path).map_err(|e| Error::model(path, e))?;
         let file_len = file.metadata()?.len();
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::model(path, format!("not a readable GGUF file ({e})")))?;
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::model(path, format!("not a readable GGUF file ({e})")))?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             let end = content.tensor_data_offset + info.offset + bytes as u64;
             if end > file_len {
-                return Err(Error::model(
-                    path,
-                    format!("truncated: tensor {name} ends at byte {end}, file has {file_len}"),
-                ));
+                return Err(Error::model(path, format!("truncated: tensor {name} ends at byte {end}, file has {file_len}")));
             }
         }
         Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
@@ -138,9 +144,12 @@ impl GgufSource {
         if !self.content.tensor_infos.contains_key(&name) {
             return Err(Error::model(&self.path, format!("missing tensor {name}")));
         }
-        self.content
+        let q = self
+            .content
             .tensor(&mut *self.reader.borrow_mut(), &name, &self.device)
-            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))
+            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
+        check_finite(&q.dequantize(&self.device)?, &name, &self.path)?;
+        Ok(q)
     }
 
     /// Read a tensor by its GGUF name, dequantized to f32 (e.g. `rope_freqs.weight`).
@@ -152,14 +161,14 @@ impl GgufSource {
             .content
             .tensor(&mut *self.reader.borrow_mut(), name, &self.device)
             .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
-        Ok(Some(q.dequantize(&self.device)?))
+        let t = q.dequantize(&self.device)?;
+        check_finite(&t, name, &self.path)?;
+        Ok(Some(t))
     }
 
     fn to_linear(&self, q: QTensor) -> Result<QMatMul> {
         Ok(match (self.mode, q.dtype()) {
-            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-                QMatMul::Tensor(q.dequantize(&self.device)?)
-            }
+            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => QMatMul::Tensor(q.dequantize(&self.device)?),
             (WeightMode::Quantized, _) => QMatMul::QTensor(Arc::new(q)),
             (WeightMode::Dense(dt), _) => QMatMul::Tensor(q.dequantize(&self.device)?.to_dtype(dt)?),
         })
@@ -216,10 +225,8 @@ impl SafetensorsSource {
         if !self.names.contains_key(&name) {
             return Err(Error::model(&self.dir, format!("missing tensor {name}")));
         }
-        let t = self
-            .tensors
-            .load(&name, &self.device)
-            .map_err(|e| Error::model(&self.dir, format!("reading {name}: {e}")))?;
+        let t = self.tensors.load(&name, &self.device).map_err(|e| Error::model(&self.dir, format!("reading {name}: {e}")))?;
+        check_finite(&t, &name, &self.dir)?;
         Ok(t.to_dtype(self.mode.compute_dtype())?)
     }
 }
