@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use flash_interp::analysis;
+use flash_interp::engine::MapOrigin;
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::fetch;
 use flash_interp::model::WeightMode;
+use flash_interp::Cancel;
 use indicatif::{ProgressBar, ProgressStyle};
-use flash_interp::analysis;
-use flash_interp::engine::MapOrigin;
 
 mod bench;
 use shared::{
@@ -108,6 +109,14 @@ struct ServeArgs {
     /// Memory for cached identical results, in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mb: usize,
+    /// Most computation one request may ask for, in TFLOP (estimated before it runs; larger
+    /// requests get 413 over_budget). Default: 1 on a CPU (about 25 s of 2 cores on the default
+    /// model), 100 on a CUDA device.
+    #[arg(long, env = "FLASH_INTERP_MAX_REQUEST_TFLOP")]
+    max_request_tflop: Option<f64>,
+    /// Seconds a client has to send its whole request body (408 after that).
+    #[arg(long, env = "FLASH_INTERP_BODY_TIMEOUT", default_value_t = 10)]
+    body_timeout: u64,
 }
 
 #[derive(Args)]
@@ -187,7 +196,13 @@ struct PromptArgs {
 
 impl PromptArgs {
     fn spec(&self) -> PromptSpec {
-        let chat = if self.no_chat { Some(false) } else if self.chat { Some(true) } else { None };
+        let chat = if self.no_chat {
+            Some(false)
+        } else if self.chat {
+            Some(true)
+        } else {
+            None
+        };
         PromptSpec { text: self.prompt.clone(), chat, messages: None }
     }
 }
@@ -261,15 +276,15 @@ fn parse_values(s: &str) -> Result<Vec<f32>> {
         }
         return Ok((0..n).map(|i| a + (b - a) * i as f32 / (n - 1) as f32).collect());
     }
-    s.split(',')
-        .map(|v| v.trim().parse::<f32>().with_context(|| format!("clamp value {v:?} is not a number")))
-        .collect()
+    s.split(',').map(|v| v.trim().parse::<f32>().with_context(|| format!("clamp value {v:?} is not a number"))).collect()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs one line per request; the other commands stay quiet unless asked.
-    let default_filter = if matches!(cli.cmd, Cmd::Serve(_)) { "warn,flash_interp=info" } else { "warn" };
+    // actix-http logs each malformed request a client sends at ERROR level; those are the
+    // client's mistakes, answered with 400, so they are not logged by default.
+    let default_filter = if matches!(cli.cmd, Cmd::Serve(_)) { "warn,flash_interp=info,actix_http::h1=off" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLASH_INTERP_LOG").unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
@@ -279,7 +294,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let message = format!("{e:#}");
             if cli.json {
-                let err = ApiError { code: error_code(&e).into(), message };
+                let err = ApiError::new(error_code(&e), message);
                 println!("{}", serde_json::to_string(&err).unwrap_or_default());
             } else {
                 eprintln!("error: {message}");
@@ -295,6 +310,8 @@ fn error_code(e: &anyhow::Error) -> &'static str {
         Some(BadInput(_)) => "bad_input",
         Some(TooLarge(_)) => "too_large",
         Some(UnknownToken(_)) => "unknown_token",
+        Some(NonFinite(_)) => "non_finite",
+        Some(OverBudget(_)) => "over_budget",
         Some(Model { .. }) => "bad_model",
         Some(Checksum { .. }) => "checksum",
         Some(_) => "internal",
@@ -394,7 +411,14 @@ fn run(cli: &Cli) -> Result<()> {
             }
             println!("\n  layer  neuron  polarity     score  top tokens");
             for h in &resp.top {
-                println!("  {:>5}  {:>6}  {:>8}  {:>8.3}  {:?}", h.layer, h.neuron, format!("{:?}", h.polarity).to_lowercase(), h.score, h.top_tokens);
+                println!(
+                    "  {:>5}  {:>6}  {:>8}  {:>8.3}  {:?}",
+                    h.layer,
+                    h.neuron,
+                    format!("{:?}", h.polarity).to_lowercase(),
+                    h.score,
+                    h.top_tokens
+                );
             }
             Ok(())
         }
@@ -457,13 +481,21 @@ fn run(cli: &Cli) -> Result<()> {
                     "meta": map.meta, "origin": how, "seconds": secs, "neurons": map.n_neurons(),
                 }));
             }
-            println!("{} neurons ({} layers x {}) of {}, view {}{}: {how}", map.n_neurons(), map.meta.n_layers, map.meta.d_ff,
-                engine.info.name, a.view.as_str(), if a.final_norm { " with final norm" } else { "" });
+            println!(
+                "{} neurons ({} layers x {}) of {}, view {}{}: {how}",
+                map.n_neurons(),
+                map.meta.n_layers,
+                map.meta.d_ff,
+                engine.info.name,
+                a.view.as_str(),
+                if a.final_norm { " with final norm" } else { "" }
+            );
             Ok(())
         }
         Cmd::NextToken(a) => {
             let engine = load(cli)?;
-            let resp = engine.next_token_request(&NextTokenRequest { prompt: a.prompt.spec(), clamps: a.clamps.clone(), top_k: a.top_k })?;
+            let resp = engine
+                .next_token_request(&NextTokenRequest { prompt: a.prompt.spec(), clamps: a.clamps.clone(), top_k: a.top_k }, &Cancel::default())?;
             if cli.json {
                 return print_json(&resp);
             }
@@ -478,7 +510,7 @@ fn run(cli: &Cli) -> Result<()> {
             let values = parse_values(&a.values)?;
             let pb = spinner(&format!("sweeping {} values of layer {} neuron {}", values.len(), a.layer, a.neuron));
             let req = SweepRequest { prompt: a.prompt.spec(), layer: a.layer, neuron: a.neuron, target: a.target.clone(), values };
-            let resp = engine.sweep_request(&req)?;
+            let resp = engine.sweep_request(&req, &Cancel::default())?;
             pb.finish_and_clear();
             if cli.json {
                 return print_json(&resp);
@@ -510,7 +542,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
         );
         pb
     });
-    let resp = engine.generate_request(&req, &mut |variant, text| {
+    let resp = engine.generate_request(&req, &Cancel::default(), &mut |variant, text| {
         if stream {
             print!("{text}");
             let _ = std::io::stdout().flush();
@@ -554,6 +586,13 @@ fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
         dist: a.dist.clone(),
         final_norm: a.final_norm,
         cache_bytes: a.cache_mb << 20,
+        max_request_flops: match a.max_request_tflop {
+            Some(t) if t.is_finite() && t > 0.0 => t * 1e12,
+            Some(t) => bail!("--max-request-tflop {t} must be a positive number"),
+            None if opts.device.is_cuda() => 100.0 * server::CPU_REQUEST_FLOPS,
+            None => server::CPU_REQUEST_FLOPS,
+        },
+        body_timeout: Duration::from_secs(a.body_timeout.max(1)),
     };
     let state = AppState::new(engines, config);
     state.warm_maps();

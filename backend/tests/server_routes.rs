@@ -20,7 +20,11 @@ struct Fixture {
 fn fixture(config: ServerConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut engines = Vec::new();
-    for (name, spec) in [("base", TinySpec::default()), ("tuned", TinySpec { perturb: vec![(1, 2)], ..Default::default() }), ("small", TinySpec { d_ff: 32, ..Default::default() })] {
+    for (name, spec) in [
+        ("base", TinySpec::default()),
+        ("tuned", TinySpec { perturb: vec![(1, 2)], ..Default::default() }),
+        ("small", TinySpec { d_ff: 32, ..Default::default() }),
+    ] {
         let p = dir.path().join(format!("{name}.gguf"));
         synthetic::write_gguf(&TinySpec { scale: 2.0, ..spec }, &p).unwrap();
         let mut e = Engine::load(&p, &LoadOptions::default()).unwrap();
@@ -33,6 +37,17 @@ fn fixture(config: ServerConfig) -> Fixture {
     std::fs::write(dist.join("app-0123456789abcdef.js"), "console.log(1)").unwrap();
     std::fs::write(dist.join("plotly.min.js"), "var Plotly = {}").unwrap();
     Fixture { state: AppState::new(engines, ServerConfig { dist, ..config }), _dir: dir }
+}
+
+/// A fixture whose models have every map built already (as a server that has warmed up).
+fn warm_fixture(config: ServerConfig) -> Fixture {
+    let f = fixture(config);
+    for m in &f.state.models {
+        for view in View::ALL {
+            m.engine.map(view, false, &|_, _| {}).unwrap();
+        }
+    }
+    f
 }
 
 macro_rules! app {
@@ -96,15 +111,17 @@ async fn app_deep_links_fall_back_to_index_and_assets_are_cached() {
 
 #[actix_web::test]
 async fn search_and_neuron_endpoints() {
-    let f = fixture(ServerConfig::default());
+    let f = warm_fixture(ServerConfig::default());
     let app = app!(f);
-    let r: SearchResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
+    let r: SearchResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
     assert_eq!(r.layers.len(), 3);
     assert!(r.layers.iter().all(|l| l.len() == 64));
     assert_eq!(r.top.len(), 5);
     assert_eq!(r.tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(), vec![" the", "in"]);
     // Same request again: served from the cache, identical.
-    let again: SearchResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
+    let again: SearchResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
     assert_eq!(r, again);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=the%20cat").to_request()).await;
     let (status, e) = error_of(resp).await;
@@ -114,9 +131,14 @@ async fn search_and_neuron_endpoints() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=a&view=sideways").to_request()).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    let d: NeuronDetail = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/neurons/2/5?tokens=4").to_request()).await;
+    let d: NeuronDetail =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/neurons/2/5?tokens=4").to_request()).await;
     assert_eq!((d.layer, d.neuron, d.views.len(), d.views[0].tokens.len()), (2, 5, 6, 4));
-    for (uri, status) in [("/api/models/base/neurons/3/0", StatusCode::BAD_REQUEST), ("/api/models/base/neurons/0/64", StatusCode::BAD_REQUEST), ("/api/models/base/neurons/x/1", StatusCode::NOT_FOUND)] {
+    for (uri, status) in [
+        ("/api/models/base/neurons/3/0", StatusCode::BAD_REQUEST),
+        ("/api/models/base/neurons/0/64", StatusCode::BAD_REQUEST),
+        ("/api/models/base/neurons/x/1", StatusCode::NOT_FOUND),
+    ] {
         let resp = test::call_service(&app, test::TestRequest::get().uri(uri).to_request()).await;
         assert_eq!(resp.status(), status, "{uri}");
     }
@@ -128,7 +150,8 @@ async fn sweep_next_token_and_generate_endpoints() {
     let app = app!(f);
     let prompt = PromptSpec { text: "the cat".into(), chat: Some(false), messages: None };
     let sweep = SweepRequest { prompt: prompt.clone(), layer: 1, neuron: 3, target: " the".into(), values: vec![-5.0, 0.0, 5.0] };
-    let r: SweepResponse = test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/sweep").set_json(&sweep).to_request()).await;
+    let r: SweepResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/sweep").set_json(&sweep).to_request()).await;
     assert_eq!(r.points.len(), 3);
     let bad = SweepRequest { values: vec![1e9], ..sweep.clone() };
     let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/sweep").set_json(&bad).to_request()).await;
@@ -138,7 +161,10 @@ async fn sweep_next_token_and_generate_endpoints() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let nt: NextTokenResponse = test::call_and_read_body_json(
         &app,
-        test::TestRequest::post().uri("/api/models/base/next-token").set_json(&NextTokenRequest { prompt: prompt.clone(), clamps: vec![], top_k: 3 }).to_request(),
+        test::TestRequest::post()
+            .uri("/api/models/base/next-token")
+            .set_json(&NextTokenRequest { prompt: prompt.clone(), clamps: vec![], top_k: 3 })
+            .to_request(),
     )
     .await;
     assert_eq!(nt.top.len(), 3);
@@ -149,10 +175,15 @@ async fn sweep_next_token_and_generate_endpoints() {
         compare: true,
         stream: false,
     };
-    let g: GenerateResponse = test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&gen).to_request()).await;
+    let g: GenerateResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&gen).to_request()).await;
     assert_eq!(g.completions.iter().map(|c| c.variant).collect::<Vec<_>>(), vec![Variant::Normal, Variant::Steered]);
     // Streamed: token events, then a done event with the same completions.
-    let body = test::call_and_read_body(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&GenerateRequest { stream: true, ..gen.clone() }).to_request()).await;
+    let body = test::call_and_read_body(
+        &app,
+        test::TestRequest::post().uri("/api/models/base/generate").set_json(&GenerateRequest { stream: true, ..gen.clone() }).to_request(),
+    )
+    .await;
     let text = String::from_utf8_lossy(&body);
     let done = text.split("event: done\ndata: ").nth(1).expect("done event").trim();
     let streamed: GenerateResponse = serde_json::from_str(done).unwrap();
@@ -185,7 +216,11 @@ async fn sweep_next_token_and_generate_endpoints() {
     }
     let resp = test::call_service(
         &app,
-        test::TestRequest::post().uri("/api/models/base/generate").insert_header(("content-type", "application/json")).set_payload("{not json").to_request(),
+        test::TestRequest::post()
+            .uri("/api/models/base/generate")
+            .insert_header(("content-type", "application/json"))
+            .set_payload("{not json")
+            .to_request(),
     )
     .await;
     assert_eq!(error_of(resp).await.1.code, "bad_request");
@@ -193,9 +228,10 @@ async fn sweep_next_token_and_generate_endpoints() {
 
 #[actix_web::test]
 async fn compare_endpoint() {
-    let f = fixture(ServerConfig::default());
+    let f = warm_fixture(ServerConfig::default());
     let app = app!(f);
-    let r: CompareResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/compare?a=base&b=tuned&top=1").to_request()).await;
+    let r: CompareResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/compare?a=base&b=tuned&top=1").to_request()).await;
     assert_eq!((r.changed[0].layer, r.changed[0].neuron), (1, 2));
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/compare?a=base&b=small").to_request()).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
@@ -205,7 +241,7 @@ async fn compare_endpoint() {
 
 #[actix_web::test]
 async fn rate_limit_and_full_queue_answer_with_retry_after() {
-    let f = fixture(ServerConfig { rate_limit_per_minute: Some(2), workers: 1, queue: 0, ..Default::default() });
+    let f = warm_fixture(ServerConfig { rate_limit_per_minute: Some(2), workers: 1, queue: 0, ..Default::default() });
     let app = app!(f);
     let uri = "/api/models/base/search?tokens=in";
     for _ in 0..2 {
@@ -224,10 +260,86 @@ async fn rate_limit_and_full_queue_answer_with_retry_after() {
         compare: false,
         stream: false,
     };
-    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").peer_addr("10.0.0.2:1".parse().unwrap()).set_json(&gen).to_request()).await;
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::post().uri("/api/models/base/generate").peer_addr("10.0.0.2:1".parse().unwrap()).set_json(&gen).to_request(),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
     drop(held);
-    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").peer_addr("10.0.0.2:1".parse().unwrap()).set_json(&gen).to_request()).await;
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::post().uri("/api/models/base/generate").peer_addr("10.0.0.2:1".parse().unwrap()).set_json(&gen).to_request(),
+    )
+    .await;
     assert!(resp.status().is_success());
+}
+
+#[actix_web::test]
+async fn a_map_not_yet_built_is_built_in_the_background_with_progress() {
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    let uri = "/api/models/base/search?tokens=in&view=down";
+    let resp = test::call_service(&app, test::TestRequest::get().uri(uri).to_request()).await;
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned()), Some("2".into()));
+    let (status, e) = error_of(resp).await;
+    assert_eq!((status, e.code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "map_building"));
+    assert!(e.message.contains("down") && e.progress.is_some_and(|p| p <= 100), "{e:?}");
+    // The build runs in the background; the same request then succeeds.
+    let start = std::time::Instant::now();
+    loop {
+        let resp = test::call_service(&app, test::TestRequest::get().uri(uri).to_request()).await;
+        if resp.status().is_success() {
+            let r: SearchResponse = test::read_body_json(resp).await;
+            assert_eq!(r.view, View::Down);
+            break;
+        }
+        assert_eq!(error_of(resp).await.1.code, "map_building");
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "the map was not built");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(f.state.models[0].engine.map_ready(View::Down, false));
+    // Warming schedules the other views of every model.
+    f.state.warm_maps();
+    let start = std::time::Instant::now();
+    while !f.state.models.iter().all(|m| View::ALL.iter().all(|&v| m.engine.map_ready(v, false))) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "warm_maps did not build every map");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("flash_interp_map_builds_pending 0")
+            && metrics.contains("flash_interp_map_build_permille{model=\"small\",view=\"gate\"} 1000"),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn wrong_methods_are_405_and_tiny_scores_stay_numbers() {
+    let f = warm_fixture(ServerConfig::default());
+    let app = app!(f);
+    for (method, uri, allow) in [
+        ("PUT", "/api/models", "GET"),
+        ("GET", "/api/models/base/generate", "POST"),
+        ("DELETE", "/api/models/base/sweep", "POST"),
+        ("OPTIONS", "/healthz", "GET"),
+        ("PUT", "/metrics", "GET"),
+        ("DELETE", "/", "GET, HEAD"),
+        ("POST", "/neuron/1/2", "GET, HEAD"),
+    ] {
+        let resp = test::call_service(&app, test::TestRequest::default().method(method.parse().unwrap()).uri(uri).to_request()).await;
+        assert_eq!(resp.headers().get("allow").unwrap().to_str().unwrap(), allow, "{method} {uri}");
+        let (status, e) = error_of(resp).await;
+        assert_eq!((status, e.code.as_str()), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"), "{method} {uri}");
+    }
+    let resp = test::call_service(&app, test::TestRequest::default().method(actix_web::http::Method::HEAD).uri("/neuron/1/2").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Scores below ~1e-36 once became NaN (10^39 overflows f32), which JSON cannot carry.
+    let body =
+        test::call_and_read_body(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in,og&polarity=neg&top=3").to_request())
+            .await;
+    let r: SearchResponse = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)));
+    assert!(r.layers.iter().flatten().all(|x| x.is_finite()));
 }

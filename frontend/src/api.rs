@@ -30,6 +30,44 @@ pub async fn get<T: DeserializeOwned>(url: &str) -> Result<T, String> {
     decode(Request::get(url).send().await.map_err(network)?).await
 }
 
+/// Most retries of a request that waits for a neuron map's build (with the server's 2 s
+/// Retry-After: about 10 minutes).
+const MAX_BUILD_WAITS: usize = 300;
+
+/// GET `url`, waiting while the server builds the neuron map the answer needs (503 with code
+/// `map_building`): `on_progress` gets the server's message and percent before each retry.
+pub async fn get_waiting<T: DeserializeOwned>(url: &str, on_progress: impl Fn(Option<(String, u8)>)) -> Result<T, String> {
+    for _ in 0..MAX_BUILD_WAITS {
+        let resp = Request::get(url).send().await.map_err(network)?;
+        if resp.status() == 503 {
+            let retry = resp.headers().get("retry-after").and_then(|s| s.parse::<u32>().ok()).unwrap_or(2);
+            if let Ok(e) = resp.json::<ApiError>().await {
+                if e.code == "map_building" {
+                    on_progress(Some((e.message, e.progress.unwrap_or(0))));
+                    sleep_ms(retry.clamp(1, 10) * 1000).await;
+                    continue;
+                }
+                on_progress(None);
+                return Err(format!("{} (the server is busy; try again in a moment)", e.message));
+            }
+        }
+        on_progress(None);
+        return decode(resp).await;
+    }
+    on_progress(None);
+    Err("the neuron map is taking too long to build; reload to try again".into())
+}
+
+/// Wait `ms` milliseconds (a browser timer).
+async fn sleep_ms(ms: u32) {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        if let Some(w) = web_sys::window() {
+            let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms as i32);
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
+}
+
 pub async fn post<B: Serialize, T: DeserializeOwned>(url: &str, body: &B) -> Result<T, String> {
     decode(Request::post(url).json(body).map_err(network)?.send().await.map_err(network)?).await
 }

@@ -19,8 +19,7 @@ impl Parser {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<Event> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        loop {
-            let Some((end, sep)) = find_blank_line(&self.buf) else { break };
+        while let Some((end, sep)) = find_blank_line(&self.buf) {
             let block: Vec<u8> = self.buf.drain(..end + sep).take(end).collect();
             if let Some(e) = parse_block(&String::from_utf8_lossy(&block)) {
                 out.push(e);

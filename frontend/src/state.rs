@@ -408,7 +408,12 @@ mod tests {
     fn search_state_round_trips() {
         let cases = [
             SearchState::default(),
-            SearchState { model: Some("smollm2-135m-instruct.q4-1".into()), q: " dog, dogs,puppy".into(), view: View::Down, polarity: PolarityChoice::Neg },
+            SearchState {
+                model: Some("smollm2-135m-instruct.q4-1".into()),
+                q: " dog, dogs,puppy".into(),
+                view: View::Down,
+                polarity: PolarityChoice::Neg,
+            },
             SearchState { model: None, q: "a&b=c?d#e%f+g ü 🐶".into(), view: View::Gate, polarity: PolarityChoice::Pos },
         ];
         for s in cases {
@@ -478,7 +483,18 @@ mod tests {
 
     #[test]
     fn steer_state_round_trips() {
-        let mut s = SteerState { model: Some("m".into()), prompt: "Tell me, a story & more?".into(), seed: 7, temp: 0.8, top_p: Some(0.9), max: 100, n: 4, chat: false, word: "dog".into(), ..Default::default() };
+        let mut s = SteerState {
+            model: Some("m".into()),
+            prompt: "Tell me, a story & more?".into(),
+            seed: 7,
+            temp: 0.8,
+            top_p: Some(0.9),
+            max: 100,
+            n: 4,
+            chat: false,
+            word: "dog".into(),
+            ..Default::default()
+        };
         s.set_clamps(&[ClampSpec { layer: 29, neuron: 808, value: 12.0 }, ClampSpec { layer: 3, neuron: 4, value: -2.5 }]);
         let href = s.href();
         assert!(href.contains("clamps=29%3A808%3A12%2C3%3A4%3A-2.5"), "{href}");

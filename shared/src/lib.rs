@@ -82,6 +82,7 @@ impl Polarity {
 /// command line and in URLs (e.g. `12:345:8.5`).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClampSpec {
     pub layer: usize,
     pub neuron: usize,
@@ -111,6 +112,7 @@ impl std::str::FromStr for ClampSpec {
 /// One chat turn.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -119,6 +121,7 @@ pub struct ChatMessage {
 /// A prompt: plain text, or a user message wrapped in the model's chat template.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PromptSpec {
     pub text: String,
     /// Render `text` (or `messages`) through the chat template. Default: true for models with one.
@@ -132,6 +135,7 @@ pub struct PromptSpec {
 /// Sampling settings. `temperature = 0` is greedy.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SamplingParams {
     #[serde(default)]
     pub temperature: f64,
@@ -159,6 +163,7 @@ impl Default for SamplingParams {
 /// `POST /api/models/{model}/generate` request; also what `flash-interp generate` runs.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     pub prompt: PromptSpec,
     #[serde(default)]
@@ -225,6 +230,7 @@ pub struct TokenProb {
 /// Next-token distribution of a prompt (top-k).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NextTokenRequest {
     pub prompt: PromptSpec,
     #[serde(default)]
@@ -247,6 +253,7 @@ pub struct NextTokenResponse {
 /// `POST /api/models/{model}/sweep`: p(target next token) as one neuron is clamped to each value.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SweepRequest {
     pub prompt: PromptSpec,
     pub layer: usize,
@@ -441,6 +448,15 @@ pub struct TokenEvent {
 pub struct ApiError {
     pub code: String,
     pub message: String,
+    /// Percent done of the work the answer waits for (with code `map_building`: the map's build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
+}
+
+impl ApiError {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { code: code.into(), message: message.into(), progress: None }
+    }
 }
 
 #[cfg(test)]
@@ -454,6 +470,21 @@ mod tests {
         assert_eq!(c.to_string().parse::<ClampSpec>().unwrap(), c);
         assert!("12:345".parse::<ClampSpec>().is_err());
         assert!("a:1:2".parse::<ClampSpec>().unwrap_err().contains("layer"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        for (body, field) in [
+            (r#"{"prompt":{"text":"hi"},"sampling":{"max_tokens":5}}"#, "max_tokens"),
+            (r#"{"prompt":{"text":"hi"},"comapre":true}"#, "comapre"),
+            (r#"{"prompt":{"text":"hi","chta":true}}"#, "chta"),
+            (r#"{"prompt":{"text":"hi"},"clamps":[{"layer":1,"neuron":2,"value":3,"val":4}]}"#, "val"),
+        ] {
+            let e = serde_json::from_str::<GenerateRequest>(body).unwrap_err().to_string();
+            assert!(e.contains(&format!("unknown field `{field}`")), "{body}: {e}");
+        }
+        let e = serde_json::from_str::<SweepRequest>(r#"{"prompt":{"text":"x"},"layer":0,"neuron":0,"target":"a","values":[1],"x":1}"#);
+        assert!(e.unwrap_err().to_string().contains("unknown field `x`"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The HTTP server: the built web app and a JSON API over the engine. Every request and response
 //! body is a `shared` type. Routes live in [`routes::configure`], used by `serve` and by tests.
 
+pub mod conn;
 pub mod error;
+pub mod maps;
 pub mod routes;
 
 use std::net::{IpAddr, TcpListener};
@@ -9,11 +11,11 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use shared::View;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::Engine;
@@ -34,11 +36,30 @@ pub struct ServerConfig {
     pub final_norm: bool,
     /// Bytes of identical deterministic results kept in memory.
     pub cache_bytes: usize,
+    /// Most computation one request may ask for, in FLOPs (estimated before it runs; see
+    /// `Engine::forward_flops`). Larger requests are refused with 413 `over_budget`.
+    pub max_request_flops: f64,
+    /// Time a client has to send its whole request body.
+    pub body_timeout: Duration,
 }
+
+/// Default per-request budget on a CPU: 1 TFLOP, about 25 s of this project's 2-core CI machine
+/// on the default model (the longest generation the limits allow, 512 tokens of normal and
+/// steered answers after a 1,500-token prompt, fits).
+pub const CPU_REQUEST_FLOPS: f64 = 1e12;
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { workers: 2, queue: 8, rate_limit_per_minute: None, dist: PathBuf::from("dist"), final_norm: false, cache_bytes: 64 << 20 }
+        Self {
+            workers: 2,
+            queue: 8,
+            rate_limit_per_minute: None,
+            dist: PathBuf::from("dist"),
+            final_norm: false,
+            cache_bytes: 64 << 20,
+            max_request_flops: CPU_REQUEST_FLOPS,
+            body_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -63,6 +84,10 @@ impl WorkQueue {
     }
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+    /// The worker permits themselves (map builds take one without queueing as a request).
+    pub fn semaphore(&self) -> Arc<Semaphore> {
+        self.sem.clone()
     }
     /// A worker permit, waiting in the queue if there is room; `Busy` when there is none.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ServerError> {
@@ -92,6 +117,9 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub running: IntGauge,
     pub tokens: IntCounter,
+    pub builds: maps::BuildGauges,
+    /// Requests whose client went away while they waited or ran (their work was stopped).
+    pub abandoned: IntCounter,
 }
 
 impl Metrics {
@@ -102,10 +130,31 @@ impl Metrics {
         let queue_depth = IntGauge::new("flash_interp_queue_depth", "Requests waiting for a worker").unwrap();
         let running = IntGauge::new("flash_interp_generations_running", "Generations and sweeps running").unwrap();
         let tokens = IntCounter::new("flash_interp_tokens_generated_total", "Tokens generated").unwrap();
-        for c in [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(latency.clone()), Box::new(queue_depth.clone()), Box::new(running.clone()), Box::new(tokens.clone())] {
+        let builds = maps::BuildGauges {
+            pending: IntGauge::new("flash_interp_map_builds_pending", "Neuron-map builds queued or running").unwrap(),
+            running: IntGauge::new("flash_interp_map_builds_running", "Neuron-map builds running (each holds a worker)").unwrap(),
+            progress: IntGaugeVec::new(
+                Opts::new("flash_interp_map_build_permille", "Progress of each neuron map's build, 0-1000"),
+                &["model", "view"],
+            )
+            .unwrap(),
+        };
+        let abandoned = IntCounter::new("flash_interp_requests_abandoned_total", "Requests stopped because their client went away").unwrap();
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(requests.clone()),
+            Box::new(latency.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(running.clone()),
+            Box::new(tokens.clone()),
+            Box::new(builds.pending.clone()),
+            Box::new(builds.running.clone()),
+            Box::new(builds.progress.clone()),
+            Box::new(abandoned.clone()),
+        ];
+        for c in collectors {
             registry.register(c).unwrap();
         }
-        Self { registry, requests, latency, queue_depth, running, tokens }
+        Self { registry, requests, latency, queue_depth, running, tokens, builds, abandoned }
     }
 }
 
@@ -151,40 +200,35 @@ pub struct AppState {
     pub cache: ResultCache,
     /// Requests seen by the rate limiter, to prune its per-IP state now and then.
     pub rate_checks: AtomicUsize,
+    pub builds: maps::MapBuilds,
 }
 
 impl AppState {
     pub fn new(engines: Vec<Arc<Engine>>, config: ServerConfig) -> Arc<Self> {
         let mut models: Vec<Served> = Vec::new();
         for engine in engines {
-            let base: String = engine
-                .info
-                .name
-                .to_lowercase()
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
-                .collect();
+            let base: String =
+                engine.info.name.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' }).collect();
             let mut id = base.clone();
             let mut n = 2;
             while models.iter().any(|m| m.id == id) {
                 id = format!("{base}-{n}");
                 n += 1;
             }
-            let mut vocab: Vec<(String, u32)> =
-                (0..engine.tok.vocab_size() as u32).map(|i| (engine.tok.token_text(i), i)).collect();
+            let mut vocab: Vec<(String, u32)> = (0..engine.tok.vocab_size() as u32).map(|i| (engine.tok.token_text(i), i)).collect();
             vocab.sort();
             models.push(Served { id, engine, vocab });
         }
-        let limiter = config
-            .rate_limit_per_minute
-            .and_then(NonZeroU32::new)
-            .map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        let limiter = config.rate_limit_per_minute.and_then(NonZeroU32::new).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        let queue = WorkQueue::new(config.workers, config.queue);
+        let metrics = Metrics::new();
         Arc::new(Self {
-            queue: WorkQueue::new(config.workers, config.queue),
+            builds: maps::MapBuilds::new(queue.semaphore(), metrics.builds.clone()),
+            queue,
             cache: ResultCache::new(config.cache_bytes),
             models,
             limiter,
-            metrics: Metrics::new(),
+            metrics,
             rate_checks: AtomicUsize::new(0),
             config,
         })
@@ -194,18 +238,21 @@ impl AppState {
         self.models.iter().find(|m| m.id == id).ok_or_else(|| ServerError::UnknownModel(id.to_owned()))
     }
 
-    /// Build the up-view maps in the background so the first search does not wait.
-    pub fn warm_maps(self: &Arc<Self>) {
-        for i in 0..self.models.len() {
-            let state = self.clone();
-            std::thread::spawn(move || {
-                let m = &state.models[i];
-                match m.engine.map(View::Up, state.config.final_norm, &|_, _| {}) {
-                    Ok(_) => tracing::info!("neuron map of {} ready", m.id),
-                    Err(e) => tracing::warn!("building the neuron map of {}: {e}", m.id),
-                }
-            });
+    /// Schedule every view's map of every model, so the first visitors do not wait.
+    pub fn warm_maps(&self) {
+        for m in &self.models {
+            self.builds.warm(&m.id, &m.engine, self.config.final_norm);
         }
+    }
+
+    /// The map of `view` of a served model, or `MapBuilding` while it is built.
+    pub fn map(&self, m: &Served, view: shared::View) -> Result<Arc<crate::map::NeuronMap>, ServerError> {
+        self.builds.get(&m.id, &m.engine, view, self.config.final_norm)
+    }
+
+    /// Refuse a request whose estimated work exceeds the per-request budget.
+    pub fn check_work(&self, flops: f64) -> Result<(), ServerError> {
+        Ok(crate::limits::check_work(flops, self.config.max_request_flops)?)
     }
 }
 
@@ -213,6 +260,12 @@ impl AppState {
 pub async fn serve(state: Arc<AppState>, listener: TcpListener) -> std::io::Result<()> {
     let data = web::Data::from(state);
     HttpServer::new(move || App::new().app_data(data.clone()).configure(routes::configure))
+        .on_connect(conn::on_connect)
+        // The request head must arrive within 5 s (the body has its own deadline, see
+        // `conn::body_deadline`); an idle keep-alive connection is closed after 5 s.
+        .client_request_timeout(Duration::from_secs(5))
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .keep_alive(Duration::from_secs(5))
         .listen(listener)?
         .shutdown_timeout(10)
         .run()

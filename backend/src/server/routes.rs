@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use shared::*;
 use utoipa::OpenApi;
 
-use super::{AppState, ServerError};
+use super::{conn, AppState, ServerError};
 use crate::analysis;
+use crate::cancel::Cancel;
 
 type Res = Result<HttpResponse, ServerError>;
 
@@ -25,10 +26,14 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// All routes: `/api/...`, `/healthz`, `/metrics`, then the web app with its deep-link fallback.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(MAX_BODY_BYTES).error_handler(|e, _| {
+    use actix_web::error::JsonPayloadError as J;
+    cfg.app_data(web::JsonConfig::default().limit(MAX_BODY_BYTES).error_handler(|e, req| {
         let err = match &e {
-            actix_web::error::JsonPayloadError::Overflow { .. } | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
+            J::Overflow { .. } | J::OverflowKnownLength { .. } => {
                 ServerError::Engine(crate::Error::TooLarge(format!("request body over {MAX_BODY_BYTES} bytes")))
+            }
+            J::Payload(p) if conn::is_timeout(p) => {
+                ServerError::BodyTimeout(req.app_data::<Data<AppState>>().map_or(0, |s| s.config.body_timeout.as_secs()))
             }
             _ => ServerError::BadRequest(format!("malformed JSON body: {e}")),
         };
@@ -38,22 +43,32 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .app_data(web::PathConfig::default().error_handler(|e, _| ServerError::NotFound(format!("bad path: {e}")).into()))
     .service(
         web::scope("/api")
+            .wrap(actix_web::middleware::from_fn(conn::body_deadline))
             .wrap(actix_web::middleware::from_fn(observe))
             .wrap(Compress::default())
-            .route("/models", web::get().to(models))
-            .route("/models/{model}/tokens", web::get().to(tokens))
-            .route("/models/{model}/search", web::get().to(search))
-            .route("/models/{model}/neurons/{layer}/{index}", web::get().to(neuron))
-            .route("/models/{model}/sweep", web::post().to(sweep))
-            .route("/models/{model}/next-token", web::post().to(next_token))
-            .route("/models/{model}/generate", web::post().to(generate))
-            .route("/compare", web::get().to(compare))
-            .route("/openapi.json", web::get().to(openapi))
+            .service(endpoint("/models", GET, web::get().to(models)))
+            .service(endpoint("/models/{model}/tokens", GET, web::get().to(tokens)))
+            .service(endpoint("/models/{model}/search", GET, web::get().to(search)))
+            .service(endpoint("/models/{model}/neurons/{layer}/{index}", GET, web::get().to(neuron)))
+            .service(endpoint("/models/{model}/sweep", POST, web::post().to(sweep)))
+            .service(endpoint("/models/{model}/next-token", POST, web::post().to(next_token)))
+            .service(endpoint("/models/{model}/generate", POST, web::post().to(generate)))
+            .service(endpoint("/compare", GET, web::get().to(compare)))
+            .service(endpoint("/openapi.json", GET, web::get().to(openapi)))
             .default_service(web::to(|| async { Err::<HttpResponse, _>(ServerError::NotFound("no such API endpoint".into())) })),
     )
-    .route("/healthz", web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })) }))
-    .route("/metrics", web::get().to(metrics))
+    .service(endpoint("/healthz", GET, web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })) })))
+    .service(endpoint("/metrics", GET, web::get().to(metrics)))
     .service(web::scope("").wrap(actix_web::middleware::from_fn(observe)).wrap(Compress::default()).default_service(web::to(app)));
+}
+
+const GET: &str = "GET";
+const POST: &str = "POST";
+
+/// One path with one method (`route`, named by `allow`); any other method is 405 with an
+/// `Allow` header and a JSON error.
+fn endpoint(path: &str, allow: &'static str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path).route(route).default_service(web::to(move || async move { Err::<HttpResponse, _>(ServerError::MethodNotAllowed(allow)) }))
 }
 
 /// One log line and the metrics for every request.
@@ -79,7 +94,10 @@ fn content_hashed(rel: &str) -> bool {
     rel.split(['/', '.', '_']).any(|part| part.rsplit_once('-').is_some_and(|(_, h)| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit())))
 }
 
-async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
+async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
+    if !matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD) {
+        return Err(ServerError::MethodNotAllowed("GET, HEAD"));
+    }
     let dist = &state.config.dist;
     let rel = req.path().trim_start_matches('/');
     let safe = !rel.split('/').any(|p| p == ".." || p.starts_with('.'));
@@ -92,20 +110,17 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> HttpResponse {
                 // files (plotly.min.js) are revalidated with their ETag.
                 let policy = if content_hashed(rel) { "public, max-age=31536000, immutable" } else { "no-cache" };
                 resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static(policy));
-                return resp;
+                return Ok(resp);
             }
         }
     }
-    match std::fs::read(dist.join("index.html")) {
-        Ok(html) => HttpResponse::Ok()
-            .content_type("text/html; charset=utf-8")
-            .insert_header((header::CACHE_CONTROL, "no-cache"))
-            .body(html),
+    Ok(match std::fs::read(dist.join("index.html")) {
+        Ok(html) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(html),
         Err(_) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(
             "<!doctype html><title>Flash Interp</title><h1>Flash Interp</h1><p>The API is running (<a href=\"/api/models\">/api/models</a>, \
              <a href=\"/api/openapi.json\">/api/openapi.json</a>). The web app is not built: see the README.</p>",
         ),
-    }
+    })
 }
 
 fn check_rate(state: &AppState, req: &HttpRequest) -> Result<(), ServerError> {
@@ -175,6 +190,7 @@ async fn models(state: Data<AppState>) -> HttpResponse {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 struct TokensQuery {
     /// The text to tokenize, and the prefix to suggest single tokens for.
     q: String,
@@ -203,6 +219,7 @@ async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery
 }
 
 #[derive(Deserialize, Serialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 struct SearchQuery {
     /// Comma-separated single tokens, e.g. ` dog, dogs` (URL-encoded; spaces matter).
     tokens: String,
@@ -215,12 +232,14 @@ struct SearchQuery {
 }
 
 /// Round to 3 significant digits: plots need no more, and it keeps an 8B model's response small.
+/// Computed in f64, where the scale of the smallest f32 (10^47) does not overflow.
 fn round3(x: f32) -> f32 {
     if x == 0.0 || !x.is_finite() {
         return x;
     }
-    let scale = 10f32.powi(2 - x.abs().log10().floor() as i32);
-    (x * scale).round() / scale
+    let x = x as f64;
+    let scale = 10f64.powi(2 - x.abs().log10().floor() as i32);
+    ((x * scale).round() / scale) as f32
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/search", params(("model" = String, Path), SearchQuery),
@@ -238,22 +257,27 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
     }
     let ids = words.iter().map(|w| m.engine.tok.single_token(w)).collect::<crate::Result<Vec<u32>>>()?;
     let (engine, view, final_norm, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm, q.polarity);
-    cached(&state, key("search", &m.id, &(&ids, view, top, only)), blocking(move || {
-        let (map, _) = engine.map(view, final_norm, &|_, _| {})?;
-        let r = analysis::search_polarity(&engine, &map, &ids, top, only)?;
-        let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
-        Ok(SearchResponse {
-            tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
-            view,
-            final_norm,
-            layers,
-            top: r.top,
-        })
-    }))
+    let map = state.map(m, view)?;
+    cached(
+        &state,
+        key("search", &m.id, &(&ids, view, top, only)),
+        blocking(move || {
+            let r = analysis::search_polarity(&engine, &map, &ids, top, only)?;
+            let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
+            Ok(SearchResponse {
+                tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
+                view,
+                final_norm,
+                layers,
+                top: r.top,
+            })
+        }),
+    )
     .await
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 struct NeuronQuery {
     /// Tokens per view and polarity (default 20, at most 100).
     tokens: Option<usize>,
@@ -275,19 +299,43 @@ async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usi
     cached(&state, key("neuron", &m.id, &(layer, index, n)), blocking(move || analysis::neuron_detail(&engine, layer, index, final_norm, n))).await
 }
 
-/// Run expensive work (sweeps, generations) through the bounded worker queue.
-async fn queued<T: Send + 'static>(state: &Data<AppState>, f: impl FnOnce() -> crate::Result<T> + Send + 'static) -> Result<T, ServerError> {
-    let permit = state.queue.acquire().await?;
+/// A worker permit from the bounded queue, given up if the client leaves while it waits.
+async fn admit(state: &AppState, req: &HttpRequest) -> Result<tokio::sync::OwnedSemaphorePermit, ServerError> {
+    tokio::select! {
+        permit = state.queue.acquire() => permit,
+        () = conn::client_gone(req) => {
+            state.metrics.abandoned.inc();
+            Err(ServerError::ClientGone)
+        }
+    }
+}
+
+/// Run expensive work (sweeps, next-token, generations) through the bounded worker queue. If the
+/// client leaves, its queue place is freed at once, and running work is cancelled (it stops at
+/// the next layer and frees the worker).
+async fn queued<T: Send + 'static>(
+    state: &Data<AppState>,
+    req: &HttpRequest,
+    f: impl FnOnce(&Cancel) -> crate::Result<T> + Send + 'static,
+) -> Result<T, ServerError> {
+    let permit = admit(state, req).await?;
     state.metrics.running.inc();
-    let st = state.clone();
-    let r = blocking(move || {
+    let (st, cancel) = (state.clone(), Cancel::default());
+    let c = cancel.clone();
+    let work = blocking(move || {
         let _permit = permit;
-        let r = f();
+        let r = f(&c);
         st.metrics.running.dec();
         r
-    })
-    .await;
-    r
+    });
+    tokio::select! {
+        r = work => r,
+        () = conn::client_gone(req) => {
+            cancel.cancel();
+            state.metrics.abandoned.inc();
+            Err(ServerError::ClientGone)
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/sweep", params(("model" = String, Path)), request_body = SweepRequest,
@@ -296,7 +344,8 @@ async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, bod
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
     let (engine, body) = (m.engine.clone(), body.into_inner());
-    cached(&state, key("sweep", &m.id, &body), queued(&state, move || engine.sweep_request(&body))).await
+    state.check_work(engine.sweep_work(&body)?)?;
+    cached(&state, key("sweep", &m.id, &body), queued(&state, &req, move |c| engine.sweep_request(&body, c))).await
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/next-token", params(("model" = String, Path)), request_body = NextTokenRequest,
@@ -305,7 +354,17 @@ async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
     let (engine, body) = (m.engine.clone(), body.into_inner());
-    cached(&state, key("next", &m.id, &body), queued(&state, move || engine.next_token_request(&body))).await
+    state.check_work(engine.next_token_work(&body)?)?;
+    cached(&state, key("next", &m.id, &body), queued(&state, &req, move |c| engine.next_token_request(&body, c))).await
+}
+
+/// Cancels a streamed generation when its response stream is dropped (the client went away).
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }
 
 fn sse(event: &str, data: &impl Serialize) -> Bytes {
@@ -320,42 +379,52 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
     let m = state.model(&model)?;
     let engine = m.engine.clone();
     let body = body.into_inner();
-    // Fail fast on bad input, before taking a worker or starting a stream.
-    engine.validate_generate(&body)?;
+    // Fail fast on bad input or too much work, before taking a worker or starting a stream.
+    state.check_work(engine.generate_work(&body)?)?;
     if !body.stream {
         let st = state.clone();
         let k = key("generate", &m.id, &body);
-        let work = queued(&state, move || {
-            engine.generate_request(&body, &mut |_, _| {
+        let work = queued(&state, &req, move |c| {
+            engine.generate_request(&body, c, &mut |_, _| {
                 st.metrics.tokens.inc();
                 true
             })
         });
         return cached(&state, k, work).await;
     }
-    let permit = state.queue.acquire().await?;
+    let permit = admit(&state, &req).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let st = state.clone();
+    let cancel = Cancel::default();
+    let c = cancel.clone();
     st.metrics.running.inc();
     std::thread::spawn(move || {
         let _permit = permit;
-        // A send fails once the client has gone: the callback returns false and generation stops,
-        // freeing the worker.
-        let r = engine.generate_request(&body, &mut |variant, text| {
+        // Once the client has gone, actix drops the response stream: the cancel guard in it
+        // stops the model at its next layer, and sends fail so no more tokens are produced.
+        let r = engine.generate_request(&body, &c, &mut |variant, text| {
             st.metrics.tokens.inc();
             tx.blocking_send(sse("token", &TokenEvent { variant, text: text.to_owned() })).is_ok()
         });
         let last = match r {
-            Ok(resp) => sse("done", &resp),
+            Ok(resp) => Some(sse("done", &resp)),
+            Err(crate::Error::Cancelled) => None,
             Err(e) => {
                 let e = ServerError::from(e);
-                sse("error", &ApiError { code: e.code().into(), message: e.public_message() })
+                Some(sse("error", &ApiError::new(e.code(), e.public_message())))
             }
         };
-        let _ = tx.blocking_send(last);
+        if let Some(last) = last {
+            let _ = tx.blocking_send(last);
+        }
         st.metrics.running.dec();
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), rx)) });
+    let guard = CancelOnDrop(cancel);
+    let stream =
+        futures_util::stream::unfold(
+            (rx, guard),
+            |(mut rx, guard)| async move { rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), (rx, guard))) },
+        );
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -364,6 +433,7 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 struct CompareQuery {
     /// First model id (e.g. the base model).
     a: String,
@@ -383,12 +453,8 @@ async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>
         return Err(crate::Error::bad("top must be between 1 and 200").into());
     }
     let (ea, eb) = (a.engine.clone(), b.engine.clone());
-    cached(&state, key("compare", &format!("{}|{}", a.id, b.id), &top), blocking(move || {
-        let (ma, _) = ea.map(View::Up, false, &|_, _| {})?;
-        let (mb, _) = eb.map(View::Up, false, &|_, _| {})?;
-        analysis::compare_models(&ea, &eb, &ma, &mb, top)
-    }))
-    .await
+    let (ma, mb) = (state.map(a, View::Up)?, state.map(b, View::Up)?);
+    cached(&state, key("compare", &format!("{}|{}", a.id, b.id), &top), blocking(move || analysis::compare_models(&ea, &eb, &ma, &mb, top))).await
 }
 
 async fn metrics(state: Data<AppState>) -> HttpResponse {
@@ -401,13 +467,60 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
 #[openapi(
     info(title = "Flash Interp API", description = "Find and steer feature neurons of Llama-style models. Errors are ApiError {code, message}."),
     paths(models, tokens, search, neuron, sweep, next_token, generate, compare),
-    components(schemas(ApiError, ModelSummary, TokenizeResponse, TokenInfo, SearchResponse, SearchHit, NeuronDetail, ViewTokens,
-        TokenScore, ActivationStats, SimilarNeuron, SweepRequest, SweepResponse, SweepPoint, NextTokenRequest, NextTokenResponse,
-        TokenProb, GenerateRequest, GenerateResponse, Completion, TokenEvent, PromptSpec, ChatMessage, SamplingParams, ClampSpec,
-        CompareResponse, LayerAgreement, ChangedNeuron, View, Polarity, Variant, StopReason))
+    components(schemas(
+        ApiError,
+        ModelSummary,
+        TokenizeResponse,
+        TokenInfo,
+        SearchResponse,
+        SearchHit,
+        NeuronDetail,
+        ViewTokens,
+        TokenScore,
+        ActivationStats,
+        SimilarNeuron,
+        SweepRequest,
+        SweepResponse,
+        SweepPoint,
+        NextTokenRequest,
+        NextTokenResponse,
+        TokenProb,
+        GenerateRequest,
+        GenerateResponse,
+        Completion,
+        TokenEvent,
+        PromptSpec,
+        ChatMessage,
+        SamplingParams,
+        ClampSpec,
+        CompareResponse,
+        LayerAgreement,
+        ChangedNeuron,
+        View,
+        Polarity,
+        Variant,
+        StopReason
+    ))
 )]
 pub struct ApiDoc;
 
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round3;
+
+    #[test]
+    fn round3_keeps_three_digits_at_every_magnitude() {
+        assert_eq!(round3(3.14159), 3.14);
+        assert_eq!(round3(-1234.5), -1230.0);
+        assert_eq!(round3(0.0), 0.0);
+        // Below ~1e-36 the f32 scale 10^(2 - log10 x) overflowed and the result was NaN.
+        for x in [1e-36f32, 2.345e-38, 1e-40, 1e-45, f32::MIN_POSITIVE, 3e38] {
+            let r = round3(x);
+            assert!(r.is_finite() && (r - x).abs() <= x.abs() * 5e-3 + 1e-45, "{x} -> {r}");
+        }
+    }
 }

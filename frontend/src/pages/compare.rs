@@ -5,8 +5,8 @@
 use leptos::prelude::*;
 use leptos_router::hooks::use_navigate;
 use plotly::common::Marker;
-use plotly::layout::{Axis, Margin};
 use plotly::configuration::DisplayModeBar;
+use plotly::layout::{Axis, Margin};
 use plotly::{Bar, Configuration, Layout, Plot};
 use shared::{CompareResponse, ModelSummary};
 
@@ -45,20 +45,25 @@ pub fn Compare() -> impl IntoView {
             };
             let (Some(a), Some(b)) = (s.a, s.b) else { return None };
             let url = format!("/api/compare?a={}&b={}&top=30", state::segment(&a), state::segment(&b));
-            Some(api::get::<CompareResponse>(&url).await)
+            // Waits (with the spinner) while the server builds either model's map.
+            Some(api::get_waiting::<CompareResponse>(&url, |_| {}).await)
         }
     });
     let navigate = use_navigate();
     let pick = move |which: char, ev: leptos::ev::Event| {
         let id = event_target_value(&ev);
         let mut s = st.get_untracked().unwrap_or_default();
-        if which == 'a' { s.a = Some(id) } else { s.b = Some(id) }
+        if which == 'a' {
+            s.a = Some(id)
+        } else {
+            s.b = Some(id)
+        }
         navigate(&s.href(), Default::default());
     };
     let pick_b = pick.clone();
     let select = move |id: &'static str, list: Vec<ModelSummary>, cur: Option<String>, f: Box<dyn Fn(leptos::ev::Event)>| {
         view! {
-            <select id=id on:change=move |ev| f(ev)>
+            <select id=id on:change=f>
                 <option value="" selected=cur.is_none() disabled=true>"choose a model"</option>
                 {list.into_iter().map(|m| {
                     let sel = cur.as_deref() == Some(m.id.as_str());

@@ -6,8 +6,8 @@
 use leptos::prelude::*;
 use leptos_router::hooks::{use_navigate, use_params_map};
 use plotly::common::{Line, Marker, Mode, Orientation};
-use plotly::layout::{Axis, AxisType, Margin, Shape, ShapeLine, ShapeType};
 use plotly::configuration::DisplayModeBar;
+use plotly::layout::{Axis, AxisType, Margin, Shape, ShapeLine, ShapeType};
 use plotly::{Bar, Configuration, Layout, Plot, Scatter};
 use shared::{NeuronDetail, Polarity, PromptSpec, SweepRequest, SweepResponse, ViewTokens};
 
@@ -24,7 +24,9 @@ pub fn Neuron() -> impl IntoView {
     let search = use_search();
     let st = Memo::new(move |_| {
         let p = params.read();
-        let num = |k: &str| p.get(k).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| format!("{:?} is not a neuron address", p.get(k).unwrap_or_default()));
+        let num = |k: &str| {
+            p.get(k).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| format!("{:?} is not a neuron address", p.get(k).unwrap_or_default()))
+        };
         NeuronState::parse(num("layer")?, num("index")?, &search.get())
     });
     let models = Models::get();
@@ -79,13 +81,14 @@ fn token_chart(vt: &ViewTokens) -> Plot {
 fn Detail(model: String, d: NeuronDetail) -> impl IntoView {
     let (layer, neuron) = (d.layer, d.neuron);
     // What the neuron writes: the down view's top token, the word a steered answer should show.
-    let writes = d.views.iter().find(|v| v.view == shared::View::Down && v.polarity == Polarity::Pos).and_then(|v| v.tokens.first()).map(|t| t.text.clone());
+    let writes =
+        d.views.iter().find(|v| v.view == shared::View::Down && v.polarity == Polarity::Pos).and_then(|v| v.tokens.first()).map(|t| t.text.clone());
     let reads = d.views.iter().find(|v| v.view == shared::View::Up).and_then(|v| v.tokens.first()).map(|t| t.text.clone());
     let strength = (d.activation.max.abs().max(d.activation.min.abs()) * 2.0).clamp(4.0, 50.0).round();
     let mut steer = SteerState { model: Some(model.clone()), word: writes.clone().unwrap_or_default().trim().to_owned(), ..Default::default() };
     steer.set_clamps(&[shared::ClampSpec { layer, neuron, value: strength }]);
     let search_link = reads.map(|t| SearchState { model: Some(model.clone()), q: t, ..Default::default() }.href());
-    let a = d.activation.clone();
+    let a = d.activation;
     view! {
         <p class="actions">
             <a class="button" id="steer-link" href=steer.href()>"Steer with this neuron"</a>
@@ -181,7 +184,11 @@ fn sweep_plot(r: &SweepResponse, log: bool) -> Plot {
             .show_legend(false)
             .shapes(shapes)
             .x_axis(Axis::new().title("clamp value"))
-            .y_axis(Axis::new().title(format!("p({})", show_token(&r.target_text)).as_str()).type_(if log { AxisType::Log } else { AxisType::Linear })),
+            .y_axis(Axis::new().title(format!("p({})", show_token(&r.target_text)).as_str()).type_(if log {
+                AxisType::Log
+            } else {
+                AxisType::Linear
+            })),
     );
     plot.set_configuration(Configuration::new().responsive(true).display_logo(false));
     plot

@@ -27,15 +27,23 @@ pub fn Search() -> impl IntoView {
         Err(e) => Some(Err(e)),
         Ok(s) => models.pick(s.model.as_deref()).map(|r| r.map(|m| m.id)),
     });
+    // While the server builds the view's neuron map: its message and percent.
+    let (building, set_building) = signal(None::<(String, u8)>);
     // The results follow the URL; an answer for an older URL is dropped.
-    let results = crate::follow(move || (model.get(), st.get()), |(m, s)| async move {
-        match (m, s) {
-            (None, _) => None,
-            (Some(Err(e)), _) | (_, Err(e)) => Some(Err(e)),
-            (Some(Ok(m)), Ok(s)) if !s.tokens().is_empty() => Some(api::get::<SearchResponse>(&s.api_url(&m, MARKED)).await.map(|r| Some((m, r)))),
-            _ => Some(Ok(None)),
-        }
-    });
+    let results = crate::follow(
+        move || (model.get(), st.get()),
+        move |(m, s)| async move {
+            match (m, s) {
+                (None, _) => None,
+                (Some(Err(e)), _) | (_, Err(e)) => Some(Err(e)),
+                (Some(Ok(m)), Ok(s)) if !s.tokens().is_empty() => {
+                    let on_progress = move |p| set_building.set(p);
+                    Some(api::get_waiting::<SearchResponse>(&s.api_url(&m, MARKED), on_progress).await.map(|r| Some((m, r))))
+                }
+                _ => Some(Ok(None)),
+            }
+        },
+    );
     let (draft, set_draft) = signal(String::new());
     Effect::new(move || set_draft.set(st.get().map(|s| s.q).unwrap_or_default()));
     let suggestions = LocalResource::new(move || {
@@ -119,6 +127,14 @@ pub fn Search() -> impl IntoView {
         </form>
         <TokenHint suggestions=suggestions />
         {move || {
+            if let (None, Some((message, percent))) = (results.get(), building.get()) {
+                return view! {
+                    <p class="loading" id="map-building" role="status">
+                        <span class="spinner"></span>{message}" "<progress max="100" value=percent>{format!("{percent}%")}</progress>
+                    </p>
+                }
+                .into_any();
+            }
             status_view(results.get(), "Searching every neuron…", |r| match r {
                 Some((m, s)) => view! { <Results model=m s=s /> }.into_any(),
                 None => view! {

@@ -199,7 +199,11 @@ pub fn Steer() -> impl IntoView {
         }))
     };
 
-    let num_input = move |id: &'static str, label: &'static str, get: fn(&SteerState) -> String, set: fn(&mut SteerState, &str), attrs: (&'static str, &'static str, &'static str)| {
+    let num_input = move |id: &'static str,
+                          label: &'static str,
+                          get: fn(&SteerState) -> String,
+                          set: fn(&mut SteerState, &str),
+                          attrs: (&'static str, &'static str, &'static str)| {
         view! {
             <label>
                 {label}
