@@ -99,7 +99,11 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
     println!("  flash-interp (f32 gemm)     {:>7.2}s", r["map_seconds_f32_path"].as_f64().unwrap_or(f64::NAN));
     for (name, v) in r["peers"].as_object().into_iter().flatten() {
         let s = v["seconds"].as_f64().unwrap_or(f64::NAN);
-        println!("  {name:<26}  {s:>7.2}s   ours is {:.2}x faster ({:.2}x on the f32 path)", s / ours_secs(&r), s / r["map_seconds_f32_path"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "  {name:<26}  {s:>7.2}s   ours is {:.2}x faster ({:.2}x on the f32 path)",
+            s / ours_secs(&r),
+            s / r["map_seconds_f32_path"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     println!("search (one token, map in memory): median {:.1} ms", r["search_ms_median"].as_f64().unwrap_or(f64::NAN));
     println!("loading the cached map: {:.3}s", r["cache_load_seconds"].as_f64().unwrap_or(f64::NAN));

@@ -62,28 +62,16 @@ impl Tok {
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i32> = match meta(c, "tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| Error::Tokenizer(e.to_string()))?
-                .iter()
-                .map(|x| x.to_i32().unwrap_or(1))
-                .collect(),
+            Some(v) => v.to_vec().map_err(|e| Error::Tokenizer(e.to_string()))?.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
         let pre = meta(c, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         let merges: Vec<(String, String)> = merges
             .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}")))
-            })
+            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}"))))
             .collect::<Result<_>>()?;
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut tk = Tokenizer::new(bpe);
         let pre_tok: PreTokenizerWrapper = match pre.as_str() {
             "llama-bpe" | "llama3" => Sequence::new(vec![
@@ -100,12 +88,8 @@ impl Tok {
         tk.with_pre_tokenizer(Some(pre_tok));
         tk.with_decoder(Some(ByteLevelDecoder::default()));
         // Control (3) and user-defined (4) tokens are matched whole in the input text.
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &ty)| ty == 3 || ty == 4)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
-            .collect();
+        let specials: Vec<AddedToken> =
+            tokens.iter().zip(&types).filter(|(_, &ty)| ty == 3 || ty == 4).map(|(t, _)| AddedToken::from(t.clone(), true)).collect();
         tk.add_special_tokens(specials).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let bos_id = meta_u32(c, "tokenizer.ggml.bos_token_id");
         let eos_id = meta_u32(c, "tokenizer.ggml.eos_token_id");
@@ -122,10 +106,8 @@ impl Tok {
     pub fn from_hf_dir(dir: &Path, eos_from_config: &[u32]) -> Result<Self> {
         let inner = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
-        let cfg: serde_json::Value = std::fs::read(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let cfg: serde_json::Value =
+            std::fs::read(dir.join("tokenizer_config.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);
         let token_str = |key: &str| -> Option<String> {
             match &cfg[key] {
                 serde_json::Value::String(s) => Some(s.clone()),

@@ -133,7 +133,8 @@ fn negating_up_row_and_down_column_changes_nothing_but_swaps_polarities() {
     let ids = [1u32, 40, 77, 263, 5];
     let x = Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let la: Vec<f32> = a.engine.model.forward(&x, &mut Cache::new(a.engine.config()), &[], &[]).unwrap().logits.i(0).unwrap().to_vec1().unwrap();
-    let lb: Vec<f32> = b.engine.model.forward(&x, &mut Cache::new(b.engine.config()), &[Intervention::none()], &[]).unwrap().logits.i(0).unwrap().to_vec1().unwrap();
+    let lb: Vec<f32> =
+        b.engine.model.forward(&x, &mut Cache::new(b.engine.config()), &[Intervention::none()], &[]).unwrap().logits.i(0).unwrap().to_vec1().unwrap();
     let d = la.iter().zip(&lb).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     assert!(d < 1e-5, "logits moved by {d}");
     let (ma, mb) = (build(&a.engine, View::Up, false), build(&b.engine, View::Up, false));
@@ -201,9 +202,8 @@ fn neuron_detail_agrees_with_the_map_and_brute_force() {
     let want_norm = (first.prob.ln() - m.log_mean_top(Polarity::Pos, i)).exp();
     assert!((first.norm - want_norm).abs() < 1e-3 * want_norm);
     // Similar neurons: brute-force cosine of up rows, the neuron itself excluded.
-    let up: Vec<Vec<f32>> = (0..t.engine.config().n_layers)
-        .flat_map(|l| map::directions(&t.engine.model, View::Up, l).unwrap().to_vec2::<f32>().unwrap())
-        .collect();
+    let up: Vec<Vec<f32>> =
+        (0..t.engine.config().n_layers).flat_map(|l| map::directions(&t.engine.model, View::Up, l).unwrap().to_vec2::<f32>().unwrap()).collect();
     let cos = |a: &[f32], b: &[f32]| {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt())

@@ -235,7 +235,12 @@ async fn search_plot_neuron_page_and_sweep() {
         // The neuron page: six token charts, activation statistics, similar neurons.
         c.goto(&format!("{base}/neuron/29/808")).await?;
         wait(c, "#similar tr", 60).await?;
-        until(30, "six token charts", async || Ok((c.find_all(Locator::Css(".tokens-chart .chart[data-drawn='1']")).await?.len() == 6).then_some(()))).await?;
+        until(
+            30,
+            "six token charts",
+            async || Ok((c.find_all(Locator::Css(".tokens-chart .chart[data-drawn='1']")).await?.len() == 6).then_some(())),
+        )
+        .await?;
         assert!(c.find(Locator::Css("#activation")).await?.text().await?.contains("positions"));
         assert!(c.find_all(Locator::Css("#similar tr")).await?.len() >= 5);
         let down_pos = c.find(Locator::Css("#tokens-down-pos")).await?.text().await?;
@@ -403,7 +408,8 @@ async fn compare_models_picker_about_and_errors() {
         assert_eq!(overflow, false, "the search page scrolls sideways at 375 px");
         shot(c, "search-375").await?;
         c.goto(&format!("{base}/neuron/29/808")).await?;
-        until(30, "token charts", async || Ok((c.find_all(Locator::Css(".tokens-chart .chart[data-drawn='1']")).await?.len() == 6).then_some(()))).await?;
+        until(30, "token charts", async || Ok((c.find_all(Locator::Css(".tokens-chart .chart[data-drawn='1']")).await?.len() == 6).then_some(())))
+            .await?;
         shot(c, "neuron-375").await?;
         // An unknown app path shows the app's own not-found message, not a blank page.
         c.goto(&format!("{base}/no/such/page")).await?;

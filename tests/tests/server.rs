@@ -32,7 +32,9 @@ fn gen_body(max: usize, clamps: Vec<ClampSpec>, compare: bool, stream: bool) -> 
 }
 
 /// Read a whole SSE response: (event, data) pairs.
-async fn read_events(resp: &mut awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin>) -> Vec<(String, String)> {
+async fn read_events(
+    resp: &mut awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin>,
+) -> Vec<(String, String)> {
     let mut buf = String::new();
     while let Some(chunk) = resp.next().await {
         buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
@@ -68,7 +70,11 @@ async fn serves_the_api_the_app_and_streams_two_different_answers() {
     assert_eq!(s.layers.len(), 30);
     assert_eq!((s.top[0].layer, s.top[0].neuron), (29, 808));
     // Streamed compare: token events for both variants, then `done`, adding up to the answers.
-    let mut r = c.post(format!("{base}/api/models/{MODEL}/generate")).send_json(&gen_body(30, vec![ClampSpec { layer: 29, neuron: 808, value: 12.0 }], true, true)).await.unwrap();
+    let mut r = c
+        .post(format!("{base}/api/models/{MODEL}/generate"))
+        .send_json(&gen_body(30, vec![ClampSpec { layer: 29, neuron: 808, value: 12.0 }], true, true))
+        .await
+        .unwrap();
     assert_eq!(r.headers().get("content-type").unwrap(), "text/event-stream");
     let events = read_events(&mut r).await;
     let (last, data) = events.last().unwrap();
@@ -85,7 +91,11 @@ async fn serves_the_api_the_app_and_streams_two_different_answers() {
         assert_eq!(text, done.completions[i].text);
     }
     assert_ne!(done.completions[0].text, done.completions[1].text, "a strong clamp should change the answer");
-    assert!(done.completions[1].text.to_lowercase().contains("cat") || done.completions[1].text.to_lowercase().contains("dog"), "{:?}", done.completions[1].text);
+    assert!(
+        done.completions[1].text.to_lowercase().contains("cat") || done.completions[1].text.to_lowercase().contains("dog"),
+        "{:?}",
+        done.completions[1].text
+    );
 }
 
 #[actix_web::test]
@@ -121,8 +131,14 @@ async fn the_server_still_answers_correctly_after_a_burst_of_malformed_requests(
     for i in 0..12 {
         let cases: Vec<(awc::ClientRequest, Option<String>)> = vec![
             (c.post(format!("{api}/generate")).content_type("application/json"), Some("{nope".into())),
-            (c.post(format!("{api}/generate")).content_type("application/json"), Some(format!("{{\"prompt\":{{\"text\":\"x\"}},\"clamps\":[{{\"layer\":{i},\"neuron\":99999,\"value\":1}}]}}"))),
-            (c.post(format!("{api}/sweep")).content_type("application/json"), Some("{\"prompt\":{\"text\":\"x\"},\"layer\":0,\"neuron\":0,\"target\":\" dog\",\"values\":[1e30]}".into())),
+            (
+                c.post(format!("{api}/generate")).content_type("application/json"),
+                Some(format!("{{\"prompt\":{{\"text\":\"x\"}},\"clamps\":[{{\"layer\":{i},\"neuron\":99999,\"value\":1}}]}}")),
+            ),
+            (
+                c.post(format!("{api}/sweep")).content_type("application/json"),
+                Some("{\"prompt\":{\"text\":\"x\"},\"layer\":0,\"neuron\":0,\"target\":\" dog\",\"values\":[1e30]}".into()),
+            ),
             (c.get(format!("{api}/search?tokens=notasingletokenatall")), None),
             (c.get(format!("{api}/neurons/99/0")), None),
             (c.get(format!("{base}/api/models/ghost/search?tokens=a")), None),
@@ -140,7 +156,11 @@ async fn the_server_still_answers_correctly_after_a_burst_of_malformed_requests(
     }
     let r: NextTokenResponse = c
         .post(format!("{api}/next-token"))
-        .send_json(&NextTokenRequest { prompt: PromptSpec { text: "The capital of France is".into(), chat: Some(false), messages: None }, clamps: vec![], top_k: 3 })
+        .send_json(&NextTokenRequest {
+            prompt: PromptSpec { text: "The capital of France is".into(), chat: Some(false), messages: None },
+            clamps: vec![],
+            top_k: 3,
+        })
         .await
         .unwrap()
         .json()

@@ -62,9 +62,7 @@ pub fn save(map: &NeuronMap, path: &Path) -> Result<()> {
 /// Read a map from `path`, accepting it only if it was built with exactly `expect`.
 pub fn load(path: &Path, expect: &MapMeta) -> Result<NeuronMap> {
     let mut buf = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut buf))
-        .map_err(|e| cache_err(path, format!("unreadable: {e}")))?;
+    std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut buf)).map_err(|e| cache_err(path, format!("unreadable: {e}")))?;
     if buf.len() < 20 || &buf[..8] != MAGIC {
         return Err(cache_err(path, "not a neuron-map cache file"));
     }

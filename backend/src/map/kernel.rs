@@ -314,11 +314,24 @@ mod gemm_path {
             // dst rows × cols (row stride COLS), lhs rows × d, rhs d × cols from wu rows t0...
             unsafe {
                 gemm::gemm(
-                    rows, cols, d,
-                    tile.as_mut_ptr(), 1, COLS as isize, false,
-                    block.as_ptr(), 1, d as isize,
-                    wu.as_ptr().add(t0 * d), d as isize, 1,
-                    0.0, 1.0, false, false, false,
+                    rows,
+                    cols,
+                    d,
+                    tile.as_mut_ptr(),
+                    1,
+                    COLS as isize,
+                    false,
+                    block.as_ptr(),
+                    1,
+                    d as isize,
+                    wu.as_ptr().add(t0 * d),
+                    d as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -561,12 +574,10 @@ mod tests {
         assert!(got.iter().all(|g| g.pos.top.len() == k && g.neg.top.len() == k));
         let vocab = wu.len() / d;
         for (i, g) in got.iter().enumerate() {
-            let logits: Vec<f64> =
-                (0..vocab).map(|t| (0..d).map(|c| dirs[i * d + c] as f64 * wu[t * d + c] as f64).sum()).collect();
+            let logits: Vec<f64> = (0..vocab).map(|t| (0..d).map(|c| dirs[i * d + c] as f64 * wu[t * d + c] as f64).sum()).collect();
             // Error bound of a split-bf16 product (2^-16 per term, doubled): 2^-15 · Σ|a·b|.
-            let tol: Vec<f64> = (0..vocab)
-                .map(|t| 1e-6 + (0..d).map(|c| (dirs[i * d + c] as f64 * wu[t * d + c] as f64).abs()).sum::<f64>() / 32768.0)
-                .collect();
+            let tol: Vec<f64> =
+                (0..vocab).map(|t| 1e-6 + (0..d).map(|c| (dirs[i * d + c] as f64 * wu[t * d + c] as f64).abs()).sum::<f64>() / 32768.0).collect();
             for (sign, red) in [(1.0, &g.pos), (-1.0, &g.neg)] {
                 let v: Vec<f64> = logits.iter().map(|x| sign * x).collect();
                 let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -49,12 +49,7 @@ pub struct PolarityTable {
 
 impl PolarityTable {
     fn with_capacity(n: usize, k: usize) -> Self {
-        Self {
-            lse: Vec::with_capacity(n),
-            lse_top: Vec::with_capacity(n),
-            ids: Vec::with_capacity(n * k),
-            probs: Vec::with_capacity(n * k),
-        }
+        Self { lse: Vec::with_capacity(n), lse_top: Vec::with_capacity(n), ids: Vec::with_capacity(n * k), probs: Vec::with_capacity(n * k) }
     }
 }
 
@@ -92,7 +87,14 @@ impl NeuronMap {
 
     /// Decode every neuron of `model` in `view`. `progress(done, total)` is called from worker
     /// threads as neurons finish.
-    pub fn build(model: &Llama, view: View, final_norm: bool, fingerprint: &str, weights: &str, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Self> {
+    pub fn build(
+        model: &Llama,
+        view: View,
+        final_norm: bool,
+        fingerprint: &str,
+        weights: &str,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Self> {
         let cfg = model.config();
         let wu = unembedding(model, final_norm)?;
         let (vocab, d) = wu.dims2()?;
@@ -141,11 +143,7 @@ fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
 /// (w ⊙ g) · u = w · (g ⊙ u).
 pub fn unembedding(model: &Llama, final_norm: bool) -> Result<Tensor> {
     let wu = model.lm_head_weight()?.to_dtype(DType::F32)?;
-    Ok(if final_norm {
-        wu.broadcast_mul(&model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?
-    } else {
-        wu
-    })
+    Ok(if final_norm { wu.broadcast_mul(&model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)? } else { wu })
 }
 
 /// The decoded direction of every neuron of `layer` in `view`, `[d_ff, d]`, f32, contiguous.
@@ -161,9 +159,7 @@ pub fn directions(model: &Llama, view: View, layer: usize) -> Result<Tensor> {
 
 /// Where maps are cached: `$FLASH_INTERP_CACHE`, else `cache/` beside the default models.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("FLASH_INTERP_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::fetch::models_dir().join("cache"))
+    std::env::var_os("FLASH_INTERP_CACHE").map(PathBuf::from).unwrap_or_else(|| crate::fetch::models_dir().join("cache"))
 }
 
 /// The cache file of a map.

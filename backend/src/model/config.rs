@@ -36,9 +36,7 @@ impl Config {
     /// Inverse RoPE frequencies, one per pair of dimensions, with any scaling applied.
     pub fn inv_freqs(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
-        let mut f: Vec<f32> = (0..half)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / self.head_dim as f32))
-            .collect();
+        let mut f: Vec<f32> = (0..half).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / self.head_dim as f32)).collect();
         if let Some(s) = &self.rope_scaling {
             let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor;
             let high_wavelen = s.original_max_position_embeddings as f32 / s.high_freq_factor;
@@ -49,9 +47,7 @@ impl Config {
                 } else if wavelen > low_wavelen {
                     *freq / s.factor
                 } else {
-                    let smooth = (s.original_max_position_embeddings as f32 / wavelen
-                        - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (s.original_max_position_embeddings as f32 / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * *freq / s.factor + smooth * *freq
                 };
             }
