@@ -120,7 +120,7 @@ impl Engine {
         };
         let n_heads = req("attention.head_count")?;
         let d_model = req("embedding_length")?;
-        let embed_rows = c.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).unwrap_or(0);
+        let embed_rows = c.tensor_infos.get("token_embd.weight").and_then(|t| t.shape.dims().first().copied()).unwrap_or(0);
         let rope_freq_factors = src.raw_f32("rope_freqs.weight")?.map(|t| t.to_vec1::<f32>()).transpose()?;
         let cfg = Config {
             n_layers: req("block_count")?,
@@ -128,7 +128,7 @@ impl Engine {
             d_ff: req("feed_forward_length")?,
             n_heads,
             n_kv_heads: req("attention.head_count_kv").unwrap_or(n_heads),
-            head_dim: req("attention.key_length").or_else(|_| req("rope.dimension_count")).unwrap_or(d_model / n_heads),
+            head_dim: req("attention.key_length").or_else(|_| req("rope.dimension_count")).unwrap_or(d_model / n_heads.max(1)),
             vocab_size: req("vocab_size").unwrap_or(embed_rows),
             rms_eps: get("attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5) as f64,
             rope_theta: get("rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),

@@ -274,7 +274,7 @@ fn parse_values(s: &str) -> Result<Vec<f32>> {
         if n < 2 {
             bail!("a range needs at least 2 values");
         }
-        return Ok((0..n).map(|i| a + (b - a) * i as f32 / (n - 1) as f32).collect());
+        return Ok(shared::linspace(a, b, n));
     }
     s.split(',').map(|v| v.trim().parse::<f32>().with_context(|| format!("clamp value {v:?} is not a number"))).collect()
 }

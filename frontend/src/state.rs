@@ -202,7 +202,7 @@ pub fn sweep_values(from: f32, to: f32, steps: usize) -> Result<Vec<f32>, String
     if from >= to {
         return Err("the sweep's start must be below its end".into());
     }
-    Ok((0..steps).map(|i| from + (to - from) * i as f32 / (steps - 1) as f32).collect())
+    Ok(shared::linspace(from, to, steps))
 }
 
 pub const DEFAULT_STEER_PROMPT: &str = "What is your favourite animal?";

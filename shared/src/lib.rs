@@ -22,6 +22,16 @@ pub mod limits {
     pub const MAX_TOP_K: usize = 100;
 }
 
+/// `n` evenly spaced values from `from` to `to`, both ends exact: computed in f64, so rounding
+/// never steps past an end (a sweep ending at the ±1000 limit stays within it).
+pub fn linspace(from: f32, to: f32, n: usize) -> Vec<f32> {
+    let (lo, hi) = (from.min(to), from.max(to));
+    (0..n)
+        .map(|i| if i + 1 == n { to } else { (from as f64 + (to as f64 - from as f64) * i as f64 / (n - 1).max(1) as f64) as f32 })
+        .map(|v| v.clamp(lo, hi))
+        .collect()
+}
+
 /// Which weight vector of an MLP neuron is decoded through the LM head.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -470,6 +480,16 @@ mod tests {
         assert_eq!(c.to_string().parse::<ClampSpec>().unwrap(), c);
         assert!("12:345".parse::<ClampSpec>().is_err());
         assert!("a:1:2".parse::<ClampSpec>().unwrap_err().contains("layer"));
+    }
+
+    #[test]
+    fn linspace_hits_both_ends_and_stays_inside() {
+        assert_eq!(linspace(-1.0, 1.0, 5), vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(linspace(5.0, -5.0, 3), vec![5.0, 0.0, -5.0]);
+        // In f32, -999.99994 + 1999.99994 * 4 / 4 rounds to 1000.00006, past the clamp limit.
+        let v = linspace(-999.99994, 1000.0, 5);
+        assert_eq!((v[0], v[4]), (-999.99994, 1000.0));
+        assert!(v.iter().all(|x| (-999.99994..=1000.0).contains(x)) && v.windows(2).all(|w| w[0] <= w[1]));
     }
 
     #[test]

@@ -33,6 +33,37 @@ pub struct Config {
 }
 
 impl Config {
+    /// Shapes that can be run: a corrupt or inconsistent file is refused here, before any table
+    /// is sized from it. (Each weight's shape is then checked against these numbers.)
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("layers", self.n_layers),
+            ("model width", self.d_model),
+            ("MLP width", self.d_ff),
+            ("attention heads", self.n_heads),
+            ("key/value heads", self.n_kv_heads),
+            ("head size", self.head_dim),
+            ("vocabulary", self.vocab_size),
+            ("context", self.max_seq_len),
+        ];
+        if let Some((what, _)) = positive.iter().find(|(_, n)| *n == 0) {
+            return Err(format!("the model's {what} is 0"));
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(format!("{} attention heads cannot share {} key/value heads", self.n_heads, self.n_kv_heads));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!("head size {} is odd (RoPE rotates pairs)", self.head_dim));
+        }
+        if self.rope_freq_factors.as_ref().is_some_and(|f| f.len() != self.head_dim / 2) {
+            return Err(format!("rope_freqs has the wrong length for head size {}", self.head_dim));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err("the norm epsilon and RoPE base must be positive numbers".into());
+        }
+        Ok(())
+    }
+
     /// Inverse RoPE frequencies, one per pair of dimensions, with any scaling applied.
     pub fn inv_freqs(&self) -> Vec<f32> {
         let half = self.head_dim / 2;

@@ -80,7 +80,9 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<Self> {
-        Ok(Self { weight: src.vector(key)?, eps: cfg.rms_eps })
+        let weight = src.vector(key)?;
+        check_shape(src, key, weight.dims(), cfg)?;
+        Ok(Self { weight, eps: cfg.rms_eps })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
@@ -102,10 +104,10 @@ struct Attention {
 impl Attention {
     fn load(src: &dyn WeightSource, l: usize, cfg: &Config) -> Result<Self> {
         Ok(Self {
-            q: src.linear(Key::Q(l))?,
-            k: src.linear(Key::K(l))?,
-            v: src.linear(Key::V(l))?,
-            o: src.linear(Key::O(l))?,
+            q: linear(src, Key::Q(l), cfg)?,
+            k: linear(src, Key::K(l), cfg)?,
+            v: linear(src, Key::V(l), cfg)?,
+            o: linear(src, Key::O(l), cfg)?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
@@ -155,8 +157,8 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn load(src: &dyn WeightSource, l: usize) -> Result<Self> {
-        Ok(Self { gate: src.linear(Key::Gate(l))?, up: src.linear(Key::Up(l))?, down: src.linear(Key::Down(l))? })
+    fn load(src: &dyn WeightSource, l: usize, cfg: &Config) -> Result<Self> {
+        Ok(Self { gate: linear(src, Key::Gate(l), cfg)?, up: linear(src, Key::Up(l), cfg)?, down: linear(src, Key::Down(l), cfg)? })
     }
 
     fn hidden(&self, x: &Tensor) -> Result<Tensor> {
@@ -179,7 +181,7 @@ impl Block {
             attn_norm: RmsNorm::load(src, Key::AttnNorm(l), cfg)?,
             attn: Attention::load(src, l, cfg)?,
             ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?,
-            mlp: Mlp::load(src, l)?,
+            mlp: Mlp::load(src, l, cfg)?,
         })
     }
 }
@@ -202,11 +204,13 @@ pub struct Llama {
 impl Llama {
     pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
         let device = src.device().clone();
+        cfg.check().map_err(|e| Error::model(src.origin(), e))?;
         let embed = src.dense(Key::Embed)?;
+        check_shape(src, Key::Embed, embed.dims(), cfg)?;
         let dtype = embed.dtype();
         let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, Key::OutNorm, cfg)?;
-        let lm_head = if cfg.tied_embeddings { src.tied_head()? } else { src.linear(Key::Output)? };
+        let lm_head = if cfg.tied_embeddings { src.tied_head()? } else { linear(src, Key::Output, cfg)? };
         let inv = cfg.inv_freqs();
         let half = inv.len();
         let inv = Tensor::from_vec(inv, (1, half), &device)?;
@@ -348,6 +352,27 @@ fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result
     let total = offset + t;
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
+}
+
+/// A linear layer's weight, checked against the shape the configuration implies.
+fn linear(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<QMatMul> {
+    let w = src.linear(key)?;
+    let dims = match &w {
+        QMatMul::QTensor(q) => q.shape().dims().to_vec(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims().to_vec(),
+    };
+    check_shape(src, key, &dims, cfg)?;
+    Ok(w)
+}
+
+/// A weight whose shape is not what the model's settings say is a corrupt or foreign file: refused
+/// (otherwise clamps or maps would index past the real activations).
+fn check_shape(src: &dyn WeightSource, key: Key, dims: &[usize], cfg: &Config) -> Result<()> {
+    let want = key.shape(cfg);
+    if dims != want.as_slice() {
+        return Err(Error::model(src.origin(), format!("tensor {} has shape {dims:?}, but the model's settings say {want:?}", src.name(key))));
+    }
+    Ok(())
 }
 
 /// A weight as a dense tensor, whatever its storage (quantized weights are dequantized to f32).

@@ -50,6 +50,20 @@ pub enum Key {
 }
 
 impl Key {
+    /// The shape the model's configuration implies (`[out, in]` for linear layers).
+    pub fn shape(&self, c: &super::Config) -> Vec<usize> {
+        let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        match self {
+            Key::Embed | Key::Output => vec![c.vocab_size, c.d_model],
+            Key::OutNorm | Key::AttnNorm(_) | Key::FfnNorm(_) => vec![c.d_model],
+            Key::Q(_) => vec![q, c.d_model],
+            Key::K(_) | Key::V(_) => vec![kv, c.d_model],
+            Key::O(_) => vec![c.d_model, q],
+            Key::Gate(_) | Key::Up(_) => vec![c.d_ff, c.d_model],
+            Key::Down(_) => vec![c.d_model, c.d_ff],
+        }
+    }
+
     pub fn gguf_name(&self) -> String {
         match self {
             Key::Embed => "token_embd.weight".into(),
@@ -84,6 +98,28 @@ impl Key {
     }
 }
 
+/// candle's GGUF parser, with its panics on malformed headers (e.g. `general.alignment = 0`
+/// divides by zero in candle 0.11) turned into errors, and their panic message kept off stderr.
+fn read_gguf(reader: &mut BufReader<File>) -> std::result::Result<gguf_file::Content, String> {
+    thread_local!(static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                default(info)
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(reader)));
+    QUIET.with(|q| q.set(false));
+    match r {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("its header is malformed".into()),
+    }
+}
+
 /// Refuse a weight with NaN or infinite values (a corrupt file): otherwise the model would load and
 /// answer NaN probabilities. `x - x` is 0 for finite x and NaN for NaN or ±inf.
 fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
@@ -96,6 +132,10 @@ fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
 
 pub trait WeightSource {
     fn device(&self) -> &Device;
+    /// The file or directory the weights come from (for error messages).
+    fn origin(&self) -> &Path;
+    /// The weight's name in this format (for error messages).
+    fn name(&self, key: Key) -> String;
     /// A weight used as a linear layer `[out, in]`.
     fn linear(&self, key: Key) -> Result<QMatMul>;
     /// A weight as a dense tensor in the compute dtype.
@@ -127,11 +167,18 @@ impl GgufSource {
         let file = File::open(path).map_err(|e| Error::model(path, e))?;
         let file_len = file.metadata()?.len();
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::model(path, format!("not a readable GGUF file ({e})")))?;
+        let content = read_gguf(&mut reader).map_err(|e| Error::model(path, format!("not a readable GGUF file ({e})")))?;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            // Checked arithmetic: a corrupt shape or offset must be an error, not an overflow.
+            let (block, dims) = (info.ggml_dtype.block_size() as u64, info.shape.dims());
+            let elems = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let end = elems
+                .filter(|e| e.is_multiple_of(block))
+                .and_then(|e| (e / block).checked_mul(info.ggml_dtype.type_size() as u64))
+                .and_then(|bytes| content.tensor_data_offset.checked_add(info.offset)?.checked_add(bytes));
+            let Some(end) = end else {
+                return Err(Error::model(path, format!("tensor {name} has an impossible size (shape {dims:?}, offset {})", info.offset)));
+            };
             if end > file_len {
                 return Err(Error::model(path, format!("truncated: tensor {name} ends at byte {end}, file has {file_len}")));
             }
@@ -178,6 +225,12 @@ impl GgufSource {
 impl WeightSource for GgufSource {
     fn device(&self) -> &Device {
         &self.device
+    }
+    fn origin(&self) -> &Path {
+        &self.path
+    }
+    fn name(&self, key: Key) -> String {
+        key.gguf_name()
     }
     fn linear(&self, key: Key) -> Result<QMatMul> {
         self.to_linear(self.qtensor(key)?)
@@ -234,6 +287,12 @@ impl SafetensorsSource {
 impl WeightSource for SafetensorsSource {
     fn device(&self) -> &Device {
         &self.device
+    }
+    fn origin(&self) -> &Path {
+        &self.dir
+    }
+    fn name(&self, key: Key) -> String {
+        key.hf_name()
     }
     fn linear(&self, key: Key) -> Result<QMatMul> {
         let t = self.load(key)?;

@@ -514,7 +514,7 @@ mod tests {
 
     #[test]
     fn round3_keeps_three_digits_at_every_magnitude() {
-        assert_eq!(round3(3.14159), 3.14);
+        assert_eq!(round3(1.23456), 1.23);
         assert_eq!(round3(-1234.5), -1230.0);
         assert_eq!(round3(0.0), 0.0);
         // Below ~1e-36 the f32 scale 10^(2 - log10 x) overflowed and the result was NaN.
