@@ -18,8 +18,11 @@ pub enum ServerError {
     Busy,
     #[error("too many requests from this client; retry in {0} s")]
     RateLimited(u64),
-    #[error("the {} neuron map of {model} is being built ({}% done); it is ready in a moment, retry shortly", view.as_str(), permille / 10)]
-    MapBuilding { model: String, view: shared::View, permille: usize },
+    #[error("the {} neuron map of {model} {}; retry in a few seconds", view.as_str(), match permille {
+        Some(p) => format!("is being built: {}% done", p / 10),
+        None => "waits for another map's build to finish".into(),
+    })]
+    MapBuilding { model: String, view: shared::View, permille: Option<usize> },
     #[error("the request body did not arrive within {0} s")]
     BodyTimeout(u64),
     #[error("method not allowed here; allowed: {0}")]
@@ -101,7 +104,7 @@ impl ResponseError for ServerError {
             }
             ServerError::MapBuilding { permille, .. } => {
                 resp.insert_header((header::RETRY_AFTER, "2"));
-                progress = Some((permille / 10).min(100) as u8);
+                progress = Some((permille.unwrap_or(0) / 10).min(100) as u8);
             }
             ServerError::RateLimited(s) => {
                 resp.insert_header((header::RETRY_AFTER, s.to_string()));

@@ -25,8 +25,9 @@ struct Job {
     final_norm: bool,
 }
 
-/// Progress of a queued or running build, in thousandths.
+/// Progress of a build in thousandths, or [`QUEUED`] while it waits for a worker.
 type Progress = Arc<AtomicUsize>;
+const QUEUED: usize = usize::MAX;
 
 pub struct MapBuilds {
     tx: mpsc::UnboundedSender<Job>,
@@ -67,6 +68,7 @@ impl MapBuilds {
                         let label = [job.model.as_str(), job.view.as_str()];
                         let Ok(permit) = workers.clone().acquire_owned().await else { break };
                         gauges.running.inc();
+                        progress.store(0, Ordering::Relaxed);
                         let report = |done: usize, total: usize| {
                             let p = (done * 1000).checked_div(total).unwrap_or(0);
                             progress.store(p, Ordering::Relaxed);
@@ -102,7 +104,7 @@ impl MapBuilds {
         if let Some(p) = pending.get(&key) {
             return p.clone();
         }
-        let p = Progress::default();
+        let p = Progress::new(AtomicUsize::new(QUEUED));
         pending.insert(key, p.clone());
         self.gauges.pending.inc();
         if self.tx.send(job).is_err() {
@@ -123,7 +125,8 @@ impl MapBuilds {
         if let Some(m) = engine.map_if_ready(view, final_norm) {
             return Ok(m);
         }
-        Err(ServerError::MapBuilding { model: model.to_owned(), view, permille: progress.load(Ordering::Relaxed) })
+        let permille = Some(progress.load(Ordering::Relaxed)).filter(|&p| p != QUEUED);
+        Err(ServerError::MapBuilding { model: model.to_owned(), view, permille })
     }
 
     /// Schedule every view of a model (the server does this at start, so the first visitor does

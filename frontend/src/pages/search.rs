@@ -130,7 +130,7 @@ pub fn Search() -> impl IntoView {
             if let (None, Some((message, percent))) = (results.get(), building.get()) {
                 return view! {
                     <p class="loading" id="map-building" role="status">
-                        <span class="spinner"></span>{message}" "<progress max="100" value=percent>{format!("{percent}%")}</progress>
+                        <span class="spinner"></span>{message}" (this page retries by itself) "<progress max="100" value=percent>{format!("{percent}%")}</progress>
                     </p>
                 }
                 .into_any();
