@@ -63,6 +63,8 @@ pub struct Engine {
     /// wait for one build, and never for another map's.
     map_build: Mutex<HashMap<MapKey, Arc<Mutex<()>>>>,
     pub(crate) derived: crate::analysis::Derived,
+    /// Bytes of weights one forward pass reads (for the work estimates).
+    weight_bytes: usize,
 }
 
 /// A map's key: its view, and whether the final norm is folded in.
@@ -202,6 +204,7 @@ impl Engine {
     }
 
     fn assemble(model: Llama, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo, mode: WeightMode) -> Self {
+        let weight_bytes = model.weight_bytes();
         Self {
             quantized: mode == WeightMode::Quantized,
             model: Arc::new(model),
@@ -213,6 +216,7 @@ impl Engine {
             maps: Mutex::new(HashMap::new()),
             map_build: Mutex::default(),
             derived: Default::default(),
+            weight_bytes,
         }
     }
 
@@ -477,37 +481,43 @@ impl Engine {
         Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
     }
 
-    /// Estimated floating-point operations of one forward pass over `t` new positions with `past`
-    /// positions cached, with `rows` batch rows from layer `expand_at` on (one row below it), and
-    /// the LM head on the last position of each row. Counts what this implementation computes:
-    /// the weights' multiply-adds, and the attention scores and mix over all `past + t` positions.
-    pub fn forward_flops(&self, t: usize, past: usize, rows: usize, expand_at: usize) -> f64 {
+    /// Estimated work of one forward pass, in FLOP-equivalents: over `t` new positions with
+    /// `past` positions cached, with `rows` batch rows from layer `expand_at` on (one row below
+    /// it), and the LM head on the last position of each row. It counts what this implementation
+    /// does: the weights' multiply-adds and the attention over all `past + t` positions, plus
+    /// [`STREAM_FLOPS_PER_BYTE`] for every byte it streams through memory: every weight once per
+    /// pass, and the key/value cache it reads, extends and repeats for grouped heads. The second
+    /// term is what a decoding step costs on a CPU, where it reads every weight for a few FLOPs.
+    pub fn forward_cost(&self, t: usize, past: usize, rows: usize, expand_at: usize) -> f64 {
         let c = self.config();
         let (d, q, kv) = (c.d_model as f64, (c.n_heads * c.head_dim) as f64, (c.n_kv_heads * c.head_dim) as f64);
-        let weights = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * c.d_ff as f64);
-        let t = t as f64;
-        let layer = t * weights + 4.0 * q * t * (past as f64 + t);
+        let per_token = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * c.d_ff as f64);
+        let (t, ctx) = (t as f64, (past + t) as f64);
+        let layer_flops = t * per_token + 4.0 * q * t * ctx;
         let expand_at = expand_at.min(c.n_layers) as f64;
-        let layers = expand_at + (c.n_layers as f64 - expand_at) * rows as f64;
-        layers * layer + rows as f64 * 2.0 * d * c.vocab_size as f64
+        let layer_rows = expand_at + (c.n_layers as f64 - expand_at) * rows as f64;
+        let flops = layer_rows * layer_flops + rows as f64 * 2.0 * d * c.vocab_size as f64;
+        let elem = self.model.dtype().size_in_bytes() as f64;
+        let cache_bytes = layer_rows * (4.0 * kv + 2.0 * q) * ctx * elem;
+        flops + STREAM_FLOPS_PER_BYTE * (self.weight_bytes as f64 + cache_bytes)
     }
 
     /// Estimated work of a generation: the prompt once (split into the variants at the first
     /// clamped layer), then every new token for every variant.
-    pub fn generate_flops(&self, prompt_tokens: usize, variants: &[Intervention], max_new: usize) -> f64 {
+    pub fn generate_cost(&self, prompt_tokens: usize, variants: &[Intervention], max_new: usize) -> f64 {
         let rows = variants.len().max(1);
         let expand_at = if rows > 1 { first_clamped_layer(variants).unwrap_or(self.config().n_layers) } else { 0 };
-        let prefill = self.forward_flops(prompt_tokens, 0, rows, expand_at);
-        let steps: f64 = (0..max_new).map(|s| self.forward_flops(1, prompt_tokens + s, rows, 0)).sum();
+        let prefill = self.forward_cost(prompt_tokens, 0, rows, expand_at);
+        let steps: f64 = (0..max_new).map(|s| self.forward_cost(1, prompt_tokens + s, rows, 0)).sum();
         prefill + steps
     }
 
     /// Estimated work of a clamp sweep: the unclamped row and one row per value, in the chunks
     /// [`Engine::sweep`] runs (each chunk recomputes the layers below the clamped one).
-    pub fn sweep_flops(&self, prompt_tokens: usize, layer: usize, values: usize) -> f64 {
+    pub fn sweep_cost(&self, prompt_tokens: usize, layer: usize, values: usize) -> f64 {
         let rows = values + 1;
         let chunk = self.sweep_chunk(prompt_tokens, rows);
-        (0..rows).step_by(chunk).map(|start| self.forward_flops(prompt_tokens, 0, chunk.min(rows - start), layer)).sum()
+        (0..rows).step_by(chunk).map(|start| self.forward_cost(prompt_tokens, 0, chunk.min(rows - start), layer)).sum()
     }
 
     /// Rows per forward pass of a sweep: the attention scores of one batch (rows × heads × t × t
@@ -536,27 +546,27 @@ impl Engine {
         })
     }
 
-    /// Validate a generate request without running it; its estimated work in FLOPs.
+    /// Validate a generate request without running it; its estimated work ([`Engine::forward_cost`]).
     pub fn generate_work(&self, req: &GenerateRequest) -> Result<f64> {
         let (ids, variants, _) = self.prepare_generate(req)?;
-        Ok(self.generate_flops(ids.len(), &variants, req.sampling.max_new_tokens))
+        Ok(self.generate_cost(ids.len(), &variants, req.sampling.max_new_tokens))
     }
 
-    /// Validate a sweep request without running it; its estimated work in FLOPs.
+    /// Validate a sweep request without running it; its estimated work.
     pub fn sweep_work(&self, req: &SweepRequest) -> Result<f64> {
         let ids = self.prompt_ids(&req.prompt)?;
         self.tok.single_token(&req.target)?;
         limits::check_layer_neuron(req.layer, req.neuron, self.config())?;
         limits::check_sweep_values(&req.values)?;
-        Ok(self.sweep_flops(ids.len(), req.layer, req.values.len()))
+        Ok(self.sweep_cost(ids.len(), req.layer, req.values.len()))
     }
 
-    /// Validate a next-token request without running it; its estimated work in FLOPs.
+    /// Validate a next-token request without running it; its estimated work.
     pub fn next_token_work(&self, req: &NextTokenRequest) -> Result<f64> {
         let ids = self.prompt_ids(&req.prompt)?;
         self.intervention(&req.clamps)?;
         limits::check_top_k(req.top_k)?;
-        Ok(self.forward_flops(ids.len(), 0, 1, 0))
+        Ok(self.forward_cost(ids.len(), 0, 1, 0))
     }
 
     /// Run a `shared::GenerateRequest`: validation, prompt, one or two variants, streaming.
@@ -601,6 +611,11 @@ impl Engine {
             .collect()
     }
 }
+
+/// What streaming one byte through memory costs, in FLOPs, for the work estimates: measured on
+/// this project's 2-core machine, which does ~40 GFLOP/s in batched f32 products but streams
+/// ~7.5 GB/s (a 512-token compare generation: 53 s measured, 58 s estimated).
+pub const STREAM_FLOPS_PER_BYTE: f64 = 6.0;
 
 /// The lowest layer any of `variants` clamps.
 fn first_clamped_layer(variants: &[Intervention]) -> Option<usize> {

@@ -85,8 +85,8 @@ pub fn check_top_k(top_k: usize) -> Result<()> {
 pub fn check_work(flops: f64, budget: f64) -> Result<()> {
     if flops > budget {
         return Err(Error::OverBudget(format!(
-            "this request needs about {:.2} TFLOP of computation; this server allows {:.2} TFLOP per request \
-             (serve --max-request-tflop): use a shorter prompt, fewer sweep values or fewer new tokens",
+            "this request needs about {:.2} TFLOP of computation (memory traffic included); this server allows {:.2} \
+             per request (serve --max-request-tflop): use a shorter prompt, fewer sweep values or fewer new tokens",
             flops / 1e12,
             budget / 1e12
         )));

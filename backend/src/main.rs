@@ -109,9 +109,9 @@ struct ServeArgs {
     /// Memory for cached identical results, in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mb: usize,
-    /// Most computation one request may ask for, in TFLOP (estimated before it runs; larger
-    /// requests get 413 over_budget). Default: 1 on a CPU (about 25 s of 2 cores on the default
-    /// model), 100 on a CUDA device.
+    /// Most work one request may ask for, in T FLOP-equivalents (estimated before it runs, memory
+    /// traffic included; larger requests get 413 over_budget). Default: 2.5 on a CPU (about 60 s
+    /// of 2 cores on the default model), 250 on a CUDA device.
     #[arg(long, env = "FLASH_INTERP_MAX_REQUEST_TFLOP")]
     max_request_tflop: Option<f64>,
     /// Seconds a client has to send its whole request body (408 after that).

@@ -321,11 +321,11 @@ async fn wrong_methods_are_405_and_tiny_scores_stay_numbers() {
     let f = warm_fixture(ServerConfig::default());
     let app = app!(f);
     for (method, uri, allow) in [
-        ("PUT", "/api/models", "GET"),
+        ("PUT", "/api/models", "GET, HEAD"),
         ("GET", "/api/models/base/generate", "POST"),
         ("DELETE", "/api/models/base/sweep", "POST"),
-        ("OPTIONS", "/healthz", "GET"),
-        ("PUT", "/metrics", "GET"),
+        ("OPTIONS", "/healthz", "GET, HEAD"),
+        ("PUT", "/metrics", "GET, HEAD"),
         ("DELETE", "/", "GET, HEAD"),
         ("POST", "/neuron/1/2", "GET, HEAD"),
     ] {
@@ -334,8 +334,10 @@ async fn wrong_methods_are_405_and_tiny_scores_stay_numbers() {
         let (status, e) = error_of(resp).await;
         assert_eq!((status, e.code.as_str()), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"), "{method} {uri}");
     }
-    let resp = test::call_service(&app, test::TestRequest::default().method(actix_web::http::Method::HEAD).uri("/neuron/1/2").to_request()).await;
-    assert_eq!(resp.status(), StatusCode::OK);
+    for uri in ["/neuron/1/2", "/healthz", "/api/models"] {
+        let resp = test::call_service(&app, test::TestRequest::default().method(actix_web::http::Method::HEAD).uri(uri).to_request()).await;
+        assert_eq!(resp.status(), StatusCode::OK, "HEAD {uri}");
+    }
     // Scores below ~1e-36 once became NaN (10^39 overflows f32), which JSON cannot carry.
     let body =
         test::call_and_read_body(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in,og&polarity=neg&top=3").to_request())

@@ -405,15 +405,28 @@ fn work_estimates_count_what_the_forward_computes() {
     let per_token = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * ff);
     let layer = |t: f64, past: f64| t * per_token + 4.0 * q * t * (past + t);
     let layers = c.n_layers as f64;
-    assert_eq!(e.forward_flops(7, 0, 1, 0), layers * layer(7.0, 0.0) + 2.0 * d * v);
+    // Streamed bytes: every f32 weight once (the tied embedding as the LM head), and per layer
+    // and row the key/value cache read, extended and repeated over the heads.
+    let weight_bytes = 4.0 * (layers * (d * q + 2.0 * d * kv + q * d + 3.0 * d * ff + 2.0 * d) + v * d + d);
+    let cache = |layer_rows: f64, ctx: f64| layer_rows * (4.0 * kv + 2.0 * q) * ctx * 4.0;
+    let k = flash_interp::engine::STREAM_FLOPS_PER_BYTE;
+    let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-9 * b, "{a} vs {b}");
+    close(e.forward_cost(7, 0, 1, 0), layers * layer(7.0, 0.0) + 2.0 * d * v + k * (weight_bytes + cache(layers, 7.0)));
     // Two rows from layer 1 on: layer 0 once, the others twice, and two LM heads.
-    assert_eq!(e.forward_flops(7, 0, 2, 1), (1.0 + 2.0 * (layers - 1.0)) * layer(7.0, 0.0) + 4.0 * d * v);
+    let layer_rows = 1.0 + 2.0 * (layers - 1.0);
+    close(e.forward_cost(7, 0, 2, 1), layer_rows * layer(7.0, 0.0) + 4.0 * d * v + k * (weight_bytes + cache(layer_rows, 7.0)));
+    // One decoding step with 7 positions cached.
+    close(e.forward_cost(1, 7, 1, 0), layers * layer(1.0, 7.0) + 2.0 * d * v + k * (weight_bytes + cache(layers, 8.0)));
     // A generation: the prompt, then each token with a growing context.
     let one = [Intervention::none()];
-    let want = e.forward_flops(7, 0, 1, 0) + (0..5).map(|s| e.forward_flops(1, 7 + s, 1, 0)).sum::<f64>();
-    assert_eq!(e.generate_flops(7, &one, 5), want);
+    let want = e.forward_cost(7, 0, 1, 0) + (0..5).map(|s| e.forward_cost(1, 7 + s, 1, 0)).sum::<f64>();
+    close(e.generate_cost(7, &one, 5), want);
     // More values, a lower layer and a longer prompt all cost more.
-    assert!(e.sweep_flops(7, 0, 10) > e.sweep_flops(7, 2, 10));
-    assert!(e.sweep_flops(7, 1, 20) > e.sweep_flops(7, 1, 10));
-    assert!(e.sweep_flops(50, 1, 10) > e.sweep_flops(7, 1, 10));
+    assert!(e.sweep_cost(7, 0, 10) > e.sweep_cost(7, 2, 10));
+    assert!(e.sweep_cost(7, 1, 20) > e.sweep_cost(7, 1, 10));
+    assert!(e.sweep_cost(50, 1, 10) > e.sweep_cost(7, 1, 10));
+    // Quantized weights stream fewer bytes than f32 ones: a cheaper step.
+    let q8 = tiny(&TinySpec { q8: true, ..Default::default() });
+    let quant = Engine::load(&q8.gguf, &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();
+    assert!(quant.forward_cost(1, 7, 1, 0) < e.forward_cost(1, 7, 1, 0));
 }

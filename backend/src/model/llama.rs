@@ -249,6 +249,26 @@ impl Llama {
         Ok((dense_weight(&m.gate)?, dense_weight(&m.up)?, dense_weight(&m.down)?))
     }
 
+    /// Bytes of every weight a forward pass reads, as held in memory (the token embedding is
+    /// only indexed, unless it is also the tied LM head).
+    pub fn weight_bytes(&self) -> usize {
+        let w = |w: &QMatMul| match w {
+            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        };
+        let v = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down].into_iter().map(w).sum::<usize>()
+                    + v(&b.attn_norm.weight)
+                    + v(&b.ffn_norm.weight)
+            })
+            .sum();
+        blocks + w(&self.lm_head) + v(&self.norm.weight)
+    }
+
     /// Check an intervention against the model's shape.
     pub fn validate(&self, iv: &Intervention) -> Result<()> {
         for c in &iv.clamps {

@@ -46,24 +46,29 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(actix_web::middleware::from_fn(conn::body_deadline))
             .wrap(actix_web::middleware::from_fn(observe))
             .wrap(Compress::default())
-            .service(endpoint("/models", GET, web::get().to(models)))
-            .service(endpoint("/models/{model}/tokens", GET, web::get().to(tokens)))
-            .service(endpoint("/models/{model}/search", GET, web::get().to(search)))
-            .service(endpoint("/models/{model}/neurons/{layer}/{index}", GET, web::get().to(neuron)))
+            .service(endpoint("/models", GET, get().to(models)))
+            .service(endpoint("/models/{model}/tokens", GET, get().to(tokens)))
+            .service(endpoint("/models/{model}/search", GET, get().to(search)))
+            .service(endpoint("/models/{model}/neurons/{layer}/{index}", GET, get().to(neuron)))
             .service(endpoint("/models/{model}/sweep", POST, web::post().to(sweep)))
             .service(endpoint("/models/{model}/next-token", POST, web::post().to(next_token)))
             .service(endpoint("/models/{model}/generate", POST, web::post().to(generate)))
-            .service(endpoint("/compare", GET, web::get().to(compare)))
-            .service(endpoint("/openapi.json", GET, web::get().to(openapi)))
+            .service(endpoint("/compare", GET, get().to(compare)))
+            .service(endpoint("/openapi.json", GET, get().to(openapi)))
             .default_service(web::to(|| async { Err::<HttpResponse, _>(ServerError::NotFound("no such API endpoint".into())) })),
     )
-    .service(endpoint("/healthz", GET, web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })) })))
-    .service(endpoint("/metrics", GET, web::get().to(metrics)))
+    .service(endpoint("/healthz", GET, get().to(|| async { HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })) })))
+    .service(endpoint("/metrics", GET, get().to(metrics)))
     .service(web::scope("").wrap(actix_web::middleware::from_fn(observe)).wrap(Compress::default()).default_service(web::to(app)));
 }
 
-const GET: &str = "GET";
+const GET: &str = "GET, HEAD";
 const POST: &str = "POST";
+
+/// A route for GET that answers HEAD too (the same headers, no body), as HTTP expects.
+fn get() -> actix_web::Route {
+    web::route().guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
+}
 
 /// One path with one method (`route`, named by `allow`); any other method is 405 with an
 /// `Allow` header and a JSON error.
