@@ -57,6 +57,18 @@ fn raw(port: u16, method: &str, path: &str, body: &str) -> TcpStream {
     s
 }
 
+/// Leave abruptly: close with a TCP reset (SO_LINGER 0), as a killed client or a proxy would.
+fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), size_of::<libc::linger>() as u32)
+    };
+    assert_eq!(rc, 0, "setsockopt SO_LINGER");
+    drop(s);
+}
+
 /// Read whatever the server sends until it closes the connection or `limit` passes.
 fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, bool) {
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
@@ -274,6 +286,19 @@ async fn a_client_that_leaves_frees_its_queue_place_and_its_worker() {
     assert!(metric(&c, &base, "flash_interp_requests_abandoned_total").await >= 2.0);
     let r = c.post(format!("{base}{path}")).content_type("application/json").send_body(small.clone()).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
+
+    // The same when clients reset their connections instead of closing them.
+    let a = raw(port, "POST", &path, &long);
+    assert!(until_metric(&c, &base, "flash_interp_generations_running", 1.0, Duration::from_secs(10)).await.is_some());
+    let b = raw(port, "POST", &path, &serde_json::to_string(&gen("Hello there, again.", 3, vec![], false, false)).unwrap());
+    assert!(until_metric(&c, &base, "flash_interp_queue_depth", 1.0, Duration::from_secs(10)).await.is_some());
+    reset(b);
+    assert!(until_metric(&c, &base, "flash_interp_queue_depth", 0.0, FREED_WITHIN).await.is_some(), "a reset client kept its queue place");
+    reset(a);
+    assert!(
+        until_metric(&c, &base, "flash_interp_generations_running", 0.0, FREED_WITHIN).await.is_some(),
+        "a reset client's generation kept running"
+    );
 
     // The same for streams: one running (after its first tokens), one queued.
     let mut s1 = raw(port, "POST", &path, &serde_json::to_string(&long_gen(true)).unwrap());

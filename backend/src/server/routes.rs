@@ -333,6 +333,9 @@ async fn queued<T: Send + 'static>(
         st.metrics.running.dec();
         r
     });
+    // If actix drops this handler (it does when the connection fails, e.g. a reset), the guard
+    // cancels the work; after the work is done, cancelling changes nothing.
+    let _guard = CancelOnDrop(cancel.clone());
     tokio::select! {
         r = work => r,
         () = conn::client_gone(req) => {
