@@ -1,6 +1,6 @@
 //! Questions answered with the neuron map: concept search, neuron detail, model comparison.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use shared::{
@@ -28,21 +28,23 @@ pub const STAT_PROMPTS: [&str; 8] = [
 /// activation statistics.
 #[derive(Default)]
 pub struct Derived {
-    /// Indexed by view (up, gate, down): each view's own lock, so one view never waits for another.
-    dirs: [OnceLock<Arc<Tensor>>; 3],
+    /// Indexed by view (up, gate, down): each view's own lock, held while it is built once, so
+    /// one view never waits for another.
+    dirs: [Mutex<Option<Arc<Tensor>>>; 3],
     unit_up: OnceLock<Tensor>,
     acts: OnceLock<Vec<ActivationStats>>,
 }
 
 /// All neurons' directions of `view`, stacked `[n_layers · d_ff, d]`, f32.
 fn stacked(engine: &Engine, view: View) -> Result<Arc<Tensor>> {
-    let slot = &engine.derived.dirs[View::ALL.iter().position(|&v| v == view).unwrap_or(0)];
-    if let Some(t) = slot.get() {
+    let mut slot = engine.derived.dirs[View::ALL.iter().position(|&v| v == view).unwrap_or(0)].lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = &*slot {
         return Ok(t.clone());
     }
     let layers = (0..engine.config().n_layers).map(|l| map::directions(&engine.model, view, l)).collect::<Result<Vec<_>>>()?;
     let t = Arc::new(Tensor::cat(&layers, 0)?);
-    Ok(slot.get_or_init(|| t).clone())
+    *slot = Some(t.clone());
+    Ok(t)
 }
 
 /// Result of a concept search, per neuron and polarity.

@@ -25,6 +25,9 @@ pub mod limits {
 /// `n` evenly spaced values from `from` to `to`, both ends exact: computed in f64, so rounding
 /// never steps past an end (a sweep ending at the ±1000 limit stays within it).
 pub fn linspace(from: f32, to: f32, n: usize) -> Vec<f32> {
+    if !(from.is_finite() && to.is_finite()) {
+        return vec![f32::NAN; n]; // refused by whoever checks the values (clamp values must be finite)
+    }
     let (lo, hi) = (from.min(to), from.max(to));
     (0..n)
         .map(|i| if i + 1 == n { to } else { (from as f64 + (to as f64 - from as f64) * i as f64 / (n - 1).max(1) as f64) as f32 })

@@ -186,7 +186,9 @@ impl GgufSource {
         Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
     }
 
-    fn qtensor(&self, key: Key) -> Result<QTensor> {
+    /// A tensor as stored, and dequantized to f32 and checked to be finite (read and dequantized
+    /// once: the f32 copy is what a dense load keeps).
+    fn qtensor(&self, key: Key) -> Result<(QTensor, Tensor)> {
         let name = key.gguf_name();
         if !self.content.tensor_infos.contains_key(&name) {
             return Err(Error::model(&self.path, format!("missing tensor {name}")));
@@ -195,8 +197,9 @@ impl GgufSource {
             .content
             .tensor(&mut *self.reader.borrow_mut(), &name, &self.device)
             .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
-        check_finite(&q.dequantize(&self.device)?, &name, &self.path)?;
-        Ok(q)
+        let f = q.dequantize(&self.device)?;
+        check_finite(&f, &name, &self.path)?;
+        Ok((q, f))
     }
 
     /// Read a tensor by its GGUF name, dequantized to f32 (e.g. `rope_freqs.weight`).
@@ -213,11 +216,11 @@ impl GgufSource {
         Ok(Some(t))
     }
 
-    fn to_linear(&self, q: QTensor) -> Result<QMatMul> {
+    fn to_linear(&self, (q, f): (QTensor, Tensor)) -> Result<QMatMul> {
         Ok(match (self.mode, q.dtype()) {
-            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => QMatMul::Tensor(q.dequantize(&self.device)?),
+            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => QMatMul::Tensor(f),
             (WeightMode::Quantized, _) => QMatMul::QTensor(Arc::new(q)),
-            (WeightMode::Dense(dt), _) => QMatMul::Tensor(q.dequantize(&self.device)?.to_dtype(dt)?),
+            (WeightMode::Dense(dt), _) => QMatMul::Tensor(f.to_dtype(dt)?),
         })
     }
 }
@@ -236,7 +239,7 @@ impl WeightSource for GgufSource {
         self.to_linear(self.qtensor(key)?)
     }
     fn dense(&self, key: Key) -> Result<Tensor> {
-        Ok(self.qtensor(key)?.dequantize(&self.device)?.to_dtype(self.mode.compute_dtype())?)
+        Ok(self.qtensor(key)?.1.to_dtype(self.mode.compute_dtype())?)
     }
     fn tied_head(&self) -> Result<QMatMul> {
         self.to_linear(self.qtensor(Key::Embed)?)

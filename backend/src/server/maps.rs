@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::{IntGauge, IntGaugeVec};
 use shared::View;
@@ -28,13 +29,24 @@ struct Job {
 /// Progress of a build in thousandths, or [`QUEUED`] while it waits for a worker.
 type Progress = Arc<AtomicUsize>;
 const QUEUED: usize = usize::MAX;
+/// A map's key in the builder: (model id, view).
+type Key = (String, View);
+type Pending = Arc<Mutex<HashMap<Key, Progress>>>;
+/// Failed builds: why, and when.
+type Failures = Arc<Mutex<HashMap<Key, (String, Instant)>>>;
 
 pub struct MapBuilds {
     tx: mpsc::UnboundedSender<Job>,
     /// Builds queued or running, by (model id, view), with their progress.
-    pending: Arc<Mutex<HashMap<(String, View), Progress>>>,
+    pending: Pending,
+    /// Builds that failed, with why and when: answered as an error (not "building") for
+    /// [`RETRY_FAILED`], then tried again.
+    failed: Failures,
     gauges: BuildGauges,
 }
+
+/// How long a failed build is reported as failed before a request schedules it again.
+const RETRY_FAILED: Duration = Duration::from_secs(60);
 
 /// The gauges a builder keeps up to date.
 #[derive(Clone)]
@@ -51,8 +63,9 @@ impl MapBuilds {
     /// Start the builder thread. Builds take a permit of `workers` (the server's worker queue).
     pub fn new(workers: Arc<Semaphore>, gauges: BuildGauges) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-        let pending: Arc<Mutex<HashMap<(String, View), Progress>>> = Arc::default();
-        let (list, g) = (pending.clone(), gauges.clone());
+        let pending: Pending = Arc::default();
+        let failed: Failures = Arc::default();
+        let (list, failures, g) = (pending.clone(), failed.clone(), gauges.clone());
         std::thread::Builder::new()
             .name("map-builder".into())
             .spawn(move || {
@@ -75,16 +88,25 @@ impl MapBuilds {
                             gauges.progress.with_label_values(&label).set(p as i64);
                         };
                         let build = || job.engine.map(job.view, job.final_norm, &report);
-                        let r = match &pool {
+                        // A panic in a build must not stop the builder (every later map would wait
+                        // forever): it is one more failure.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &pool {
                             Some(pool) => pool.install(build),
                             None => build(),
-                        };
+                        }));
                         match r {
-                            Ok((_, origin)) => {
+                            Ok(Ok((_, origin))) => {
                                 gauges.progress.with_label_values(&label).set(1000);
                                 tracing::info!("neuron map of {} ({}) ready: {origin:?}", job.model, job.view.as_str());
                             }
-                            Err(e) => tracing::warn!("building the neuron map of {} ({}): {e}", job.model, job.view.as_str()),
+                            Ok(Err(e)) => {
+                                tracing::error!("building the neuron map of {} ({}): {e}", job.model, job.view.as_str());
+                                failures.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (e.to_string(), Instant::now()));
+                            }
+                            Err(_) => {
+                                tracing::error!("building the neuron map of {} ({}) panicked", job.model, job.view.as_str());
+                                failures.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), ("the build panicked".into(), Instant::now()));
+                            }
                         }
                         drop(permit);
                         gauges.running.dec();
@@ -94,7 +116,7 @@ impl MapBuilds {
                 });
             })
             .expect("spawning the map builder thread");
-        Self { tx, pending, gauges: g }
+        Self { tx, pending, failed, gauges: g }
     }
 
     /// Queue a build unless the map is ready or its build is already queued.
@@ -119,6 +141,16 @@ impl MapBuilds {
         if let Some(m) = engine.map_if_ready(view, final_norm) {
             return Ok(m);
         }
+        let key = (model.to_owned(), view);
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match failed.get(&key) {
+            Some((why, when)) if when.elapsed() < RETRY_FAILED => {
+                return Err(ServerError::Internal(format!("building the {} map of {model} failed: {why}", view.as_str())));
+            }
+            Some(_) => drop(failed.remove(&key)),
+            None => {}
+        }
+        drop(failed);
         let job = Job { model: model.to_owned(), engine: engine.clone(), view, final_norm };
         let progress = self.schedule(job);
         // It may have become ready between the first look and scheduling.

@@ -304,10 +304,26 @@ async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usi
     cached(&state, key("neuron", &m.id, &(layer, index, n)), blocking(move || analysis::neuron_detail(&engine, layer, index, final_norm, n))).await
 }
 
-/// A worker permit from the bounded queue, given up if the client leaves while it waits.
-async fn admit(state: &AppState, req: &HttpRequest) -> Result<tokio::sync::OwnedSemaphorePermit, ServerError> {
+/// A worker, held while a request's model work runs: its queue permit, and one count in the
+/// `generations_running` gauge, both given back when it is dropped (however the work ends).
+struct Worker {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    running: prometheus::IntGauge,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.running.dec();
+    }
+}
+
+/// A worker from the bounded queue, given up if the client leaves while it waits.
+async fn admit(state: &AppState, req: &HttpRequest) -> Result<Worker, ServerError> {
     tokio::select! {
-        permit = state.queue.acquire() => permit,
+        permit = state.queue.acquire() => permit.map(|p| {
+            state.metrics.running.inc();
+            Worker { _permit: p, running: state.metrics.running.clone() }
+        }),
         () = conn::client_gone(req) => {
             state.metrics.abandoned.inc();
             Err(ServerError::ClientGone)
@@ -323,15 +339,12 @@ async fn queued<T: Send + 'static>(
     req: &HttpRequest,
     f: impl FnOnce(&Cancel) -> crate::Result<T> + Send + 'static,
 ) -> Result<T, ServerError> {
-    let permit = admit(state, req).await?;
-    state.metrics.running.inc();
-    let (st, cancel) = (state.clone(), Cancel::default());
+    let worker = admit(state, req).await?;
+    let cancel = Cancel::default();
     let c = cancel.clone();
     let work = blocking(move || {
-        let _permit = permit;
-        let r = f(&c);
-        st.metrics.running.dec();
-        r
+        let _worker = worker;
+        f(&c)
     });
     // If actix drops this handler (it does when the connection fails, e.g. a reset), the guard
     // cancels the work; after the work is done, cancelling changes nothing.
@@ -400,14 +413,13 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         });
         return cached(&state, k, work).await;
     }
-    let permit = admit(&state, &req).await?;
+    let worker = admit(&state, &req).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let st = state.clone();
     let cancel = Cancel::default();
     let c = cancel.clone();
-    st.metrics.running.inc();
     std::thread::spawn(move || {
-        let _permit = permit;
+        let _worker = worker;
         // Once the client has gone, actix drops the response stream: the cancel guard in it
         // stops the model at its next layer, and sends fail so no more tokens are produced.
         let r = engine.generate_request(&body, &c, &mut |variant, text| {
@@ -425,7 +437,6 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         if let Some(last) = last {
             let _ = tx.blocking_send(last);
         }
-        st.metrics.running.dec();
     });
     let guard = CancelOnDrop(cancel);
     let stream =
