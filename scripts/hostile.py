@@ -152,7 +152,7 @@ class Client:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n")
         return head.encode() + body
 
-    def raw(self, data: bytes, timeout: float = 10.0) -> Reply:
+    def raw(self, data: bytes, timeout: float = 15.0) -> Reply:
         """Send bytes as they are and read one response (until complete, EOF or timeout)."""
         start = now()
         try:
@@ -256,6 +256,8 @@ def read_response(sock: socket.socket, deadline: float, start: float) -> Reply:
     body = b[off:]
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = dechunk(body)
+    elif headers.get("content-length", "").isdigit():
+        body = body[: int(headers["content-length"])]  # a pipelined second answer is not part of this one
     return Reply(status, headers, body, now() - start)  # a complete head is an answer, even if cut short
 
 
