@@ -327,8 +327,7 @@ impl Llama {
         cache.seq_len += t;
         let last = x.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?;
-        // x - x is 0 for finite x and NaN for NaN or ±inf: one scalar leaves the device.
-        if logits.sub(&logits)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+        if !all_finite(&logits)? {
             return Err(Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into()));
         }
         Ok(ForwardOutput { logits, mlp_acts: acts })
@@ -393,6 +392,13 @@ fn check_shape(src: &dyn WeightSource, key: Key, dims: &[usize], cfg: &Config) -
         return Err(Error::model(src.origin(), format!("tensor {} has shape {dims:?}, but the model's settings say {want:?}", src.name(key))));
     }
     Ok(())
+}
+
+/// Whether every value of `t` is finite: `x - x` is 0 for finite x and NaN for NaN or ±inf, so
+/// one sum tells, and only one scalar leaves the device.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = t.to_dtype(DType::F32)?;
+    Ok(t.sub(&t)?.sum_all()?.to_scalar::<f32>()? == 0.0)
 }
 
 /// A weight as a dense tensor, whatever its storage (quantized weights are dequantized to f32).

@@ -121,10 +121,9 @@ fn read_gguf(reader: &mut BufReader<File>) -> std::result::Result<gguf_file::Con
 }
 
 /// Refuse a weight with NaN or infinite values (a corrupt file): otherwise the model would load and
-/// answer NaN probabilities. `x - x` is 0 for finite x and NaN for NaN or ±inf.
+/// answer NaN probabilities.
 fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
-    let t = t.to_dtype(DType::F32)?;
-    if t.sub(&t)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+    if !super::llama::all_finite(t)? {
         return Err(Error::model(path, format!("tensor {name} has NaN or infinite values: the file is corrupt")));
     }
     Ok(())
