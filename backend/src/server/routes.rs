@@ -101,7 +101,7 @@ fn content_hashed(rel: &str) -> bool {
 
 async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
     if !matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD) {
-        return Err(ServerError::MethodNotAllowed("GET, HEAD"));
+        return Err(ServerError::MethodNotAllowed(GET));
     }
     let dist = &state.config.dist;
     let rel = req.path().trim_start_matches('/');
@@ -346,13 +346,13 @@ async fn queued<T: Send + 'static>(
         let _worker = worker;
         f(&c)
     });
-    // If actix drops this handler (it does when the connection fails, e.g. a reset), the guard
-    // cancels the work; after the work is done, cancelling changes nothing.
-    let _guard = CancelOnDrop(cancel.clone());
+    // However this function ends, the guard cancels the work: when the client is seen to leave,
+    // when actix drops the handler (it does when the connection fails, e.g. a reset), and after
+    // the work is done, where cancelling changes nothing.
+    let _guard = CancelOnDrop(cancel);
     tokio::select! {
         r = work => r,
         () = conn::client_gone(req) => {
-            cancel.cancel();
             state.metrics.abandoned.inc();
             Err(ServerError::ClientGone)
         }
