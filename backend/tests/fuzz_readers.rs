@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use flash_interp::map::cache;
-use flash_interp::map::{MapMeta, NeuronMap, PolarityTable};
+use flash_interp::map::{MapMeta, MomentTable, NeuronMap, PolarityTable};
 use flash_interp::synthetic::{self, TinySpec};
 use flash_interp::{Engine, LoadOptions};
 use proptest::collection::vec;
@@ -416,9 +416,10 @@ fn neuron_map() -> impl Strategy<Value = NeuronMap> {
     metas
         .prop_flat_map(|meta| {
             let (n, k, vocab) = (meta.n_layers * meta.d_ff, meta.k, meta.vocab);
-            (Just(meta), table(n, k, vocab), table(n, k, vocab))
+            let col = || prop::collection::vec(-1e6f32..1e6, n);
+            (Just(meta), table(n, k, vocab), table(n, k, vocab), (col(), col(), col(), col()))
         })
-        .prop_map(|(meta, pos, neg)| NeuronMap { meta, pos, neg })
+        .prop_map(|(meta, pos, neg, (mean, std, skew, kurtosis))| NeuronMap { meta, pos, neg, moments: MomentTable { mean, std, skew, kurtosis } })
 }
 
 /// Save `map` into a fresh temporary directory (kept alive by the returned handle).
@@ -537,7 +538,7 @@ proptest! {
         let expect = &map.meta;
         let header = serde_json::to_vec(expect).unwrap();
         let n = expect.n_layers * expect.d_ff;
-        let payload_len = 2 * (8 * n + 8 * n * expect.k);
+        let payload_len = cache::payload_len(n, expect.k);
         let hlen = (header.len() as i64 + hlen_delta).max(0) as u32;
         let mut bytes = match kind {
             0 => body,

@@ -5,19 +5,24 @@
 //!
 //! Layout (little endian): `FLASHMAP` · u32 format · u32 header length · header (JSON `MapMeta`)
 //! · for `pos` then `neg`: lse `[n]` f32, lse_top `[n]` f32, ids `[n·k]` u32, probs `[n·k]` f32
-//! · u32 CRC-32 of everything before it.
+//! · moments: mean, std, skew, kurtosis `[n]` f32 each · u32 CRC-32 of everything before it.
 
 use std::io::{Read, Write};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::{MapMeta, NeuronMap, PolarityTable};
+use super::{MapMeta, MomentTable, NeuronMap, PolarityTable};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"FLASHMAP";
 /// Bump when the layout or the meaning of any field changes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+
+/// Payload bytes of a map of `n` neurons with `k` tokens each.
+pub fn payload_len(n: usize, k: usize) -> usize {
+    2 * (8 * n + 8 * n * k) + 16 * n
+}
 
 fn cache_err(path: &Path, message: impl Into<String>) -> Error {
     Error::Cache { path: path.to_owned(), message: message.into() }
@@ -28,7 +33,7 @@ pub fn save(map: &NeuronMap, path: &Path) -> Result<()> {
     let header = serde_json::to_vec(&map.meta).map_err(std::io::Error::other)?;
     let n = map.n_neurons();
     let k = map.meta.k;
-    let mut buf: Vec<u8> = Vec::with_capacity(16 + header.len() + 2 * (8 * n + 8 * n * k) + 4);
+    let mut buf: Vec<u8> = Vec::with_capacity(16 + header.len() + payload_len(n, k) + 4);
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
@@ -38,6 +43,10 @@ pub fn save(map: &NeuronMap, path: &Path) -> Result<()> {
         t.lse_top.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
         t.ids.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
         t.probs.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+    }
+    let m = &map.moments;
+    for col in [&m.mean, &m.std, &m.skew, &m.kurtosis] {
+        col.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
     }
     let crc = crc32fast::hash(&buf);
     buf.extend_from_slice(&crc.to_le_bytes());
@@ -83,8 +92,8 @@ pub fn load(path: &Path, expect: &MapMeta) -> Result<NeuronMap> {
     let n = meta.n_layers * meta.d_ff;
     let k = meta.k;
     let mut rest = &body[16 + hlen..];
-    if rest.len() != 2 * (8 * n + 8 * n * k) {
-        return Err(cache_err(path, format!("payload is {} bytes, expected {}", rest.len(), 2 * (8 * n + 8 * n * k))));
+    if rest.len() != payload_len(n, k) {
+        return Err(cache_err(path, format!("payload is {} bytes, expected {}", rest.len(), payload_len(n, k))));
     }
     let mut f32s = |count: usize| -> Vec<f32> {
         let (a, b) = rest.split_at(count * 4);
@@ -101,7 +110,8 @@ pub fn load(path: &Path, expect: &MapMeta) -> Result<NeuronMap> {
     }
     let neg = tables.pop().unwrap();
     let pos = tables.pop().unwrap();
-    Ok(NeuronMap { meta, pos, neg })
+    let moments = MomentTable { mean: f32s(n), std: f32s(n), skew: f32s(n), kurtosis: f32s(n) };
+    Ok(NeuronMap { meta, pos, neg, moments })
 }
 
 /// A content fingerprint of a model: sha256 of the file (or, for a directory, of its

@@ -14,6 +14,11 @@
 //! - **f32 gemm** (the `gemm` crate) everywhere else, or with `FLASH_INTERP_NO_AMX=1`.
 //!
 //! The scan uses AVX-512 where available (a vectorised exp), else portable code.
+//!
+//! Beside the logsumexp and the top-k, the scan keeps the first four central moments of each
+//! neuron's logits over the vocabulary (per tile in f32 around the tile's mean, merged across
+//! tiles in f64 with Pébay's formulas): the weight statistics of Gurnee et al. 2024's neuron
+//! classes, at no extra pass over the vocabulary.
 
 use rayon::prelude::*;
 
@@ -30,6 +35,127 @@ pub struct PolarityReduction {
 pub struct NeuronReduction {
     pub pos: PolarityReduction,
     pub neg: PolarityReduction,
+    /// Moments of the positive-polarity logits (the negative polarity's are the same with the
+    /// mean and the skew negated).
+    pub moments: Moments,
+}
+
+/// Count, mean and the central sums of powers 2, 3 and 4 of a stream of values, mergeable.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moments {
+    pub n: f64,
+    pub mean: f64,
+    pub m2: f64,
+    pub m3: f64,
+    pub m4: f64,
+}
+
+impl Moments {
+    /// The moments of one slice. Whole 16-value chunks: an approximate mean `c`, then the sums of
+    /// powers 1 to 4 of `x - c` in 16 f32 lanes (centred first, so f32 keeps their precision),
+    /// totalled in f64 and moved exactly onto the true mean `c + S1/n`. The few values left
+    /// over: exactly, in f64. The two parts are then merged.
+    pub fn of(xs: &[f32]) -> Self {
+        let chunks = xs.chunks_exact(16);
+        let rest = chunks.remainder();
+        let nc = xs.len() - rest.len();
+        let mut head = Self::default();
+        if nc > 0 {
+            let mut lanes = [0f32; 16];
+            for c in xs[..nc].chunks_exact(16) {
+                for (l, &x) in lanes.iter_mut().zip(c) {
+                    *l += x;
+                }
+            }
+            let c0 = (lanes.iter().map(|&x| x as f64).sum::<f64>() / nc as f64) as f32;
+            let (mut s1, mut s2, mut s3, mut s4) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+            for c in xs[..nc].chunks_exact(16) {
+                for j in 0..16 {
+                    let d = c[j] - c0;
+                    let d2 = d * d;
+                    s1[j] += d;
+                    s2[j] += d2;
+                    s3[j] += d2 * d;
+                    s4[j] += d2 * d2;
+                }
+            }
+            let total = |s: [f32; 16]| s.iter().map(|&x| x as f64).sum::<f64>();
+            head = Self::from_sums(nc as f64, c0 as f64, [total(s1), total(s2), total(s3), total(s4)]);
+        }
+        head.merge(Self::exact(rest))
+    }
+
+    /// The moments of `n` values from their sums of powers 1 to 4 of `x - c`: moved exactly onto
+    /// the mean `c + δ`, δ = S1 / n.
+    pub fn from_sums(n: f64, c: f64, [s1, s2, s3, s4]: [f64; 4]) -> Self {
+        let d = s1 / n;
+        Self {
+            n,
+            mean: c + d,
+            m2: s2 - n * d * d,
+            m3: s3 - 3.0 * d * s2 + 2.0 * n * d * d * d,
+            m4: s4 - 4.0 * d * s3 + 6.0 * d * d * s2 - 3.0 * n * d * d * d * d,
+        }
+    }
+
+    /// The moments of a few values, in f64.
+    pub fn exact(xs: &[f32]) -> Self {
+        if xs.is_empty() {
+            return Self::default();
+        }
+        let n = xs.len() as f64;
+        let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let sum = |p: i32| xs.iter().map(|&x| (x as f64 - mean).powi(p)).sum::<f64>();
+        Self { n, mean, m2: sum(2), m3: sum(3), m4: sum(4) }
+    }
+
+    /// Both streams together (Pébay 2008, the pairwise update of central sums).
+    pub fn merge(self, b: Self) -> Self {
+        let a = self;
+        if a.n == 0.0 {
+            return b;
+        }
+        if b.n == 0.0 {
+            return a;
+        }
+        let n = a.n + b.n;
+        let d = b.mean - a.mean;
+        let (d2, d3, d4) = (d * d, d * d * d, d * d * d * d);
+        Self {
+            n,
+            mean: a.mean + d * b.n / n,
+            m2: a.m2 + b.m2 + d2 * a.n * b.n / n,
+            m3: a.m3 + b.m3 + d3 * a.n * b.n * (a.n - b.n) / (n * n) + 3.0 * d * (a.n * b.m2 - b.n * a.m2) / n,
+            m4: a.m4
+                + b.m4
+                + d4 * a.n * b.n * (a.n * a.n - a.n * b.n + b.n * b.n) / (n * n * n)
+                + 6.0 * d2 * (a.n * a.n * b.m2 + b.n * b.n * a.m2) / (n * n)
+                + 4.0 * d * (a.n * b.m3 - b.n * a.m3) / n,
+        }
+    }
+
+    /// Population variance.
+    pub fn variance(&self) -> f64 {
+        self.m2 / self.n
+    }
+    /// Skewness, E[(x-μ)³] / σ³ (0 for a constant stream).
+    pub fn skew(&self) -> f64 {
+        let v = self.variance();
+        if v > 0.0 {
+            self.m3 / self.n / v.powf(1.5)
+        } else {
+            0.0
+        }
+    }
+    /// Kurtosis, E[(x-μ)⁴] / σ⁴ (not the excess: a Gaussian has 3; 0 for a constant stream).
+    pub fn kurtosis(&self) -> f64 {
+        let v = self.variance();
+        if v > 0.0 {
+            self.m4 / self.n / (v * v)
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Which producer `reduce` uses on this machine.
@@ -152,11 +278,12 @@ struct RowAcc {
     neg: Lse,
     top_pos: TopK,
     top_neg: TopK,
+    mom: Moments,
 }
 
 impl RowAcc {
     fn new(k: usize) -> Self {
-        Self { pos: Lse::new(), neg: Lse::new(), top_pos: TopK::new(k), top_neg: TopK::new(k) }
+        Self { pos: Lse::new(), neg: Lse::new(), top_pos: TopK::new(k), top_neg: TopK::new(k), mom: Moments::default() }
     }
 
     /// Fold a slice of logits (token ids `base..`) into the accumulator.
@@ -171,6 +298,7 @@ impl RowAcc {
     }
 
     fn scan_portable(&mut self, xs: &[f32], base: u32) {
+        self.mom = self.mom.merge(Moments::of(xs));
         let mx = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mn = xs.iter().cloned().fold(f32::INFINITY, f32::min);
         self.pos.raise(mx);
@@ -199,6 +327,7 @@ impl RowAcc {
         NeuronReduction {
             pos: PolarityReduction { lse: self.pos.value(), top: cut(self.top_pos.finish()) },
             neg: PolarityReduction { lse: self.neg.value(), top: cut(self.top_neg.finish()) },
+            moments: self.mom,
         }
     }
 }
@@ -229,19 +358,26 @@ mod simd {
         _mm512_scalef_ps(p, n)
     }
 
-    /// The scan of `RowAcc::scan_portable`, 16 lanes at a time.
+    /// The scan of `RowAcc::scan_portable`, 16 lanes at a time, with the moments of
+    /// `Moments::of` taken in the same two passes (the first also sums, for the centre; the
+    /// second accumulates the centred powers beside the exps).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn scan_avx512(acc: &mut RowAcc, xs: &[f32], base: u32) {
         let n16 = xs.len() / 16 * 16;
         let (head, tail) = xs.split_at(n16);
         let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut vmin = _mm512_set1_ps(f32::INFINITY);
+        let mut vsum = _mm512_setzero_ps();
         for c in head.chunks_exact(16) {
             // SAFETY: c has 16 floats.
             let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
             vmax = _mm512_max_ps(vmax, v);
             vmin = _mm512_min_ps(vmin, v);
+            vsum = _mm512_add_ps(vsum, v);
         }
+        let c0 = if n16 > 0 { _mm512_reduce_add_ps(vsum) / n16 as f32 } else { 0.0 };
+        let vc0 = _mm512_set1_ps(c0);
+        let (mut s1, mut s2, mut s3, mut s4) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
         let mx = tail.iter().fold(_mm512_reduce_max_ps(vmax), |a, &b| a.max(b));
         let mn = tail.iter().fold(_mm512_reduce_min_ps(vmin), |a, &b| a.min(b));
         acc.pos.raise(mx);
@@ -254,6 +390,12 @@ mod simd {
         for (ci, c) in head.chunks_exact(16).enumerate() {
             // SAFETY: c has 16 floats.
             let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+            let d = _mm512_sub_ps(v, vc0);
+            let d2 = _mm512_mul_ps(d, d);
+            s1 = _mm512_add_ps(s1, d);
+            s2 = _mm512_add_ps(s2, d2);
+            s3 = _mm512_fmadd_ps(d2, d, s3);
+            s4 = _mm512_fmadd_ps(d2, d2, s4);
             sp = _mm512_add_ps(sp, exp16(_mm512_sub_ps(v, mp)));
             sq = _mm512_add_ps(sq, exp16(_mm512_sub_ps(_mm512_sub_ps(_mm512_setzero_ps(), v), mq)));
             let mut above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, vtp);
@@ -272,6 +414,17 @@ mod simd {
         }
         acc.pos.s += _mm512_reduce_add_ps(sp);
         acc.neg.s += _mm512_reduce_add_ps(sq);
+        if n16 > 0 {
+            let total = |s: __m512| {
+                let mut a = [0f32; 16];
+                // SAFETY: a has 16 floats.
+                unsafe { _mm512_storeu_ps(a.as_mut_ptr(), s) };
+                a.iter().map(|&x| x as f64).sum::<f64>()
+            };
+            let m = super::Moments::from_sums(n16 as f64, c0 as f64, [total(s1), total(s2), total(s3), total(s4)]);
+            acc.mom = acc.mom.merge(m);
+        }
+        acc.mom = acc.mom.merge(super::Moments::exact(tail));
         for (j, &x) in tail.iter().enumerate() {
             acc.pos.s += (x - acc.pos.m).exp();
             acc.neg.s += (-x - acc.neg.m).exp();
@@ -583,6 +736,19 @@ mod tests {
                 let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let lse = m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
                 assert!((red.lse as f64 - lse).abs() < lse_tol, "neuron {i} sign {sign}: lse {} vs {lse}", red.lse);
+                if sign > 0.0 {
+                    // Moments against the two-pass f64 formulas over every logit.
+                    let n = vocab as f64;
+                    let mean = v.iter().sum::<f64>() / n;
+                    let c = |p: i32| v.iter().map(|x| (x - mean).powi(p)).sum::<f64>() / n;
+                    let (var, skew, kurt) = (c(2), c(3) / c(2).powf(1.5), c(4) / (c(2) * c(2)));
+                    let mo = &g.moments;
+                    assert_eq!(mo.n, n);
+                    assert!((mo.mean - mean).abs() < 1e-4 * var.sqrt(), "neuron {i}: mean {} vs {mean}", mo.mean);
+                    assert!((mo.variance() - var).abs() < 1e-4 * var, "neuron {i}: var {} vs {var}", mo.variance());
+                    assert!((mo.skew() - skew).abs() < 1e-3, "neuron {i}: skew {} vs {skew}", mo.skew());
+                    assert!((mo.kurtosis() - kurt).abs() < 1e-3 * kurt, "neuron {i}: kurtosis {} vs {kurt}", mo.kurtosis());
+                }
                 let mut idx: Vec<usize> = (0..vocab).collect();
                 idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
                 // Same tokens in the same order, except that tokens whose logits tie within the
@@ -608,6 +774,23 @@ mod tests {
     }
 
     #[test]
+    fn moments_merge_like_one_pass_even_far_from_zero() {
+        // Streams with a large offset and a heavy tail, cut at awkward places: the merged
+        // moments equal the two-pass f64 moments of the whole.
+        let (xs, _) = data(1, 5000, 1, 3);
+        let xs: Vec<f32> = xs.iter().enumerate().map(|(i, x)| 40.0 + x + if i % 97 == 0 { 9.0 } else { 0.0 }).collect();
+        let want = Moments::exact(&xs);
+        for cut in [1, 15, 16, 17, 333, 1024, 4999] {
+            let got = xs.chunks(cut).fold(Moments::default(), |m, c| m.merge(Moments::of(c)));
+            assert!((got.mean - want.mean).abs() < 1e-9 * want.mean, "cut {cut}");
+            assert!((got.variance() / want.variance() - 1.0).abs() < 1e-4, "cut {cut}: {} vs {}", got.variance(), want.variance());
+            assert!((got.skew() - want.skew()).abs() < 1e-3, "cut {cut}: {} vs {}", got.skew(), want.skew());
+            assert!((got.kurtosis() / want.kurtosis() - 1.0).abs() < 1e-4, "cut {cut}: {} vs {}", got.kurtosis(), want.kurtosis());
+        }
+        assert!(want.skew() > 1.0 && want.kurtosis() > 5.0, "the test stream is skewed and heavy-tailed");
+    }
+
+    #[test]
     fn portable_and_simd_scans_agree() {
         let (xs, _) = data(1, 1000, 1, 9);
         let xs: Vec<f32> = xs.iter().map(|x| x * 8.0).collect();
@@ -621,5 +804,12 @@ mod tests {
         assert_eq!(a.pos.top, b.pos.top);
         assert_eq!(a.neg.top, b.neg.top);
         assert!((a.pos.lse - b.pos.lse).abs() < 1e-5 && (a.neg.lse - b.neg.lse).abs() < 1e-5);
+        let want = Moments::exact(&xs);
+        for m in [a.moments, b.moments] {
+            assert_eq!(m.n, want.n);
+            assert!((m.mean - want.mean).abs() < 1e-6 * want.variance().sqrt());
+            assert!((m.variance() / want.variance() - 1.0).abs() < 1e-5);
+            assert!((m.skew() - want.skew()).abs() < 1e-4 && (m.kurtosis() / want.kurtosis() - 1.0).abs() < 1e-5);
+        }
     }
 }

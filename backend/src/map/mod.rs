@@ -1,6 +1,7 @@
 //! The neuron map: every MLP neuron of every layer decoded through the LM head, in both
 //! polarities, reduced to its top-k tokens, its logsumexp and the logsumexp of its top-100
-//! logits (what concept search needs). Built once per model, view and options, and cached on disk.
+//! logits (what concept search needs), and the moments of its logits over the vocabulary (what
+//! the neuron classes need). Built once per model, view and options, and cached on disk.
 
 pub mod cache;
 pub mod kernel;
@@ -53,11 +54,23 @@ impl PolarityTable {
     }
 }
 
+/// Per-neuron moments of the positive-polarity logits `W_U · w` over the whole vocabulary (the
+/// negative polarity has the same std and kurtosis, and the mean and skew negated).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MomentTable {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub skew: Vec<f32>,
+    /// Not the excess: a Gaussian has 3.
+    pub kurtosis: Vec<f32>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NeuronMap {
     pub meta: MapMeta,
     pub pos: PolarityTable,
     pub neg: PolarityTable,
+    pub moments: MomentTable,
 }
 
 impl NeuronMap {
@@ -103,6 +116,7 @@ impl NeuronMap {
         let k = TOP_K.min(vocab);
         let mut pos = PolarityTable::with_capacity(n, k);
         let mut neg = PolarityTable::with_capacity(n, k);
+        let mut moments = MomentTable::default();
         let done = std::sync::atomic::AtomicUsize::new(0);
         let reducer = kernel::Reducer::new(&wu, d);
         for layer in 0..cfg.n_layers {
@@ -112,6 +126,11 @@ impl NeuronMap {
                 progress(now, n);
             });
             for r in red {
+                let m = &r.moments;
+                moments.mean.push(m.mean as f32);
+                moments.std.push(m.variance().sqrt() as f32);
+                moments.skew.push(m.skew() as f32);
+                moments.kurtosis.push(m.kurtosis() as f32);
                 for (table, pr) in [(&mut pos, &r.pos), (&mut neg, &r.neg)] {
                     table.lse.push(pr.lse);
                     table.lse_top.push(logsumexp(pr.top.iter().take(NORM_TOP).map(|t| t.0)));
@@ -130,7 +149,7 @@ impl NeuronMap {
             d_ff: cfg.d_ff,
             vocab,
         };
-        Ok(Self { meta, pos, neg })
+        Ok(Self { meta, pos, neg, moments })
     }
 }
 
