@@ -4,13 +4,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use shared::{
-    ActivationStats, ChangedNeuron, CompareResponse, LayerAgreement, NeuronDetail, Polarity, SearchHit, SimilarNeuron, TokenScore, View, ViewTokens,
+    ActivationStats, ChangedNeuron, ClassedNeuron, ClassesResponse, CompareResponse, Concept, LayerAgreement, LayerClassCounts, Moments, NeuronClass,
+    NeuronDetail, Polarity, SearchHit, SimilarNeuron, SweepPoint, TokenInfo, TokenScore, VerifiedNeuron, VerifyRequest, VerifyResponse, View,
+    ViewTokens,
 };
 
+use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::map::{self, NeuronMap, NORM_TOP};
-use crate::model::{Cache, Intervention};
+use crate::model::{Cache, Clamp, Intervention};
 
 /// Fixed prompts over which a neuron's natural activation statistics are taken.
 pub const STAT_PROMPTS: [&str; 8] = [
@@ -67,6 +70,25 @@ pub fn search(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize) ->
 /// [`search`] restricted to one polarity (`Some`): the other polarity's scores are zero, so the
 /// ranking, the hits and the per-layer series show only the chosen one.
 pub fn search_polarity(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
+    search_concept(engine, map, tokens, false, top_n, only)
+}
+
+/// Concept search for a phrase of several tokens ("Sherlock Holmes" → " Sherlock", " Holmes"):
+/// the *geometric mean* of the tokens' normalised probabilities,
+/// exp(mean_i [±logit_i − logsumexp(top-100) + ln 100]).
+///
+/// Why: a neuron's decoded distribution is a bag of tokens it promotes; a neuron that stands for
+/// the phrase must promote every one of its tokens. The sum used for alternatives (" dog, dogs")
+/// is a soft OR that one token alone can fill: for "social security" it is topped by neurons of
+/// " social" alone, a common word. The geometric mean is a soft AND: it is high only when every
+/// token is high, equals the single-token score for a one-token phrase, and keeps the paper's
+/// scale (1 = as likely as the neuron's average top-100 token).
+pub fn search_phrase(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
+    search_concept(engine, map, tokens, true, top_n, only)
+}
+
+/// [`search_polarity`] (`phrase = false`) or [`search_phrase`] (`phrase = true`).
+pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: bool, top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
     if tokens.is_empty() {
         return Err(Error::bad("a concept needs at least one token"));
     }
@@ -81,10 +103,16 @@ pub fn search_polarity(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: 
     let ln_top = (NORM_TOP as f32).ln();
     let n = map.n_neurons();
     let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
+    let inv = 1.0 / tokens.len() as f32;
     for (i, row) in logits.iter().enumerate() {
         let (bp, bn) = (ln_top - map.pos.lse_top[i], ln_top - map.neg.lse_top[i]);
-        pos[i] = row.iter().map(|&l| (l + bp).exp()).sum();
-        neg[i] = row.iter().map(|&l| (-l + bn).exp()).sum();
+        if phrase {
+            pos[i] = (row.iter().map(|&l| l + bp).sum::<f32>() * inv).exp();
+            neg[i] = (row.iter().map(|&l| -l + bn).sum::<f32>() * inv).exp();
+        } else {
+            pos[i] = row.iter().map(|&l| (l + bp).exp()).sum();
+            neg[i] = row.iter().map(|&l| (-l + bn).exp()).sum();
+        }
     }
     match only {
         Some(Polarity::Pos) => neg.fill(0.0),
@@ -250,5 +278,222 @@ pub fn compare_models(a: &Engine, b: &Engine, map_a: &NeuronMap, map_b: &NeuronM
         layers,
         overall_share: total_same as f32 / (ca.n_layers * ca.d_ff) as f32,
         changed,
+    })
+}
+
+/// The moments of neuron `i` of `map` as the shared type.
+pub fn moments(map: &NeuronMap, i: usize) -> Moments {
+    let m = &map.moments;
+    Moments { mean: m.mean[i], std: m.std[i], skew: m.skew[i], kurtosis: m.kurtosis[i] }
+}
+
+/// The median std of a map's neurons: the scale partition neurons are measured against.
+pub fn median_std(map: &NeuronMap) -> f32 {
+    let mut s = map.moments.std.clone();
+    if s.is_empty() {
+        return 0.0;
+    }
+    let mid = s.len() / 2;
+    *s.select_nth_unstable_by(mid, f32::total_cmp).1
+}
+
+/// The class of every neuron of `map` (see [`NeuronClass::of`]).
+pub fn classify(map: &NeuronMap) -> Vec<NeuronClass> {
+    let med = median_std(map);
+    (0..map.n_neurons()).map(|i| NeuronClass::of(&moments(map, i), med)).collect()
+}
+
+/// Per-layer counts of every class, and the `top` strongest neurons of `class`: by kurtosis for
+/// prediction and suppression neurons, by std for partition and other neurons.
+pub fn classes(engine: &Engine, map: &NeuronMap, class: NeuronClass, top: usize) -> Result<ClassesResponse> {
+    let classes = classify(map);
+    let d_ff = map.meta.d_ff;
+    let layers = classes
+        .chunks(d_ff)
+        .enumerate()
+        .map(|(layer, c)| LayerClassCounts {
+            layer,
+            prediction: c.iter().filter(|&&x| x == NeuronClass::Prediction).count(),
+            suppression: c.iter().filter(|&&x| x == NeuronClass::Suppression).count(),
+            partition: c.iter().filter(|&&x| x == NeuronClass::Partition).count(),
+            neurons: c.len(),
+        })
+        .collect();
+    let key = |i: usize| match class {
+        NeuronClass::Prediction | NeuronClass::Suppression => map.moments.kurtosis[i],
+        NeuronClass::Partition | NeuronClass::Other => map.moments.std[i],
+    };
+    let strength: Vec<f32> = (0..classes.len()).map(|i| if classes[i] == class { key(i) } else { f32::NEG_INFINITY }).collect();
+    let polarity = if class == NeuronClass::Suppression { Polarity::Neg } else { Polarity::Pos };
+    let neurons = crate::engine::top_indices(&strength, top)
+        .into_iter()
+        .filter(|&i| classes[i] == class)
+        .map(|i| {
+            let (layer, neuron) = (i / d_ff, i % d_ff);
+            let (ids, _) = map.top(polarity, layer, neuron);
+            ClassedNeuron { layer, neuron, moments: moments(map, i), top_tokens: ids.iter().take(8).map(|&t| engine.tok.token_text(t)).collect() }
+        })
+        .collect();
+    Ok(ClassesResponse {
+        view: map.meta.view,
+        final_norm: map.meta.final_norm,
+        kurtosis_threshold: NeuronClass::KURTOSIS,
+        partition_std: NeuronClass::PARTITION_STD,
+        median_std: median_std(map),
+        layers,
+        class,
+        neurons,
+    })
+}
+
+/// A concept's token ids, and whether they are one phrase (else alternatives).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConceptIds {
+    pub ids: Vec<u32>,
+    pub phrase: bool,
+}
+
+impl ConceptIds {
+    /// Resolve a [`Concept`]: alternatives must each be one token; a phrase is tokenized as written.
+    pub fn resolve(engine: &Engine, c: &Concept) -> Result<Self> {
+        match c {
+            Concept::Tokens(words) => {
+                if words.is_empty() || words.len() > 16 {
+                    return Err(Error::bad("give 1 to 16 tokens"));
+                }
+                Ok(Self { ids: words.iter().map(|w| engine.tok.single_token(w)).collect::<Result<_>>()?, phrase: false })
+            }
+            Concept::Phrase(text) => Ok(Self { ids: phrase_tokens(engine, text)?, phrase: true }),
+        }
+    }
+}
+
+/// The tokens of a phrase concept, checked: 1 to [`limits::MAX_PHRASE_TOKENS`].
+pub fn phrase_tokens(engine: &Engine, text: &str) -> Result<Vec<u32>> {
+    if text.trim().is_empty() {
+        return Err(Error::bad("the phrase is empty"));
+    }
+    if text.len() > 256 {
+        return Err(Error::TooLarge("a phrase is limited to 256 bytes".into()));
+    }
+    let ids = engine.tok.encode_raw(text)?;
+    if ids.is_empty() || ids.len() > shared::limits::MAX_PHRASE_TOKENS {
+        return Err(Error::bad(format!("{text:?} is {} tokens; a phrase may have 1 to {}", ids.len(), shared::limits::MAX_PHRASE_TOKENS)));
+    }
+    Ok(ids)
+}
+
+/// A verification request checked and resolved (cheap: tokenization only).
+pub struct VerifyPlan {
+    pub concept: ConceptIds,
+    pub prompts: Vec<Vec<u32>>,
+    pub candidates: usize,
+    pub values: usize,
+    pub range: f32,
+}
+
+impl VerifyPlan {
+    pub fn new(engine: &Engine, req: &VerifyRequest) -> Result<Self> {
+        use shared::limits::{MAX_VERIFY_CANDIDATES, MAX_VERIFY_PROMPTS, MAX_VERIFY_VALUES};
+        let concept = ConceptIds::resolve(engine, &req.concept)?;
+        if req.prompts.is_empty() || req.prompts.len() > MAX_VERIFY_PROMPTS {
+            return Err(Error::bad(format!("give 1 to {MAX_VERIFY_PROMPTS} prompts")));
+        }
+        if req.candidates == 0 || req.candidates > MAX_VERIFY_CANDIDATES {
+            return Err(Error::bad(format!("candidates must be between 1 and {MAX_VERIFY_CANDIDATES}")));
+        }
+        if req.values < 2 || req.values > MAX_VERIFY_VALUES {
+            return Err(Error::bad(format!("values must be between 2 and {MAX_VERIFY_VALUES}")));
+        }
+        if !(req.range.is_finite() && req.range > 0.0 && req.range <= 100.0) {
+            return Err(Error::bad("range must be a number above 0 and at most 100"));
+        }
+        let prompts = req.prompts.iter().map(|p| engine.prompt_ids(p)).collect::<Result<Vec<_>>>()?;
+        for p in &prompts {
+            crate::limits::check_prompt_tokens(p.len(), concept.ids.len(), engine.config().max_seq_len)?;
+        }
+        Ok(Self { concept, prompts, candidates: req.candidates, values: req.values, range: req.range })
+    }
+
+    /// Estimated work, as if every row split from the others at layer 0 (an upper bound: the
+    /// candidates are only known once the maps are searched).
+    pub fn cost(&self, engine: &Engine) -> f64 {
+        let rows = 1 + self.candidates * self.values;
+        self.prompts.iter().map(|p| engine.concept_cost(p.len(), self.concept_steps(), rows, 0)).sum()
+    }
+
+    fn concept_steps(&self) -> usize {
+        if self.concept.phrase {
+            self.concept.ids.len()
+        } else {
+            1
+        }
+    }
+}
+
+/// The map's candidates for a concept: the top of every view and both polarities, pooled by
+/// score, one entry per neuron (its best view).
+pub fn candidates(engine: &Engine, maps: &[Arc<NeuronMap>], concept: &ConceptIds, n: usize) -> Result<Vec<(View, SearchHit)>> {
+    let mut pool = Vec::new();
+    for map in maps {
+        let r = search_concept(engine, map, &concept.ids, concept.phrase, n, None)?;
+        pool.extend(r.top.into_iter().map(|h| (map.meta.view, h)));
+    }
+    pool.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+    let mut seen = std::collections::HashSet::new();
+    pool.retain(|(_, h)| seen.insert((h.layer, h.neuron)));
+    pool.truncate(n);
+    Ok(pool)
+}
+
+/// Causal verification: clamp each of the map's candidates over a range scaled to its natural
+/// activation, measure log p(concept) after every prompt, and rank the candidates by the largest
+/// rise (mean over prompts). All candidates × values of one prompt run as one batch (split at
+/// the first clamped layer, in memory-bounded chunks).
+pub fn verify(engine: &Engine, maps: &[Arc<NeuronMap>], plan: &VerifyPlan, cancel: &Cancel) -> Result<VerifyResponse> {
+    let cands = candidates(engine, maps, &plan.concept, plan.candidates)?;
+    let stats = activation_stats(engine)?;
+    let d_ff = engine.config().d_ff;
+    let mut rows = vec![Intervention::none()];
+    let mut values = Vec::with_capacity(cands.len());
+    for (_, h) in &cands {
+        let s = stats[h.layer * d_ff + h.neuron];
+        let top = (plan.range * s.min.abs().max(s.max.abs()).max(1e-3)).min(shared::limits::MAX_CLAMP_ABS);
+        let vs = shared::linspace(-top, top, plan.values);
+        rows.extend(vs.iter().map(|&value| Intervention { clamps: vec![Clamp { layer: h.layer, neuron: h.neuron, value }] }));
+        values.push(vs);
+    }
+    // lp[prompt][row]
+    let lp = plan.prompts.iter().map(|ids| engine.concept_logprobs(ids, &plan.concept, &rows, cancel)).collect::<Result<Vec<_>>>()?;
+    let np = lp.len() as f64;
+    let mean_p = |row: usize| (lp.iter().map(|l| l[row].exp()).sum::<f64>() / np) as f32;
+    let effect = |row: usize| (lp.iter().map(|l| l[row] - l[0]).sum::<f64>() / np) as f32;
+    let mut neurons: Vec<VerifiedNeuron> = cands
+        .iter()
+        .enumerate()
+        .map(|(c, (view, h))| {
+            let first = 1 + c * plan.values;
+            let curve: Vec<SweepPoint> = values[c].iter().enumerate().map(|(j, &value)| SweepPoint { value, prob: mean_p(first + j) }).collect();
+            let best = (0..plan.values).max_by(|&a, &b| effect(first + a).total_cmp(&effect(first + b))).unwrap_or(0);
+            VerifiedNeuron {
+                layer: h.layer,
+                neuron: h.neuron,
+                view: *view,
+                polarity: h.polarity,
+                map_score: h.score,
+                map_rank: c,
+                best_value: values[c][best],
+                effect: effect(first + best),
+                best_prob: mean_p(first + best),
+                curve,
+            }
+        })
+        .collect();
+    neurons.sort_by(|a, b| b.effect.total_cmp(&a.effect).then(a.map_rank.cmp(&b.map_rank)));
+    Ok(VerifyResponse {
+        tokens: plan.concept.ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
+        phrase: plan.concept.phrase,
+        baseline: mean_p(0),
+        neurons,
     })
 }

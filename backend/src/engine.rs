@@ -481,6 +481,57 @@ impl Engine {
         Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
     }
 
+    /// log p(`concept`) after `ids`, once per intervention in `rows`: for alternatives, the log
+    /// of their summed next-token probability; for a phrase, the sum of its tokens' log
+    /// probabilities, each after the ones before it (teacher forcing, one cached step per token).
+    /// Rows run in memory-bounded chunks; within a chunk the prompt's layers below the first
+    /// clamped one run once.
+    pub fn concept_logprobs(&self, ids: &[u32], concept: &crate::analysis::ConceptIds, rows: &[Intervention], cancel: &Cancel) -> Result<Vec<f64>> {
+        let target = &concept.ids;
+        if target.is_empty() || target.iter().any(|&t| t as usize >= self.config().vocab_size) {
+            return Err(Error::bad("the concept's tokens must be in the vocabulary"));
+        }
+        let steps = if concept.phrase { target.len() } else { 1 };
+        limits::check_prompt_tokens(ids.len(), steps, self.config().max_seq_len)?;
+        let chunk = self.sweep_chunk(ids.len() + steps, rows.len());
+        let mut out = Vec::with_capacity(rows.len());
+        for part in rows.chunks(chunk) {
+            let mut cache = Cache::with_cancel(self.config(), cancel.clone());
+            let mut logits = self.model.forward(&self.input(ids)?, &mut cache, part, &[])?.logits;
+            let mut lp = vec![0f64; part.len()];
+            for step in 0..steps {
+                let logp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?.to_vec2()?;
+                for (acc, row) in lp.iter_mut().zip(&logp) {
+                    *acc += if concept.phrase {
+                        row[target[step] as usize] as f64
+                    } else {
+                        let m = target.iter().map(|&t| row[t as usize] as f64).fold(f64::NEG_INFINITY, f64::max);
+                        m + target.iter().map(|&t| (row[t as usize] as f64 - m).exp()).sum::<f64>().ln()
+                    };
+                }
+                if step + 1 < steps {
+                    let input = Tensor::from_vec(vec![target[step]; part.len()], (part.len(), 1), self.model.device())?;
+                    logits = self.model.forward(&input, &mut cache, part, &[])?.logits;
+                }
+            }
+            out.extend(lp);
+        }
+        Ok(out)
+    }
+
+    /// Estimated work of [`Engine::concept_logprobs`]: a prompt of `t` tokens and `steps` scored
+    /// tokens for `rows` rows that split at layer `expand_at`.
+    pub fn concept_cost(&self, t: usize, steps: usize, rows: usize, expand_at: usize) -> f64 {
+        let chunk = self.sweep_chunk(t + steps, rows);
+        (0..rows)
+            .step_by(chunk)
+            .map(|start| {
+                let r = chunk.min(rows - start);
+                self.forward_cost(t, 0, r, expand_at) + (1..steps).map(|s| self.forward_cost(1, t + s - 1, r, 0)).sum::<f64>()
+            })
+            .sum()
+    }
+
     /// Estimated work of one forward pass, in FLOP-equivalents: over `t` new positions with
     /// `past` positions cached, with `rows` batch rows from layer `expand_at` on (one row below
     /// it), and the LM head on the last position of each row. It counts what this implementation

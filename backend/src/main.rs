@@ -19,7 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod bench;
 use shared::{
-    ApiError, ClampSpec, GenerateRequest, NextTokenRequest, PromptSpec, SamplingParams, SearchResponse, SweepRequest, TokenInfo, Variant, View,
+    ApiError, ClampSpec, Concept, GenerateRequest, NeuronClass, NextTokenRequest, PromptSpec, SamplingParams, SearchResponse, SweepRequest,
+    TokenInfo, Variant, VerifyRequest, View,
 };
 
 #[derive(Parser)]
@@ -72,6 +73,12 @@ enum Cmd {
     Search(SearchArgs),
     /// Everything about one neuron: top/bottom tokens of each view, activation statistics, similar neurons.
     Neuron(NeuronArgs),
+    /// Neuron classes from weight statistics (Gurnee et al. 2024): prediction, suppression and
+    /// partition neurons per layer, from the moments stored in the map.
+    Classes(ClassesArgs),
+    /// Causal verification: clamp the map's top candidates for a concept and rank them by how much
+    /// they raise its probability after the prompts.
+    Verify(VerifyArgs),
     /// Base vs instruct: share of neurons whose top token survived, per layer, and the neurons that changed most.
     CompareModels(CompareArgs),
     /// Time the neuron map against numpy and PyTorch peers on the same weights, and search latency.
@@ -121,9 +128,13 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct SearchArgs {
-    /// The concept's tokens, e.g. " dog" " dogs" " puppy" (after `--` for tokens starting with '-').
+    /// The concept's tokens, e.g. " dog" " dogs" " puppy" (after `--` for tokens starting with '-');
+    /// with --phrase, one phrase, e.g. " Sherlock Holmes".
     #[arg(required = true)]
     tokens: Vec<String>,
+    /// Score the words as one phrase of several tokens (all of them promoted), not as alternatives.
+    #[arg(long)]
+    phrase: bool,
     #[arg(long, default_value = "up")]
     view: View,
     #[arg(long)]
@@ -131,6 +142,44 @@ struct SearchArgs {
     /// How many top neurons to list.
     #[arg(long, default_value_t = 10)]
     top: usize,
+}
+
+#[derive(Args)]
+struct ClassesArgs {
+    /// The view whose moments classify (down: what the neuron writes, Gurnee et al.'s W_U · w_out).
+    #[arg(long, default_value = "down")]
+    view: View,
+    #[arg(long)]
+    final_norm: bool,
+    /// The class whose strongest neurons to list: prediction, suppression, partition or other.
+    #[arg(long, default_value = "prediction")]
+    class: NeuronClass,
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The concept's tokens (alternatives, each one token), or with --phrase one phrase.
+    #[arg(required = true)]
+    tokens: Vec<String>,
+    #[arg(long)]
+    phrase: bool,
+    /// A prompt after which the concept should come (repeatable, up to 4).
+    #[arg(long = "prompt", short, required = true)]
+    prompts: Vec<String>,
+    /// Use the prompts as they are, without the model's chat template.
+    #[arg(long)]
+    no_chat: bool,
+    /// Candidates from the map (all views, both polarities).
+    #[arg(long, default_value_t = 8)]
+    candidates: usize,
+    /// Clamp values per candidate.
+    #[arg(long, default_value_t = 9)]
+    values: usize,
+    /// Clamp range: ± this many times the neuron's largest natural |activation|.
+    #[arg(long, default_value_t = 10.0)]
+    range: f32,
 }
 
 #[derive(Args)]
@@ -391,15 +440,17 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Generate(a) => generate(cli, a),
         Cmd::Search(a) => {
             let engine = load(cli)?;
-            let ids = a.tokens.iter().map(|t| engine.tok.single_token(t)).collect::<flash_interp::Result<Vec<u32>>>()?;
+            let concept = if a.phrase { Concept::Phrase(a.tokens.concat()) } else { Concept::Tokens(a.tokens.clone()) };
+            let ids = analysis::ConceptIds::resolve(&engine, &concept)?.ids;
             let (map, _) = map_with_progress(&engine, a.view, a.final_norm)?;
-            let r = analysis::search(&engine, &map, &ids, a.top)?;
+            let r = analysis::search_concept(&engine, &map, &ids, a.phrase, a.top, None)?;
             let resp = SearchResponse {
                 tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
                 view: a.view,
                 final_norm: a.final_norm,
                 layers: r.signed_layers(engine.config().d_ff),
                 top: r.top,
+                phrase: a.phrase,
             };
             if cli.json {
                 return print_json(&resp);
@@ -437,6 +488,73 @@ fn run(cli: &Cli) -> Result<()> {
             }
             let sim: Vec<String> = d.similar.iter().map(|s| format!("{}:{} ({:+.2})", s.layer, s.neuron, s.cosine)).collect();
             println!("similar: {}", sim.join(", "));
+            Ok(())
+        }
+        Cmd::Classes(a) => {
+            let engine = load(cli)?;
+            let (map, _) = map_with_progress(&engine, a.view, a.final_norm)?;
+            let r = analysis::classes(&engine, &map, a.class, a.top)?;
+            if cli.json {
+                return print_json(&r);
+            }
+            println!(
+                "classes of the {} view (kurtosis > {}; partition: std >= {} x the median {:.3})",
+                r.view.as_str(),
+                r.kurtosis_threshold,
+                r.partition_std,
+                r.median_std
+            );
+            println!("  layer  prediction  suppression  partition  of");
+            for l in &r.layers {
+                println!("  {:>5}  {:>10}  {:>11}  {:>9}  {}", l.layer, l.prediction, l.suppression, l.partition, l.neurons);
+            }
+            println!("\nstrongest {} neurons:", r.class.as_str());
+            for n in &r.neurons {
+                let m = n.moments;
+                println!(
+                    "  {:>3}:{:<6} kurtosis {:>7.1}  skew {:>+6.2}  std {:.3}  {:?}",
+                    n.layer, n.neuron, m.kurtosis, m.skew, m.std, n.top_tokens
+                );
+            }
+            Ok(())
+        }
+        Cmd::Verify(a) => {
+            let engine = load(cli)?;
+            let concept = if a.phrase { Concept::Phrase(a.tokens.concat()) } else { Concept::Tokens(a.tokens.clone()) };
+            let chat = if a.no_chat { Some(false) } else { None };
+            let req = VerifyRequest {
+                concept,
+                prompts: a.prompts.iter().map(|p| PromptSpec { text: p.clone(), chat, messages: None }).collect(),
+                candidates: a.candidates,
+                values: a.values,
+                range: a.range,
+            };
+            let plan = analysis::VerifyPlan::new(&engine, &req)?;
+            let maps = View::ALL.iter().map(|&v| map_with_progress(&engine, v, false).map(|m| m.0)).collect::<Result<Vec<_>>>()?;
+            let pb = spinner(&format!("clamping {} candidates at {} values after {} prompt(s)", a.candidates, a.values, a.prompts.len()));
+            let r = analysis::verify(&engine, &maps, &plan, &Cancel::default())?;
+            pb.finish_and_clear();
+            if cli.json {
+                return print_json(&r);
+            }
+            let toks: Vec<&str> = r.tokens.iter().map(|t| t.text.as_str()).collect();
+            println!("p({}{toks:?}) unclamped: {:.6}", if r.phrase { "phrase " } else { "" }, r.baseline);
+            println!("  causal  map  neuron      view  pol   map score  best clamp  p at best   effect (nats)");
+            for (rank, n) in r.neurons.iter().enumerate() {
+                println!(
+                    "  {:>6}  {:>3}  {:>3}:{:<6}  {:>4}  {:>3}  {:>9.3}  {:>10.2}  {:>9.6}  {:>+8.3}",
+                    rank,
+                    n.map_rank,
+                    n.layer,
+                    n.neuron,
+                    n.view.as_str(),
+                    format!("{:?}", n.polarity).to_lowercase(),
+                    n.map_score,
+                    n.best_value,
+                    n.best_prob,
+                    n.effect
+                );
+            }
             Ok(())
         }
         Cmd::CompareModels(a) => {

@@ -35,6 +35,21 @@ pub struct TinySpec {
     pub negate: Vec<(usize, usize)>,
     /// Neurons whose up row is replaced by fresh random values (a "fine-tuned" copy).
     pub perturb: Vec<(usize, usize)>,
+    /// Neurons given chosen directions, so that what they read and write is known by construction.
+    pub plant: Vec<Plant>,
+}
+
+/// A planted neuron: its up row and/or its down column set to `scale` × the sum of the
+/// unembedding rows of `tokens` (the LM head's, or the tied embedding's). An up row makes the map
+/// find it for them; a down column makes clamping it high raise their logits; a zero scale
+/// silences that side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plant {
+    pub layer: usize,
+    pub neuron: usize,
+    pub tokens: Vec<u32>,
+    pub up: Option<f32>,
+    pub down: Option<f32>,
 }
 
 impl Default for TinySpec {
@@ -51,6 +66,7 @@ impl Default for TinySpec {
             q8: false,
             negate: vec![],
             perturb: vec![],
+            plant: vec![],
         }
     }
 }
@@ -153,6 +169,25 @@ pub fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         }
         let flat = Tensor::new(rows, &Device::Cpu)?;
         *t = if is_up { flat } else { flat.t()?.contiguous()? };
+    }
+    for p in &spec.plant {
+        let head = w.iter().find(|(n, _)| n == "lm_head.weight").or_else(|| w.iter().find(|(n, _)| n == "model.embed_tokens.weight"));
+        let Some((_, head)) = head else { continue };
+        let mut u = vec![0f32; d];
+        for &tok in &p.tokens {
+            let row: Vec<f32> = head.get(tok as usize)?.to_vec1()?;
+            u.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        for (side, scale) in [("up_proj", p.up), ("down_proj", p.down)] {
+            let Some(scale) = scale else { continue };
+            let name = format!("model.layers.{}.mlp.{side}.weight", p.layer);
+            let Some((_, t)) = w.iter_mut().find(|(n, _)| *n == name) else { continue };
+            let is_up = side == "up_proj";
+            let mut rows: Vec<Vec<f32>> = if is_up { t.to_vec2()? } else { t.t()?.to_vec2()? };
+            rows[p.neuron] = u.iter().map(|x| x * scale).collect();
+            let flat = Tensor::new(rows, &Device::Cpu)?;
+            *t = if is_up { flat } else { flat.t()?.contiguous()? };
+        }
     }
     Ok(w)
 }

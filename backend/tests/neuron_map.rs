@@ -6,8 +6,9 @@ use flash_interp::analysis;
 use flash_interp::engine::{Engine, LoadOptions, MapOrigin};
 use flash_interp::map::{self, NeuronMap};
 use flash_interp::model::{Cache, Intervention};
-use flash_interp::synthetic::{self, TinySpec};
-use shared::{Polarity, View};
+use flash_interp::synthetic::{self, Plant, TinySpec};
+use flash_interp::Cancel;
+use shared::{Concept, Moments, NeuronClass, Polarity, PromptSpec, VerifyRequest, View};
 
 struct Tiny {
     dir: tempfile::TempDir,
@@ -262,4 +263,228 @@ fn concurrent_map_requests_share_one_build() {
     let built = origins.iter().filter(|o| matches!(o, MapOrigin::Built(_))).count();
     assert_eq!(built, 1, "{origins:?}");
     assert!(origins.iter().all(|o| matches!(o, MapOrigin::Built(_) | MapOrigin::Memory)));
+}
+
+/// Moments of every neuron's logits, two-pass in f64.
+fn brute_moments(logits: &[f64]) -> (f64, f64, f64, f64) {
+    let n = logits.len() as f64;
+    let mean = logits.iter().sum::<f64>() / n;
+    let c = |p: i32| logits.iter().map(|x| (x - mean).powi(p)).sum::<f64>() / n;
+    (mean, c(2).sqrt(), c(3) / c(2).powf(1.5), c(4) / (c(2) * c(2)))
+}
+
+/// A tiny model with a prediction neuron (down column = +U[t]) and a suppression neuron
+/// (down column = -U[t]); d = 128 so that one token stands ~11σ above the rest.
+fn classed_spec() -> TinySpec {
+    TinySpec {
+        d_model: 128,
+        plant: vec![
+            Plant { layer: 2, neuron: 9, tokens: vec![70], up: None, down: Some(1.0) },
+            Plant { layer: 1, neuron: 4, tokens: vec![120], up: None, down: Some(-1.0) },
+        ],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn map_moments_equal_brute_force_and_classes_follow_gurnee() {
+    let t = tiny(&classed_spec(), "classed");
+    for view in View::ALL {
+        let m = build(&t.engine, view, false);
+        let brute: Vec<(f64, f64, f64, f64)> = brute_logits(&t.engine, view, false).iter().map(|l| brute_moments(l)).collect();
+        for (i, &(mean, std, skew, kurt)) in brute.iter().enumerate() {
+            let got = analysis::moments(&m, i);
+            assert!((got.mean as f64 - mean).abs() < 1e-4 * std, "{view:?} {i}: mean {} vs {mean}", got.mean);
+            assert!((got.std as f64 / std - 1.0).abs() < 1e-4, "{view:?} {i}: std {} vs {std}", got.std);
+            assert!((got.skew as f64 - skew).abs() < 1e-3, "{view:?} {i}: skew {} vs {skew}", got.skew);
+            assert!((got.kurtosis as f64 / kurt - 1.0).abs() < 1e-3, "{view:?} {i}: kurtosis {} vs {kurt}", got.kurtosis);
+        }
+        // Classes from the brute-force moments and median, where no threshold is within 1%.
+        let mut stds: Vec<f64> = brute.iter().map(|b| b.1).collect();
+        stds.sort_by(f64::total_cmp);
+        let med = stds[stds.len() / 2];
+        let classes = analysis::classify(&m);
+        for (i, &(_, std, skew, kurt)) in brute.iter().enumerate() {
+            let near = (kurt / 10.0 - 1.0).abs() < 0.01 || (std / (2.0 * med) - 1.0).abs() < 0.01;
+            if !near {
+                let want = NeuronClass::of(&Moments { mean: 0.0, std: std as f32, skew: skew as f32, kurtosis: kurt as f32 }, med as f32);
+                assert_eq!(classes[i], want, "{view:?} neuron {i}");
+            }
+        }
+    }
+    // The planted neurons are what they were built to be, in the down view, and listed so.
+    let m = build(&t.engine, View::Down, false);
+    let classes = analysis::classify(&m);
+    assert_eq!(classes[m.index(2, 9)], NeuronClass::Prediction);
+    assert_eq!(classes[m.index(1, 4)], NeuronClass::Suppression);
+    let r = analysis::classes(&t.engine, &m, NeuronClass::Prediction, 5).unwrap();
+    assert_eq!((r.neurons[0].layer, r.neurons[0].neuron), (2, 9));
+    assert_eq!(r.neurons[0].top_tokens[0], t.engine.tok.token_text(70));
+    let s = analysis::classes(&t.engine, &m, NeuronClass::Suppression, 5).unwrap();
+    assert_eq!((s.neurons[0].layer, s.neurons[0].neuron), (1, 4));
+    // Suppression neurons list the tokens they push down: their negative polarity's top.
+    assert_eq!(s.neurons[0].top_tokens[0], t.engine.tok.token_text(120));
+    for (l, c) in r.layers.iter().enumerate() {
+        let row = &classes[l * m.meta.d_ff..(l + 1) * m.meta.d_ff];
+        let count = |k| row.iter().filter(|&&x| x == k).count();
+        assert_eq!(
+            (c.prediction, c.suppression, c.partition),
+            (count(NeuronClass::Prediction), count(NeuronClass::Suppression), count(NeuronClass::Partition))
+        );
+    }
+    assert!(r.layers[2].prediction >= 1 && r.layers[1].suppression >= 1);
+}
+
+#[test]
+fn phrase_search_is_the_geometric_mean_and_needs_every_token() {
+    let (a, b) = (70u32, 120u32);
+    let spec = TinySpec {
+        plant: vec![
+            // Reads only the first token of the phrase, strongly.
+            Plant { layer: 1, neuron: 3, tokens: vec![a], up: Some(2.0), down: None },
+            // Reads both tokens of the phrase.
+            Plant { layer: 2, neuron: 7, tokens: vec![a, b], up: Some(1.0), down: None },
+        ],
+        ..Default::default()
+    };
+    let t = tiny(&spec, "phrase");
+    let m = build(&t.engine, View::Up, false);
+    let r = analysis::search_phrase(&t.engine, &m, &[a, b], 5, None).unwrap();
+    for (i, logits) in brute_logits(&t.engine, View::Up, false).iter().enumerate() {
+        for (p, got) in [(1.0, r.pos[i]), (-1.0, r.neg[i])] {
+            let v: Vec<f64> = logits.iter().map(|x| p * x).collect();
+            let z = lse(&v);
+            let probs: Vec<f64> = v.iter().map(|x| (x - z).exp()).collect();
+            let order = sorted_desc(&probs);
+            let mean_top: f64 = order[..100].iter().map(|&j| probs[j]).sum::<f64>() / 100.0;
+            let want = (probs[a as usize] / mean_top * probs[b as usize] / mean_top).sqrt();
+            assert!((got as f64 / want - 1.0).abs() < 1e-3, "neuron {i} sign {p}: {got} vs {want}");
+        }
+    }
+    // The neuron that reads the whole phrase comes first; the one that reads " a" alone does not,
+    // though it is the alternatives search's first for the same tokens.
+    assert_eq!((r.top[0].layer, r.top[0].neuron), (2, 7));
+    let any = analysis::search(&t.engine, &m, &[a, b], 5).unwrap();
+    assert_eq!((any.top[0].layer, any.top[0].neuron), (1, 3));
+    // A one-token phrase is the single-token search.
+    let one = analysis::search_phrase(&t.engine, &m, &[a], 5, None).unwrap();
+    let single = analysis::search(&t.engine, &m, &[a], 5).unwrap();
+    for (x, y) in one.pos.iter().zip(&single.pos) {
+        assert!((x - y).abs() <= 1e-5 * y.max(1.0));
+    }
+}
+
+/// A tiny model where the causal answer is known by construction: neuron 1:10 writes `tokens`
+/// (its down column) and reads nothing special; neuron 2:20 reads them (its up row: the map's
+/// favourite in the up view) and writes nothing (a zero down column).
+fn verify_model(tokens: Vec<u32>) -> Tiny {
+    let spec = TinySpec {
+        plant: vec![
+            Plant { layer: 1, neuron: 10, tokens: tokens.clone(), up: None, down: Some(1.0) },
+            Plant { layer: 2, neuron: 20, tokens, up: Some(2.0), down: Some(0.0) },
+        ],
+        ..Default::default()
+    };
+    tiny(&spec, "verify")
+}
+
+fn plain(text: &str) -> PromptSpec {
+    PromptSpec { text: text.into(), chat: Some(false), messages: None }
+}
+
+#[test]
+fn verify_finds_the_planted_writer_and_measures_what_a_sweep_measures() {
+    let probe = tiny(&TinySpec::default(), "probe");
+    let target = probe.engine.tok.single_token(" the").unwrap();
+    let t = verify_model(vec![target]);
+    let e = &t.engine;
+    let maps: Vec<_> = View::ALL.iter().map(|&v| build(e, v, false)).collect();
+    let req = VerifyRequest {
+        concept: Concept::Tokens(vec![" the".into()]),
+        prompts: vec![plain("in a dog"), plain("hello there")],
+        candidates: 6,
+        values: 5,
+        range: 10.0,
+    };
+    let plan = analysis::VerifyPlan::new(e, &req).unwrap();
+    let r = analysis::verify(e, &maps, &plan, &Cancel::default()).unwrap();
+    assert_eq!(r.neurons.len(), 6);
+    // The map's candidates include both planted neurons, each found through its planted side.
+    let find = |l, n| r.neurons.iter().find(|v| (v.layer, v.neuron) == (l, n)).unwrap_or_else(|| panic!("{l}:{n} not a candidate"));
+    let (writer, decoy) = (find(1, 10), find(2, 20));
+    assert_eq!((writer.view, decoy.view), (View::Down, View::Up));
+    // The writer is the causal first, raising p(" the") when clamped high; the decoy does nothing.
+    assert_eq!((r.neurons[0].layer, r.neurons[0].neuron), (1, 10));
+    assert!(writer.effect > 1.0 && writer.best_value > 0.0, "{writer:?}");
+    assert!(decoy.effect.abs() < 1e-4, "{decoy:?}");
+    for w in r.neurons.windows(2) {
+        assert!(w[0].effect >= w[1].effect);
+    }
+    // The curve is what the sweep measures, prompt by prompt, averaged.
+    let values: Vec<f32> = writer.curve.iter().map(|p| p.value).collect();
+    let (mut base, mut mean) = (0.0, vec![0.0; values.len()]);
+    for p in &req.prompts {
+        let ids = e.prompt_ids(p).unwrap();
+        let s = e.sweep(&ids, 1, 10, target, &values, &Cancel::default()).unwrap();
+        base += s.baseline / 2.0;
+        mean.iter_mut().zip(&s.probs).for_each(|(m, p)| *m += p / 2.0);
+    }
+    assert!((r.baseline - base).abs() < 1e-5, "{} vs {base}", r.baseline);
+    for (pt, want) in writer.curve.iter().zip(&mean) {
+        assert!((pt.prob - want).abs() < 1e-5, "{pt:?} vs {want}");
+    }
+    // The range is scaled to the neuron's natural activation.
+    let s = analysis::activation_stats(e).unwrap()[e.config().d_ff + 10];
+    let top = 10.0 * s.min.abs().max(s.max.abs());
+    assert!((values[values.len() - 1] - top).abs() < 1e-4 * top && (values[0] + top).abs() < 1e-4 * top);
+}
+
+#[test]
+fn phrase_verification_is_the_teacher_forced_probability() {
+    let probe = tiny(&TinySpec::default(), "probe");
+    let ids = probe.engine.tok.encode_raw(" the a").unwrap();
+    assert_eq!(ids.len(), 2, "the test phrase is two tokens");
+    let t = verify_model(ids.clone());
+    let e = &t.engine;
+    let maps: Vec<_> = View::ALL.iter().map(|&v| build(e, v, false)).collect();
+    let req = VerifyRequest { concept: Concept::Phrase(" the a".into()), prompts: vec![plain("in a dog")], candidates: 4, values: 3, range: 5.0 };
+    let plan = analysis::VerifyPlan::new(e, &req).unwrap();
+    let r = analysis::verify(e, &maps, &plan, &Cancel::default()).unwrap();
+    assert!(r.phrase && r.tokens.len() == 2);
+    // p(phrase | prompt, clamp) = p(t1 | prompt) · p(t2 | prompt t1), from two next-token queries.
+    let prompt = e.prompt_ids(&req.prompts[0]).unwrap();
+    let p_of = |clamps: &[shared::ClampSpec]| {
+        let iv = e.intervention(clamps).unwrap();
+        // Two whole forward passes without a cache: after the prompt, and after prompt + t1.
+        let p = |seq: &[u32], t: u32| -> f32 {
+            let x = Tensor::new(seq, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let logits = e.model.forward(&x, &mut Cache::new(e.config()), std::slice::from_ref(&iv), &[]).unwrap().logits;
+            flash_interp::model::llama::softmax(&logits).unwrap().i((0, t as usize)).unwrap().to_scalar().unwrap()
+        };
+        let longer: Vec<u32> = prompt.iter().copied().chain([ids[0]]).collect();
+        p(&prompt, ids[0]) * p(&longer, ids[1])
+    };
+    assert!((r.baseline / p_of(&[]) - 1.0).abs() < 1e-3, "{} vs {}", r.baseline, p_of(&[]));
+    let n = &r.neurons[0];
+    for pt in &n.curve {
+        let want = p_of(&[shared::ClampSpec { layer: n.layer, neuron: n.neuron, value: pt.value }]);
+        assert!((pt.prob / want - 1.0).abs() < 1e-3, "{pt:?} vs {want}");
+    }
+    assert_eq!((n.layer, n.neuron), (1, 10), "the planted phrase writer is the causal first");
+}
+
+#[test]
+fn verify_refuses_bad_requests_with_clear_errors() {
+    let t = tiny(&TinySpec::default(), "bad");
+    let ok = VerifyRequest { concept: Concept::Tokens(vec![" the".into()]), prompts: vec![plain("hi")], candidates: 4, values: 5, range: 10.0 };
+    let err = |r: VerifyRequest| analysis::VerifyPlan::new(&t.engine, &r).err().expect("refused").to_string();
+    assert!(err(VerifyRequest { prompts: vec![], ..ok.clone() }).contains("prompts"));
+    assert!(err(VerifyRequest { candidates: 0, ..ok.clone() }).contains("candidates"));
+    assert!(err(VerifyRequest { candidates: 33, ..ok.clone() }).contains("candidates"));
+    assert!(err(VerifyRequest { values: 1, ..ok.clone() }).contains("values"));
+    assert!(err(VerifyRequest { range: f32::NAN, ..ok.clone() }).contains("range"));
+    assert!(err(VerifyRequest { concept: Concept::Tokens(vec![" the dog".into()]), ..ok.clone() }).contains("token"));
+    assert!(err(VerifyRequest { concept: Concept::Phrase("  ".into()), ..ok.clone() }).contains("empty"));
+    assert!(err(VerifyRequest { concept: Concept::Phrase("a b c d e f g h i j".into()), ..ok.clone() }).contains("tokens"));
+    assert!(analysis::VerifyPlan::new(&t.engine, &ok).unwrap().cost(&t.engine) > 0.0);
 }

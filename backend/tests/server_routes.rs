@@ -145,6 +145,55 @@ async fn search_and_neuron_endpoints() {
 }
 
 #[actix_web::test]
+async fn phrase_search_classes_and_verify_endpoints() {
+    let f = warm_fixture(ServerConfig::default());
+    let app = app!(f);
+    let get = |uri: &str| test::TestRequest::get().uri(uri).to_request();
+    // A phrase: one string, tokenized as written, scored as a whole.
+    let r: SearchResponse = test::call_and_read_body_json(&app, get("/api/models/base/search?tokens=%20the%20a&phrase=true&top=3")).await;
+    assert!(r.phrase);
+    assert_eq!(r.tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(), vec![" the", " a"]);
+    let any: SearchResponse = test::call_and_read_body_json(&app, get("/api/models/base/search?tokens=%20the,%20a&top=3")).await;
+    assert!(!any.phrase && any.top != r.top);
+    let resp = test::call_service(&app, get("/api/models/base/search?tokens=a%20b%20c%20d%20e%20f%20g%20h%20i&phrase=true")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    // Classes: per-layer counts that add up, and neurons of the class asked for.
+    let c: ClassesResponse = test::call_and_read_body_json(&app, get("/api/models/base/classes?class=other&top=5")).await;
+    assert_eq!((c.view, c.class, c.layers.len(), c.neurons.len()), (View::Down, NeuronClass::Other, 3, 5));
+    assert!(c.layers.iter().all(|l| l.neurons == 64 && l.prediction + l.suppression + l.partition <= 64));
+    for n in &c.neurons {
+        assert_eq!(NeuronClass::of(&n.moments, c.median_std), NeuronClass::Other);
+    }
+    for uri in ["/api/models/base/classes?class=teacher", "/api/models/base/classes?top=0", "/api/models/base/classes?view=up&x=1"] {
+        assert_eq!(test::call_service(&app, get(uri)).await.status(), StatusCode::BAD_REQUEST, "{uri}");
+    }
+
+    // Verify: a ranking of the asked-for size, sorted by effect; bad requests are 4xx.
+    let post = |body: serde_json::Value| test::TestRequest::post().uri("/api/models/base/verify").set_json(body).to_request();
+    let ok = serde_json::json!({"concept": {"tokens": [" the"]}, "prompts": [{"text": "in a", "chat": false}], "candidates": 3, "values": 3});
+    let v: VerifyResponse = test::call_and_read_body_json(&app, post(ok.clone())).await;
+    assert_eq!(v.neurons.len(), 3);
+    assert!(v.neurons.windows(2).all(|w| w[0].effect >= w[1].effect) && v.neurons.iter().all(|n| n.curve.len() == 3));
+    assert!(v.baseline > 0.0 && v.baseline < 1.0);
+    for (body, status) in [
+        (serde_json::json!({"concept": {"tokens": [" the"]}, "prompts": []}), StatusCode::BAD_REQUEST),
+        (serde_json::json!({"concept": {"tokens": [" the"]}, "prompts": [{"text": "a"}], "values": 99}), StatusCode::BAD_REQUEST),
+        (serde_json::json!({"concept": {"word": " the"}, "prompts": [{"text": "a"}]}), StatusCode::BAD_REQUEST),
+        (serde_json::json!({"concept": {"tokens": ["the cat"]}, "prompts": [{"text": "a"}]}), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let resp = test::call_service(&app, post(body.clone())).await;
+        assert_eq!(resp.status(), status, "{body}");
+    }
+    // Priced before it runs: over a tiny budget it is refused without running.
+    let small = warm_fixture(ServerConfig { max_request_flops: 1e6, ..Default::default() });
+    let app = app!(small);
+    let resp = test::call_service(&app, post(ok)).await;
+    let (status, e) = error_of(resp).await;
+    assert_eq!((status, e.code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "over_budget"));
+}
+
+#[actix_web::test]
 async fn sweep_next_token_and_generate_endpoints() {
     let f = fixture(ServerConfig::default());
     let app = app!(f);

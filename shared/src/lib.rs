@@ -20,6 +20,12 @@ pub mod limits {
     pub const MAX_TEMPERATURE: f64 = 5.0;
     /// Most top-k entries returned by a next-token query.
     pub const MAX_TOP_K: usize = 100;
+    /// Causal verification: most candidate neurons, clamp values per neuron, and prompts.
+    pub const MAX_VERIFY_CANDIDATES: usize = 32;
+    pub const MAX_VERIFY_VALUES: usize = 17;
+    pub const MAX_VERIFY_PROMPTS: usize = 4;
+    /// Most tokens in a phrase concept.
+    pub const MAX_PHRASE_TOKENS: usize = 8;
 }
 
 /// `n` evenly spaced values from `from` to `to`, both ends exact: computed in f64, so rounding
@@ -328,6 +334,9 @@ pub struct SearchResponse {
     /// that polarity is `neg` (so |x| is the score and the sign says which polarity matched).
     pub layers: Vec<Vec<f32>>,
     pub top: Vec<SearchHit>,
+    /// The tokens are one phrase (scored together, see `analysis::search_phrase`), not alternatives.
+    #[serde(default)]
+    pub phrase: bool,
 }
 
 /// A token of a decoded neuron direction.
@@ -453,6 +462,181 @@ pub struct TokenizeResponse {
 pub struct TokenEvent {
     pub variant: Variant,
     pub text: String,
+}
+
+/// Moments of a neuron's logits `W_U · w` over the whole vocabulary (positive polarity).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Moments {
+    pub mean: f32,
+    pub std: f32,
+    pub skew: f32,
+    /// Not the excess: a Gaussian has 3.
+    pub kurtosis: f32,
+}
+
+/// Neuron classes from weight statistics (Gurnee et al. 2024, "Universal Neurons in GPT2
+/// Language Models"), read from the moments of the decoded direction over the vocabulary.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeuronClass {
+    /// A few tokens far above the rest: kurtosis > [`NeuronClass::KURTOSIS`], positive skew.
+    Prediction,
+    /// A few tokens far below the rest: kurtosis > [`NeuronClass::KURTOSIS`], negative skew.
+    Suppression,
+    /// Not heavy-tailed but spread wide: std at least [`NeuronClass::PARTITION_STD`] times the
+    /// median std of the view's neurons (it splits the vocabulary into large groups).
+    Partition,
+    Other,
+}
+
+impl NeuronClass {
+    pub const KURTOSIS: f32 = 10.0;
+    pub const PARTITION_STD: f32 = 2.0;
+    pub const ALL: [NeuronClass; 4] = [NeuronClass::Prediction, NeuronClass::Suppression, NeuronClass::Partition, NeuronClass::Other];
+
+    /// The class of a neuron with moments `m` in a view whose median std is `median_std`.
+    /// Classes are of the positive polarity; the negative polarity swaps prediction and suppression.
+    pub fn of(m: &Moments, median_std: f32) -> Self {
+        if m.kurtosis > Self::KURTOSIS && m.skew > 0.0 {
+            NeuronClass::Prediction
+        } else if m.kurtosis > Self::KURTOSIS && m.skew < 0.0 {
+            NeuronClass::Suppression
+        } else if m.std >= Self::PARTITION_STD * median_std {
+            NeuronClass::Partition
+        } else {
+            NeuronClass::Other
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NeuronClass::Prediction => "prediction",
+            NeuronClass::Suppression => "suppression",
+            NeuronClass::Partition => "partition",
+            NeuronClass::Other => "other",
+        }
+    }
+}
+
+impl std::str::FromStr for NeuronClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        NeuronClass::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown class {s:?}: use prediction, suppression, partition or other"))
+    }
+}
+
+/// Neurons of each class in one layer.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerClassCounts {
+    pub layer: usize,
+    pub prediction: usize,
+    pub suppression: usize,
+    pub partition: usize,
+    pub neurons: usize,
+}
+
+/// One neuron of a class, with what it decodes to.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassedNeuron {
+    pub layer: usize,
+    pub neuron: usize,
+    pub moments: Moments,
+    /// Top tokens of the polarity the class is about (negative for suppression neurons).
+    pub top_tokens: Vec<String>,
+}
+
+/// `GET /api/models/{model}/classes`: per-layer counts of every class, and the strongest
+/// neurons of one class (by kurtosis; by std for partition neurons).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassesResponse {
+    pub view: View,
+    pub final_norm: bool,
+    pub kurtosis_threshold: f32,
+    pub partition_std: f32,
+    pub median_std: f32,
+    pub layers: Vec<LayerClassCounts>,
+    pub class: NeuronClass,
+    pub neurons: Vec<ClassedNeuron>,
+}
+
+/// What a verification measures: the probability of one of several single tokens (summed), or
+/// of a phrase of several tokens (the product of its teacher-forced next-token probabilities).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Concept {
+    Tokens(Vec<String>),
+    Phrase(String),
+}
+
+/// `POST /api/models/{model}/verify`: rank the map's candidates for a concept by what clamping
+/// them does to the concept's probability after each prompt.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    pub concept: Concept,
+    pub prompts: Vec<PromptSpec>,
+    /// Candidates taken from the map (all views, both polarities), default 8.
+    #[serde(default = "default_candidates")]
+    pub candidates: usize,
+    /// Clamp values per candidate, spread evenly over ±`range` × the neuron's largest natural
+    /// |activation| (default 9 values, range 10).
+    #[serde(default = "default_values")]
+    pub values: usize,
+    #[serde(default = "default_range")]
+    pub range: f32,
+}
+
+fn default_candidates() -> usize {
+    8
+}
+fn default_values() -> usize {
+    9
+}
+fn default_range() -> f32 {
+    10.0
+}
+
+/// One candidate, measured.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifiedNeuron {
+    pub layer: usize,
+    pub neuron: usize,
+    /// The view and polarity whose decoding made it a candidate, its map score and rank (0 = best).
+    pub view: View,
+    pub polarity: Polarity,
+    pub map_score: f32,
+    pub map_rank: usize,
+    /// The clamp value with the largest rise of log p(concept), averaged over the prompts, and
+    /// that rise in nats (≤ 0 when no clamp raises it).
+    pub best_value: f32,
+    pub effect: f32,
+    /// p(concept) at the best value (mean over prompts).
+    pub best_prob: f32,
+    /// p(concept) at every clamp value (mean over prompts).
+    pub curve: Vec<SweepPoint>,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    /// The concept's tokens (a phrase's in order).
+    pub tokens: Vec<TokenInfo>,
+    pub phrase: bool,
+    /// p(concept) with no clamp (mean over prompts).
+    pub baseline: f32,
+    /// Candidates, the largest causal effect first.
+    pub neurons: Vec<VerifiedNeuron>,
 }
 
 /// Every error answered by the API, and printed by the CLI with `--json`.

@@ -138,3 +138,69 @@ fn map_and_search_cover_every_neuron_and_the_top_dog_neuron_steers_toward_dog() 
     assert!(s.probs[0] > 2.0 * s.baseline, "clamp {}:{} to {}: p(dog) {} vs baseline {}", hit.layer, hit.neuron, sign * 20.0, s.probs[0], s.baseline);
     assert!(s.probs[1] < s.baseline, "the opposite sign should lower p(dog): {s:?}");
 }
+
+#[test]
+fn causal_verification_confirms_the_dog_neuron_and_a_phrase_neuron_says_the_phrase() {
+    use flash_interp::analysis::{verify, VerifyPlan};
+    use shared::{Concept, VerifyRequest, View};
+    let e = engine();
+    let maps: Vec<_> = View::ALL.iter().map(|&v| e.map(v, false, &|_, _| {}).unwrap().0).collect();
+    let req = VerifyRequest {
+        concept: Concept::Tokens(vec![" dog".into()]),
+        prompts: vec![plain("My dog and I went for a walk. The word I am thinking of is")],
+        candidates: 8,
+        values: 9,
+        range: 10.0,
+    };
+    let r = verify(e, &maps, &VerifyPlan::new(e, &req).unwrap(), &Cancel::default()).unwrap();
+    let top = &r.neurons[0];
+    // The map's first candidate is the causal first: clamped high, p(" dog") rises many-fold.
+    assert_eq!((top.layer, top.neuron, top.map_rank), (29, 808, 0), "{top:?}");
+    assert!(top.effect > 2.0 && top.best_prob > 5.0 * r.baseline, "{top:?}, baseline {}", r.baseline);
+    // The curve is what a sweep of that neuron measures.
+    let ids = e.prompt_ids(&req.prompts[0]).unwrap();
+    let values: Vec<f32> = top.curve.iter().map(|p| p.value).collect();
+    let s = e.sweep(&ids, 29, 808, e.tok.single_token(" dog").unwrap(), &values, &Cancel::default()).unwrap();
+    for (p, q) in top.curve.iter().zip(&s.probs) {
+        assert!((p.prob - q).abs() < 1e-4 * q.max(1e-3), "{p:?} vs {q}");
+    }
+
+    // A phrase: the causal first for " Sherlock Holmes" makes the greedy answer say it.
+    let req = VerifyRequest {
+        concept: Concept::Phrase(" Sherlock Holmes".into()),
+        prompts: vec![plain("The famous detective is"), plain("My favourite book character is")],
+        candidates: 8,
+        values: 9,
+        range: 10.0,
+    };
+    let r = verify(e, &maps, &VerifyPlan::new(e, &req).unwrap(), &Cancel::default()).unwrap();
+    assert!(r.phrase && r.tokens.len() == 3, "{:?}", r.tokens);
+    let top = &r.neurons[0];
+    assert!(top.effect > 2.0, "{top:?}");
+    let clamp = shared::ClampSpec { layer: top.layer, neuron: top.neuron, value: top.best_value };
+    let ids = e.prompt_ids(&plain("The famous detective is")).unwrap();
+    let params = SamplingParams { max_new_tokens: 12, ..Default::default() };
+    let iv = e.intervention(&[clamp]).unwrap();
+    let out = e.generate(&ids, &[Intervention::none(), iv], &params, true, &Cancel::default(), &mut |_, _| true).unwrap();
+    assert!(
+        !out[0].text.contains("Sherlock Holmes") && out[1].text.contains("Sherlock Holmes"),
+        "normal {:?}, steered {:?}",
+        out[0].text,
+        out[1].text
+    );
+}
+
+#[test]
+fn neuron_classes_follow_gurnee_prediction_late_and_suppression_last() {
+    let e = engine();
+    let (down, _) = e.map(shared::View::Down, false, &|_, _| {}).unwrap();
+    let c = flash_interp::analysis::classes(e, &down, shared::NeuronClass::Prediction, 10).unwrap();
+    let sum = |ls: &[shared::LayerClassCounts]| ls.iter().map(|l| l.prediction + l.suppression).sum::<usize>();
+    let (early, late) = (sum(&c.layers[..20]), sum(&c.layers[20..]));
+    assert!(late > 10 * early.max(1), "prediction and suppression neurons live in the late layers: {early} early, {late} late");
+    let last = c.layers[29];
+    assert!(last.suppression > last.prediction, "suppression neurons dominate the last layer: {last:?}");
+    // The strongest prediction neurons are heavy-tailed to the right and decode to a token family.
+    let n = &c.neurons[0];
+    assert!(n.moments.kurtosis > 30.0 && n.moments.skew > 1.0, "{n:?}");
+}

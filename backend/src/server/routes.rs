@@ -50,6 +50,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(endpoint("/models/{model}/tokens", GET, get().to(tokens)))
             .service(endpoint("/models/{model}/search", GET, get().to(search)))
             .service(endpoint("/models/{model}/neurons/{layer}/{index}", GET, get().to(neuron)))
+            .service(endpoint("/models/{model}/classes", GET, get().to(classes)))
+            .service(endpoint("/models/{model}/verify", POST, web::post().to(verify)))
             .service(endpoint("/models/{model}/sweep", POST, web::post().to(sweep)))
             .service(endpoint("/models/{model}/next-token", POST, web::post().to(next_token)))
             .service(endpoint("/models/{model}/generate", POST, web::post().to(generate)))
@@ -226,8 +228,11 @@ async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery
 #[derive(Deserialize, Serialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct SearchQuery {
-    /// Comma-separated single tokens, e.g. ` dog, dogs` (URL-encoded; spaces matter).
+    /// Comma-separated single tokens, e.g. ` dog, dogs` (URL-encoded; spaces matter); or with
+    /// `phrase=true`, one phrase of up to 8 tokens, e.g. ` Sherlock Holmes`, scored as a whole.
     tokens: String,
+    /// Score `tokens` as one phrase (the geometric mean of its tokens' normalised probabilities).
+    phrase: Option<bool>,
     /// up (default), gate or down.
     view: Option<View>,
     /// Strongest neurons to list (default 20, at most 100).
@@ -252,22 +257,24 @@ fn round3(x: f32) -> f32 {
 async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
-    let words: Vec<&str> = q.tokens.split(',').filter(|s| !s.is_empty()).collect();
-    if words.is_empty() || words.len() > 16 {
-        return Err(crate::Error::bad("give 1 to 16 comma-separated tokens").into());
-    }
+    let phrase = q.phrase.unwrap_or(false);
+    let concept = if phrase {
+        Concept::Phrase(q.tokens.clone())
+    } else {
+        Concept::Tokens(q.tokens.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    };
     let top = q.top.unwrap_or(20);
     if top == 0 || top > 100 {
         return Err(crate::Error::bad("top must be between 1 and 100").into());
     }
-    let ids = words.iter().map(|w| m.engine.tok.single_token(w)).collect::<crate::Result<Vec<u32>>>()?;
+    let ids = analysis::ConceptIds::resolve(&m.engine, &concept)?.ids;
     let (engine, view, final_norm, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm, q.polarity);
     let map = state.map(m, view)?;
     cached(
         &state,
-        key("search", &m.id, &(&ids, view, top, only)),
+        key("search", &m.id, &(&ids, phrase, view, top, only)),
         blocking(move || {
-            let r = analysis::search_polarity(&engine, &map, &ids, top, only)?;
+            let r = analysis::search_concept(&engine, &map, &ids, phrase, top, only)?;
             let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
             Ok(SearchResponse {
                 tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
@@ -275,10 +282,49 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
                 final_norm,
                 layers,
                 top: r.top,
+                phrase,
             })
         }),
     )
     .await
+}
+
+#[derive(Deserialize, Serialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ClassesQuery {
+    /// down (default: what a neuron writes, the view the classes are defined on), up or gate.
+    view: Option<View>,
+    /// The class whose strongest neurons to list (default prediction).
+    class: Option<NeuronClass>,
+    /// How many (default 20, at most 100).
+    top: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/classes", params(("model" = String, Path), ClassesQuery),
+    responses((status = 200, body = ClassesResponse), (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+async fn classes(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<ClassesQuery>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let top = q.top.unwrap_or(20);
+    if top == 0 || top > 100 {
+        return Err(crate::Error::bad("top must be between 1 and 100").into());
+    }
+    let (engine, view, class) = (m.engine.clone(), q.view.unwrap_or(View::Down), q.class.unwrap_or(NeuronClass::Prediction));
+    let map = state.map(m, view)?;
+    cached(&state, key("classes", &m.id, &(view, class, top)), blocking(move || analysis::classes(&engine, &map, class, top))).await
+}
+
+#[utoipa::path(post, path = "/api/models/{model}/verify", params(("model" = String, Path)), request_body = VerifyRequest,
+    responses((status = 200, body = VerifyResponse), (status = 400, body = ApiError), (status = 413, body = ApiError), (status = 503, body = ApiError)))]
+async fn verify(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<VerifyRequest>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let (engine, body) = (m.engine.clone(), body.into_inner());
+    let plan = analysis::VerifyPlan::new(&engine, &body)?;
+    state.check_work(plan.cost(&engine))?;
+    // Candidates come from every view's map: each must be built (503 map_building until then).
+    let maps = View::ALL.iter().map(|&v| state.map(m, v)).collect::<Result<Vec<_>, _>>()?;
+    cached(&state, key("verify", &m.id, &body), queued(&state, &req, move |c| analysis::verify(&engine, &maps, &plan, c))).await
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -485,7 +531,7 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Flash Interp API", description = "Find and steer feature neurons of Llama-style models. Errors are ApiError {code, message}."),
-    paths(models, tokens, search, neuron, sweep, next_token, generate, compare),
+    paths(models, tokens, search, neuron, classes, verify, sweep, next_token, generate, compare),
     components(schemas(
         ApiError,
         ModelSummary,
@@ -498,6 +544,15 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
         TokenScore,
         ActivationStats,
         SimilarNeuron,
+        ClassesResponse,
+        LayerClassCounts,
+        ClassedNeuron,
+        Moments,
+        NeuronClass,
+        VerifyRequest,
+        VerifyResponse,
+        VerifiedNeuron,
+        Concept,
         SweepRequest,
         SweepResponse,
         SweepPoint,
