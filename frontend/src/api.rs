@@ -37,8 +37,23 @@ const MAX_BUILD_WAITS: usize = 300;
 /// GET `url`, waiting while the server builds the neuron map the answer needs (503 with code
 /// `map_building`): `on_progress` gets the server's message and percent before each retry.
 pub async fn get_waiting<T: DeserializeOwned>(url: &str, on_progress: impl Fn(Option<(String, u8)>)) -> Result<T, String> {
+    waiting(|| Request::get(url).send(), on_progress).await
+}
+
+/// POST `body` to `url`, waiting like [`get_waiting`] while the neuron maps it needs are built.
+pub async fn post_waiting<B: Serialize, T: DeserializeOwned>(url: &str, body: &B, on_progress: impl Fn(Option<(String, u8)>)) -> Result<T, String> {
+    waiting(|| async move { Request::post(url).json(body)?.send().await }, on_progress).await
+}
+
+/// Send a request (`send` makes it afresh for each try), retrying while the server answers 503
+/// `map_building`; any other answer is decoded.
+async fn waiting<T, F>(send: impl Fn() -> F, on_progress: impl Fn(Option<(String, u8)>)) -> Result<T, String>
+where
+    T: DeserializeOwned,
+    F: std::future::Future<Output = Result<Response, gloo_net::Error>>,
+{
     for _ in 0..MAX_BUILD_WAITS {
-        let resp = Request::get(url).send().await.map_err(network)?;
+        let resp = send().await.map_err(network)?;
         if resp.status() == 503 {
             let retry = resp.headers().get("retry-after").and_then(|s| s.parse::<u32>().ok()).unwrap_or(2);
             if let Ok(e) = resp.json::<ApiError>().await {

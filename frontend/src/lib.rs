@@ -97,6 +97,7 @@ pub fn App() -> impl IntoView {
                 <A href="/" attr:class="brand">"Flash Interp"</A>
                 <nav>
                     <A href="/">"Search"</A>
+                    <A href="/classes">"Classes"</A>
                     <A href="/steer">"Steer"</A>
                     <A href="/compare">"Compare"</A>
                     <A href="/models">"Models"</A>
@@ -111,6 +112,7 @@ pub fn App() -> impl IntoView {
                 }>
                     <Route path=path!("/") view=pages::search::Search />
                     <Route path=path!("/neuron/:layer/:index") view=pages::neuron::Neuron />
+                    <Route path=path!("/classes") view=pages::classes::Classes />
                     <Route path=path!("/steer") view=pages::steer::Steer />
                     <Route path=path!("/compare") view=pages::compare::Compare />
                     <Route path=path!("/models") view=pages::home::Home />

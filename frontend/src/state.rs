@@ -6,10 +6,29 @@
 //! the page shows ("this link is malformed: …"), never silently replaced.
 
 use serde::{Deserialize, Serialize};
-use shared::{limits, ClampSpec, Polarity, View};
+use serde::{Deserializer, Serializer};
+use shared::{limits, ClampSpec, Concept, NeuronClass, Polarity, PromptSpec, VerifyRequest, View};
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
+}
+
+/// A checkbox in the URL: `key=1` when on, left out when off (`true`/`false`/`0` are read too).
+mod flag {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if *v { "1" } else { "0" })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        let v = String::deserialize(d)?;
+        match v.as_str() {
+            "1" | "true" => Ok(true),
+            "0" | "false" => Ok(false),
+            _ => Err(serde::de::Error::custom(format!("{v:?} is not a checkbox value (use 1 or 0)"))),
+        }
+    }
 }
 
 /// Parse a query string (with or without its leading `?`).
@@ -58,22 +77,37 @@ fn is_up(v: &View) -> bool {
     *v == View::Up
 }
 
-/// Concept search, at `/`: `?model=…&q=%20dog,%20dogs&view=down&polarity=pos`.
+/// The prompt a causal verification runs when the search page's URL names none.
+/// A prompt neutral to any concept, read as plain text: the concept is measured as what comes
+/// next. (Through a chat template the answer's first token is "I" or "The" whatever the concept,
+/// and every candidate's effect would be measured on a probability of ~1e-8.)
+pub const DEFAULT_VERIFY_PROMPT: &str = "The word I am thinking of is";
+
+/// Candidates a causal verification clamps (the API's default).
+pub const VERIFY_CANDIDATES: usize = 8;
+
+/// Concept search, at `/`: `?model=…&q=%20dog,%20dogs&view=down&polarity=pos`; `phrase=1` reads
+/// `q` as one phrase (` Sherlock Holmes`) instead of comma-separated alternatives; `vp` is the
+/// prompt of the causal verification (run only on request, never by opening the link).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub q: String,
+    #[serde(default, skip_serializing_if = "is_default", with = "flag")]
+    pub phrase: bool,
     #[serde(default = "default_view", skip_serializing_if = "is_up")]
     pub view: View,
     #[serde(default, skip_serializing_if = "is_default")]
     pub polarity: PolarityChoice,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vp: String,
 }
 
 impl Default for SearchState {
     fn default() -> Self {
-        Self { model: None, q: String::new(), view: View::Up, polarity: PolarityChoice::Both }
+        Self { model: None, q: String::new(), phrase: false, view: View::Up, polarity: PolarityChoice::Both, vp: String::new() }
     }
 }
 
@@ -81,22 +115,92 @@ impl SearchState {
     pub fn href(&self) -> String {
         query("/", self)
     }
-    /// The concept's tokens: commas separate; spaces inside a token are kept (" dog").
+    /// The concept's tokens: commas separate; spaces inside a token are kept (" dog"). A phrase
+    /// is one piece, commas and all.
     pub fn tokens(&self) -> Vec<String> {
-        split_tokens(&self.q)
+        if self.phrase {
+            if self.q.trim().is_empty() {
+                Vec::new()
+            } else {
+                vec![self.q.clone()]
+            }
+        } else {
+            split_tokens(&self.q)
+        }
+    }
+    /// The concept as the API takes it; `None` while the text box is empty.
+    pub fn concept(&self) -> Option<Concept> {
+        let mut tokens = self.tokens();
+        match (self.phrase, tokens.is_empty()) {
+            (_, true) => None,
+            (true, false) => tokens.pop().map(Concept::Phrase),
+            (false, false) => Some(Concept::Tokens(tokens)),
+        }
+    }
+    /// What the map results depend on besides the model: the state without its model and its
+    /// verification prompt (so editing the prompt, or naming the model picked anyway, refetches nothing).
+    pub fn search_key(&self) -> Self {
+        Self { model: None, vp: String::new(), ..self.clone() }
     }
     /// The API URL of this search (the model must be known).
     pub fn api_url(&self, model: &str, top: usize) -> String {
         #[derive(Serialize)]
         struct Q<'a> {
             tokens: &'a str,
+            #[serde(skip_serializing_if = "is_default")]
+            phrase: bool,
             view: View,
             top: usize,
             #[serde(skip_serializing_if = "Option::is_none")]
             polarity: Option<Polarity>,
         }
         let tokens = self.tokens().join(",");
-        query(&format!("/api/models/{}/search", segment(model)), &Q { tokens: &tokens, view: self.view, top, polarity: self.polarity.polarity() })
+        let q = Q { tokens: &tokens, phrase: self.phrase, view: self.view, top, polarity: self.polarity.polarity() };
+        query(&format!("/api/models/{}/search", segment(model)), &q)
+    }
+    /// The prompt a verification runs (the page's default when the URL has none).
+    pub fn verify_prompt(&self) -> &str {
+        if self.vp.trim().is_empty() {
+            DEFAULT_VERIFY_PROMPT
+        } else {
+            &self.vp
+        }
+    }
+    /// The URL of the causal verification of this search's concept.
+    pub fn verify_url(model: &str) -> String {
+        format!("/api/models/{}/verify", segment(model))
+    }
+    /// The causal verification of this search's concept after its prompt (plain text, no chat
+    /// template), checked as the API would before anything is sent.
+    pub fn verify_request(&self) -> Result<VerifyRequest, String> {
+        let concept = self.concept().ok_or("type a concept first")?;
+        if let Concept::Phrase(p) = &concept {
+            if p.len() > limits::MAX_PROMPT_BYTES {
+                return Err("the phrase is too long".into());
+            }
+        }
+        if self.verify_prompt().len() > limits::MAX_PROMPT_BYTES {
+            return Err(format!("the prompt is longer than {} bytes", limits::MAX_PROMPT_BYTES));
+        }
+        Ok(VerifyRequest {
+            concept,
+            prompts: vec![PromptSpec { text: self.verify_prompt().to_owned(), chat: Some(false), messages: None }],
+            candidates: VERIFY_CANDIDATES,
+            values: 9,
+            range: 10.0,
+        })
+    }
+    /// The word a steered answer should mention: the first token, or the phrase, trimmed.
+    pub fn word(&self) -> String {
+        self.tokens().first().map(|t| t.trim().to_owned()).unwrap_or_default()
+    }
+    /// The steer page with one clamp (a verified neuron at its best value), this search's
+    /// verification prompt and its concept as the word to count.
+    pub fn steer_with(&self, model: &str, clamp: ClampSpec) -> SteerState {
+        let mut s = SteerState { model: Some(model.to_owned()), prompt: self.verify_prompt().to_owned(), word: self.word(), ..Default::default() };
+        let value = ((clamp.value * 100.0).round() / 100.0).clamp(-limits::MAX_CLAMP_ABS, limits::MAX_CLAMP_ABS);
+        s.set_clamps(&[ClampSpec { value, ..clamp }]);
+        s
     }
 }
 
@@ -371,6 +475,53 @@ pub fn mentions(text: &str, word: &str) -> bool {
     false
 }
 
+fn default_class() -> NeuronClass {
+    NeuronClass::Prediction
+}
+fn is_prediction(c: &NeuronClass) -> bool {
+    *c == NeuronClass::Prediction
+}
+fn default_down() -> View {
+    View::Down
+}
+fn is_down(v: &View) -> bool {
+    *v == View::Down
+}
+
+/// Neuron classes, at `/classes?model=…&view=up&class=suppression` (defaults: the down view, the
+/// prediction class).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassesState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default = "default_down", skip_serializing_if = "is_down")]
+    pub view: View,
+    #[serde(default = "default_class", skip_serializing_if = "is_prediction")]
+    pub class: NeuronClass,
+}
+
+impl Default for ClassesState {
+    fn default() -> Self {
+        Self { model: None, view: View::Down, class: NeuronClass::Prediction }
+    }
+}
+
+impl ClassesState {
+    pub fn href(&self) -> String {
+        query("/classes", self)
+    }
+    /// The API URL of this page's classes (the model must be known).
+    pub fn api_url(&self, model: &str, top: usize) -> String {
+        #[derive(Serialize)]
+        struct Q {
+            view: View,
+            class: NeuronClass,
+            top: usize,
+        }
+        query(&format!("/api/models/{}/classes", segment(model)), &Q { view: self.view, class: self.class, top })
+    }
+}
+
 /// Compare page, at `/compare?a=…&b=…`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct CompareState {
@@ -413,8 +564,10 @@ mod tests {
                 q: " dog, dogs,puppy".into(),
                 view: View::Down,
                 polarity: PolarityChoice::Neg,
+                ..Default::default()
             },
-            SearchState { model: None, q: "a&b=c?d#e%f+g ü 🐶".into(), view: View::Gate, polarity: PolarityChoice::Pos },
+            SearchState { model: None, q: "a&b=c?d#e%f+g ü 🐶".into(), view: View::Gate, polarity: PolarityChoice::Pos, ..Default::default() },
+            SearchState { q: " Sherlock Holmes, again".into(), phrase: true, vp: "Who is the detective?".into(), ..Default::default() },
         ];
         for s in cases {
             let href = s.href();
@@ -447,6 +600,55 @@ mod tests {
         assert_eq!(s.api_url("m/1", 100), "/api/models/m%2F1/search?tokens=+dog%2C%26x&view=up&top=100&polarity=pos");
         let both = SearchState { q: "cat".into(), view: View::Down, ..Default::default() };
         assert_eq!(both.api_url("m", 5), "/api/models/m/search?tokens=cat&view=down&top=5");
+    }
+
+    #[test]
+    fn phrase_searches_keep_the_text_whole() {
+        let s = SearchState { q: " Sherlock Holmes, esq.".into(), phrase: true, ..Default::default() };
+        assert_eq!(s.href(), "/?q=+Sherlock+Holmes%2C+esq.&phrase=1");
+        assert_eq!(parse::<SearchState>("q=+Sherlock+Holmes%2C+esq.&phrase=1").unwrap(), s);
+        assert_eq!(parse::<SearchState>("q=+Sherlock+Holmes%2C+esq.&phrase=true").unwrap(), s);
+        assert!(!parse::<SearchState>("phrase=0").unwrap().phrase);
+        assert!(parse::<SearchState>("phrase=yes").unwrap_err().contains("malformed"));
+        assert_eq!(s.tokens(), vec![" Sherlock Holmes, esq."]);
+        assert_eq!(s.concept(), Some(Concept::Phrase(" Sherlock Holmes, esq.".into())));
+        assert_eq!(s.api_url("m", 50), "/api/models/m/search?tokens=+Sherlock+Holmes%2C+esq.&phrase=true&view=up&top=50");
+        assert_eq!(SearchState { q: "  ".into(), phrase: true, ..Default::default() }.concept(), None);
+        let t = SearchState { q: " dog, dogs".into(), ..Default::default() };
+        assert_eq!(t.concept(), Some(Concept::Tokens(vec![" dog".into(), " dogs".into()])));
+    }
+
+    #[test]
+    fn verify_requests_and_steer_links() {
+        let s = SearchState { model: Some("m".into()), q: " dog, dogs".into(), ..Default::default() };
+        let r = s.verify_request().unwrap();
+        assert_eq!(r.concept, Concept::Tokens(vec![" dog".into(), " dogs".into()]));
+        assert_eq!(r.prompts.len(), 1);
+        assert_eq!(r.prompts[0].text, DEFAULT_VERIFY_PROMPT);
+        assert_eq!(r.candidates, VERIFY_CANDIDATES);
+        assert!(SearchState::default().verify_request().is_err());
+        let p = SearchState { q: " Sherlock Holmes".into(), phrase: true, vp: "Who solved it?".into(), ..Default::default() };
+        assert_eq!(p.verify_request().unwrap().concept, Concept::Phrase(" Sherlock Holmes".into()));
+        assert_eq!(p.verify_request().unwrap().prompts[0].text, "Who solved it?");
+        assert_eq!(SearchState::verify_url("a b"), "/api/models/a%20b/verify");
+        // The verification prompt never changes the map search.
+        assert_eq!(p.search_key(), SearchState { vp: String::new(), ..p.clone() });
+        assert_eq!(s.search_key().model, None);
+        let steer = s.steer_with("m", ClampSpec { layer: 3, neuron: 7, value: 12.3456 });
+        assert_eq!(steer.clamps, "3:7:12.35");
+        assert_eq!(steer.word, "dog");
+        assert_eq!(steer.prompt_text(), DEFAULT_VERIFY_PROMPT);
+        assert_eq!(p.steer_with("m", ClampSpec { layer: 0, neuron: 1, value: -2.0 }).word, "Sherlock Holmes");
+    }
+
+    #[test]
+    fn classes_state_round_trips() {
+        assert_eq!(ClassesState::default().href(), "/classes");
+        let s = ClassesState { model: Some("m".into()), view: View::Up, class: NeuronClass::Suppression };
+        assert_eq!(s.href(), "/classes?model=m&view=up&class=suppression");
+        assert_eq!(parse::<ClassesState>("model=m&view=up&class=suppression").unwrap(), s);
+        assert_eq!(ClassesState::default().api_url("a/b", 20), "/api/models/a%2Fb/classes?view=down&class=prediction&top=20");
+        assert!(parse::<ClassesState>("class=predictive").unwrap_err().contains("malformed"));
     }
 
     #[test]

@@ -9,12 +9,12 @@
 
 use frontend::state::{
     complete_with, format_clamps, last_piece, mentions, parse, parse_clamps, query_param, segment, split_tokens, sweep_values, with_model,
-    CompareState, NeuronState, PolarityChoice, SearchState, SteerState,
+    ClassesState, CompareState, NeuronState, PolarityChoice, SearchState, SteerState,
 };
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use shared::{limits, ClampSpec, View};
+use shared::{limits, ClampSpec, Concept, NeuronClass, View};
 
 /// Bounded, and no regression files written into the repository.
 fn config(cases: u32) -> ProptestConfig {
@@ -43,8 +43,17 @@ fn clamp() -> impl Strategy<Value = ClampSpec> {
     (any::<usize>(), any::<usize>(), any::<f32>()).prop_map(|(layer, neuron, value)| ClampSpec { layer, neuron, value })
 }
 
+fn class() -> impl Strategy<Value = NeuronClass> {
+    prop::sample::select(NeuronClass::ALL.to_vec())
+}
+
 fn search_state() -> impl Strategy<Value = SearchState> {
-    (option::of(text()), text(), view(), polarity()).prop_map(|(model, q, view, polarity)| SearchState { model, q, view, polarity })
+    (option::of(text()), text(), any::<bool>(), view(), polarity(), prop_oneof![Just(String::new()), text()])
+        .prop_map(|(model, q, phrase, view, polarity, vp)| SearchState { model, q, phrase, view, polarity, vp })
+}
+
+fn classes_state() -> impl Strategy<Value = ClassesState> {
+    (option::of(text()), view(), class()).prop_map(|(model, view, class)| ClassesState { model, view, class })
 }
 
 fn neuron_state() -> impl Strategy<Value = NeuronState> {
@@ -89,9 +98,9 @@ fn compare_state() -> impl Strategy<Value = CompareState> {
 }
 
 /// Every query key some page reads.
-const KEYS: [&str; 20] = [
-    "model", "q", "view", "polarity", "target", "prompt", "from", "to", "steps", "log", "clamps", "seed", "temp", "top_p", "max", "n", "chat",
-    "word", "a", "b",
+const KEYS: [&str; 23] = [
+    "model", "q", "phrase", "view", "polarity", "vp", "target", "prompt", "from", "to", "steps", "log", "clamps", "seed", "temp", "top_p", "max",
+    "n", "chat", "word", "a", "b", "class",
 ];
 
 /// A piece of a query value: plain text, valid and broken percent-escapes, separators, values
@@ -114,6 +123,12 @@ fn piece() -> impl Strategy<Value = String> {
             "pos",
             "neg",
             "both",
+            "prediction",
+            "suppression",
+            "partition",
+            "other",
+            "1",
+            "0",
             "true",
             "false",
             "NaN",
@@ -156,7 +171,14 @@ proptest! {
         let _ = with_model("/", &q, &model);
         if let Ok(s) = parse::<SearchState>(&q) {
             let _ = s.tokens();
+            let _ = s.concept();
             let _ = s.api_url(&model, 100);
+            let _ = s.verify_request();
+            let _ = s.steer_with(&model, ClampSpec { layer, neuron, value: 1.5 }).href();
+            let _ = s.href();
+        }
+        if let Ok(s) = parse::<ClassesState>(&q) {
+            let _ = s.api_url(&model, 20);
             let _ = s.href();
         }
         if let Ok(s) = NeuronState::parse(layer, neuron, &q) {
@@ -183,6 +205,10 @@ proptest! {
             let href = s.href();
             prop_assert_eq!(parse::<CompareState>(split_href(&href).1), Ok(s), "{:?} -> {}", q, href);
         }
+        if let Ok(s) = parse::<ClassesState>(&q) {
+            let href = s.href();
+            prop_assert_eq!(parse::<ClassesState>(split_href(&href).1), Ok(s), "{:?} -> {}", q, href);
+        }
         if let Ok(s) = NeuronState::parse(3, 7, &q) {
             let href = s.href();
             let again = NeuronState::parse(3, 7, split_href(&href).1).map(|t| t.href());
@@ -202,6 +228,31 @@ proptest! {
         let (path, q) = split_href(&href);
         prop_assert_eq!(path, "/");
         prop_assert_eq!(parse::<SearchState>(q), Ok(s), "{}", href);
+    }
+
+    /// A search's API URL carries its phrase flag, and a phrase goes whole (commas and all).
+    #[test]
+    fn search_api_url_carries_the_phrase(s in search_state(), model in text()) {
+        let url = s.api_url(&model, 50);
+        let (_, q) = split_href(&url);
+        prop_assert_eq!(query_param(q, "phrase"), s.phrase.then(|| "true".to_owned()), "{}", url);
+        let tokens = query_param(q, "tokens").unwrap_or_default();
+        if s.phrase {
+            prop_assert_eq!(tokens, if s.q.trim().is_empty() { String::new() } else { s.q.clone() });
+        } else {
+            prop_assert_eq!(tokens, split_tokens(&s.q).join(","));
+        }
+        // The verification prompt is the page's, not the map search's.
+        prop_assert_eq!(s.search_key().api_url(&model, 50), url);
+    }
+
+    /// Any classes state comes back equal from its link, at `/classes`.
+    #[test]
+    fn classes_state_round_trips(s in classes_state()) {
+        let href = s.href();
+        let (path, q) = split_href(&href);
+        prop_assert_eq!(path, "/classes");
+        prop_assert_eq!(parse::<ClassesState>(q), Ok(s), "{}", href);
     }
 
     /// Any neuron state comes back from its link; without a target the link keeps only the model.
@@ -295,6 +346,54 @@ proptest! {
             prop_assert!(v.windows(2).all(|w| w[0] <= w[1]), "{:?}", v);
             prop_assert!(v.iter().all(|x| x.is_finite()), "{:?}", v);
         }
+    }
+}
+
+#[test]
+fn classes_state_defaults_stay_out_of_the_url() {
+    assert_eq!(ClassesState::default().href(), "/classes");
+    assert_eq!(parse::<ClassesState>("").unwrap(), ClassesState { model: None, view: View::Down, class: NeuronClass::Prediction });
+    // The defaults written out parse to the same state, whose link leaves them out again.
+    let spelled: ClassesState = parse("?view=down&class=prediction").unwrap();
+    assert_eq!(spelled, ClassesState::default());
+    assert_eq!(spelled.href(), "/classes");
+    let s = ClassesState { model: Some("m".into()), class: NeuronClass::Partition, ..Default::default() };
+    assert_eq!(s.href(), "/classes?model=m&class=partition");
+    assert_eq!(ClassesState { view: View::Gate, ..Default::default() }.href(), "/classes?view=gate");
+    assert_eq!(s.api_url("m", 30), "/api/models/m/classes?view=down&class=partition&top=30");
+}
+
+#[test]
+fn classes_state_malformed_links_are_errors() {
+    for bad in ["class=predict", "class=Prediction", "view=sideways", "class=", "view=up&view=down"] {
+        let e = parse::<ClassesState>(bad).unwrap_err();
+        assert!(e.contains("malformed"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn search_phrase_and_verify_prompt_defaults_stay_out_of_the_url() {
+    let s = SearchState { q: " dog".into(), ..Default::default() };
+    assert_eq!(s.href(), "/?q=+dog");
+    let p = SearchState { phrase: true, vp: "Once upon a time".into(), ..s.clone() };
+    assert_eq!(p.href(), "/?q=+dog&phrase=1&vp=Once+upon+a+time");
+    assert_eq!(parse::<SearchState>("q=+dog&phrase=1&vp=Once+upon+a+time"), Ok(p.clone()));
+    // An empty prompt is the default one, and stays out of the link.
+    assert_eq!(SearchState { vp: String::new(), ..p.clone() }.href(), "/?q=+dog&phrase=1");
+    assert_eq!(SearchState { vp: String::new(), ..p.clone() }.verify_prompt(), frontend::state::DEFAULT_VERIFY_PROMPT);
+    assert_eq!(parse::<SearchState>("q=+dog&phrase=0"), Ok(s.clone()));
+    assert_eq!(parse::<SearchState>("q=+dog&phrase=0").unwrap().href(), "/?q=+dog");
+    // The API URL: phrase=true only for a phrase.
+    assert_eq!(s.api_url("m", 50), "/api/models/m/search?tokens=+dog&view=up&top=50");
+    assert_eq!(p.api_url("m", 50), "/api/models/m/search?tokens=+dog&phrase=true&view=up&top=50");
+    assert_eq!(p.verify_request().map(|r| r.concept), Ok(Concept::Phrase(" dog".into())));
+}
+
+#[test]
+fn search_phrase_malformed_links_are_errors() {
+    for bad in ["phrase=yes", "phrase=2", "phrase=", "phrase=TRUE"] {
+        let e = parse::<SearchState>(bad).unwrap_err();
+        assert!(e.contains("malformed"), "{bad}: {e}");
     }
 }
 

@@ -1,4 +1,5 @@
 pub mod about;
+pub mod classes;
 pub mod compare;
 pub mod home;
 pub mod neuron;

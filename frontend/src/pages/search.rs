@@ -1,14 +1,18 @@
 //! Concept search (the home page): type one or more tokens (with suggestions from the tokenizer)
 //! and see the paper's figure: every neuron's normalised probability, layer after layer, as one
 //! interactive plot (hover for the neuron and its top tokens, click to open it), plus the ranked
-//! neurons. All state is in the URL (`?model=…&q=…&view=…&polarity=…`).
+//! neurons. With "phrase" the text is one multi-token phrase (` Sherlock Holmes`) scored as a
+//! whole. "Verify causally" clamps the map's best candidates after a prompt and ranks them by how
+//! much they raise the concept's probability (run only on request: it takes a while). All state
+//! is in the URL (`?model=…&q=…&phrase=1&view=…&polarity=…&vp=…`); a verification's result is not.
 
 use leptos::prelude::*;
 use leptos_router::hooks::use_navigate;
+use leptos_router::NavigateOptions;
 use plotly::common::{Line, Marker, Mode};
 use plotly::layout::{Axis, HoverMode, Margin, Shape, ShapeLayer, ShapeType};
 use plotly::{Configuration, Layout, Plot, Scatter};
-use shared::{Polarity, SearchResponse, TokenizeResponse, View};
+use shared::{limits, ClampSpec, Polarity, SearchResponse, SweepPoint, TokenizeResponse, VerifyResponse, View};
 
 use crate::chart::{Chart, Click};
 use crate::state::{self, NeuronState, PolarityChoice, SearchState};
@@ -27,11 +31,13 @@ pub fn Search() -> impl IntoView {
         Err(e) => Some(Err(e)),
         Ok(s) => models.pick(s.model.as_deref()).map(|r| r.map(|m| m.id)),
     });
+    // What the map results depend on (not the verification prompt).
+    let query = Memo::new(move |_| st.get().map(|s| s.search_key()));
     // While the server builds the view's neuron map: its message and percent.
     let (building, set_building) = signal(None::<(String, u8)>);
     // The results follow the URL; an answer for an older URL is dropped.
     let results = crate::follow(
-        move || (model.get(), st.get()),
+        move || (model.get(), query.get()),
         move |(m, s)| async move {
             match (m, s) {
                 (None, _) => None,
@@ -46,10 +52,12 @@ pub fn Search() -> impl IntoView {
     );
     let (draft, set_draft) = signal(String::new());
     Effect::new(move || set_draft.set(st.get().map(|s| s.q).unwrap_or_default()));
+    let phrase = Memo::new(move |_| st.get().map(|s| s.phrase).unwrap_or(false));
+    // Suggestions for the token being typed; for a phrase, how the whole phrase tokenizes.
     let suggestions = LocalResource::new(move || {
-        let (m, d) = (model.get(), draft.get());
+        let (m, d, phrase) = (model.get(), draft.get(), phrase.get());
         async move {
-            let piece = state::last_piece(&d).1.to_owned();
+            let piece = if phrase { d.clone() } else { state::last_piece(&d).1.to_owned() };
             match m {
                 Some(Ok(m)) if !piece.trim().is_empty() => {
                     let url = format!("/api/models/{}/tokens?q={}", state::segment(&m), state::segment(&piece));
@@ -79,9 +87,18 @@ pub fn Search() -> impl IntoView {
         let v = event_target_value(&ev);
         go2(&|s| s.view = v.parse().unwrap_or(View::Up));
     };
+    let go3 = go.clone();
     let set_polarity = move |ev: leptos::ev::Event| {
         let p = event_target_value(&ev);
-        go(&|s| s.polarity = state::parse::<SearchState>(&format!("polarity={p}")).map(|x| x.polarity).unwrap_or_default());
+        go3(&|s| s.polarity = state::parse::<SearchState>(&format!("polarity={p}")).map(|x| x.polarity).unwrap_or_default());
+    };
+    // The checkbox keeps what is typed: the same text, read the other way.
+    let set_phrase = move |ev: leptos::ev::Event| {
+        let on = event_target_checked(&ev);
+        go(&|s| {
+            s.phrase = on;
+            s.q = draft.get_untracked();
+        });
     };
     let cur = move || st.get().unwrap_or_default();
 
@@ -89,15 +106,26 @@ pub fn Search() -> impl IntoView {
         <h1>"Concept search"</h1>
         <form class="search" on:submit=submit>
             <label class="grow">
-                "Tokens, comma-separated (spaces matter: \" dog\" is not \"dog\")"
-                <input id="q" type="text" list="token-suggestions" autocomplete="off" placeholder=" dog, dogs, puppy"
+                {move || {
+                    if phrase.get() {
+                        format!("One phrase, tokenized as written (up to {} tokens; spaces matter: \" Sherlock Holmes\")", limits::MAX_PHRASE_TOKENS)
+                    } else {
+                        "Tokens, comma-separated (spaces matter: \" dog\" is not \"dog\")".to_owned()
+                    }
+                }}
+                <input id="q" type="text" list=move || (!phrase.get()).then_some("token-suggestions") autocomplete="off"
+                    placeholder=move || if phrase.get() { " Sherlock Holmes" } else { " dog, dogs, puppy" }
                     prop:value=draft on:input=move |ev| set_draft.set(event_target_value(&ev)) />
+            </label>
+            <label class="check" title="Score the text as one phrase (the geometric mean of its tokens' normalised probabilities) instead of alternatives">
+                <input id="phrase" type="checkbox" prop:checked=phrase on:change=set_phrase />"phrase"
             </label>
             <datalist id="token-suggestions">
                 {move || {
                     suggestions
                         .get()
                         .flatten()
+                        .filter(|_| !phrase.get())
                         .map(|(d, r)| {
                             r.suggestions
                                 .into_iter()
@@ -125,7 +153,7 @@ pub fn Search() -> impl IntoView {
             </label>
             <button type="submit">"Search"</button>
         </form>
-        <TokenHint suggestions=suggestions />
+        <TokenHint suggestions=suggestions phrase=phrase />
         {move || {
             if let (None, Some((message, percent))) = (results.get(), building.get()) {
                 return view! {
@@ -141,24 +169,42 @@ pub fn Search() -> impl IntoView {
                     <p class="hint">
                         "Type a token such as \" dog\" (with its leading space) and press Enter. Try "
                         <a href="/?q=+dog">"␣dog"</a> ", " <a href="/?q=+Paris">"␣Paris"</a> " or "
-                        <a href="/?q=+dog,+dogs,+puppy">"␣dog, ␣dogs, ␣puppy"</a> "."
+                        <a href="/?q=+dog,+dogs,+puppy">"␣dog, ␣dogs, ␣puppy"</a> ", or the phrase "
+                        <a href="/?q=+Sherlock+Holmes&phrase=1">"␣Sherlock␣Holmes"</a> "."
                     </p>
                 }
                 .into_any(),
             })
         }}
+        // A new concept or model is a new panel (an old ranking never shows beside new results);
+        // a new verification prompt is not.
+        {move || match (model.get(), query.get()) {
+            (Some(Ok(m)), Ok(q)) if q.concept().is_some() => Some(view! { <VerifyPanel model=m st=st /> }),
+            _ => None,
+        }}
     }
 }
 
-/// How the piece being typed tokenizes, when it is not one token.
+/// How the piece being typed tokenizes, when it is not one token; for a phrase, its tokens.
 #[component]
-fn TokenHint(suggestions: LocalResource<Option<(String, TokenizeResponse)>>) -> impl IntoView {
+fn TokenHint(suggestions: LocalResource<Option<(String, TokenizeResponse)>>, phrase: Memo<bool>) -> impl IntoView {
     move || {
+        let phrase = phrase.get();
         suggestions.get().flatten().and_then(|(_, r)| {
-            (r.tokens.len() > 1).then(|| {
-                let parts = r.tokens.iter().map(|t| show_token(&t.text)).collect::<Vec<_>>().join(" · ");
-                view! { <p class="hint" id="token-hint">{format!("That is {} tokens ({parts}); pick a single token from the suggestions.", r.tokens.len())}</p> }
-            })
+            let parts = r.tokens.iter().map(|t| show_token(&t.text)).collect::<Vec<_>>().join(" · ");
+            let n = r.tokens.len();
+            let text = if phrase {
+                if n > limits::MAX_PHRASE_TOKENS {
+                    format!("The phrase is {n} tokens ({parts}); a phrase takes at most {}.", limits::MAX_PHRASE_TOKENS)
+                } else {
+                    format!("The phrase is {n} token{} ({parts}).", if n == 1 { "" } else { "s" })
+                }
+            } else if n > 1 {
+                format!("That is {n} tokens ({parts}); pick a single token from the suggestions, or tick \"phrase\".")
+            } else {
+                return None;
+            };
+            Some(view! { <p class="hint" id="token-hint">{text}</p> })
         })
     }
 }
@@ -259,13 +305,20 @@ fn Results(model: String, s: SearchResponse) -> impl IntoView {
         navigate(&href, Default::default());
     });
     let plot = search_plot(&model, &s);
-    let tokens = s.tokens.iter().map(|t| format!("{} (id {})", show_token(&t.text), t.id)).collect::<Vec<_>>().join(", ");
+    let tokens =
+        s.tokens.iter().map(|t| format!("{} (id {})", show_token(&t.text), t.id)).collect::<Vec<_>>().join(if s.phrase { " · " } else { ", " });
+    let tokens = if s.phrase { format!("phrase {tokens}") } else { tokens };
+    let scored = if s.phrase {
+        "Every neuron's score for the phrase (the geometric mean of its tokens' normalised probabilities), layer by layer ("
+    } else {
+        "Every neuron's normalised probability for the concept, layer by layer ("
+    };
     let strongest = s.top.first().map(|h| format!("strongest: layer {} neuron {}, score {:.2}", h.layer, h.neuron, h.score)).unwrap_or_default();
     view! {
-        <section class="figure" data-layers=s.layers.len()>
+        <section class="figure" data-layers=s.layers.len() data-phrase=s.phrase.then_some("1")>
             <h2>{format!("{} view · {}", s.view.as_str(), tokens)}</h2>
             <p class="caption">
-                "Every neuron's normalised probability for the concept, layer by layer ("
+                {scored}
                 {s.layers.len()} " layers × " {d_ff} " neurons). Above zero: the neuron's direction as it is (pos); below: negated (neg). "
                 "Hover a point for its top tokens; click to open the neuron. " {strongest}
             </p>
@@ -300,5 +353,227 @@ fn Results(model: String, s: SearchResponse) -> impl IntoView {
                 </table>
             </div>
         </section>
+    }
+}
+
+/// A finished verification, with the search state it was run for (its prompt and concept make
+/// the steer links).
+#[derive(Debug, Clone, PartialEq)]
+struct Verified {
+    s: SearchState,
+    r: VerifyResponse,
+}
+
+/// "Verify causally": a prompt and a button. The button puts the prompt in the URL (`vp`) and
+/// POSTs the verification; nothing runs when the page opens.
+#[component]
+fn VerifyPanel(model: String, st: Memo<Result<SearchState, String>>) -> impl IntoView {
+    let navigate = use_navigate();
+    let prompt = RwSignal::new(String::new());
+    Effect::new(move || prompt.set(st.get().map(|s| s.verify_prompt().to_owned()).unwrap_or_default()));
+    // Candidates being clamped while a verification runs.
+    let running = RwSignal::new(None::<usize>);
+    let building = RwSignal::new(None::<(String, u8)>);
+    let result = RwSignal::new(None::<Result<Verified, String>>);
+    let m = model.clone();
+    let run = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        if running.get_untracked().is_some() {
+            return;
+        }
+        let Ok(mut s) = st.get_untracked() else { return };
+        let p = prompt.get_untracked();
+        s.vp = if p.trim().is_empty() || p == state::DEFAULT_VERIFY_PROMPT { String::new() } else { p };
+        if s.model.is_none() {
+            s.model = Some(m.clone());
+        }
+        let req = match s.verify_request() {
+            Ok(r) => r,
+            Err(e) => {
+                result.set(Some(Err(e)));
+                return;
+            }
+        };
+        if Ok(&s) != st.get_untracked().as_ref() {
+            navigate(&s.href(), NavigateOptions { scroll: false, ..Default::default() });
+        }
+        result.set(None);
+        running.set(Some(req.candidates));
+        let url = SearchState::verify_url(&m);
+        leptos::task::spawn_local(async move {
+            let on_progress = move |p| {
+                building.try_set(p);
+            };
+            let r = api::post_waiting::<_, VerifyResponse>(&url, &req, on_progress).await;
+            // The panel may be gone (a new concept): then nothing is shown.
+            result.try_set(Some(r.map(|r| Verified { s, r })));
+            running.try_set(None);
+        });
+    };
+    view! {
+        <section id="verify">
+            <h2>"Verify causally"</h2>
+            <p class="caption">
+                "The map ranks neurons by what their weights decode to. Verification tests it: the map's best "
+                {state::VERIFY_CANDIDATES}
+                " candidates (all views, both polarities) are each clamped over a range scaled to their natural activation, "
+                "and the concept's probability right after the prompt (read as plain text; for a phrase, all its tokens in turn) is measured. "
+                "Candidates are ranked by the largest rise of log p (nats). It takes a few seconds to half a minute."
+            </p>
+            <form class="search" id="verify-form" on:submit=run>
+                <label class="grow">
+                    "Prompt"
+                    <input id="vp" type="text" placeholder=state::DEFAULT_VERIFY_PROMPT prop:value=prompt
+                        on:input=move |ev| prompt.set(event_target_value(&ev)) />
+                </label>
+                <button type="submit" id="verify-button" disabled=move || running.get().is_some()>"Verify causally"</button>
+            </form>
+            {move || match (running.get(), building.get()) {
+                (Some(_), Some((message, percent))) => Some(view! {
+                    <p class="loading" id="verify-map-building" role="status">
+                        <span class="spinner"></span>{message}" (verification needs every view's map; it retries by itself) "
+                        <progress max="100" value=percent>{format!("{percent}%")}</progress>
+                    </p>
+                }.into_any()),
+                (Some(n), None) => Some(view! {
+                    <p class="loading" id="verify-status" role="status">
+                        <span class="spinner"></span>{format!("Clamping {n} candidates…")}
+                    </p>
+                }.into_any()),
+                (None, _) => result.get().map(|r| {
+                    let model = model.clone();
+                    status_view(Some(r), "", move |v: Verified| view! { <VerifyResults model=model v=v /> })
+                }),
+            }}
+        </section>
+    }
+}
+
+/// A probability for the table: fixed for ordinary values, scientific for tiny ones.
+fn prob(p: f32) -> String {
+    if p != 0.0 && p.abs() < 1e-3 {
+        format!("{p:.2e}")
+    } else {
+        format!("{p:.4}")
+    }
+}
+
+/// An inline SVG sparkline of a clamp curve (p against the clamp value), the dashed line at
+/// `baseline`, the best point marked; its `<title>` lists every point, so hovering shows them.
+pub fn sparkline(curve: &[SweepPoint], baseline: f32, best: f32) -> String {
+    const W: f32 = 120.0;
+    const H: f32 = 28.0;
+    const PAD: f32 = 2.5;
+    let pts: Vec<&SweepPoint> = curve.iter().filter(|p| p.value.is_finite() && p.prob.is_finite()).collect();
+    let fold = |f: fn(f32, f32) -> f32, init: f32, it: &mut dyn Iterator<Item = f32>| it.fold(init, f);
+    let (x0, x1) =
+        (fold(f32::min, f32::INFINITY, &mut pts.iter().map(|p| p.value)), fold(f32::max, f32::NEG_INFINITY, &mut pts.iter().map(|p| p.value)));
+    let ys = || pts.iter().map(|p| p.prob).chain(baseline.is_finite().then_some(baseline));
+    let (y0, y1) = (fold(f32::min, f32::INFINITY, &mut ys()), fold(f32::max, f32::NEG_INFINITY, &mut ys()));
+    let sx = |x: f32| if x1 > x0 { PAD + (x - x0) / (x1 - x0) * (W - 2.0 * PAD) } else { W / 2.0 };
+    let sy = |y: f32| if y1 > y0 { H - PAD - (y - y0) / (y1 - y0) * (H - 2.0 * PAD) } else { H / 2.0 };
+    let line = pts.iter().map(|p| format!("{:.1},{:.1}", sx(p.value), sy(p.prob))).collect::<Vec<_>>().join(" ");
+    let mut title = format!("p by clamp value (unclamped {}):", prob(baseline));
+    for p in curve {
+        title.push_str(&format!("\nclamp {:.2} → p {}", p.value, prob(p.prob)));
+    }
+    let base = if baseline.is_finite() && !pts.is_empty() {
+        format!(r##"<line x1="0" x2="{W}" y1="{y:.1}" y2="{y:.1}" stroke="#667" stroke-width="1" stroke-dasharray="2 2"/>"##, y = sy(baseline))
+    } else {
+        String::new()
+    };
+    let dot = pts
+        .iter()
+        .find(|p| p.value == best)
+        .map(|p| format!(r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="#d8572a"/>"##, sx(p.value), sy(p.prob)))
+        .unwrap_or_default();
+    format!(
+        r##"<svg class="sparkline" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="sweep curve"><title>{title}</title><rect width="{W}" height="{H}" fill="transparent"/>{base}<polyline fill="none" stroke="#d8572a" stroke-width="1.5" points="{line}"/>{dot}</svg>"##
+    )
+}
+
+#[component]
+fn VerifyResults(model: String, v: Verified) -> impl IntoView {
+    let Verified { s, r } = v;
+    let concept = r.tokens.iter().map(|t| show_token(&t.text)).collect::<Vec<_>>().join(if r.phrase { " · " } else { ", " });
+    let what = if r.phrase { format!("p(phrase {concept})") } else { format!("p({concept})") };
+    let raised = r.neurons.iter().filter(|n| n.effect > 0.0).count();
+    let summary = format!(
+        "{what} after \u{201c}{}\u{201d}: {} unclamped. {raised} of {} candidates raise it.",
+        s.verify_prompt(),
+        prob(r.baseline),
+        r.neurons.len()
+    );
+    let baseline = r.baseline;
+    view! {
+        <h3>"Causal ranking"</h3>
+        <p class="result" id="verify-summary">{summary}</p>
+        <div class="table-wrap">
+            <table id="verify-table">
+                <thead>
+                    <tr>
+                        <th>"#"</th><th>"neuron"</th><th>"view"</th><th>"polarity"</th><th>"map rank"</th><th>"map score"</th>
+                        <th>"best clamp"</th><th>"p at best (unclamped)"</th><th>"effect (nats)"</th><th>"curve"</th><th></th>
+                    </tr>
+                </thead>
+                <tbody>
+                    {r.neurons
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, n)| {
+                            let href = neuron_href(&model, n.layer, n.neuron);
+                            let steer = s.steer_with(&model, ClampSpec { layer: n.layer, neuron: n.neuron, value: n.best_value }).href();
+                            let svg = sparkline(&n.curve, baseline, n.best_value);
+                            view! {
+                                <tr class="verified" data-effect=format!("{:.4}", n.effect)>
+                                    <td>{i + 1}</td>
+                                    <td><a class="neuron-link" href=href>{format!("{}:{}", n.layer, n.neuron)}</a></td>
+                                    <td>{n.view.as_str()}</td>
+                                    <td>{if n.polarity == Polarity::Pos { "pos" } else { "neg" }}</td>
+                                    <td>{n.map_rank + 1}</td>
+                                    <td>{format!("{:.3}", n.map_score)}</td>
+                                    <td>{format!("{:.2}", n.best_value)}</td>
+                                    <td>{format!("{} ({})", prob(n.best_prob), prob(baseline))}</td>
+                                    <td class="effect">{format!("{:+.3}", n.effect)}</td>
+                                    <td><span class="sparkline-wrap" inner_html=svg></span></td>
+                                    <td><a class="steer-link" href=steer title="Open the steer page with this clamp">"steer"</a></td>
+                                </tr>
+                            }
+                        })
+                        .collect_view()}
+                </tbody>
+            </table>
+        </div>
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparkline_lists_its_points_and_scales_into_the_box() {
+        let curve = vec![SweepPoint { value: -10.0, prob: 0.01 }, SweepPoint { value: 0.0, prob: 0.02 }, SweepPoint { value: 10.0, prob: 0.5 }];
+        let svg = sparkline(&curve, 0.02, 10.0);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+        assert!(
+            svg.contains(
+                "<title>p by clamp value (unclamped 0.0200):\nclamp -10.00 → p 0.0100\nclamp 0.00 → p 0.0200\nclamp 10.00 → p 0.5000</title>"
+            ),
+            "{svg}"
+        );
+        assert!(svg.contains(r#"points="2.5,25.5 60.0,25.0 117.5,2.5""#), "{svg}");
+        assert!(svg.contains("<circle cx=\"117.5\""), "{svg}");
+        // Flat, empty or non-finite curves still draw.
+        assert!(sparkline(&[SweepPoint { value: 1.0, prob: 0.1 }], 0.1, 1.0).contains("points=\"60.0,14.0\""));
+        assert!(sparkline(&[], f32::NAN, 0.0).contains("points=\"\""));
+        assert!(!sparkline(&[SweepPoint { value: f32::NAN, prob: 1.0 }], 0.5, 0.0).contains("NaN,"));
+    }
+
+    #[test]
+    fn probabilities_stay_readable() {
+        assert_eq!(prob(0.12345), "0.1235");
+        assert_eq!(prob(0.0), "0.0000");
+        assert_eq!(prob(0.00001234), "1.23e-5");
     }
 }
