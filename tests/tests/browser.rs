@@ -419,3 +419,52 @@ async fn compare_models_picker_about_and_errors() {
     })
     .await;
 }
+
+#[actix_web::test]
+async fn classes_page_and_causal_verification() {
+    run("classes", async |c, base| {
+        // Classes of the real model's down view: the stacked per-layer chart and the strongest
+        // prediction neurons, each a link to its page.
+        c.goto(&format!("{base}/classes")).await?;
+        wait(c, "#classes-chart[data-drawn='1']", 120).await?;
+        let rows = c.find_all(Locator::Css("#classes-table tr.classed")).await?;
+        assert!(rows.len() >= 10, "{} prediction neurons listed", rows.len());
+        let summary = c.find(Locator::Css("#classes-summary")).await?.text().await?;
+        assert!(summary.contains("prediction") && summary.contains("suppression"), "{summary}");
+        shot(c, "classes").await?;
+        // The class picker is in the URL, and the table follows it.
+        c.find(Locator::Css("#classes-class")).await?.select_by_value("suppression").await?;
+        until(10, "the class in the URL", async || Ok(url(c).await?.contains("class=suppression").then_some(()))).await?;
+        wait(c, "#classes-table[data-class='suppression'] tr.classed", 30).await?;
+        c.find(Locator::Css("#classes-table tr.classed a.neuron-link")).await?.click().await?;
+        until(10, "a classed neuron's page", async || Ok(url(c).await?.contains("/neuron/").then_some(()))).await?;
+
+        // Causal verification from the search page: on demand only, then a ranking whose first
+        // row is the map's " dog" neuron 29:808, with its sweep curve and a steer link.
+        c.goto(&format!("{base}/?q=%20dog")).await?;
+        wait(c, "#search-plot[data-drawn='1']", 90).await?;
+        assert!(c.find_all(Locator::Css("#verify-table")).await?.is_empty(), "verification must not run by itself");
+        let prompt = wait(c, "#vp", 10).await?;
+        prompt.clear().await?;
+        prompt.send_keys("My dog and I went for a walk. The word I am thinking of is").await?;
+        wait(c, "#verify-button", 10).await?.click().await?;
+        let first = wait(c, "#verify-table tr.verified", 300).await?;
+        let text = first.text().await?;
+        assert!(text.contains("29:808"), "causal first: {text}");
+        let title = js(c, "return document.querySelector('#verify-table tr.verified svg.sparkline title').textContent").await?;
+        assert!(title.as_str().unwrap_or_default().contains("clamp"), "sparkline title: {title}");
+        let steer = first.find(Locator::Css("a.steer-link")).await?.attr("href").await?.unwrap_or_default();
+        assert!(steer.contains("clamps=29%3A808%3A") || steer.contains("clamps=29:808:"), "{steer}");
+        assert!(url(c).await?.contains("vp="), "the verify prompt is in the URL");
+        js(c, "document.querySelector('#verify h2').scrollIntoView()").await?;
+        shot(c, "verify").await?;
+
+        // A phrase search says how the phrase tokenizes and draws its figure.
+        c.goto(&format!("{base}/?q=%20Sherlock%20Holmes&phrase=1&view=down")).await?;
+        wait(c, "#search-plot[data-drawn='1']", 90).await?;
+        assert_eq!(js(c, "return document.querySelector('#phrase').checked").await?, true);
+        shot(c, "phrase").await?;
+        Ok(())
+    })
+    .await;
+}
