@@ -6,7 +6,7 @@ use candle_core::{DType, IndexOp, Tensor, D};
 use shared::{
     ActivationStats, ChangedNeuron, ClassedNeuron, ClassesResponse, CompareResponse, Concept, LayerAgreement, LayerClassCounts, Moments, NeuronClass,
     NeuronDetail, Polarity, SearchHit, SimilarNeuron, SweepPoint, TokenInfo, TokenScore, VerifiedNeuron, VerifyRequest, VerifyResponse, View,
-    ViewTokens,
+    ViewClass, ViewTokens,
 };
 
 use crate::cancel::Cancel;
@@ -233,7 +233,15 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
     let d_ff = engine.config().d_ff;
     let similar =
         crate::engine::top_indices(&abs, 10).into_iter().map(|j| SimilarNeuron { layer: j / d_ff, neuron: j % d_ff, cosine: cos[j] }).collect();
-    Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar })
+    let classes = View::ALL
+        .iter()
+        .filter_map(|&view| engine.map_if_ready(view, final_norm))
+        .map(|m| {
+            let moments = moments(&m, i);
+            ViewClass { view: m.meta.view, class: NeuronClass::of(&moments, median_std(&m)), moments }
+        })
+        .collect();
+    Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar, classes })
 }
 
 /// Base vs instruct: per layer, the share of neurons whose top token (up view, positive

@@ -486,6 +486,17 @@ fn run(cli: &Cli) -> Result<()> {
                 let toks: Vec<String> = v.tokens.iter().map(|t| format!("{:?} {:.3}", t.text, t.norm)).collect();
                 println!("{:>4} {:<3}  {}", v.view.as_str(), format!("{:?}", v.polarity).to_lowercase(), toks.join(", "));
             }
+            for c in &d.classes {
+                let m = c.moments;
+                println!(
+                    "{:>4} view: {} neuron (kurtosis {:.1}, skew {:+.2}, std {:.3})",
+                    c.view.as_str(),
+                    c.class.as_str(),
+                    m.kurtosis,
+                    m.skew,
+                    m.std
+                );
+            }
             let sim: Vec<String> = d.similar.iter().map(|s| format!("{}:{} ({:+.2})", s.layer, s.neuron, s.cosine)).collect();
             println!("similar: {}", sim.join(", "));
             Ok(())

@@ -218,6 +218,11 @@ fn neuron_detail_agrees_with_the_map_and_brute_force() {
     // Activation statistics are ordered and finite.
     let a = d.activation;
     assert!(a.positions > 0 && a.min <= a.mean && a.mean <= a.max && a.std >= 0.0);
+    // Weight statistics of the views whose maps are built (only up here), as the map has them.
+    assert_eq!(d.classes.len(), 1);
+    assert_eq!(d.classes[0].view, View::Up);
+    assert_eq!(d.classes[0].moments, analysis::moments(&m, i));
+    assert_eq!(d.classes[0].class, analysis::classify(&m)[i]);
     assert!(analysis::neuron_detail(&t.engine, 3, 0, false, 10).is_err());
     assert!(analysis::neuron_detail(&t.engine, 0, 64, false, 10).is_err());
 }

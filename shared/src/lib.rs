@@ -391,6 +391,18 @@ pub struct NeuronDetail {
     pub views: Vec<ViewTokens>,
     pub activation: ActivationStats,
     pub similar: Vec<SimilarNeuron>,
+    /// The neuron's class and moments in each view whose map is built (never waits for one).
+    #[serde(default)]
+    pub classes: Vec<ViewClass>,
+}
+
+/// A neuron's weight statistics in one view (see [`NeuronClass`]).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ViewClass {
+    pub view: View,
+    pub class: NeuronClass,
+    pub moments: Moments,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

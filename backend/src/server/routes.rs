@@ -547,6 +547,7 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
         ClassesResponse,
         LayerClassCounts,
         ClassedNeuron,
+        ViewClass,
         Moments,
         NeuronClass,
         VerifyRequest,

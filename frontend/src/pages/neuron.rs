@@ -12,7 +12,7 @@ use plotly::{Bar, Configuration, Layout, Plot, Scatter};
 use shared::{NeuronDetail, Polarity, PromptSpec, SweepRequest, SweepResponse, ViewTokens};
 
 use crate::chart::Chart;
-use crate::state::{self, NeuronState, SearchState, SteerState};
+use crate::state::{self, ClassesState, NeuronState, SearchState, SteerState};
 use crate::{api, show_token, status_view, use_search, Models};
 
 /// Tokens shown per view and polarity.
@@ -130,6 +130,37 @@ fn Detail(model: String, d: NeuronDetail) -> impl IntoView {
                         <tr><th>"positions"</th><td>{a.positions}</td></tr>
                     </tbody>
                 </table>
+                {(!d.classes.is_empty()).then(|| {
+                    let classes_href = ClassesState { model: Some(model.clone()), ..Default::default() }.href();
+                    view! {
+                        <h2>"Weight statistics"</h2>
+                        <p class="caption">
+                            "Moments of its logits over the vocabulary, per view, and the "
+                            <a href=classes_href>"class"</a>
+                            " they give (Gurnee et al. 2024)."
+                        </p>
+                        <table class="stats" id="moments">
+                            <thead><tr><th>"view"</th><th>"class"</th><th>"kurtosis"</th><th>"skew"</th><th>"std"</th></tr></thead>
+                            <tbody>
+                                {d.classes
+                                    .iter()
+                                    .map(|c| {
+                                        let m = c.moments;
+                                        view! {
+                                            <tr data-view=c.view.as_str()>
+                                                <td>{c.view.as_str()}</td>
+                                                <td class="class">{c.class.as_str()}</td>
+                                                <td>{format!("{:.1}", m.kurtosis)}</td>
+                                                <td>{format!("{:+.2}", m.skew)}</td>
+                                                <td>{format!("{:.3}", m.std)}</td>
+                                            </tr>
+                                        }
+                                    })
+                                    .collect_view()}
+                            </tbody>
+                        </table>
+                    }
+                })}
             </div>
             <div>
                 <h2>"Similar neurons"</h2>
