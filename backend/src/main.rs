@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Seconds a client has to send its whole request body (408 after that).
     #[arg(long, env = "FLASH_INTERP_BODY_TIMEOUT", default_value_t = 10)]
     body_timeout: u64,
+    /// Rate-limit by the client address a reverse proxy appends to X-Forwarded-For (its last
+    /// entry) instead of the connection's address. Only behind a proxy that is the sole way in.
+    #[arg(long, env = "FLASH_INTERP_TRUST_X_FORWARDED_FOR")]
+    trust_x_forwarded_for: bool,
 }
 
 #[derive(Args)]
@@ -722,6 +726,7 @@ fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
             None => server::CPU_REQUEST_FLOPS,
         },
         body_timeout: Duration::from_secs(a.body_timeout.max(1)),
+        trust_forwarded_for: a.trust_x_forwarded_for,
     };
     let state = AppState::new(engines, config);
     state.warm_maps();

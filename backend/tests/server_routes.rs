@@ -194,6 +194,43 @@ async fn phrase_search_classes_and_verify_endpoints() {
 }
 
 #[actix_web::test]
+async fn readiness_follows_the_maps_and_the_limiter_can_trust_a_proxy() {
+    // Not ready until every view's map of every model is built.
+    let f = fixture(ServerConfig::default());
+    let app = app!(f);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = test::read_body_json(resp).await;
+    assert_eq!(body["ready"], false);
+    assert_eq!(body["models"][0]["maps_pending"].as_array().unwrap().len(), 3);
+    let f = warm_fixture(ServerConfig::default());
+    let app = app!(f);
+    let body: serde_json::Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(body["ready"], true);
+    assert_eq!(body["models"].as_array().unwrap().len(), 3);
+
+    // One expensive request per minute per client. Behind a trusted proxy, the client is the last
+    // X-Forwarded-For entry (what the proxy appended); a spoofed first entry changes nothing.
+    let search = |xff: &str| {
+        test::TestRequest::get()
+            .uri("/api/models/base/search?tokens=%20the")
+            .peer_addr("10.0.0.1:5000".parse().unwrap())
+            .insert_header(("X-Forwarded-For", xff.to_owned()))
+            .to_request()
+    };
+    for (trust, second, want) in [
+        (true, "1.2.3.4, 203.0.113.9", StatusCode::OK),
+        (true, "9.9.9.9, 203.0.113.7", StatusCode::TOO_MANY_REQUESTS),
+        (false, "203.0.113.9", StatusCode::TOO_MANY_REQUESTS),
+    ] {
+        let f = warm_fixture(ServerConfig { rate_limit_per_minute: Some(1), trust_forwarded_for: trust, ..Default::default() });
+        let app = app!(f);
+        assert_eq!(test::call_service(&app, search("203.0.113.7")).await.status(), StatusCode::OK);
+        assert_eq!(test::call_service(&app, search(second)).await.status(), want, "trust {trust}, second {second}");
+    }
+}
+
+#[actix_web::test]
 async fn sweep_next_token_and_generate_endpoints() {
     let f = fixture(ServerConfig::default());
     let app = app!(f);

@@ -41,6 +41,10 @@ pub struct ServerConfig {
     pub max_request_flops: f64,
     /// Time a client has to send its whole request body.
     pub body_timeout: Duration,
+    /// Key the rate limiter by the last address in `X-Forwarded-For` (the one a reverse proxy in
+    /// front of this server appended) instead of the connection's peer. Only for a server that
+    /// is reachable through that proxy alone: otherwise any client can pick its own key.
+    pub trust_forwarded_for: bool,
 }
 
 /// Default per-request budget on a CPU: 2.5 T FLOP-equivalents, about 60 s of this project's
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             cache_bytes: 64 << 20,
             max_request_flops: CPU_REQUEST_FLOPS,
             body_timeout: Duration::from_secs(10),
+            trust_forwarded_for: false,
         }
     }
 }

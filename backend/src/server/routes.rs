@@ -60,6 +60,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(|| async { Err::<HttpResponse, _>(ServerError::NotFound("no such API endpoint".into())) })),
     )
     .service(endpoint("/healthz", GET, get().to(|| async { HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })) })))
+    .service(endpoint("/readyz", GET, get().to(readyz)))
     .service(endpoint("/metrics", GET, get().to(metrics)))
     .service(web::scope("").wrap(actix_web::middleware::from_fn(observe)).wrap(Compress::default()).default_service(web::to(app)));
 }
@@ -93,6 +94,36 @@ async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<Se
     }
     tracing::info!(target: "flash_interp::http", "{method} {path} {} {:.1}ms", res.status().as_u16(), secs * 1000.0);
     Ok(res)
+}
+
+/// Readiness for a load balancer or an orchestrator: 200 once every view's map of every model is
+/// built (searches answer at once), else 503 listing what is still being built, with progress.
+async fn readyz(state: Data<AppState>) -> HttpResponse {
+    let final_norm = state.config.final_norm;
+    let models: Vec<serde_json::Value> = state
+        .models
+        .iter()
+        .map(|m| {
+            let (ready, pending): (Vec<View>, Vec<View>) = View::ALL.iter().partition(|&&v| m.engine.map_ready(v, final_norm));
+            // Asking schedules a map that is not scheduled yet (as a search would), so a server
+            // always gets to ready; a failed build shows as null progress.
+            let progress: Vec<Option<f32>> = pending
+                .iter()
+                .map(|&v| match state.map(m, v) {
+                    Err(ServerError::MapBuilding { permille, .. }) => Some(permille.unwrap_or(0) as f32 / 10.0),
+                    _ => None,
+                })
+                .collect();
+            serde_json::json!({ "id": m.id, "maps_ready": ready, "maps_pending": pending, "progress": progress })
+        })
+        .collect();
+    let ready = models.iter().all(|m| m["maps_pending"].as_array().is_some_and(|p| p.is_empty()));
+    let body = serde_json::json!({ "ready": ready, "models": models });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().insert_header((header::RETRY_AFTER, "5")).json(body)
+    }
 }
 
 /// The built web app: files from `dist/`, and `index.html` for the app's own deep links.
@@ -130,12 +161,29 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
     })
 }
 
+/// The address the rate limiter keys by: the connection's peer, or with `trust_forwarded_for`
+/// the last valid address in `X-Forwarded-For` (what the proxy in front appended; the entries
+/// before it are whatever the client sent). Without a usable header, the peer.
+fn client_ip(state: &AppState, req: &HttpRequest) -> IpAddr {
+    let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    if !state.config.trust_forwarded_for {
+        return peer;
+    }
+    req.headers()
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .last()
+        .unwrap_or(peer)
+}
+
 fn check_rate(state: &AppState, req: &HttpRequest) -> Result<(), ServerError> {
     if let Some(limiter) = &state.limiter {
         if state.rate_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1024 == 1023 {
             limiter.retain_recent();
         }
-        let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let ip = client_ip(state, req);
         if let Err(not_until) = limiter.check_key(&ip) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             return Err(ServerError::RateLimited(wait.as_secs().max(1)));
