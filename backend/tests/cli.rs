@@ -95,3 +95,70 @@ fn bad_input_is_one_line_and_a_failure() {
     let e: shared::ApiError = serde_json::from_str(&out).unwrap();
     assert_eq!(e.code, "bad_input");
 }
+
+/// The container's start-up without a container (no image registry is reachable where CI runs):
+/// the runtime stage's `ENV` lines and `ENTRYPOINT` from the Dockerfile, with its paths moved to
+/// temporary directories and a tiny model in place of the default one. The server must come up,
+/// serve the app, become ready once its maps are built, and stop cleanly on SIGTERM.
+#[test]
+fn dockerfile_start_up_serves_becomes_ready_and_stops_on_sigterm() {
+    use std::io::{Read, Write};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap().replace("\\\n", " ");
+    let env_line = runtime.lines().find(|l| l.starts_with("ENV ")).expect("an ENV line in the runtime stage");
+    let entry = runtime.lines().find(|l| l.starts_with("ENTRYPOINT ")).expect("an ENTRYPOINT");
+    assert_eq!(entry.trim(), r#"ENTRYPOINT ["flash-interp", "serve"]"#);
+
+    let (_d, model) = tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = tmp.path().join("dist");
+    std::fs::create_dir_all(&dist).unwrap();
+    std::fs::write(dist.join("index.html"), "<html>APP</html>").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = bin();
+    cmd.arg("serve").env_remove("FLASH_INTERP_MODEL");
+    for kv in env_line["ENV ".len()..].split_whitespace() {
+        let (k, v) = kv.split_once('=').unwrap();
+        let v = match k {
+            "FLASH_INTERP_MODEL" => model.clone(),
+            "FLASH_INTERP_PORT" => port.to_string(),
+            "FLASH_INTERP_DIST" => dist.to_string_lossy().into_owned(),
+            _ => v.replace("/app", &tmp.path().join("app").to_string_lossy()).replace("/data", &tmp.path().join("data").to_string_lossy()),
+        };
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let get = |path: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let start = std::time::Instant::now();
+    let ready = loop {
+        match get("/readyz") {
+            Some(r) if r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200") => break r,
+            _ if start.elapsed().as_secs() > 60 => {
+                let _ = child.kill();
+                panic!("not ready after 60 s");
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    assert!(ready.contains("\"ready\":true"), "{ready}");
+    assert!(get("/neuron/1/2").unwrap().contains("<html>APP</html>"), "the app's deep link is served");
+    assert!(tmp.path().join("data/cache").read_dir().unwrap().count() >= 3, "the maps are cached in the volume");
+    // SIGTERM: a graceful stop, promptly (nothing is running).
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed().as_secs() < 15, "still running 15 s after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+}
