@@ -35,6 +35,8 @@ ENV FLASH_INTERP_MODEL=/app/models/SmolLM2-135M-Instruct.Q4_1.gguf \
     FLASH_INTERP_DIST=/app/dist \
     FLASH_INTERP_BIND=0.0.0.0 \
     FLASH_INTERP_PORT=8080
+# The unprivileged user must own the volume's mount point (a fresh named volume copies it).
+RUN mkdir -p /data/cache && chown -R 65534:65534 /data
 VOLUME /data
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1
