@@ -1,5 +1,5 @@
 //! A plotly chart as a leptos component. The figure is built in Rust with the `plotly` crate and
-//! drawn by plotly.js (served locally as `/plotly.min.js`) once the `<div>` is mounted. A new
+//! drawn by plotly.js (its basic bundle, served locally as `/plotly-basic.min.js`) once the `<div>` is mounted. A new
 //! figure means a new component, so listeners never pile up on a reused `<div>`.
 //!
 //! When a chart is drawn its `<div>` gets `data-drawn="1"` (the browser tests wait on it) and

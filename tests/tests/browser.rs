@@ -76,7 +76,7 @@ struct Session {
 async fn start() -> Session {
     let dist = repo().join("dist");
     assert!(dist.join("index.html").exists(), "dist/ is not built: run `trunk build --release` (scripts/setup.sh does)");
-    assert!(dist.join("plotly.min.js").exists(), "dist/plotly.min.js is missing: scripts/setup.sh runs npm ci before trunk");
+    assert!(dist.join("plotly-basic.min.js").exists(), "dist/plotly-basic.min.js is missing: scripts/setup.sh runs npm ci before trunk");
     let models = tempfile::tempdir().unwrap();
     let mut engines = vec![Arc::new(load_default(&LoadOptions::default()))];
     for (name, spec) in [("base", TinySpec::default()), ("tuned", TinySpec { perturb: vec![(1, 2), (0, 7)], ..Default::default() })] {

@@ -145,7 +145,7 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
             if let Ok(f) = actix_files::NamedFile::open(&file) {
                 let mut resp = f.into_response(&req);
                 // Trunk names its assets by content hash: they never change under one name. Other
-                // files (plotly.min.js) are revalidated with their ETag.
+                // files (plotly-basic.min.js) are revalidated with their ETag.
                 let policy = if content_hashed(rel) { "public, max-age=31536000, immutable" } else { "no-cache" };
                 resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static(policy));
                 return Ok(resp);
