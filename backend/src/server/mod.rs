@@ -1,6 +1,7 @@
 //! The HTTP server: the built web app and a JSON API over the engine. Every request and response
 //! body is a `shared` type. Routes live in [`routes::configure`], used by `serve` and by tests.
 
+pub mod assets;
 pub mod conn;
 pub mod error;
 pub mod maps;
@@ -208,6 +209,8 @@ pub struct AppState {
     /// Requests seen by the rate limiter, to prune its per-IP state now and then.
     pub rate_checks: AtomicUsize,
     pub builds: maps::MapBuilds,
+    /// The web app's files, compressed once (filled in the background by `serve`).
+    pub assets: assets::Assets,
 }
 
 impl AppState {
@@ -237,6 +240,7 @@ impl AppState {
             limiter,
             metrics,
             rate_checks: AtomicUsize::new(0),
+            assets: assets::Assets::default(),
             config,
         })
     }
@@ -265,6 +269,8 @@ impl AppState {
 
 /// Bind `addr` and run the server until it is stopped (SIGINT/SIGTERM shut it down gracefully).
 pub async fn serve(state: Arc<AppState>, listener: TcpListener) -> std::io::Result<()> {
+    let s = state.clone();
+    std::thread::spawn(move || s.assets.build(&s.config.dist));
     let data = web::Data::from(state);
     HttpServer::new(move || App::new().app_data(data.clone()).configure(routes::configure))
         .on_connect(conn::on_connect)

@@ -141,12 +141,30 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
     let safe = !rel.split('/').any(|p| p == ".." || p.starts_with('.'));
     if safe && !rel.is_empty() {
         let file = dist.join(rel);
+        // Trunk names its assets by content hash: they never change under one name. Other
+        // files (plotly-basic.min.js) are revalidated with their ETag.
+        let policy = if content_hashed(rel) { "public, max-age=31536000, immutable" } else { "no-cache" };
+        if let Some(asset) = state.assets.get(rel) {
+            let accept = req.headers().get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if let Some(enc) = super::assets::pick(accept) {
+                let etag = format!("{}-{enc}\"", asset.etag.trim_end_matches('"'));
+                let matches =
+                    req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+                let mut resp = if matches { HttpResponse::NotModified() } else { HttpResponse::Ok() };
+                resp.insert_header((header::CONTENT_ENCODING, enc))
+                    .insert_header((header::VARY, "Accept-Encoding"))
+                    .insert_header((header::ETAG, etag))
+                    .insert_header((header::CACHE_CONTROL, policy))
+                    .content_type(asset.mime.as_str());
+                if matches || *req.method() == actix_web::http::Method::HEAD {
+                    return Ok(resp.finish());
+                }
+                return Ok(resp.body(if enc == "br" { asset.br.clone() } else { asset.gzip.clone() }));
+            }
+        }
         if file.is_file() && rel != "index.html" {
             if let Ok(f) = actix_files::NamedFile::open(&file) {
                 let mut resp = f.into_response(&req);
-                // Trunk names its assets by content hash: they never change under one name. Other
-                // files (plotly-basic.min.js) are revalidated with their ETag.
-                let policy = if content_hashed(rel) { "public, max-age=31536000, immutable" } else { "no-cache" };
                 resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static(policy));
                 return Ok(resp);
             }
