@@ -369,7 +369,15 @@ impl ConceptIds {
                 if words.is_empty() || words.len() > 16 {
                     return Err(Error::bad("give 1 to 16 tokens"));
                 }
-                Ok(Self { ids: words.iter().map(|w| engine.tok.single_token(w)).collect::<Result<_>>()?, phrase: false })
+                // Each alternative once: a repeated one would count its probability twice.
+                let mut ids: Vec<u32> = Vec::with_capacity(words.len());
+                for w in words {
+                    let id = engine.tok.single_token(w)?;
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+                Ok(Self { ids, phrase: false })
             }
             Concept::Phrase(text) => Ok(Self { ids: phrase_tokens(engine, text)?, phrase: true }),
         }
@@ -417,10 +425,19 @@ impl VerifyPlan {
             return Err(Error::bad("range must be a number above 0 and at most 100"));
         }
         let prompts = req.prompts.iter().map(|p| engine.prompt_ids(p)).collect::<Result<Vec<_>>>()?;
-        for p in &prompts {
-            crate::limits::check_prompt_tokens(p.len(), concept.ids.len(), engine.config().max_seq_len)?;
+        let plan = Self { concept, prompts, candidates: req.candidates, values: req.values, range: req.range };
+        let context = engine.config().max_seq_len;
+        for p in &plan.prompts {
+            crate::limits::check_prompt_tokens(p.len(), 0, context)?;
+            if p.len() + plan.concept_steps() > context {
+                return Err(Error::TooLarge(format!(
+                    "a prompt of {} tokens and the phrase's {} exceed the model's context of {context} tokens",
+                    p.len(),
+                    plan.concept_steps()
+                )));
+            }
         }
-        Ok(Self { concept, prompts, candidates: req.candidates, values: req.values, range: req.range })
+        Ok(plan)
     }
 
     /// Estimated work, as if every row split from the others at layer 0 (an upper bound: the
@@ -473,17 +490,24 @@ pub fn verify(engine: &Engine, maps: &[Arc<NeuronMap>], plan: &VerifyPlan, cance
     }
     // lp[prompt][row]
     let lp = plan.prompts.iter().map(|ids| engine.concept_logprobs(ids, &plan.concept, &rows, cancel)).collect::<Result<Vec<_>>>()?;
+    if lp.iter().any(|l| !l[0].is_finite()) {
+        return Err(Error::NonFinite("the unclamped model's output is not a finite number for this prompt".into()));
+    }
     let np = lp.len() as f64;
     let mean_p = |row: usize| (lp.iter().map(|l| l[row].exp()).sum::<f64>() / np) as f32;
     let effect = |row: usize| (lp.iter().map(|l| l[row] - l[0]).sum::<f64>() / np) as f32;
     let mut neurons: Vec<VerifiedNeuron> = cands
         .iter()
         .enumerate()
-        .map(|(c, (view, h))| {
+        .filter_map(|(c, (view, h))| {
             let first = 1 + c * plan.values;
             let curve: Vec<SweepPoint> = values[c].iter().enumerate().map(|(j, &value)| SweepPoint { value, prob: mean_p(first + j) }).collect();
-            let best = (0..plan.values).max_by(|&a, &b| effect(first + a).total_cmp(&effect(first + b))).unwrap_or(0);
-            VerifiedNeuron {
+            // The largest finite effect (a value whose output overflowed has none); among equal
+            // effects the gentlest clamp. A candidate with no finite effect at all is left out.
+            let best = (0..plan.values)
+                .filter(|&j| effect(first + j).is_finite())
+                .max_by(|&a, &b| effect(first + a).total_cmp(&effect(first + b)).then(values[c][b].abs().total_cmp(&values[c][a].abs())))?;
+            Some(VerifiedNeuron {
                 layer: h.layer,
                 neuron: h.neuron,
                 view: *view,
@@ -494,7 +518,7 @@ pub fn verify(engine: &Engine, maps: &[Arc<NeuronMap>], plan: &VerifyPlan, cance
                 effect: effect(first + best),
                 best_prob: mean_p(first + best),
                 curve,
-            }
+            })
         })
         .collect();
     neurons.sort_by(|a, b| b.effect.total_cmp(&a.effect).then(a.map_rank.cmp(&b.map_rank)));

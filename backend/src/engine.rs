@@ -494,27 +494,31 @@ impl Engine {
         let steps = if concept.phrase { target.len() } else { 1 };
         limits::check_prompt_tokens(ids.len(), steps, self.config().max_seq_len)?;
         let chunk = self.sweep_chunk(ids.len() + steps, rows.len());
+        let dev = self.model.device();
+        // The columns read at each step: the phrase's tokens one by one, or all alternatives at
+        // once. Only they leave the device.
+        let groups: Vec<Vec<u32>> = if concept.phrase { target.iter().map(|&t| vec![t]).collect() } else { vec![target.clone()] };
         let mut out = Vec::with_capacity(rows.len());
         for part in rows.chunks(chunk) {
             let mut cache = Cache::with_cancel(self.config(), cancel.clone());
-            let mut logits = self.model.forward(&self.input(ids)?, &mut cache, part, &[])?.logits;
+            // Rows are judged one by one: an extreme clamp that overflows gives that row -inf,
+            // not an error for the whole batch.
+            let mut logits = self.model.forward_rows(&self.input(ids)?, &mut cache, part, &[])?.logits;
             let mut lp = vec![0f64; part.len()];
-            for step in 0..steps {
-                let logp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?.to_vec2()?;
+            for (step, cols) in groups.iter().enumerate() {
+                let logp: Vec<Vec<f32>> =
+                    candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?.index_select(&Tensor::new(cols.as_slice(), dev)?, 1)?.to_vec2()?;
                 for (acc, row) in lp.iter_mut().zip(&logp) {
-                    *acc += if concept.phrase {
-                        row[target[step] as usize] as f64
-                    } else {
-                        let m = target.iter().map(|&t| row[t as usize] as f64).fold(f64::NEG_INFINITY, f64::max);
-                        m + target.iter().map(|&t| (row[t as usize] as f64 - m).exp()).sum::<f64>().ln()
-                    };
+                    let m = row.iter().map(|&x| x as f64).fold(f64::NEG_INFINITY, f64::max);
+                    let v = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    *acc += if v.is_finite() { v } else { f64::NEG_INFINITY };
                 }
-                if step + 1 < steps {
-                    let input = Tensor::from_vec(vec![target[step]; part.len()], (part.len(), 1), self.model.device())?;
-                    logits = self.model.forward(&input, &mut cache, part, &[])?.logits;
+                if step + 1 < groups.len() {
+                    let input = Tensor::from_vec(vec![cols[0]; part.len()], (part.len(), 1), dev)?;
+                    logits = self.model.forward_rows(&input, &mut cache, part, &[])?.logits;
                 }
             }
-            out.extend(lp);
+            out.extend(lp.into_iter().map(|v| if v.is_nan() { f64::NEG_INFINITY } else { v }));
         }
         Ok(out)
     }
@@ -572,9 +576,11 @@ impl Engine {
     }
 
     /// Rows per forward pass of a sweep: the attention scores of one batch (rows × heads × t × t
-    /// floats) and its MLP activations bounded to ~256 MB.
+    /// floats), its MLP activations and its last position's logits (three vocabulary-sized
+    /// copies: logits, softmax, one more on the way) bounded to ~256 MB.
     fn sweep_chunk(&self, t: usize, rows: usize) -> usize {
-        let per_row = 4 * self.config().n_heads * t * t + 4 * t * self.config().d_ff * 2;
+        let c = self.config();
+        let per_row = 4 * c.n_heads * t * t + 4 * t * c.d_ff * 2 + 4 * c.vocab_size * 3;
         (256usize << 20).checked_div(per_row).unwrap_or(rows).clamp(2, rows.max(2))
     }
 

@@ -492,4 +492,7 @@ fn verify_refuses_bad_requests_with_clear_errors() {
     assert!(err(VerifyRequest { concept: Concept::Phrase("  ".into()), ..ok.clone() }).contains("empty"));
     assert!(err(VerifyRequest { concept: Concept::Phrase("a b c d e f g h i j".into()), ..ok.clone() }).contains("tokens"));
     assert!(analysis::VerifyPlan::new(&t.engine, &ok).unwrap().cost(&t.engine) > 0.0);
+    // An alternative given twice counts once (else its probability would be summed twice).
+    let twice = analysis::ConceptIds::resolve(&t.engine, &Concept::Tokens(vec![" the".into(), " the".into(), " a".into()])).unwrap();
+    assert_eq!(twice.ids.len(), 2);
 }

@@ -515,7 +515,7 @@ impl NeuronClass {
             NeuronClass::Prediction
         } else if m.kurtosis > Self::KURTOSIS && m.skew < 0.0 {
             NeuronClass::Suppression
-        } else if m.std >= Self::PARTITION_STD * median_std {
+        } else if m.std > 0.0 && median_std > 0.0 && m.std >= Self::PARTITION_STD * median_std {
             NeuronClass::Partition
         } else {
             NeuronClass::Other
@@ -704,6 +704,19 @@ mod tests {
         }
         let e = serde_json::from_str::<SweepRequest>(r#"{"prompt":{"text":"x"},"layer":0,"neuron":0,"target":"a","values":[1],"x":1}"#);
         assert!(e.unwrap_err().to_string().contains("unknown field `x`"));
+    }
+
+    #[test]
+    fn neuron_classes_follow_their_thresholds() {
+        let m = |std: f32, skew: f32, kurtosis: f32| Moments { mean: 0.0, std, skew, kurtosis };
+        assert_eq!(NeuronClass::of(&m(1.0, 2.0, 11.0), 1.0), NeuronClass::Prediction);
+        assert_eq!(NeuronClass::of(&m(1.0, -2.0, 11.0), 1.0), NeuronClass::Suppression);
+        assert_eq!(NeuronClass::of(&m(1.0, 2.0, 9.0), 1.0), NeuronClass::Other);
+        assert_eq!(NeuronClass::of(&m(2.0, 0.0, 3.0), 1.0), NeuronClass::Partition);
+        // Dead neurons (std 0) are not partition neurons, even when most of the view is dead.
+        assert_eq!(NeuronClass::of(&m(0.0, 0.0, 0.0), 0.0), NeuronClass::Other);
+        assert_eq!("suppression".parse::<NeuronClass>(), Ok(NeuronClass::Suppression));
+        assert!("teacher".parse::<NeuronClass>().is_err());
     }
 
     #[test]

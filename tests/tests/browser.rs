@@ -443,7 +443,8 @@ async fn classes_page_and_causal_verification() {
         // row is the map's " dog" neuron 29:808, with its sweep curve and a steer link.
         c.goto(&format!("{base}/?q=%20dog")).await?;
         wait(c, "#search-plot[data-drawn='1']", 90).await?;
-        assert!(c.find_all(Locator::Css("#verify-table")).await?.is_empty(), "verification must not run by itself");
+        actix_web::rt::time::sleep(Duration::from_secs(1)).await;
+        assert!(c.find_all(Locator::Css("#verify-table, #verify-status")).await?.is_empty(), "verification must not run by itself");
         let prompt = wait(c, "#vp", 10).await?;
         prompt.clear().await?;
         prompt.send_keys("My dog and I went for a walk. The word I am thinking of is").await?;

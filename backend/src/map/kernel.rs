@@ -89,12 +89,13 @@ impl Moments {
     /// the mean `c + δ`, δ = S1 / n.
     pub fn from_sums(n: f64, c: f64, [s1, s2, s3, s4]: [f64; 4]) -> Self {
         let d = s1 / n;
+        // Separately rounded sums of a near-constant stream can leave tiny negative even moments.
         Self {
             n,
             mean: c + d,
-            m2: s2 - n * d * d,
+            m2: (s2 - n * d * d).max(0.0),
             m3: s3 - 3.0 * d * s2 + 2.0 * n * d * d * d,
-            m4: s4 - 4.0 * d * s3 + 6.0 * d * d * s2 - 3.0 * n * d * d * d * d,
+            m4: (s4 - 4.0 * d * s3 + 6.0 * d * d * s2 - 3.0 * n * d * d * d * d).max(0.0),
         }
     }
 
@@ -134,9 +135,13 @@ impl Moments {
         }
     }
 
-    /// Population variance.
+    /// Population variance (0 for an empty or constant stream).
     pub fn variance(&self) -> f64 {
-        self.m2 / self.n
+        if self.n > 0.0 {
+            (self.m2 / self.n).max(0.0)
+        } else {
+            0.0
+        }
     }
     /// Skewness, E[(x-μ)³] / σ³ (0 for a constant stream).
     pub fn skew(&self) -> f64 {

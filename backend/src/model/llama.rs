@@ -284,6 +284,16 @@ impl Llama {
     /// rows differ: the shared prefix of the computation runs once (used by sweeps and by paired
     /// normal/steered generation). `record` lists layers whose MLP activations are returned.
     pub fn forward(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
+        let out = self.forward_rows(input, cache, rows, record)?;
+        if !all_finite(&out.logits)? {
+            return Err(Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into()));
+        }
+        Ok(out)
+    }
+
+    /// [`Llama::forward`] without the check that every row's logits are finite: for callers that
+    /// judge each row on its own (a batch of many clamps where one extreme value may overflow).
+    pub fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let (b_in, t) = input.dims2()?;
         if t == 0 {
             return Err(Error::bad("empty input: at least one token is needed"));
@@ -327,9 +337,6 @@ impl Llama {
         cache.seq_len += t;
         let last = x.narrow(1, t - 1, 1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?;
-        if !all_finite(&logits)? {
-            return Err(Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into()));
-        }
         Ok(ForwardOutput { logits, mlp_acts: acts })
     }
 
