@@ -110,6 +110,48 @@ async fn app_deep_links_fall_back_to_index_and_assets_are_cached() {
 }
 
 #[actix_web::test]
+async fn precompressed_assets_are_served_by_accept_encoding_and_revalidate() {
+    use std::io::Read;
+    let f = fixture(ServerConfig::default());
+    let dist = f.state.config.dist.clone();
+    let raw: Vec<u8> = (0..20_000u32).flat_map(|i| format!("var x{i} = {};\n", i % 7).into_bytes()).collect();
+    std::fs::write(dist.join("big-0123456789abcdef.js"), &raw).unwrap();
+    f.state.assets.build(&dist);
+    let app = app!(f);
+    let get = |enc: &str, etag: Option<&str>| {
+        let mut r = test::TestRequest::get().uri("/big-0123456789abcdef.js").insert_header(("Accept-Encoding", enc.to_owned()));
+        if let Some(e) = etag {
+            r = r.insert_header(("If-None-Match", e.to_owned()));
+        }
+        r.to_request()
+    };
+    // Brotli when accepted, else gzip, else the file as it is; each decodes to the file.
+    let resp = test::call_service(&app, get("gzip, deflate, br", None)).await;
+    assert_eq!(resp.headers().get("content-encoding").unwrap(), "br");
+    assert_eq!(resp.headers().get("vary").unwrap(), "Accept-Encoding");
+    assert!(resp.headers().get("cache-control").unwrap().to_str().unwrap().contains("immutable"));
+    let etag = resp.headers().get("etag").unwrap().to_str().unwrap().to_owned();
+    let body = test::read_body(resp).await;
+    assert!(body.len() * 10 < raw.len(), "brotli 11 of repetitive text: {} of {}", body.len(), raw.len());
+    let mut out = Vec::new();
+    brotli::Decompressor::new(&body[..], 4096).read_to_end(&mut out).unwrap();
+    assert_eq!(out, raw);
+    let resp = test::call_service(&app, get("gzip", None)).await;
+    assert_eq!(resp.headers().get("content-encoding").unwrap(), "gzip");
+    let body = test::read_body(resp).await;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+    assert_eq!(out, raw);
+    let resp = test::call_service(&app, get("identity", None)).await;
+    assert!(resp.headers().get("content-encoding").is_none());
+    assert_eq!(test::read_body(resp).await, raw);
+    // A cached copy is revalidated with its ETag: 304, no body.
+    let resp = test::call_service(&app, get("br", Some(&etag))).await;
+    assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+    assert!(test::read_body(resp).await.is_empty());
+}
+
+#[actix_web::test]
 async fn search_and_neuron_endpoints() {
     let f = warm_fixture(ServerConfig::default());
     let app = app!(f);
