@@ -110,6 +110,40 @@ async fn app_deep_links_fall_back_to_index_and_assets_are_cached() {
 }
 
 #[actix_web::test]
+async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
+    let f = warm_fixture(ServerConfig::default());
+    let index = "<html><head>\n<meta name=\"description\" content=\"generic\" />\n<title>Flash Interp</title></head><body>APP</body></html>";
+    std::fs::write(f.state.config.dist.join("index.html"), index).unwrap();
+    let app = app!(f);
+    let page = |uri: &str| test::TestRequest::get().uri(uri).insert_header(("Host", "demo.example")).to_request();
+    let html = |b: actix_web::web::Bytes| String::from_utf8(b.to_vec()).unwrap();
+    // A neuron: its top tokens from the map (the more peaked polarity of its up view).
+    let m = f.state.models[0].engine.map_if_ready(View::Up, false).unwrap();
+    let (pos, neg) = (m.top(Polarity::Pos, 2, 5), m.top(Polarity::Neg, 2, 5));
+    let ids = if pos.1[0] >= neg.1[0] { pos.0 } else { neg.0 };
+    let first = f.state.models[0].engine.tok.token_text(ids[0]).trim().to_owned();
+    let body = html(test::call_and_read_body(&app, page("/neuron/2/5?model=base")).await);
+    let title = body.split("<title>").nth(1).and_then(|t| t.split("</title>").next()).unwrap();
+    assert!(title.starts_with("Neuron 2:5 — "), "{title}");
+    assert!(title.contains(&flash_interp::server::preview::escape(&first)), "{title} lacks {first:?}");
+    assert!(body.contains("<meta property=\"og:title\" content=\"Neuron 2:5 — "));
+    assert!(body.contains("<meta name=\"twitter:card\" content=\"summary\" />"));
+    assert!(body.contains("<meta property=\"og:url\" content=\"http://demo.example/neuron/2/5?model=base\" />"), "{body}");
+    assert!(body.contains("<body>APP</body>") && !body.contains("generic"), "the app's page, with the page's description only");
+    // A concept search, a steer link; text from the URL is escaped, never markup.
+    let body = html(test::call_and_read_body(&app, page("/?q=%3Cscript%3Ealert(1)%3C/script%3E")).await);
+    assert!(!body.contains("<script>alert(1)") && body.contains("&lt;script&gt;alert(1)"), "{body}");
+    let body = html(test::call_and_read_body(&app, page("/steer?prompt=Hi%20there&clamps=1:2:3")).await);
+    assert!(body.contains("<title>Steering base with 1:2:3</title>"), "{body}");
+    // An out-of-range neuron or an unknown page still gets a title, and a 200 (the app explains).
+    for uri in ["/neuron/99/99", "/nowhere", "/neuron/x/y"] {
+        let resp = test::call_service(&app, page(uri)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(html(test::read_body(resp).await).contains("<meta property=\"og:title\""), "{uri}");
+    }
+}
+
+#[actix_web::test]
 async fn precompressed_assets_are_served_by_accept_encoding_and_revalidate() {
     use std::io::Read;
     let f = fixture(ServerConfig::default());

@@ -5,6 +5,7 @@ pub mod assets;
 pub mod conn;
 pub mod error;
 pub mod maps;
+pub mod preview;
 pub mod routes;
 
 use std::net::{IpAddr, TcpListener};

@@ -170,8 +170,15 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
             }
         }
     }
-    Ok(match std::fs::read(dist.join("index.html")) {
-        Ok(html) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(html),
+    Ok(match std::fs::read_to_string(dist.join("index.html")) {
+        Ok(html) => {
+            // The page's own title and link-preview tags, so a shared permalink unfurls.
+            let p = super::preview::for_page(&state, req.path(), req.query_string());
+            let info = req.connection_info();
+            let url = format!("{}://{}{}", info.scheme(), info.host(), req.uri());
+            let html = super::preview::inject(&html, &p, &url);
+            HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(html)
+        }
         Err(_) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(
             "<!doctype html><title>Flash Interp</title><h1>Flash Interp</h1><p>The API is running (<a href=\"/api/models\">/api/models</a>, \
              <a href=\"/api/openapi.json\">/api/openapi.json</a>). The web app is not built: see the README.</p>",

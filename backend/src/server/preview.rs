@@ -1,0 +1,165 @@
+//! Link previews: every permalink of the web app is answered with `index.html` whose title and
+//! Open Graph / Twitter card tags describe that page ("Neuron 29:808 — dog, Dog, dogs…"), so it
+//! unfurls in chat apps and social sites without running any script. Built from what is at hand
+//! (the URL, and a neuron's top tokens when its map is in memory); never waits for model work.
+
+use std::collections::HashMap;
+
+use shared::{Polarity, View};
+
+use super::AppState;
+
+/// What a link shows before it is opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    pub title: String,
+    pub description: String,
+}
+
+const DEFAULT_DESCRIPTION: &str =
+    "Find and steer feature neurons in language models: every MLP neuron decoded through the unembedding, searched by concept, and clamped to prove it.";
+
+/// The preview of the app page at `path` with query string `query`.
+pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
+    let q: HashMap<String, String> = actix_web::web::Query::<HashMap<String, String>>::from_query(query).map(|q| q.into_inner()).unwrap_or_default();
+    let served = q.get("model").and_then(|id| state.models.iter().find(|m| &m.id == id)).or(state.models.first());
+    let model = served.map(|m| m.engine.info.name.clone()).unwrap_or_else(|| "a language model".into());
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["neuron", l, n] => {
+            let (Ok(layer), Ok(neuron)) = (l.parse::<usize>(), n.parse::<usize>()) else { return default() };
+            let tokens = served.and_then(|m| {
+                let cfg = m.engine.config();
+                if layer >= cfg.n_layers || neuron >= cfg.d_ff {
+                    return None;
+                }
+                let map = m.engine.map_if_ready(View::Up, state.config.final_norm)?;
+                // The polarity whose decoding is the more peaked: what the neuron is about.
+                let (pos, neg) = (map.top(Polarity::Pos, layer, neuron), map.top(Polarity::Neg, layer, neuron));
+                let ids = if pos.1.first() >= neg.1.first() { pos.0 } else { neg.0 };
+                // Five distinct words (" dog" and "dog" read the same in a title).
+                let mut words: Vec<String> = Vec::new();
+                for w in ids.iter().map(|&t| m.engine.tok.token_text(t).trim().to_owned()) {
+                    if !w.is_empty() && !words.contains(&w) && words.len() < 5 {
+                        words.push(w);
+                    }
+                }
+                Some(words)
+            });
+            match tokens {
+                Some(t) if !t.is_empty() => Preview {
+                    title: format!("Neuron {layer}:{neuron} — {}…", t.join(", ")),
+                    description: format!(
+                        "MLP neuron {neuron} of layer {layer} of {model} decodes to {}. See what it reads and writes, and clamp it to steer the model.",
+                        t.iter().take(3).map(|s| format!("“{s}”")).collect::<Vec<_>>().join(", ")
+                    ),
+                },
+                _ => Preview {
+                    title: format!("Neuron {layer}:{neuron} of {model}"),
+                    description: format!("What MLP neuron {neuron} of layer {layer} of {model} reads and writes, and what clamping it does."),
+                },
+            }
+        }
+        [""] => match q.get("q").map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            Some(concept) => Preview {
+                title: format!("“{concept}” neurons of {model}"),
+                description: format!(
+                    "Concept search: every MLP neuron of {model} decoded through the unembedding and scored for “{concept}”, layer by layer, with the strongest neurons."
+                ),
+            },
+            None => default(),
+        },
+        ["steer"] => {
+            let clamps = q.get("clamps").cloned().unwrap_or_default();
+            let prompt = q.get("prompt").map(|p| p.trim().to_owned()).unwrap_or_default();
+            Preview {
+                title: if clamps.is_empty() { format!("Steering {model}") } else { format!("Steering {model} with {}", clamps.replace(',', ", ")) },
+                description: if prompt.is_empty() {
+                    format!("Normal and steered answers of {model} side by side, with MLP neurons clamped.")
+                } else {
+                    format!("“{}”: the normal and the steered answer of {model} side by side, with MLP neurons clamped.", shorten(&prompt, 120))
+                },
+            }
+        }
+        ["classes"] => Preview {
+            title: format!("Neuron classes of {model}"),
+            description: format!("Prediction, suppression and partition neurons of {model}, layer by layer, from the moments of their decoded directions."),
+        },
+        ["compare"] => Preview { title: "Base vs instruct: which neurons changed".into(), description: DEFAULT_DESCRIPTION.into() },
+        _ => default(),
+    }
+}
+
+fn default() -> Preview {
+    Preview { title: "Flash Interp".into(), description: DEFAULT_DESCRIPTION.into() }
+}
+
+fn shorten(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+/// Escape text for an HTML attribute or element.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `index.html` with its title and description replaced by the page's, and the Open Graph and
+/// Twitter card tags added. `url` is the page's absolute address.
+pub fn inject(html: &str, p: &Preview, url: &str) -> String {
+    let (t, d, u) = (escape(&p.title), escape(&p.description), escape(url));
+    let tags = format!(
+        "<title>{t}</title>\n    <meta name=\"description\" content=\"{d}\" />\n    <meta property=\"og:type\" content=\"website\" />\n    \
+         <meta property=\"og:site_name\" content=\"Flash Interp\" />\n    <meta property=\"og:title\" content=\"{t}\" />\n    \
+         <meta property=\"og:description\" content=\"{d}\" />\n    <meta property=\"og:url\" content=\"{u}\" />\n    \
+         <meta name=\"twitter:card\" content=\"summary\" />\n    <meta name=\"twitter:title\" content=\"{t}\" />\n    \
+         <meta name=\"twitter:description\" content=\"{d}\" />"
+    );
+    let mut html = html.to_owned();
+    // Drop the file's own description; put the page's tags where its title was.
+    if let Some(start) = html.find("<meta name=\"description\"") {
+        if let Some(len) = html[start..].find("/>") {
+            let end = start + len + 2;
+            let end = end + html[end..].len() - html[end..].trim_start().len();
+            html.replace_range(start..end, "");
+        }
+    }
+    match html.find("<title>").zip(html.find("</title>")) {
+        Some((a, b)) if a < b => html.replace_range(a..b + "</title>".len(), &tags),
+        _ => html = html.replacen("<head>", &format!("<head>\n    {tags}"), 1),
+    }
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inject_replaces_title_and_description_and_escapes() {
+        let html = "<html><head>\n    <meta name=\"description\" content=\"old\" />\n    <title>Flash Interp</title>\n</head><body></body></html>";
+        let p = Preview { title: "A <b>\"x\" & 'y'".into(), description: "d<script>".into() };
+        let out = inject(html, &p, "http://h/?q=<x>");
+        assert!(!out.contains("content=\"old\"") && !out.contains("<title>Flash Interp</title>"), "{out}");
+        assert!(out.contains("<title>A &lt;b&gt;&quot;x&quot; &amp; &#39;y&#39;</title>"), "{out}");
+        assert!(out.contains("<meta property=\"og:description\" content=\"d&lt;script&gt;\" />"));
+        assert!(out.contains("<meta property=\"og:url\" content=\"http://h/?q=&lt;x&gt;\" />"));
+        assert_eq!(out.matches("name=\"description\"").count(), 1);
+        // A file without a title still gets the tags, in its head.
+        assert!(inject("<html><head></head></html>", &p, "u").contains("<head>\n    <title>"));
+    }
+}
