@@ -6,6 +6,7 @@
 //! - [`synthetic`]: tiny random-weight models for tests.
 pub mod analysis;
 pub mod cancel;
+pub mod card;
 pub mod chat;
 pub mod engine;
 pub mod error;

@@ -109,6 +109,11 @@ async fn app_deep_links_fall_back_to_index_and_assets_are_cached() {
     assert_eq!(test::read_body(resp).await, &b"<html>APP-INDEX</html>"[..]);
 }
 
+fn body_contains_image(html: &str) -> bool {
+    html.contains("<meta property=\"og:image\" content=\"http://demo.example/api/models/base/neurons/2/5/card.png\" />")
+        && html.contains("<meta name=\"twitter:card\" content=\"summary_large_image\" />")
+}
+
 #[actix_web::test]
 async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     let f = warm_fixture(ServerConfig::default());
@@ -127,7 +132,7 @@ async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     assert!(title.starts_with("Neuron 2:5 — "), "{title}");
     assert!(title.contains(&flash_interp::server::preview::escape(&first)), "{title} lacks {first:?}");
     assert!(body.contains("<meta property=\"og:title\" content=\"Neuron 2:5 — "));
-    assert!(body.contains("<meta name=\"twitter:card\" content=\"summary\" />"));
+
     assert!(body.contains("<meta property=\"og:url\" content=\"http://demo.example/neuron/2/5?model=base\" />"), "{body}");
     assert!(body.contains("<body>APP</body>") && !body.contains("generic"), "the app's page, with the page's description only");
     // A concept search, a steer link; text from the URL is escaped, never markup.
@@ -135,6 +140,16 @@ async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     assert!(!body.contains("<script>alert(1)") && body.contains("&lt;script&gt;alert(1)"), "{body}");
     let body = html(test::call_and_read_body(&app, page("/steer?prompt=Hi%20there&clamps=1:2:3")).await);
     assert!(body.contains("<title>Steering base with 1:2:3</title>"), "{body}");
+    // Its card: the PNG the og:image tag points to, at the size cards are shown.
+    assert!(body_contains_image(&html(test::call_and_read_body(&app, page("/neuron/2/5?model=base")).await)));
+    let resp = test::call_service(&app, page("/api/models/base/neurons/2/5/card.png")).await;
+    assert_eq!(resp.headers().get("content-type").unwrap(), "image/png");
+    let png_bytes = test::read_body(resp).await;
+    let info = png::Decoder::new(&png_bytes[..]).read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (1200, 630));
+    for (uri, status) in [("/api/models/base/neurons/3/0/card.png", StatusCode::BAD_REQUEST), ("/api/models/nope/neurons/0/0/card.png", StatusCode::NOT_FOUND)] {
+        assert_eq!(test::call_service(&app, page(uri)).await.status(), status, "{uri}");
+    }
     // An out-of-range neuron or an unknown page still gets a title, and a 200 (the app explains).
     for uri in ["/neuron/99/99", "/nowhere", "/neuron/x/y"] {
         let resp = test::call_service(&app, page(uri)).await;

@@ -14,6 +14,8 @@ use super::AppState;
 pub struct Preview {
     pub title: String,
     pub description: String,
+    /// Path of an image for the card (the server renders it), if the page has one.
+    pub image: Option<String>,
 }
 
 const DEFAULT_DESCRIPTION: &str =
@@ -48,6 +50,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
             });
             match tokens {
                 Some(t) if !t.is_empty() => Preview {
+                    image: served.map(|m| format!("/api/models/{}/neurons/{layer}/{neuron}/card.png", m.id)),
                     title: format!("Neuron {layer}:{neuron} — {}…", t.join(", ")),
                     description: format!(
                         "MLP neuron {neuron} of layer {layer} of {model} decodes to {}. See what it reads and writes, and clamp it to steer the model.",
@@ -55,6 +58,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
                     ),
                 },
                 _ => Preview {
+                    image: None,
                     title: format!("Neuron {layer}:{neuron} of {model}"),
                     description: format!("What MLP neuron {neuron} of layer {layer} of {model} reads and writes, and what clamping it does."),
                 },
@@ -62,6 +66,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
         }
         [""] => match q.get("q").map(|s| s.trim()).filter(|s| !s.is_empty()) {
             Some(concept) => Preview {
+                image: None,
                 title: format!("“{concept}” neurons of {model}"),
                 description: format!(
                     "Concept search: every MLP neuron of {model} decoded through the unembedding and scored for “{concept}”, layer by layer, with the strongest neurons."
@@ -73,6 +78,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
             let clamps = q.get("clamps").cloned().unwrap_or_default();
             let prompt = q.get("prompt").map(|p| p.trim().to_owned()).unwrap_or_default();
             Preview {
+                image: None,
                 title: if clamps.is_empty() { format!("Steering {model}") } else { format!("Steering {model} with {}", clamps.replace(',', ", ")) },
                 description: if prompt.is_empty() {
                     format!("Normal and steered answers of {model} side by side, with MLP neurons clamped.")
@@ -82,16 +88,17 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
             }
         }
         ["classes"] => Preview {
+            image: None,
             title: format!("Neuron classes of {model}"),
             description: format!("Prediction, suppression and partition neurons of {model}, layer by layer, from the moments of their decoded directions."),
         },
-        ["compare"] => Preview { title: "Base vs instruct: which neurons changed".into(), description: DEFAULT_DESCRIPTION.into() },
+        ["compare"] => Preview { title: "Base vs instruct: which neurons changed".into(), description: DEFAULT_DESCRIPTION.into(), image: None },
         _ => default(),
     }
 }
 
 fn default() -> Preview {
-    Preview { title: "Flash Interp".into(), description: DEFAULT_DESCRIPTION.into() }
+    Preview { title: "Flash Interp".into(), description: DEFAULT_DESCRIPTION.into(), image: None }
 }
 
 fn shorten(s: &str, n: usize) -> String {
@@ -119,15 +126,28 @@ pub fn escape(s: &str) -> String {
 }
 
 /// `index.html` with its title and description replaced by the page's, and the Open Graph and
-/// Twitter card tags added. `url` is the page's absolute address.
-pub fn inject(html: &str, p: &Preview, url: &str) -> String {
-    let (t, d, u) = (escape(&p.title), escape(&p.description), escape(url));
+/// Twitter card tags added. `origin` is the site's scheme and host, `url` the page's address.
+pub fn inject(html: &str, p: &Preview, origin: &str, url: &str) -> String {
+    let (t, d, u) = (escape(&p.title), escape(&p.description), escape(&format!("{origin}{url}")));
+    let image = match &p.image {
+        Some(path) => {
+            let src = escape(&format!("{origin}{path}"));
+            format!(
+                "\n    <meta property=\"og:image\" content=\"{src}\" />\n    <meta property=\"og:image:width\" content=\"{}\" />\n    \
+                 <meta property=\"og:image:height\" content=\"{}\" />\n    <meta name=\"twitter:image\" content=\"{src}\" />",
+                crate::card::WIDTH,
+                crate::card::HEIGHT
+            )
+        }
+        None => String::new(),
+    };
+    let card = if p.image.is_some() { "summary_large_image" } else { "summary" };
     let tags = format!(
         "<title>{t}</title>\n    <meta name=\"description\" content=\"{d}\" />\n    <meta property=\"og:type\" content=\"website\" />\n    \
          <meta property=\"og:site_name\" content=\"Flash Interp\" />\n    <meta property=\"og:title\" content=\"{t}\" />\n    \
          <meta property=\"og:description\" content=\"{d}\" />\n    <meta property=\"og:url\" content=\"{u}\" />\n    \
-         <meta name=\"twitter:card\" content=\"summary\" />\n    <meta name=\"twitter:title\" content=\"{t}\" />\n    \
-         <meta name=\"twitter:description\" content=\"{d}\" />"
+         <meta name=\"twitter:card\" content=\"{card}\" />\n    <meta name=\"twitter:title\" content=\"{t}\" />\n    \
+         <meta name=\"twitter:description\" content=\"{d}\" />{image}"
     );
     let mut html = html.to_owned();
     // Drop the file's own description; put the page's tags where its title was.
@@ -152,14 +172,19 @@ mod tests {
     #[test]
     fn inject_replaces_title_and_description_and_escapes() {
         let html = "<html><head>\n    <meta name=\"description\" content=\"old\" />\n    <title>Flash Interp</title>\n</head><body></body></html>";
-        let p = Preview { title: "A <b>\"x\" & 'y'".into(), description: "d<script>".into() };
-        let out = inject(html, &p, "http://h/?q=<x>");
+        let p = Preview { title: "A <b>\"x\" & 'y'".into(), description: "d<script>".into(), image: None };
+        let out = inject(html, &p, "http://h", "/?q=<x>");
         assert!(!out.contains("content=\"old\"") && !out.contains("<title>Flash Interp</title>"), "{out}");
         assert!(out.contains("<title>A &lt;b&gt;&quot;x&quot; &amp; &#39;y&#39;</title>"), "{out}");
         assert!(out.contains("<meta property=\"og:description\" content=\"d&lt;script&gt;\" />"));
         assert!(out.contains("<meta property=\"og:url\" content=\"http://h/?q=&lt;x&gt;\" />"));
         assert_eq!(out.matches("name=\"description\"").count(), 1);
         // A file without a title still gets the tags, in its head.
-        assert!(inject("<html><head></head></html>", &p, "u").contains("<head>\n    <title>"));
+        assert!(inject("<html><head></head></html>", &p, "http://h", "/").contains("<head>\n    <title>"));
+        assert!(!out.contains("og:image") && out.contains("content=\"summary\""));
+        let with = Preview { image: Some("/api/models/m/neurons/1/2/card.png".into()), ..p };
+        let out = inject(html, &with, "http://h", "/neuron/1/2");
+        assert!(out.contains("<meta property=\"og:image\" content=\"http://h/api/models/m/neurons/1/2/card.png\" />"), "{out}");
+        assert!(out.contains("content=\"summary_large_image\""));
     }
 }

@@ -50,6 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(endpoint("/models/{model}/tokens", GET, get().to(tokens)))
             .service(endpoint("/models/{model}/search", GET, get().to(search)))
             .service(endpoint("/models/{model}/neurons/{layer}/{index}", GET, get().to(neuron)))
+            .service(endpoint("/models/{model}/neurons/{layer}/{index}/card.png", GET, get().to(neuron_card)))
             .service(endpoint("/models/{model}/classes", GET, get().to(classes)))
             .service(endpoint("/models/{model}/verify", POST, web::post().to(verify)))
             .service(endpoint("/models/{model}/sweep", POST, web::post().to(sweep)))
@@ -175,8 +176,8 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
             // The page's own title and link-preview tags, so a shared permalink unfurls.
             let p = super::preview::for_page(&state, req.path(), req.query_string());
             let info = req.connection_info();
-            let url = format!("{}://{}{}", info.scheme(), info.host(), req.uri());
-            let html = super::preview::inject(&html, &p, &url);
+            let origin = format!("{}://{}", info.scheme(), info.host());
+            let html = super::preview::inject(&html, &p, &origin, &req.uri().to_string());
             HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(html)
         }
         Err(_) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(
@@ -360,6 +361,31 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
         }),
     )
     .await
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}/card.png",
+    params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path)),
+    responses((status = 200, description = "a 1200 x 630 PNG of the neuron's top tokens (up view, its more peaked polarity), for link previews", content_type = "image/png"),
+        (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+async fn neuron_card(req: HttpRequest, state: Data<AppState>, path: Path<(String, usize, usize)>) -> Res {
+    check_rate(&state, &req)?;
+    let (model, layer, index) = path.into_inner();
+    let m = state.model(&model)?;
+    crate::limits::check_layer_neuron(layer, index, m.engine.config())?;
+    let map = state.map(m, View::Up)?;
+    let engine = m.engine.clone();
+    let png = blocking(move || {
+        let i = map.index(layer, index);
+        let (pos, neg) = (map.top(Polarity::Pos, layer, index), map.top(Polarity::Neg, layer, index));
+        let (polarity, ids, probs) = if pos.1.first() >= neg.1.first() { (Polarity::Pos, pos.0, pos.1) } else { (Polarity::Neg, neg.0, neg.1) };
+        let mean_top = map.log_mean_top(polarity, i);
+        let bars: Vec<(String, f32)> = ids.iter().zip(probs).take(10).map(|(&t, &p)| (engine.tok.token_text(t), (p.ln() - mean_top).exp())).collect();
+        let pol = if polarity == Polarity::Pos { "pos" } else { "neg" };
+        let subtitle = format!("{} · up view, {pol} · p / mean top-100 p", engine.info.name);
+        crate::card::bars_png(&format!("Neuron {layer}:{index}"), &subtitle, &bars)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
 }
 
 #[derive(Deserialize, Serialize, utoipa::IntoParams)]
@@ -604,7 +630,7 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Flash Interp API", description = "Find and steer feature neurons of Llama-style models. Errors are ApiError {code, message}."),
-    paths(models, tokens, search, neuron, classes, verify, sweep, next_token, generate, compare),
+    paths(models, tokens, search, neuron, neuron_card, classes, verify, sweep, next_token, generate, compare),
     components(schemas(
         ApiError,
         ModelSummary,
