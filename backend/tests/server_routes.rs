@@ -147,7 +147,9 @@ async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     let png_bytes = test::read_body(resp).await;
     let info = png::Decoder::new(&png_bytes[..]).read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (1200, 630));
-    for (uri, status) in [("/api/models/base/neurons/3/0/card.png", StatusCode::BAD_REQUEST), ("/api/models/nope/neurons/0/0/card.png", StatusCode::NOT_FOUND)] {
+    for (uri, status) in
+        [("/api/models/base/neurons/3/0/card.png", StatusCode::BAD_REQUEST), ("/api/models/nope/neurons/0/0/card.png", StatusCode::NOT_FOUND)]
+    {
         assert_eq!(test::call_service(&app, page(uri)).await.status(), status, "{uri}");
     }
     // An out-of-range neuron or an unknown page still gets a title, and a 200 (the app explains).

@@ -2,7 +2,7 @@
 //! this file holds the router, the header with its model picker, and the loaded-models context;
 //! one page per file under `pages/`; `api.rs` holds the typed fetch helpers; `state.rs` the URL
 //! state of every page (all state lives in the URL, so every view is a permalink); `chart.rs`
-//! the plotly component.
+//! the plotly component; `share.rs` the "Share" and "Copy as curl" buttons.
 
 use leptos::prelude::*;
 use leptos_router::components::{Route, Router, Routes, A};
@@ -13,6 +13,7 @@ use shared::ModelSummary;
 pub mod api;
 pub mod chart;
 pub mod pages;
+pub mod share;
 pub mod sse;
 pub mod state;
 

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde::{Deserializer, Serializer};
-use shared::{limits, ClampSpec, Concept, NeuronClass, Polarity, PromptSpec, VerifyRequest, View};
+use shared::{limits, ClampSpec, Concept, NeuronClass, Polarity, PromptSpec, SweepRequest, VerifyRequest, View};
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
@@ -289,6 +289,25 @@ impl NeuronState {
     pub fn sweep_values(&self) -> Result<Vec<f32>, String> {
         sweep_values(self.from, self.to, self.steps)
     }
+    /// The API URL of this neuron's detail with `tokens` tokens per view and polarity.
+    pub fn detail_url(&self, model: &str, tokens: usize) -> String {
+        format!("/api/models/{}/neurons/{}/{}?tokens={tokens}", segment(model), self.layer, self.neuron)
+    }
+    /// The URL of a clamp sweep.
+    pub fn sweep_url(model: &str) -> String {
+        format!("/api/models/{}/sweep", segment(model))
+    }
+    /// The clamp sweep this state asks for (its prompt read as plain text), checked as the API
+    /// would before anything is sent.
+    pub fn sweep_request(&self) -> Result<SweepRequest, String> {
+        Ok(SweepRequest {
+            prompt: PromptSpec { text: self.sweep_prompt().to_owned(), chat: Some(false), messages: None },
+            layer: self.layer,
+            neuron: self.neuron,
+            target: self.target.clone(),
+            values: self.sweep_values()?,
+        })
+    }
 }
 
 /// `steps` evenly spaced values from `from` to `to` (both included), checked against the API's
@@ -426,6 +445,10 @@ impl SteerState {
         }
         Ok(clamps)
     }
+    /// The URL of a generation.
+    pub fn generate_url(model: &str) -> String {
+        format!("/api/models/{}/generate", segment(model))
+    }
     /// The API request of sample `i` (seed `seed + i`), streamed, normal and steered side by side.
     pub fn request(&self, clamps: Vec<ClampSpec>, i: usize) -> shared::GenerateRequest {
         shared::GenerateRequest {
@@ -534,6 +557,11 @@ pub struct CompareState {
 impl CompareState {
     pub fn href(&self) -> String {
         query("/compare", self)
+    }
+    /// The API URL of the comparison with `top` changed neurons; `None` until both models are chosen.
+    pub fn api_url(&self, top: usize) -> Option<String> {
+        let (a, b) = (self.a.as_deref()?, self.b.as_deref()?);
+        Some(format!("/api/compare?a={}&b={}&top={top}", segment(a), segment(b)))
     }
 }
 
@@ -674,6 +702,19 @@ mod tests {
     }
 
     #[test]
+    fn neuron_api_urls_and_sweep_requests() {
+        let s = NeuronState { target: " dog".into(), from: -1.0, to: 1.0, steps: 3, ..NeuronState::new(29, 808, None) };
+        assert_eq!(s.detail_url("a b", 10), "/api/models/a%20b/neurons/29/808?tokens=10");
+        assert_eq!(NeuronState::sweep_url("m/1"), "/api/models/m%2F1/sweep");
+        let r = s.sweep_request().unwrap();
+        assert_eq!((r.layer, r.neuron, r.target.as_str()), (29, 808, " dog"));
+        assert_eq!(r.values, vec![-1.0, 0.0, 1.0]);
+        assert_eq!(r.prompt.text, DEFAULT_SWEEP_PROMPT);
+        assert_eq!(r.prompt.chat, Some(false));
+        assert!(NeuronState { steps: 1, ..s }.sweep_request().is_err());
+    }
+
+    #[test]
     fn sweep_values_are_even_and_bounded() {
         assert_eq!(sweep_values(-1.0, 1.0, 5).unwrap(), vec![-1.0, -0.5, 0.0, 0.5, 1.0]);
         assert!(sweep_values(1.0, -1.0, 5).is_err());
@@ -743,6 +784,9 @@ mod tests {
     fn compare_and_model_links() {
         let c = CompareState { a: Some("base".into()), b: Some("instruct".into()) };
         assert_eq!(parse::<CompareState>(c.href().split_once('?').unwrap().1).unwrap(), c);
+        assert_eq!(c.api_url(30).as_deref(), Some("/api/compare?a=base&b=instruct&top=30"));
+        assert_eq!(CompareState { b: None, ..c }.api_url(30), None);
+        assert_eq!(SteerState::generate_url("a/b"), "/api/models/a%2Fb/generate");
         assert_eq!(with_model("/", "?q=+dog&model=old", "new"), "/?model=new&q=+dog");
         assert_eq!(with_model("/about", "", "a b"), "/about?model=a+b");
         assert_eq!(segment("a b/c"), "a%20b%2Fc");

@@ -460,6 +460,20 @@ async fn classes_page_and_causal_verification() {
         js(c, "document.querySelector('#verify h2').scrollIntoView()").await?;
         shot(c, "verify").await?;
 
+        // Share and copy-as-curl: copied, or (where the clipboard is refused) shown selected.
+        c.goto(&format!("{base}/neuron/29/808")).await?;
+        wait(c, "button.share", 30).await?;
+        wait(c, "#curl-neuron", 30).await?.click().await?;
+        let shown = until(10, "the curl command copied or shown", async || {
+            if !c.find_all(Locator::Css(".copied")).await?.is_empty() {
+                return Ok(Some(String::new()));
+            }
+            let v = js(c, "const e = document.querySelector('input.copy-text'); return e ? e.value : null").await?;
+            Ok(v.as_str().map(str::to_owned))
+        })
+        .await?;
+        assert!(shown.is_empty() || (shown.starts_with("curl '") && shown.contains("/api/models/")), "{shown}");
+
         // A phrase search says how the phrase tokenizes and draws its figure.
         c.goto(&format!("{base}/?q=%20Sherlock%20Holmes&phrase=1&view=down")).await?;
         wait(c, "#search-plot[data-drawn='1']", 90).await?;

@@ -11,6 +11,7 @@ use plotly::{Bar, Configuration, Layout, Plot};
 use shared::{ClassesResponse, NeuronClass, View};
 
 use crate::chart::{Chart, Click};
+use crate::share::{ApiRequest, ShareBar};
 use crate::state::{self, ClassesState, NeuronState};
 use crate::{api, show_token, status_view, use_search, Models};
 
@@ -67,9 +68,15 @@ pub fn Classes() -> impl IntoView {
         go(&|s| s.class = c.parse().unwrap_or(NeuronClass::Prediction));
     };
     let cur = move || st.get().unwrap_or_default();
+    // The classes behind the view, for "Copy as curl".
+    let api_request = Signal::derive(move || match (model.get(), st.get()) {
+        (Some(Ok(m)), Ok(s)) => Some(ApiRequest::get(s.api_url(&m, LISTED))),
+        _ => None,
+    });
 
     view! {
         <h1>"Neuron classes"</h1>
+        <ShareBar curl=api_request curl_id="curl-classes" />
         <p class="caption" id="classes-about">
             "Following Gurnee et al. 2024, “Universal Neurons in GPT2 Language Models”: each neuron's direction is decoded through "
             "the unembedding (W" <sub>"U"</sub> "·w, one logit per vocabulary token) and the moments of those logits over the whole "

@@ -11,8 +11,12 @@ use plotly::{Bar, Configuration, Layout, Plot};
 use shared::{CompareResponse, ModelSummary};
 
 use crate::chart::Chart;
+use crate::share::{ApiRequest, ShareBar};
 use crate::state::{self, CompareState, NeuronState};
 use crate::{api, show_token, status_view, use_search, Models};
+
+/// Neurons listed as changed most.
+const CHANGED: usize = 30;
 
 fn share_plot(r: &CompareResponse) -> Plot {
     let bar = Bar::new(r.layers.iter().map(|l| l.layer).collect::<Vec<_>>(), r.layers.iter().map(|l| 100.0 * l.share).collect::<Vec<_>>())
@@ -43,12 +47,13 @@ pub fn Compare() -> impl IntoView {
                 Err(e) => return Some(Err(e)),
                 Ok(s) => s,
             };
-            let (Some(a), Some(b)) = (s.a, s.b) else { return None };
-            let url = format!("/api/compare?a={}&b={}&top=30", state::segment(&a), state::segment(&b));
+            let url = s.api_url(CHANGED)?;
             // Waits (with the spinner) while the server builds either model's map.
             Some(api::get_waiting::<CompareResponse>(&url, |_| {}).await)
         }
     });
+    // The comparison behind the view, for "Copy as curl": once both models are chosen.
+    let api_request = Signal::derive(move || st.get().ok()?.api_url(CHANGED).map(ApiRequest::get));
     let navigate = use_navigate();
     let pick = move |which: char, ev: leptos::ev::Event| {
         let id = event_target_value(&ev);
@@ -74,6 +79,7 @@ pub fn Compare() -> impl IntoView {
     };
     view! {
         <h1>"Compare two models"</h1>
+        <ShareBar curl=api_request curl_id="curl-compare" />
         <p class="caption">
             "For two models of the same shape, the share of neurons whose top token (up view) is the same in both, per layer, "
             "and the neurons whose up rows changed most."

@@ -9,9 +9,10 @@ use plotly::common::{Line, Marker, Mode, Orientation};
 use plotly::configuration::DisplayModeBar;
 use plotly::layout::{Axis, AxisType, Margin, Shape, ShapeLine, ShapeType};
 use plotly::{Bar, Configuration, Layout, Plot, Scatter};
-use shared::{NeuronDetail, Polarity, PromptSpec, SweepRequest, SweepResponse, ViewTokens};
+use shared::{NeuronDetail, Polarity, SweepResponse, ViewTokens};
 
 use crate::chart::Chart;
+use crate::share::{ApiRequest, CurlButton, ShareBar};
 use crate::state::{self, ClassesState, NeuronState, SearchState, SteerState};
 use crate::{api, show_token, status_view, use_search, Models};
 
@@ -41,15 +42,20 @@ pub fn Neuron() -> impl IntoView {
                 (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
                 (Ok(m), Ok(s)) => (m, s),
             };
-            let url = format!("/api/models/{}/neurons/{}/{}?tokens={TOKENS}", state::segment(&m.id), s.layer, s.neuron);
-            Some(api::get::<NeuronDetail>(&url).await.map(|d| (m.id, d)))
+            Some(api::get::<NeuronDetail>(&s.detail_url(&m.id, TOKENS)).await.map(|d| (m.id, d)))
         }
+    });
+    // The neuron's detail, for "Copy as curl".
+    let api_request = Signal::derive(move || match (model.get(), st.get()) {
+        (Some(Ok(m)), Ok(s)) => Some(ApiRequest::get(s.detail_url(&m.id, TOKENS))),
+        _ => None,
     });
     view! {
         {move || match st.get() {
             Ok(s) => view! { <h1>{format!("Neuron {}:{}", s.layer, s.neuron)}</h1> }.into_any(),
             Err(_) => view! { <h1>"Neuron"</h1> }.into_any(),
         }}
+        <ShareBar curl=api_request curl_id="curl-neuron" />
         {move || status_view(detail.get().flatten(), "Decoding the neuron…", |(m, d)| view! { <Detail model=m d=d /> })}
         {move || st.get().ok().zip(model.get().and_then(|m| m.ok())).map(|(s, m)| view! { <SweepPanel s=s model=m.id /> })}
     }
@@ -229,6 +235,10 @@ fn sweep_plot(r: &SweepResponse, log: bool) -> Plot {
 #[component]
 fn SweepPanel(s: NeuronState, model: String) -> impl IntoView {
     let navigate = use_navigate();
+    // The sweep's API request: none without a target; an error for settings the API refuses.
+    let url = NeuronState::sweep_url(&model);
+    let request = (!s.target.is_empty()).then(|| s.sweep_request());
+    let api_request = Signal::stored(request.clone().and_then(|r| r.ok()).map(|r| ApiRequest::post(url.clone(), &r)));
     let target = RwSignal::new(s.target.clone());
     let prompt = RwSignal::new(s.sweep_prompt().to_owned());
     let from = RwSignal::new(s.from.to_string());
@@ -271,30 +281,15 @@ fn SweepPanel(s: NeuronState, model: String) -> impl IntoView {
         navigate(&n.href(), leptos_router::NavigateOptions { scroll: false, ..Default::default() });
     };
     let log = s.log;
-    let sweep = {
-        let s = s.clone();
-        LocalResource::new(move || {
-            let s = s.clone();
-            let model = s.model.clone().unwrap_or_default();
-            async move {
-                if s.target.is_empty() {
-                    return None;
-                }
-                let values = match s.sweep_values() {
-                    Ok(v) => v,
-                    Err(e) => return Some(Err(e)),
-                };
-                let req = SweepRequest {
-                    prompt: PromptSpec { text: s.sweep_prompt().to_owned(), chat: Some(false), messages: None },
-                    layer: s.layer,
-                    neuron: s.neuron,
-                    target: s.target.clone(),
-                    values,
-                };
-                Some(api::post::<_, SweepResponse>(&format!("/api/models/{}/sweep", state::segment(&model)), &req).await)
+    let sweep = LocalResource::new(move || {
+        let (url, request) = (url.clone(), request.clone());
+        async move {
+            match request? {
+                Ok(req) => Some(api::post::<_, SweepResponse>(&url, &req).await),
+                Err(e) => Some(Err(e)),
             }
-        })
-    };
+        }
+    });
     view! {
         <section id="sweep">
             <h2>"Clamp sweep"</h2>
@@ -312,6 +307,7 @@ fn SweepPanel(s: NeuronState, model: String) -> impl IntoView {
             </form>
             {move || form_error.get().map(|e| view! { <p class="error" role="alert">{e}</p> })}
             <label class="check"><input id="sweep-log" type="checkbox" prop:checked=log on:change=toggle_log />"log scale"</label>
+            <div class="share-bar"><CurlButton request=api_request id="curl-sweep" /></div>
             {move || match sweep.get().flatten() {
                 None if s.target.is_empty() => view! { <p class="hint">"Pick a target token and press Run sweep."</p> }.into_any(),
                 r => status_view(r, "Running the sweep…", move |r: SweepResponse| {

@@ -15,6 +15,7 @@ use plotly::{Configuration, Layout, Plot, Scatter};
 use shared::{limits, ClampSpec, Polarity, SearchResponse, SweepPoint, TokenizeResponse, VerifyResponse, View};
 
 use crate::chart::{Chart, Click};
+use crate::share::{self, ApiRequest, CurlButton, ShareBar};
 use crate::state::{self, NeuronState, PolarityChoice, SearchState};
 use crate::{api, show_token, status_view, use_search, Models};
 
@@ -101,9 +102,15 @@ pub fn Search() -> impl IntoView {
         });
     };
     let cur = move || st.get().unwrap_or_default();
+    // The map search behind the results, for "Copy as curl".
+    let api_request = Signal::derive(move || match (model.get(), query.get()) {
+        (Some(Ok(m)), Ok(s)) if !s.tokens().is_empty() => Some(ApiRequest::get(s.api_url(&m, MARKED))),
+        _ => None,
+    });
 
     view! {
         <h1>"Concept search"</h1>
+        <ShareBar curl=api_request curl_id="curl-search" />
         <form class="search" on:submit=submit>
             <label class="grow">
                 {move || {
@@ -375,6 +382,13 @@ fn VerifyPanel(model: String, st: Memo<Result<SearchState, String>>) -> impl Int
     let running = RwSignal::new(None::<usize>);
     let building = RwSignal::new(None::<(String, u8)>);
     let result = RwSignal::new(None::<Result<Verified, String>>);
+    // The verification the form would send now, for "Copy as curl".
+    let cm = model.clone();
+    let api_request = Signal::derive(move || {
+        let mut s = st.get().ok()?;
+        s.vp = prompt.get();
+        share::verify_request(&s, &cm).ok()
+    });
     let m = model.clone();
     let run = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
@@ -427,6 +441,7 @@ fn VerifyPanel(model: String, st: Memo<Result<SearchState, String>>) -> impl Int
                         on:input=move |ev| prompt.set(event_target_value(&ev)) />
                 </label>
                 <button type="submit" id="verify-button" disabled=move || running.get().is_some()>"Verify causally"</button>
+                <CurlButton request=api_request id="curl-verify" />
             </form>
             {move || match (running.get(), building.get()) {
                 (Some(_), Some((message, percent))) => Some(view! {

@@ -7,6 +7,7 @@ use leptos::prelude::*;
 use leptos_router::hooks::use_navigate;
 use shared::{limits, ApiError, ClampSpec, GenerateResponse, TokenEvent, Variant};
 
+use crate::share::{self, CurlButton, ShareBar};
 use crate::state::{self, SteerState, MAX_SAMPLES};
 use crate::{api, use_search, Models};
 
@@ -107,7 +108,7 @@ pub fn Steer() -> impl IntoView {
         abort.set_value(Some(ctrl));
         samples.set((0..s.n).map(|i| Sample { seed: s.seed.wrapping_add(i as u64), ..Default::default() }).collect());
         running.set(true);
-        let url = format!("/api/models/{}/generate", state::segment(&m.id));
+        let url = SteerState::generate_url(&m.id);
         leptos::task::spawn_local(async move {
             for i in 0..s.n {
                 let req = s.request(clamps.clone(), i);
@@ -187,6 +188,23 @@ pub fn Steer() -> impl IntoView {
         }
         Err(e) => form_error.set(Some(e)),
     };
+    // The form's generation as it stands, for "Copy as curl": shown once the form is a request.
+    let api_request = Signal::derive(move || {
+        let mut s = draft.get();
+        let clamps = rows.with(|rows| {
+            rows.iter()
+                .map(|r| {
+                    r.layer.track();
+                    r.neuron.track();
+                    r.value.track();
+                    r.clamp()
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        s.set_clamps(&clamps.ok()?);
+        let m = model.get()?.ok()?;
+        share::generate_request(&s, &m.id).ok()
+    });
     let go2 = go.clone();
     let submit = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
@@ -217,6 +235,7 @@ pub fn Steer() -> impl IntoView {
     view! {
         <h1>"Steer"</h1>
         <p class="caption">"The same prompt, answered normally and with neurons clamped, side by side with the same seed."</p>
+        <ShareBar />
         <form class="steer" novalidate=true on:submit=submit>
             <label class="wide">
                 "Prompt"
@@ -262,6 +281,7 @@ pub fn Steer() -> impl IntoView {
             <div class="buttons">
                 <button type="submit" id="generate">"Generate"</button>
                 <button type="button" id="regenerate" on:click=regenerate>"Regenerate both (new seed)"</button>
+                <CurlButton request=api_request id="curl-generate" title=share::GENERATE_CURL_TITLE />
                 {move || running.get().then(|| view! { <button type="button" id="stop" class="secondary" on:click=move |_| stop()>"Stop"</button> })}
             </div>
             {move || form_error.get().map(|e| view! { <p class="error" role="alert">{e}</p> })}
