@@ -47,6 +47,7 @@ fn warm_fixture(config: ServerConfig) -> Fixture {
             m.engine.map(view, false, &|_, _| {}).unwrap();
         }
     }
+    f.state.assets.build(&f.state.config.dist);
     f
 }
 

@@ -483,3 +483,50 @@ async fn classes_page_and_causal_verification() {
     })
     .await;
 }
+
+/// A cold first load of each page, each in a fresh browser profile: bytes transferred (the
+/// document and every resource, compressed as sent) and the time until its first chart is drawn.
+/// Printed for the README (`cargo test --release -p flash-interp-e2e --test browser first_load --
+/// --nocapture`); the one assertion is the size budget, never a time.
+#[actix_web::test]
+async fn first_load_bytes_and_time_to_first_chart() {
+    for (name, path, chart) in [
+        ("search", "/?q=%20dog", "#search-plot[data-drawn='1']"),
+        ("neuron", "/neuron/29/808", ".tokens-chart .chart[data-drawn='1']"),
+        ("classes", "/classes", "#classes-chart[data-drawn='1']"),
+    ] {
+        run(&format!("first-load-{name}"), async |c, base| {
+            // Wait until every map is built (a JSON page: nothing of the app is cached by it),
+            // so the figure is about the load, not a map build.
+            until(300, "the server ready", async || {
+                c.goto(&format!("{base}/readyz")).await?;
+                let body = js(c, "return document.body.innerText").await?;
+                Ok(body.as_str().is_some_and(|b| b.contains("\"ready\":true")).then_some(()))
+            })
+            .await?;
+            c.goto(&format!("{base}{path}")).await?;
+            wait(c, chart, 120).await?;
+            let m = js(
+                c,
+                "const nav = performance.getEntriesByType('navigation')[0];
+                 const res = performance.getEntriesByType('resource');
+                 const bytes = nav.transferSize + res.reduce((s, r) => s + (r.transferSize || 0), 0);
+                 const each = res.map(r => r.name.replace(location.origin, '') + ' ' + r.transferSize).join(', ');
+                 return { bytes, ms: Math.round(performance.now()), resources: res.length, each };",
+            )
+            .await?;
+            let bytes = m["bytes"].as_f64().unwrap_or(0.0);
+            eprintln!(
+                "first load of {name}: {:.0} KB transferred in {} resources, first chart drawn by {} ms",
+                bytes / 1024.0,
+                m["resources"],
+                m["ms"]
+            );
+            eprintln!("  {}", m["each"].as_str().unwrap_or_default());
+            assert!(bytes > 100.0 * 1024.0, "the browser reported too little transfer for {name}: {bytes}");
+            assert!(bytes <= 800.0 * 1024.0, "{name}: {bytes} bytes on a cold load, over the 800 KB budget");
+            Ok(())
+        })
+        .await;
+    }
+}

@@ -19,6 +19,8 @@ pub struct Asset {
 #[derive(Default)]
 pub struct Assets {
     files: RwLock<HashMap<String, Arc<Asset>>>,
+    /// Every file is compressed (part of the server's readiness).
+    done: std::sync::atomic::AtomicBool,
 }
 
 /// Files worth compressing: text and WASM over 1 KiB (images and tiny files gain nothing).
@@ -28,6 +30,11 @@ fn worth(path: &Path) -> bool {
 }
 
 impl Assets {
+    /// Whether [`Assets::build`] has finished.
+    pub fn ready(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The compressed forms of `rel` (a path inside `dist/`), if ready.
     pub fn get(&self, rel: &str) -> Option<Arc<Asset>> {
         self.files.read().unwrap_or_else(|e| e.into_inner()).get(rel).cloned()
@@ -57,6 +64,7 @@ impl Assets {
                 Err(e) => tracing::warn!("could not precompress {}: {e}", p.display()),
             }
         }
+        self.done.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -98,7 +98,8 @@ async fn observe(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<Se
 }
 
 /// Readiness for a load balancer or an orchestrator: 200 once every view's map of every model is
-/// built (searches answer at once), else 503 listing what is still being built, with progress.
+/// built (searches answer at once) and the web app's files are compressed, else 503 listing what
+/// is still being built, with progress.
 async fn readyz(state: Data<AppState>) -> HttpResponse {
     let final_norm = state.config.final_norm;
     let models: Vec<serde_json::Value> = state
@@ -118,8 +119,9 @@ async fn readyz(state: Data<AppState>) -> HttpResponse {
             serde_json::json!({ "id": m.id, "maps_ready": ready, "maps_pending": pending, "progress": progress })
         })
         .collect();
-    let ready = models.iter().all(|m| m["maps_pending"].as_array().is_some_and(|p| p.is_empty()));
-    let body = serde_json::json!({ "ready": ready, "models": models });
+    let assets = state.assets.ready();
+    let ready = assets && models.iter().all(|m| m["maps_pending"].as_array().is_some_and(|p| p.is_empty()));
+    let body = serde_json::json!({ "ready": ready, "assets_compressed": assets, "models": models });
     if ready {
         HttpResponse::Ok().json(body)
     } else {
