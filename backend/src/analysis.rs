@@ -362,6 +362,15 @@ pub struct ConceptIds {
 }
 
 impl ConceptIds {
+    /// Positions scored: a phrase's tokens one after the other, or one for alternatives.
+    pub fn steps(&self) -> usize {
+        if self.phrase {
+            self.ids.len()
+        } else {
+            1
+        }
+    }
+
     /// Resolve a [`Concept`]: alternatives must each be one token; a phrase is tokenized as written.
     pub fn resolve(engine: &Engine, c: &Concept) -> Result<Self> {
         match c {
@@ -429,11 +438,11 @@ impl VerifyPlan {
         let context = engine.config().max_seq_len;
         for p in &plan.prompts {
             crate::limits::check_prompt_tokens(p.len(), 0, context)?;
-            if p.len() + plan.concept_steps() > context {
+            if p.len() + plan.concept.steps() > context {
                 return Err(Error::TooLarge(format!(
                     "a prompt of {} tokens and the phrase's {} exceed the model's context of {context} tokens",
                     p.len(),
-                    plan.concept_steps()
+                    plan.concept.steps()
                 )));
             }
         }
@@ -444,15 +453,7 @@ impl VerifyPlan {
     /// candidates are only known once the maps are searched).
     pub fn cost(&self, engine: &Engine) -> f64 {
         let rows = 1 + self.candidates * self.values;
-        self.prompts.iter().map(|p| engine.concept_cost(p.len(), self.concept_steps(), rows, 0)).sum()
-    }
-
-    fn concept_steps(&self) -> usize {
-        if self.concept.phrase {
-            self.concept.ids.len()
-        } else {
-            1
-        }
+        self.prompts.iter().map(|p| engine.concept_cost(p.len(), self.concept.steps(), rows, 0)).sum()
     }
 }
 

@@ -65,7 +65,8 @@ pub fn bars_png(title: &str, subtitle: &str, bars: &[(String, f32)]) -> Result<V
     Ok(out)
 }
 
-fn shorten(s: &str, n: usize) -> String {
+/// `s`, or its first `n - 1` characters and an ellipsis when it is longer than `n`.
+pub(crate) fn shorten(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_owned()
     } else {

@@ -491,7 +491,7 @@ impl Engine {
         if target.is_empty() || target.iter().any(|&t| t as usize >= self.config().vocab_size) {
             return Err(Error::bad("the concept's tokens must be in the vocabulary"));
         }
-        let steps = if concept.phrase { target.len() } else { 1 };
+        let steps = concept.steps();
         limits::check_prompt_tokens(ids.len(), steps, self.config().max_seq_len)?;
         let chunk = self.sweep_chunk(ids.len() + steps, rows.len());
         let dev = self.model.device();

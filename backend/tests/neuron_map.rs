@@ -46,6 +46,16 @@ fn lse(v: &[f64]) -> f64 {
     m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
 }
 
+/// The paper's normalised probability p(t) / mean(top-100 p) of every token, with a full
+/// softmax of the logits times `sign` (the polarity).
+fn brute_normalised(logits: &[f64], sign: f64) -> Vec<f64> {
+    let v: Vec<f64> = logits.iter().map(|x| sign * x).collect();
+    let z = lse(&v);
+    let probs: Vec<f64> = v.iter().map(|x| (x - z).exp()).collect();
+    let mean_top: f64 = sorted_desc(&probs)[..100].iter().map(|&j| probs[j]).sum::<f64>() / 100.0;
+    probs.iter().map(|p| p / mean_top).collect()
+}
+
 fn sorted_desc(v: &[f64]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
     idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
@@ -91,12 +101,8 @@ fn search_scores_are_the_normalised_probability() {
     for (i, logits) in brute_logits(&t.engine, View::Up, false).iter().enumerate() {
         for (p, got) in [(1.0, r.pos[i]), (-1.0, r.neg[i])] {
             // p(t) / mean(top-100 p) with a full softmax, summed over the tokens.
-            let v: Vec<f64> = logits.iter().map(|x| p * x).collect();
-            let z = lse(&v);
-            let probs: Vec<f64> = v.iter().map(|x| (x - z).exp()).collect();
-            let order = sorted_desc(&probs);
-            let mean_top: f64 = order[..100].iter().map(|&j| probs[j]).sum::<f64>() / 100.0;
-            let want: f64 = tokens.iter().map(|&t| probs[t as usize] / mean_top).sum();
+            let norm = brute_normalised(logits, p);
+            let want: f64 = tokens.iter().map(|&t| norm[t as usize]).sum();
             assert!((got as f64 - want).abs() < 1e-4 * want.max(1.0), "neuron {i} sign {p}: {got} vs {want}");
         }
     }
@@ -357,12 +363,8 @@ fn phrase_search_is_the_geometric_mean_and_needs_every_token() {
     let r = analysis::search_phrase(&t.engine, &m, &[a, b], 5, None).unwrap();
     for (i, logits) in brute_logits(&t.engine, View::Up, false).iter().enumerate() {
         for (p, got) in [(1.0, r.pos[i]), (-1.0, r.neg[i])] {
-            let v: Vec<f64> = logits.iter().map(|x| p * x).collect();
-            let z = lse(&v);
-            let probs: Vec<f64> = v.iter().map(|x| (x - z).exp()).collect();
-            let order = sorted_desc(&probs);
-            let mean_top: f64 = order[..100].iter().map(|&j| probs[j]).sum::<f64>() / 100.0;
-            let want = (probs[a as usize] / mean_top * probs[b as usize] / mean_top).sqrt();
+            let norm = brute_normalised(logits, p);
+            let want = (norm[a as usize] * norm[b as usize]).sqrt();
             assert!((got as f64 / want - 1.0).abs() < 1e-3, "neuron {i} sign {p}: {got} vs {want}");
         }
     }

@@ -92,6 +92,16 @@ impl NeuronMap {
         let t = self.table(p);
         (&t.ids[i * k..(i + 1) * k], &t.probs[i * k..(i + 1) * k])
     }
+    /// The polarity whose decoding of one neuron is the more peaked (the larger top probability):
+    /// what the neuron is about, when one polarity must be shown.
+    pub fn peaked_polarity(&self, layer: usize, neuron: usize) -> Polarity {
+        let (pos, neg) = (self.top(Polarity::Pos, layer, neuron).1, self.top(Polarity::Neg, layer, neuron).1);
+        if pos.first() >= neg.first() {
+            Polarity::Pos
+        } else {
+            Polarity::Neg
+        }
+    }
     /// log(mean of the top-100 probabilities) of one neuron.
     pub fn log_mean_top(&self, p: Polarity, i: usize) -> f32 {
         let t = self.table(p);

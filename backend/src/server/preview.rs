@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use shared::{Polarity, View};
+use shared::View;
 
 use super::AppState;
 
@@ -36,9 +36,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
                     return None;
                 }
                 let map = m.engine.map_if_ready(View::Up, state.config.final_norm)?;
-                // The polarity whose decoding is the more peaked: what the neuron is about.
-                let (pos, neg) = (map.top(Polarity::Pos, layer, neuron), map.top(Polarity::Neg, layer, neuron));
-                let ids = if pos.1.first() >= neg.1.first() { pos.0 } else { neg.0 };
+                let ids = map.top(map.peaked_polarity(layer, neuron), layer, neuron).0;
                 // Five distinct words (" dog" and "dog" read the same in a title).
                 let mut words: Vec<String> = Vec::new();
                 for w in ids.iter().map(|&t| m.engine.tok.token_text(t).trim().to_owned()) {
@@ -83,7 +81,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
                 description: if prompt.is_empty() {
                     format!("Normal and steered answers of {model} side by side, with MLP neurons clamped.")
                 } else {
-                    format!("“{}”: the normal and the steered answer of {model} side by side, with MLP neurons clamped.", shorten(&prompt, 120))
+                    format!("“{}”: the normal and the steered answer of {model} side by side, with MLP neurons clamped.", crate::card::shorten(&prompt, 121))
                 },
             }
         }
@@ -99,14 +97,6 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
 
 fn default() -> Preview {
     Preview { title: "Flash Interp".into(), description: DEFAULT_DESCRIPTION.into(), image: None }
-}
-
-fn shorten(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_owned()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
-    }
 }
 
 /// Escape text for an HTML attribute or element.

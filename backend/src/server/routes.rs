@@ -378,8 +378,8 @@ async fn neuron_card(req: HttpRequest, state: Data<AppState>, path: Path<(String
     let engine = m.engine.clone();
     let png = blocking(move || {
         let i = map.index(layer, index);
-        let (pos, neg) = (map.top(Polarity::Pos, layer, index), map.top(Polarity::Neg, layer, index));
-        let (polarity, ids, probs) = if pos.1.first() >= neg.1.first() { (Polarity::Pos, pos.0, pos.1) } else { (Polarity::Neg, neg.0, neg.1) };
+        let polarity = map.peaked_polarity(layer, index);
+        let (ids, probs) = map.top(polarity, layer, index);
         let mean_top = map.log_mean_top(polarity, i);
         let bars: Vec<(String, f32)> = ids.iter().zip(probs).take(10).map(|(&t, &p)| (engine.tok.token_text(t), (p.ln() - mean_top).exp())).collect();
         let pol = if polarity == Polarity::Pos { "pos" } else { "neg" };
