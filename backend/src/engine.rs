@@ -11,7 +11,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use shared::limits::MAX_CLAMPS;
 use shared::{
     ClampSpec, Completion, GenerateRequest, GenerateResponse, NextTokenRequest, NextTokenResponse, PromptSpec, SamplingParams, StopReason,
-    SweepPoint, SweepRequest, SweepResponse, TokenProb, Variant, View,
+    SweepPoint, SweepRequest, SweepResponse, TokenProb, TokenStep, Variant, View,
 };
 
 use crate::cancel::Cancel;
@@ -83,6 +83,8 @@ pub enum MapOrigin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenOutput {
     pub tokens: Vec<u32>,
+    /// One per token of `tokens`.
+    pub steps: Vec<TokenStep>,
     pub text: String,
     pub stop: StopReason,
     pub tokens_per_second: f64,
@@ -357,8 +359,8 @@ impl Engine {
 
     /// Generate from `ids`, once per intervention in `variants` (one: a plain or steered answer;
     /// two: normal and steered side by side). Every variant samples with the same seed.
-    /// `on_text(variant_index, new_text)` streams text as it is produced; returning `false`
-    /// cancels. `use_cache = false` recomputes the whole sequence at each step (a check of the
+    /// `on_text(variant_index, new_text, steps)` streams text as it is produced, with the tokens
+    /// it comes from (see [`TokenStep`]); returning `false` cancels. `use_cache = false` recomputes the whole sequence at each step (a check of the
     /// KV cache; same output).
     pub fn generate(
         &self,
@@ -367,7 +369,7 @@ impl Engine {
         params: &SamplingParams,
         use_cache: bool,
         cancel: &Cancel,
-        on_text: &mut dyn FnMut(usize, &str) -> bool,
+        on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
     ) -> Result<Vec<GenOutput>> {
         limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
         limits::check_prompt_tokens(ids.len(), params.max_new_tokens, self.config().max_seq_len)?;
@@ -384,6 +386,9 @@ impl Engine {
         let mut cache = Cache::with_cancel(self.config(), cancel.clone());
         let mut logits = self.model.forward(&self.input(ids)?, &mut cache, variants, &[])?.logits;
         let mut gen: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut steps: Vec<Vec<TokenStep>> = vec![Vec::new(); n];
+        // Steps whose text has not been sent yet (a character still incomplete).
+        let mut unsent: Vec<usize> = vec![0; n];
         // Sequences fed to the model; a finished row keeps being fed its last token (ignored).
         let mut seqs: Vec<Vec<u32>> = vec![ids.to_vec(); n];
         let mut stop: Vec<Option<StopReason>> = vec![None; n];
@@ -397,20 +402,26 @@ impl Engine {
                     next.push(*seqs[r].last().unwrap_or(&0));
                     continue;
                 }
-                let tok = samplers[r].sample(&logits.i(r)?.to_vec1::<f32>()?)?;
+                let row = logits.i(r)?.to_vec1::<f32>()?;
+                let tok = samplers[r].sample(&row)?;
                 next.push(tok);
                 if eos.contains(&tok) {
                     stop[r] = Some(StopReason::Eos);
                     continue;
                 }
                 gen[r].push(tok);
+                steps[r].push(self.step(&row, tok));
                 texts[r] = self.tok.decode(&gen[r])?;
                 let text = &texts[r];
                 // Hold back a partial UTF-8 character until its last byte arrives.
                 if !text.ends_with('\u{FFFD}') && text.len() > emitted[r] && text.is_char_boundary(emitted[r]) {
                     let delta = &text[emitted[r]..];
                     emitted[r] = text.len();
-                    if !on_text(r, delta) {
+                    if let Some(last) = steps[r].last_mut() {
+                        last.text = delta.to_owned();
+                    }
+                    let sent = std::mem::replace(&mut unsent[r], steps[r].len());
+                    if !on_text(r, delta, &steps[r][sent..]) {
                         stop.iter_mut().for_each(|s| *s = s.or(Some(StopReason::Cancelled)));
                         break;
                     }
@@ -439,18 +450,37 @@ impl Engine {
         // streamed text always adds up to the returned text.
         for r in 0..n {
             if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > emitted[r] && texts[r].is_char_boundary(emitted[r]) {
-                on_text(r, &texts[r][emitted[r]..]);
+                let tail = &texts[r][emitted[r]..];
+                if let Some(last) = steps[r].last_mut() {
+                    last.text.push_str(tail);
+                }
+                on_text(r, tail, &steps[r][unsent[r]..]);
             }
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         Ok((0..n)
             .map(|r| GenOutput {
                 tokens: gen[r].clone(),
+                steps: std::mem::take(&mut steps[r]),
                 text: texts[r].clone(),
                 stop: stop[r].unwrap_or(StopReason::Length),
                 tokens_per_second: gen[r].len() as f64 / secs,
             })
             .collect())
+    }
+
+    /// What the hover of a generated token shows: its probability under the model (temperature
+    /// 1, in f64 relative to the largest logit) and the most likely tokens at its position.
+    /// `text` is filled in by the caller once the token's characters are complete.
+    fn step(&self, logits: &[f32], id: u32) -> TokenStep {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        let prob = |i: usize| ((logits[i] as f64 - max).exp() / sum) as f32;
+        let top = top_indices(logits, shared::STEP_TOP)
+            .into_iter()
+            .map(|i| TokenProb { id: i as u32, text: self.tok.token_text(i as u32), prob: prob(i), logit: logits[i] })
+            .collect();
+        TokenStep { id, token: self.tok.token_text(id), text: String::new(), prob: prob(id as usize), top }
     }
 
     /// p(`target` as the next token after `ids`) with neuron (`layer`, `neuron`) clamped to each
@@ -632,10 +662,10 @@ impl Engine {
         &self,
         req: &GenerateRequest,
         cancel: &Cancel,
-        on_text: &mut dyn FnMut(Variant, &str) -> bool,
+        on_text: &mut dyn FnMut(Variant, &str, &[TokenStep]) -> bool,
     ) -> Result<GenerateResponse> {
         let (ids, variants, kinds) = self.prepare_generate(req)?;
-        let outs = self.generate(&ids, &variants, &req.sampling, true, cancel, &mut |r, t| on_text(kinds[r], t))?;
+        let outs = self.generate(&ids, &variants, &req.sampling, true, cancel, &mut |r, t, s| on_text(kinds[r], t, s))?;
         Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, &kinds) })
     }
 
@@ -664,7 +694,14 @@ impl Engine {
     fn completions(outs: Vec<GenOutput>, kinds: &[Variant]) -> Vec<Completion> {
         outs.into_iter()
             .zip(kinds)
-            .map(|(o, &variant)| Completion { variant, text: o.text, token_ids: o.tokens, stop: o.stop, tokens_per_second: o.tokens_per_second })
+            .map(|(o, &variant)| Completion {
+                variant,
+                text: o.text,
+                token_ids: o.tokens,
+                steps: o.steps,
+                stop: o.stop,
+                tokens_per_second: o.tokens_per_second,
+            })
             .collect()
     }
 }

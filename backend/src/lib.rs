@@ -11,6 +11,7 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod gallery;
 pub mod limits;
 pub mod map;
 pub mod model;

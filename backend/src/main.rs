@@ -79,6 +79,9 @@ enum Cmd {
     /// Causal verification: clamp the map's top candidates for a concept and rank them by how much
     /// they raise its probability after the prompts.
     Verify(VerifyArgs),
+    /// The home page's gallery: rerun each curated example of this model (its sweep and its steered
+    /// samples) and check that it still works and still matches its stored figures.
+    Gallery(GalleryArgs),
     /// Base vs instruct: share of neurons whose top token survived, per layer, and the neurons that changed most.
     CompareModels(CompareArgs),
     /// Time the neuron map against numpy and PyTorch peers on the same weights, and search latency.
@@ -146,6 +149,21 @@ struct SearchArgs {
     /// How many top neurons to list.
     #[arg(long, default_value_t = 10)]
     top: usize,
+}
+
+#[derive(Args)]
+struct GalleryArgs {
+    /// The gallery file (default: the one compiled in; with --write, backend/assets/gallery.json
+    /// of this source tree).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Store the fresh figures in the file (still failing if an example no longer works).
+    #[arg(long)]
+    write: bool,
+    /// With --write: first add the examples of this JSON list to the model's entry (an example
+    /// with the same title is replaced).
+    #[arg(long, requires = "write")]
+    add: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -505,6 +523,7 @@ fn run(cli: &Cli) -> Result<()> {
             println!("similar: {}", sim.join(", "));
             Ok(())
         }
+        Cmd::Gallery(a) => gallery(cli, a),
         Cmd::Classes(a) => {
             let engine = load(cli)?;
             let (map, _) = map_with_progress(&engine, a.view, a.final_norm)?;
@@ -675,7 +694,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
         );
         pb
     });
-    let resp = engine.generate_request(&req, &Cancel::default(), &mut |variant, text| {
+    let resp = engine.generate_request(&req, &Cancel::default(), &mut |variant, text, _| {
         if stream {
             print!("{text}");
             let _ = std::io::stdout().flush();
@@ -699,6 +718,80 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
     let c = &resp.completions;
     print_side_by_side("normal", &c[0].text, &format!("steered ({})", clamps.join(" ")), &c[1].text);
     Ok(())
+}
+
+fn gallery(cli: &Cli, a: &GalleryArgs) -> Result<()> {
+    use flash_interp::gallery::{self, Gallery};
+    let engine = load(cli)?;
+    let path = a.file.clone().or_else(|| a.write.then(gallery::stored_path));
+    let mut g = match &path {
+        Some(p) => Gallery::parse(&std::fs::read_to_string(p)?)?,
+        None => Gallery::stored(),
+    };
+    if let Some(add) = &a.add {
+        let new: Vec<shared::GalleryExample> = serde_json::from_str(&std::fs::read_to_string(add)?).with_context(|| format!("{}", add.display()))?;
+        let entry = g.entry_mut(&engine)?;
+        for ex in new {
+            entry.examples.retain(|x| x.title != ex.title);
+            entry.examples.push(ex);
+        }
+    }
+    let examples = g.for_engine(&engine)?;
+    if examples.is_empty() {
+        bail!("the gallery has no examples for {} ({} weights, fingerprint {})", engine.info.name, engine.weights_desc(), engine.fingerprint()?);
+    }
+    let mut fresh = Vec::new();
+    let mut failed = Vec::new();
+    for ex in &examples {
+        let pb = ProgressBar::new(ex.samples as u64);
+        pb.set_style(ProgressStyle::with_template("{spinner} {msg} {bar:30} {pos}/{len} samples ({elapsed})").expect("valid template"));
+        pb.set_message(ex.title.clone());
+        let m = gallery::measure(&engine, ex, &Cancel::default(), &mut |done, _| pb.set_position(done as u64))?;
+        pb.finish_and_clear();
+        let stored = if a.write { None } else { ex.measured.as_ref() };
+        let verdict = gallery::check(ex, &m, stored);
+        if verdict.is_err() {
+            failed.push(ex.title.clone());
+        }
+        if cli.json {
+            fresh.push(m);
+            continue;
+        }
+        println!("{} ({}:{} = {} on {:?})", ex.title, ex.layer, ex.neuron, ex.clamp, ex.prompt);
+        let was = |f: &dyn Fn(&shared::GalleryMeasured) -> String| ex.measured.as_ref().map(|s| format!("  (stored {})", f(s))).unwrap_or_default();
+        println!("  p({:?}) {:.4} → {:.4}{}", ex.target, m.p_normal, m.p_clamped, was(&|s| format!("{:.4} → {:.4}", s.p_normal, s.p_clamped)));
+        println!(
+            "  \"{}\" in {} of {n} normal answers, {} of {n} steered{}",
+            ex.word,
+            m.normal_mentions,
+            m.steered_mentions,
+            was(&|s| format!("{} / {}", s.normal_mentions, s.steered_mentions)),
+            n = ex.samples
+        );
+        println!("  steered: {:?}", m.steered_answer);
+        match &verdict {
+            Ok(()) => println!("  ok"),
+            Err(e) => println!("  FAILS: {e}"),
+        }
+        fresh.push(m);
+    }
+    if cli.json {
+        print_json(&fresh)?;
+    }
+    if a.write {
+        let entry = g.entry_mut(&engine)?;
+        for (ex, m) in entry.examples.iter_mut().zip(fresh) {
+            ex.measured = Some(m);
+        }
+        let p = path.unwrap_or_else(gallery::stored_path);
+        std::fs::write(&p, serde_json::to_string_pretty(&g)? + "\n")?;
+        println!("wrote {}", p.display());
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} gallery example(s) no longer work as stored: {}", failed.len(), failed.join(", "))
+    }
 }
 
 fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {

@@ -75,13 +75,18 @@ async fn models_tokens_and_meta_endpoints() {
     assert!(t.suggestions.iter().any(|s| s.text == " the") && t.suggestions.iter().all(|s| s.text.trim_start().starts_with("th")));
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/nope/tokens?q=a").to_request()).await;
     assert_eq!(error_of(resp).await.1.code, "unknown_model");
+    // A random model has no curated gallery; an unknown one is a 404.
+    let g: GalleryResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/gallery").to_request()).await;
+    assert!(g.examples.is_empty());
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/nope/gallery").to_request()).await;
+    assert_eq!(error_of(resp).await.0, StatusCode::NOT_FOUND);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/tokens").to_request()).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/nothing/here").to_request()).await;
     let (status, e) = error_of(resp).await;
     assert_eq!((status, e.code.as_str()), (StatusCode::NOT_FOUND, "not_found"));
     let doc: serde_json::Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/openapi.json").to_request()).await;
-    for p in ["/api/models", "/api/models/{model}/search", "/api/models/{model}/generate", "/api/compare"] {
+    for p in ["/api/models", "/api/models/{model}/search", "/api/models/{model}/generate", "/api/models/{model}/gallery", "/api/compare"] {
         assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
     }
     let resp = test::call_service(&app, test::TestRequest::get().uri("/healthz").to_request()).await;
@@ -148,9 +153,24 @@ async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     let png_bytes = test::read_body(resp).await;
     let info = png::Decoder::new(&png_bytes[..]).read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (1200, 630));
-    for (uri, status) in
-        [("/api/models/base/neurons/3/0/card.png", StatusCode::BAD_REQUEST), ("/api/models/nope/neurons/0/0/card.png", StatusCode::NOT_FOUND)]
-    {
+    // A concept search's card: every neuron's score, linked from its permalink with the same settings.
+    let body = html(test::call_and_read_body(&app, page("/?q=%20the&view=down&polarity=pos&model=base")).await);
+    let src = "http://demo.example/api/models/base/search/card.png?tokens=+the&amp;view=down&amp;polarity=pos";
+    assert!(body.contains(&format!("<meta property=\"og:image\" content=\"{src}\" />")), "{body}");
+    let resp = test::call_service(&app, page("/api/models/base/search/card.png?tokens=+the&view=down&polarity=pos")).await;
+    assert_eq!(resp.headers().get("content-type").unwrap(), "image/png");
+    let info = png::Decoder::new(&test::read_body(resp).await[..]).read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (1200, 630));
+    // A link whose settings do not read gets no image rather than a broken one.
+    let body = html(test::call_and_read_body(&app, page("/?q=%20the&view=sideways")).await);
+    assert!(!body.contains("og:image"), "{body}");
+    for (uri, status) in [
+        ("/api/models/base/neurons/3/0/card.png", StatusCode::BAD_REQUEST),
+        ("/api/models/nope/neurons/0/0/card.png", StatusCode::NOT_FOUND),
+        ("/api/models/base/search/card.png?tokens=", StatusCode::BAD_REQUEST),
+        ("/api/models/base/search/card.png?tokens=+the&top=3", StatusCode::BAD_REQUEST),
+        ("/api/models/base/search/card.png?tokens=+the&view=sideways", StatusCode::BAD_REQUEST),
+    ] {
         assert_eq!(test::call_service(&app, page(uri)).await.status(), status, "{uri}");
     }
     // An out-of-range neuron or an unknown page still gets a title, and a 200 (the app explains).

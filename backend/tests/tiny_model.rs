@@ -157,7 +157,7 @@ fn clamp_sets_the_activation_at_every_position() {
 
 fn gen(e: &Engine, variants: &[Intervention], params: &SamplingParams, cache: bool) -> Vec<flash_interp::engine::GenOutput> {
     let ids = e.prompt_ids(&PromptSpec { text: "the cat".into(), chat: Some(true), messages: None }).unwrap();
-    e.generate(&ids, variants, params, cache, &Cancel::default(), &mut |_, _| true).unwrap()
+    e.generate(&ids, variants, params, cache, &Cancel::default(), &mut |_, _, _| true).unwrap()
 }
 
 #[test]
@@ -296,9 +296,9 @@ fn bad_input_gives_clear_errors() {
     let r = e.prompt_ids(&PromptSpec { text: long, chat: Some(false), messages: None });
     assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
     let params = SamplingParams { temperature: -1.0, ..Default::default() };
-    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _| true), Err(Error::BadInput(_))));
+    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _, _| true), Err(Error::BadInput(_))));
     let params = SamplingParams { top_p: Some(1.5), ..Default::default() };
-    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _| true), Err(Error::BadInput(_))));
+    assert!(matches!(e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _, _| true), Err(Error::BadInput(_))));
     assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[f32::NAN], &Cancel::default()), Err(Error::BadInput(_))));
     assert!(matches!(e.sweep(&IDS, 0, 0, 5, &[], &Cancel::default()), Err(Error::BadInput(_))));
     assert!(matches!(e.sweep(&IDS, 0, 0, 100_000, &[1.0], &Cancel::default()), Err(Error::BadInput(_))));
@@ -344,7 +344,7 @@ fn every_valid_temperature_and_top_p_gives_an_answer() {
     let e = load(&t.gguf);
     let run = |temperature: f64, top_p: Option<f64>| {
         let params = SamplingParams { temperature, top_p, max_new_tokens: 12, seed: 3 };
-        e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _| true).unwrap()[0].tokens.clone()
+        e.generate(&IDS, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _, _| true).unwrap()[0].tokens.clone()
     };
     let greedy = run(0.0, None);
     for t in [1e-38, 1e-45, 1e-300, 5e-324] {
@@ -361,7 +361,7 @@ fn cancelled_work_stops_with_cancelled() {
     let cancel = Cancel::default();
     cancel.cancel();
     let params = SamplingParams { max_new_tokens: 50, ..Default::default() };
-    let r = e.generate(&IDS, &[Intervention::none()], &params, true, &cancel, &mut |_, _| true);
+    let r = e.generate(&IDS, &[Intervention::none()], &params, true, &cancel, &mut |_, _, _| true);
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
     assert!(matches!(e.sweep(&IDS, 1, 2, 5, &[1.0, 2.0], &cancel), Err(Error::Cancelled)));
     assert!(matches!(e.next_token(&IDS, &Intervention::none(), 3, &cancel), Err(Error::Cancelled)));
@@ -369,7 +369,7 @@ fn cancelled_work_stops_with_cancelled() {
     let live = Cancel::default();
     let mut seen = 0;
     let params = SamplingParams { max_new_tokens: 50, temperature: 1.0, ..Default::default() };
-    let r = e.generate(&IDS, &[Intervention::none()], &params, true, &live.clone(), &mut |_, _| {
+    let r = e.generate(&IDS, &[Intervention::none()], &params, true, &live.clone(), &mut |_, _, _| {
         seen += 1;
         if seen == 3 {
             live.cancel();
@@ -429,4 +429,47 @@ fn work_estimates_count_what_the_forward_computes() {
     let q8 = tiny(&TinySpec { q8: true, ..Default::default() });
     let quant = Engine::load(&q8.gguf, &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();
     assert!(quant.forward_cost(1, 7, 1, 0) < e.forward_cost(1, 7, 1, 0));
+}
+
+#[test]
+fn token_steps_give_each_tokens_probability_and_add_up_to_the_text() {
+    let t = tiny(&TinySpec { scale: 2.0, ..Default::default() });
+    let e = load(&t.gguf);
+    let ids = e.prompt_ids(&PromptSpec { text: "the cat".into(), chat: Some(true), messages: None }).unwrap();
+    let variants = [Intervention::none(), Intervention { clamps: vec![Clamp { layer: 2, neuron: 3, value: 6.0 }] }];
+    for temperature in [0.0, 0.9] {
+        let params = SamplingParams { temperature, top_p: None, seed: 5, max_new_tokens: 12 };
+        let mut streamed = vec![(String::new(), Vec::new()); 2];
+        let out = e
+            .generate(&ids, &variants, &params, true, &Cancel::default(), &mut |r, text, steps| {
+                streamed[r].0.push_str(text);
+                streamed[r].1.extend_from_slice(steps);
+                true
+            })
+            .unwrap();
+        for (r, g) in out.iter().enumerate() {
+            assert!(!g.tokens.is_empty());
+            assert_eq!(g.steps.iter().map(|s| s.id).collect::<Vec<_>>(), g.tokens);
+            assert_eq!(g.steps.iter().map(|s| s.text.as_str()).collect::<String>(), g.text, "step texts add up to the answer");
+            assert_eq!(streamed[r], (g.text.clone(), g.steps.clone()), "the stream carries the same text and steps");
+            // Each step against an independent forward pass of the whole sequence so far.
+            let mut seq = ids.clone();
+            for s in &g.steps {
+                let l = logits(&e, &seq, &variants[r]);
+                let max = l.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                let z: f64 = l.iter().map(|&x| (x as f64 - max).exp()).sum();
+                let p = |i: u32| (l[i as usize] as f64 - max).exp() / z;
+                assert!((s.prob as f64 - p(s.id)).abs() < 1e-4, "p({}) = {} vs {}", s.id, s.prob, p(s.id));
+                let mut order: Vec<u32> = (0..l.len() as u32).collect();
+                order.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
+                assert_eq!(s.top.iter().map(|t| t.id).collect::<Vec<_>>(), order[..shared::STEP_TOP]);
+                assert!(s.top.iter().all(|t| (t.prob as f64 - p(t.id)).abs() < 1e-4));
+                assert_eq!(s.token, e.tok.token_text(s.id));
+                if temperature == 0.0 {
+                    assert_eq!(s.top[0].id, s.id, "greedy picks the most likely token");
+                }
+                seq.push(s.id);
+            }
+        }
+    }
 }

@@ -2,7 +2,12 @@
 //! this file holds the router, the header with its model picker, and the loaded-models context;
 //! one page per file under `pages/`; `api.rs` holds the typed fetch helpers; `state.rs` the URL
 //! state of every page (all state lives in the URL, so every view is a permalink); `chart.rs`
-//! the plotly component; `share.rs` the "Share" and "Copy as curl" buttons.
+//! the plotly component; `share.rs` the "Share", "Embed" and "Copy as curl" buttons.
+//!
+//! With `embed=1` in its URL a page renders for an iframe: no header, only its main figure (a
+//! neuron's token charts, a concept's per-layer plot, a steer panel that runs on a click), and a
+//! link back to the full page. The flag is read once at start and kept out of the pages' URL
+//! state, so every page's parser sees the same query as without it.
 
 use leptos::prelude::*;
 use leptos_router::components::{Route, Router, Routes, A};
@@ -12,6 +17,7 @@ use shared::ModelSummary;
 
 pub mod api;
 pub mod chart;
+pub mod gallery;
 pub mod pages;
 pub mod share;
 pub mod sse;
@@ -40,11 +46,40 @@ impl Models {
     }
 }
 
-/// The current query string, reactive. Rebuilt from the parsed query map: the raw search string
-/// of leptos_router 0.8's URL (`use_location().search`) is not updated by client-side navigation.
+/// The current query string, reactive, without the `embed` flag. Rebuilt from the parsed query
+/// map: the raw search string of leptos_router 0.8's URL (`use_location().search`) is not
+/// updated by client-side navigation.
 pub fn use_search() -> Memo<String> {
     let q = leptos_router::hooks::use_query_map();
-    Memo::new(move |_| q.with(|q| q.to_query_string()))
+    Memo::new(move |_| {
+        q.with(|q| {
+            let mut q = q.clone();
+            q.remove(state::EMBED_KEY);
+            q.to_query_string()
+        })
+    })
+}
+
+/// Whether the app runs in an iframe embed (`embed=1` in the URL it was opened with).
+#[derive(Clone, Copy)]
+pub struct Embed(pub bool);
+
+/// Whether this page renders as an embed.
+pub fn embedded() -> bool {
+    use_context::<Embed>().is_some_and(|e| e.0)
+}
+
+/// The footer of an embed: where it comes from, and the full page in a new tab.
+#[component]
+fn EmbedFooter() -> impl IntoView {
+    let loc = use_location();
+    let search = use_search();
+    let full = move || format!("{}{}", loc.pathname.get(), search.get());
+    view! {
+        <footer class="embed-footer">
+            <a href=full target="_blank" rel="noopener">"Open in Flash Interp ↗"</a>
+        </footer>
+    }
 }
 
 #[component]
@@ -85,6 +120,8 @@ fn ModelPicker() -> impl IntoView {
 #[component]
 pub fn App() -> impl IntoView {
     provide_context(Models(LocalResource::new(|| api::get::<Vec<ModelSummary>>("/api/models"))));
+    let embed = state::is_embed(&window().location().search().unwrap_or_default());
+    provide_context(Embed(embed));
     // Browser Back/Forward loads the page afresh. With leptos_router 0.8.17 a page rebuilt by a
     // popstate navigation stopped updating its view on later in-page URL changes (the browser test
     // "search → neuron → Back → search again" caught it); a full load of a permalink is always
@@ -94,6 +131,7 @@ pub fn App() -> impl IntoView {
     });
     view! {
         <Router>
+            <Show when=move || !embed>
             <header class="top">
                 <A href="/" attr:class="brand">"Flash Interp"</A>
                 <nav>
@@ -106,7 +144,8 @@ pub fn App() -> impl IntoView {
                 </nav>
                 <ModelPicker />
             </header>
-            <main>
+            </Show>
+            <main class:embed=embed>
                 <Routes fallback=|| view! {
                     <h1>"Not found"</h1>
                     <p class="error">"This page does not exist. " <a href="/">"Go to concept search"</a></p>
@@ -119,6 +158,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/models") view=pages::home::Home />
                     <Route path=path!("/about") view=pages::about::About />
                 </Routes>
+                <Show when=move || embed><EmbedFooter /></Show>
             </main>
         </Router>
     }

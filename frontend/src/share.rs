@@ -1,5 +1,5 @@
 //! Sharing a view: the "Share" button copies the page's permalink (every page's whole state is
-//! in its URL), and "Copy as curl" copies the API request behind a view as a curl command with
+//! in its URL), "Embed" copies an iframe of the page's `embed=1` rendering, and "Copy as curl" copies the API request behind a view as a curl command with
 //! the page's origin, so a result can be reproduced from a shell. The commands are built by pure
 //! functions, quoted for POSIX shells and unit-tested natively; the clipboard and the page's
 //! location are reached only in the browser (`cfg(target_arch = "wasm32")`, as in `chart.rs`).
@@ -106,6 +106,16 @@ mod browser {
         location().and_then(|l| l.origin().ok()).unwrap_or_default()
     }
 
+    /// The page's path and its query string.
+    pub fn path_and_search() -> (String, String) {
+        location().map(|l| (l.pathname().unwrap_or_default(), l.search().unwrap_or_default())).unwrap_or_default()
+    }
+
+    /// The document's title.
+    pub fn title() -> String {
+        web_sys::window().and_then(|w| w.document()).map(|d| d.title()).unwrap_or_default()
+    }
+
     /// Put `text` on the clipboard. `navigator.clipboard` is missing outside secure contexts
     /// (plain http but for localhost), so it is looked up rather than assumed.
     pub async fn copy(text: &str) -> Result<(), String> {
@@ -127,6 +137,14 @@ mod browser {
     }
 
     pub fn origin() -> String {
+        String::new()
+    }
+
+    pub fn path_and_search() -> (String, String) {
+        Default::default()
+    }
+
+    pub fn title() -> String {
         String::new()
     }
 
@@ -218,6 +236,23 @@ pub fn ShareButton() -> impl IntoView {
     copy_button(Some("share"), "share", "Share", "Link copied", "Copy this page's link: every setting of the view is in it".to_owned(), browser::href)
 }
 
+/// "Embed": copies an iframe of this page's embed rendering, `height` pixels high.
+#[component]
+pub fn EmbedButton(height: u32) -> impl IntoView {
+    copy_button(
+        Some("embed"),
+        "embed",
+        "Embed",
+        "iframe code copied",
+        "Copy HTML that embeds this view (without the site's header, with a link back) in a blog post or a notebook".to_owned(),
+        move || {
+            let (path, search) = browser::path_and_search();
+            let url = format!("{}{}", browser::origin(), crate::state::embed_url(&path, &search));
+            crate::state::iframe_snippet(&url, height, &browser::title())
+        },
+    )
+}
+
 /// "Copy as curl": copies `request` as a curl command against the page's origin; shown while
 /// there is a request.
 #[component]
@@ -238,22 +273,28 @@ pub fn CurlButton(
     }
 }
 
-/// The bar under a page's title: "Share", and "Copy as curl" for the page's main request.
+/// The bar under a page's title: "Share", "Embed" (for pages with an embed rendering, given
+/// the iframe's height), and "Copy as curl" for the page's main request. Not shown in an embed.
 #[component]
 pub fn ShareBar(
     #[prop(optional, into)] curl: Option<Signal<Option<ApiRequest>>>,
     #[prop(optional)] curl_id: Option<&'static str>,
     #[prop(optional, into)] curl_title: Option<String>,
+    #[prop(optional)] embed_height: Option<u32>,
 ) -> impl IntoView {
-    view! {
+    if crate::embedded() {
+        return None;
+    }
+    Some(view! {
         <div class="share-bar">
             <ShareButton />
+            {embed_height.map(|h| view! { <EmbedButton height=h /> })}
             {curl.map(|request| match curl_title {
                 Some(title) => view! { <CurlButton request=request id=curl_id.unwrap_or("curl") title=title /> }.into_any(),
                 None => view! { <CurlButton request=request id=curl_id.unwrap_or("curl") /> }.into_any(),
             })}
         </div>
-    }
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde::{Deserializer, Serializer};
-use shared::{limits, ClampSpec, Concept, NeuronClass, Polarity, PromptSpec, SweepRequest, VerifyRequest, View};
+use shared::{limits, ClampSpec, Concept, GalleryExample, NeuronClass, Polarity, PromptSpec, SweepRequest, VerifyRequest, View};
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
@@ -408,6 +408,21 @@ impl SteerState {
     pub fn href(&self) -> String {
         query("/steer", self)
     }
+    /// The steer page of a gallery example: the very samples its stored figures count.
+    pub fn from_gallery(ex: &GalleryExample, model: Option<String>) -> Self {
+        Self {
+            model,
+            prompt: ex.prompt.clone(),
+            clamps: format_clamps(&[ex.clamp_spec()]),
+            seed: ex.seed,
+            temp: ex.temperature,
+            top_p: None,
+            max: ex.max_tokens,
+            n: ex.samples,
+            chat: ex.chat,
+            word: ex.word.clone(),
+        }
+    }
     pub fn clamp_list(&self) -> Result<Vec<ClampSpec>, String> {
         parse_clamps(&self.clamps)
     }
@@ -474,29 +489,7 @@ pub fn format_clamps(clamps: &[ClampSpec]) -> String {
     clamps.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// Whether an answer mentions a word (case-insensitive, whole words: "dog" matches "Dogs!" but
-/// not "hotdog"; a plural or possessive "s" is allowed).
-pub fn mentions(text: &str, word: &str) -> bool {
-    let w = word.trim().to_lowercase();
-    if w.is_empty() {
-        return false;
-    }
-    let t = text.to_lowercase();
-    let is_word = |c: char| c.is_alphanumeric();
-    let mut start = 0;
-    while let Some(i) = t[start..].find(&w) {
-        let (a, b) = (start + i, start + i + w.len());
-        let before_ok = t[..a].chars().next_back().is_none_or(|c| !is_word(c));
-        let rest = &t[b..];
-        let rest = rest.strip_prefix("'s").or_else(|| rest.strip_prefix('s')).unwrap_or(rest);
-        let after_ok = rest.chars().next().is_none_or(|c| !is_word(c));
-        if before_ok && after_ok {
-            return true;
-        }
-        start = b;
-    }
-    false
-}
+pub use shared::mentions;
 
 fn default_class() -> NeuronClass {
     NeuronClass::Prediction
@@ -579,9 +572,68 @@ pub fn with_model(path: &str, search: &str, model: &str) -> String {
     query(path, &pairs)
 }
 
+/// The query key that renders a page as an iframe embed (`embed=1`).
+pub const EMBED_KEY: &str = "embed";
+
+/// Whether a query string asks for the embed rendering (`embed=1` or `embed=true`).
+pub fn is_embed(search: &str) -> bool {
+    matches!(query_param(search, EMBED_KEY).as_deref(), Some("1" | "true"))
+}
+
+/// A page's URL (`path` plus its query string) as its embed: the same query with `embed=1`.
+pub fn embed_url(path: &str, search: &str) -> String {
+    let mut pairs: Vec<(String, String)> = serde_urlencoded::from_str(search.strip_prefix('?').unwrap_or(search)).unwrap_or_default();
+    pairs.retain(|(k, _)| k != EMBED_KEY);
+    pairs.push((EMBED_KEY.into(), "1".into()));
+    query(path, &pairs)
+}
+
+/// The iframe HTML that embeds the page at `url` (absolute), `height` pixels high.
+pub fn iframe_snippet(url: &str, height: u32, title: &str) -> String {
+    let attr = |s: &str| s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+    format!(
+        r#"<iframe src="{}" title="{}" width="100%" height="{height}" style="border:0;max-width:960px" loading="lazy"></iframe>"#,
+        attr(url),
+        attr(title)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gallery_steer_link_runs_the_samples_the_gallery_counts() {
+        let ex: GalleryExample = serde_json::from_value(serde_json::json!({
+            "title": "t", "note": "n", "concept": " dog", "view": "down", "layer": 29, "neuron": 808, "clamp": 12.5,
+            "prompt": "Tell me a story.", "chat": false, "target": " dog", "word": "dog", "temperature": 0.8, "max_tokens": 40,
+            "samples": 8, "seed": 3
+        }))
+        .unwrap();
+        let st = SteerState::from_gallery(&ex, Some("m".into()));
+        let back: SteerState = parse(st.href().trim_start_matches("/steer")).unwrap();
+        assert_eq!(back, st);
+        let clamps = back.validate().unwrap();
+        for i in 0..ex.samples {
+            assert_eq!(back.request(clamps.clone(), i), ex.generate_request(i), "sample {i}");
+        }
+    }
+
+    #[test]
+    fn embed_links() {
+        assert!(is_embed("?embed=1") && is_embed("q=%20dog&embed=true"));
+        assert!(!is_embed("") && !is_embed("?embed=0") && !is_embed("?embedded=1"));
+        assert_eq!(embed_url("/neuron/29/808", ""), "/neuron/29/808?embed=1");
+        assert_eq!(embed_url("/", "?q=%20dog&embed=0&view=down"), "/?q=+dog&view=down&embed=1");
+        // The page state beneath an embed parses as without it.
+        let s: SearchState = parse("q=+dog&view=down").unwrap();
+        assert_eq!(s.q, " dog");
+        let snippet = iframe_snippet("https://h/?q=+dog&embed=1", 480, "Concept \"dog\" <b>");
+        assert_eq!(
+            snippet,
+            r#"<iframe src="https://h/?q=+dog&amp;embed=1" title="Concept &quot;dog&quot; &lt;b>" width="100%" height="480" style="border:0;max-width:960px" loading="lazy"></iframe>"#
+        );
+    }
 
     #[test]
     fn search_state_round_trips() {

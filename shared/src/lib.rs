@@ -224,6 +224,8 @@ pub struct Completion {
     pub variant: Variant,
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// One entry per token of `token_ids`: its probability and the runner-ups.
+    pub steps: Vec<TokenStep>,
     pub stop: StopReason,
     /// Decoding speed in tokens per second (wall clock), for information.
     pub tokens_per_second: f64,
@@ -474,6 +476,143 @@ pub struct TokenizeResponse {
 pub struct TokenEvent {
     pub variant: Variant,
     pub text: String,
+    /// The tokens this text comes from: usually one; none for a character the length limit cut
+    /// (sent last); several when a character spans tokens.
+    pub steps: Vec<TokenStep>,
+}
+
+/// Whether an answer mentions a word (case-insensitive, whole words: "dog" matches "Dogs!" but
+/// not "hotdog"; a plural or possessive "s" is allowed).
+pub fn mentions(text: &str, word: &str) -> bool {
+    let w = word.trim().to_lowercase();
+    if w.is_empty() {
+        return false;
+    }
+    let t = text.to_lowercase();
+    let is_word = |c: char| c.is_alphanumeric();
+    let mut start = 0;
+    while let Some(i) = t[start..].find(&w) {
+        let (a, b) = (start + i, start + i + w.len());
+        let before_ok = t[..a].chars().next_back().is_none_or(|c| !is_word(c));
+        let rest = &t[b..];
+        let rest = rest.strip_prefix("'s").or_else(|| rest.strip_prefix('s')).unwrap_or(rest);
+        let after_ok = rest.chars().next().is_none_or(|c| !is_word(c));
+        if before_ok && after_ok {
+            return true;
+        }
+        start = b;
+    }
+    false
+}
+
+/// A curated example of the home page's gallery: a concept, the neuron concept search finds for
+/// it, a clamp that steers a prompt toward it, and what that clamp measurably does. The inputs
+/// are chosen by hand; `measured` is written by `flash-interp gallery --write`, which reruns the
+/// product's own sweep and steered samples, and checked by `flash-interp gallery` (and CI).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GalleryExample {
+    pub title: String,
+    /// What the example shows, honestly: where the steering goes, even when it is not exactly
+    /// the concept.
+    pub note: String,
+    /// The concept search that finds the neuron (the search page's `q`).
+    pub concept: String,
+    pub view: View,
+    pub layer: usize,
+    pub neuron: usize,
+    pub clamp: f32,
+    pub prompt: String,
+    /// Whether the prompt goes through the model's chat template.
+    pub chat: bool,
+    /// The next token whose probability the sweep measures (one token, e.g. " dog").
+    pub target: String,
+    /// The word counted in the answers ([`mentions`]).
+    pub word: String,
+    pub temperature: f64,
+    pub max_tokens: usize,
+    /// Normal/steered pairs, with seeds `seed`, `seed + 1`, … (as the steer page numbers them).
+    pub samples: usize,
+    pub seed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<GalleryMeasured>,
+}
+
+impl GalleryExample {
+    pub fn prompt_spec(&self) -> PromptSpec {
+        PromptSpec { text: self.prompt.clone(), chat: Some(self.chat), messages: None }
+    }
+    pub fn clamp_spec(&self) -> ClampSpec {
+        ClampSpec { layer: self.layer, neuron: self.neuron, value: self.clamp }
+    }
+    /// The sweep behind `p_normal` and `p_clamped`.
+    pub fn sweep_request(&self) -> SweepRequest {
+        SweepRequest { prompt: self.prompt_spec(), layer: self.layer, neuron: self.neuron, target: self.target.clone(), values: vec![self.clamp] }
+    }
+    /// Sample `i`'s normal/steered pair: what the steer page sends for the example's link.
+    pub fn generate_request(&self, i: usize) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt_spec(),
+            clamps: vec![self.clamp_spec()],
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: None,
+                seed: self.seed.wrapping_add(i as u64),
+                max_new_tokens: self.max_tokens,
+            },
+            compare: true,
+            stream: true,
+        }
+    }
+}
+
+/// What a gallery example's clamp does, measured by the product.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GalleryMeasured {
+    /// p(target) as the next token after the prompt, unclamped.
+    pub p_normal: f32,
+    /// p(target) with the neuron clamped to the example's value.
+    pub p_clamped: f32,
+    /// How many of the normal answers mention the word.
+    pub normal_mentions: usize,
+    /// How many of the steered answers mention the word.
+    pub steered_mentions: usize,
+    /// The first sample's answers.
+    pub normal_answer: String,
+    pub steered_answer: String,
+}
+
+/// `GET /api/models/{model}/gallery`: the curated examples verified on this model (none for a
+/// model without any).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GalleryResponse {
+    pub examples: Vec<GalleryExample>,
+}
+
+/// How many of the most likely tokens each [`TokenStep`] lists.
+pub const STEP_TOP: usize = 5;
+
+/// One generated token with its probability under the model and the tokens it beat, for the
+/// steer view's hover.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenStep {
+    pub id: u32,
+    /// The token as the vocabulary spells it (" dog").
+    pub token: String,
+    /// What it added to the answer's text: usually `token`; empty while a character that spans
+    /// tokens is incomplete (the token that completes it carries the whole character).
+    pub text: String,
+    /// Its probability under the model: the softmax of the logits at temperature 1, whatever
+    /// the sampling temperature and top-p.
+    pub prob: f32,
+    /// The [`STEP_TOP`] most likely tokens at this position, most likely first (the chosen
+    /// token among them when it was one of the most likely).
+    pub top: Vec<TokenProb>,
 }
 
 /// Moments of a neuron's logits `W_U · w` over the whole vocabulary (positive polarity).

@@ -157,6 +157,18 @@ async fn js(c: &Client, script: &str) -> R<serde_json::Value> {
 #[actix_web::test]
 async fn search_plot_neuron_page_and_sweep() {
     run("search", async |c, base| {
+        // The home page opens on the gallery: measured examples, each linking to its search, its
+        // neuron and the steer page of its very samples.
+        c.goto(&format!("{base}/")).await?;
+        wait(c, "#gallery .gallery-card", 30).await?;
+        let cards = c.find_all(Locator::Css("#gallery .gallery-card")).await?;
+        assert!(cards.len() >= 3, "{} gallery cards", cards.len());
+        let figures = cards[0].find(Locator::Css(".figures")).await?.text().await?;
+        assert!(figures.contains("at clamp") && figures.contains("steered answers"), "{figures}");
+        let steer = cards[0].find(Locator::Css("a.button")).await?.attr("href").await?.unwrap_or_default();
+        assert!(steer.starts_with("/steer?") && steer.contains("n=8") && steer.contains("word="), "{steer}");
+        shot(c, "gallery").await?;
+
         // Cold load of a search permalink: the per-layer figure with one band and one tick per
         // layer, the ranked neurons with the map's first neuron for " dog" on top.
         c.goto(&format!("{base}/?q=%20dog")).await?;
@@ -310,6 +322,23 @@ async fn steer_page_streams_two_different_answers() {
         assert!(c.find(Locator::Css("#mentions")).await?.text().await?.contains("steered answers"));
         shot(c, "steer").await?;
 
+        // Every token of an answer carries its probability and the runner-ups (greedy: the
+        // chosen token is the most likely, marked first); focusing one shows them.
+        let toks = c.find_all(Locator::Css("#pair-0 .answer.steered .tok")).await?;
+        assert!(toks.len() > 5, "{} token spans", toks.len());
+        let mut joined = String::new();
+        for t in &toks {
+            joined.push_str(&t.text().await?);
+        }
+        assert_eq!(joined, steered, "the token spans make up the answer");
+        let tip = toks[2].attr("data-tip").await?.unwrap_or_default();
+        let lines: Vec<&str> = tip.lines().collect();
+        assert!(lines.len() == 1 + shared::STEP_TOP && lines[0].contains("p = ") && lines[1].starts_with('●'), "{tip}");
+        js(c, "document.querySelector('#pair-0').scrollIntoView()").await?;
+        toks[2].click().await?;
+        assert_eq!(js(c, "return document.activeElement.classList.contains('tok')").await?, true);
+        shot(c, "steer-token").await?;
+
         // Reloading the link reproduces the same comparison (greedy, same seed).
         c.goto(&link).await?;
         wait(c, "#pair-0[data-done='1']", 120).await?;
@@ -350,6 +379,56 @@ async fn steer_page_streams_two_different_answers() {
         // Readable on a phone.
         c.set_window_size(375, 900).await?;
         shot(c, "steer-375").await?;
+        Ok(())
+    })
+    .await;
+}
+
+/// `?embed=1`: the neuron card, the concept plot and the steer panel without the site around
+/// them, with a link back; a steer embed runs only when asked; "Embed" gives the iframe.
+#[actix_web::test]
+async fn embeds_and_the_embed_button() {
+    run("embed", async |c, base| {
+        let back = async |c: &Client| -> R<(String, Option<String>)> {
+            let a = c.find(Locator::Css(".embed-footer a")).await?;
+            Ok((a.attr("href").await?.unwrap_or_default(), a.attr("target").await?))
+        };
+        c.goto(&format!("{base}/neuron/29/808?embed=1")).await?;
+        wait(c, ".tokens-chart .chart[data-drawn='1']", 60).await?;
+        assert!(c.find_all(Locator::Css("header.top, #sweep, .share-bar, #steer-link, #similar")).await?.is_empty());
+        assert_eq!(c.find_all(Locator::Css(".tokens-chart")).await?.len(), 6);
+        assert_eq!(back(c).await?, ("/neuron/29/808".to_owned(), Some("_blank".to_owned())));
+        shot(c, "embed-neuron").await?;
+
+        c.goto(&format!("{base}/?q=+dog&view=down&embed=1")).await?;
+        wait(c, "#search-plot[data-drawn='1']", 60).await?;
+        assert!(c.find_all(Locator::Css("header.top, form.search, #verify, .share-bar")).await?.is_empty());
+        let (href, _) = back(c).await?;
+        assert!(href.starts_with("/?") && href.contains("view=down") && href.contains("dog") && !href.contains("embed"), "{href}");
+        shot(c, "embed-search").await?;
+
+        // A steer embed costs nothing until its button is pressed.
+        c.goto(&format!("{base}/steer?clamps=29%3A808%3A12&max=12&embed=1")).await?;
+        wait(c, "#run-embed", 30).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(c.find_all(Locator::Css("#pair-0, form.steer")).await?.is_empty());
+        c.find(Locator::Css("#run-embed")).await?.click().await?;
+        wait(c, "#pair-0[data-done='1']", 120).await?;
+        assert!(!c.find(Locator::Css("#pair-0 .answer.steered")).await?.text().await?.is_empty());
+        shot(c, "embed-steer").await?;
+
+        // The full page's "Embed" button: the iframe of this page's embed, copied or shown.
+        c.goto(&format!("{base}/neuron/29/808")).await?;
+        wait(c, "#embed", 30).await?.click().await?;
+        let shown = until(10, "the iframe copied or shown", async || {
+            if !c.find_all(Locator::Css(".copied")).await?.is_empty() {
+                return Ok(Some(String::new()));
+            }
+            let v = js(c, "const e = document.querySelector('input.copy-text'); return e ? e.value : null").await?;
+            Ok(v.as_str().map(str::to_owned))
+        })
+        .await?;
+        assert!(shown.is_empty() || (shown.starts_with("<iframe src=\"http") && shown.contains("/neuron/29/808?embed=1\"")), "{shown}");
         Ok(())
     })
     .await;

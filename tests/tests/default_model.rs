@@ -83,7 +83,7 @@ fn chat_answer_names_paris() {
             &SamplingParams { max_new_tokens: 30, ..Default::default() },
             true,
             &Cancel::default(),
-            &mut |_, t| {
+            &mut |_, t, _| {
                 streamed.push_str(t);
                 true
             },
@@ -181,7 +181,7 @@ fn causal_verification_confirms_the_dog_neuron_and_a_phrase_neuron_says_the_phra
     let ids = e.prompt_ids(&plain("The famous detective is")).unwrap();
     let params = SamplingParams { max_new_tokens: 12, ..Default::default() };
     let iv = e.intervention(&[clamp]).unwrap();
-    let out = e.generate(&ids, &[Intervention::none(), iv], &params, true, &Cancel::default(), &mut |_, _| true).unwrap();
+    let out = e.generate(&ids, &[Intervention::none(), iv], &params, true, &Cancel::default(), &mut |_, _, _| true).unwrap();
     assert!(
         !out[0].text.contains("Sherlock Holmes") && out[1].text.contains("Sherlock Holmes"),
         "normal {:?}, steered {:?}",
@@ -203,4 +203,32 @@ fn neuron_classes_follow_gurnee_prediction_late_and_suppression_last() {
     // The strongest prediction neurons are heavy-tailed to the right and decode to a token family.
     let n = &c.neurons[0];
     assert!(n.moments.kurtosis > 30.0 && n.moments.skew > 1.0, "{n:?}");
+}
+
+/// The home page's gallery: every curated example of the default model names a neuron that
+/// concept search finds (in the top 20 of its view), and rerun with the product's own sweep and
+/// samples it still works and still matches its stored figures (`flash-interp gallery` is the
+/// same check, with a report).
+#[test]
+fn gallery_examples_are_found_by_search_and_still_steer() {
+    use flash_interp::gallery::{self, Gallery};
+    let e = engine();
+    let examples = Gallery::stored().for_engine(e).unwrap();
+    assert!(examples.len() >= 3, "the default model's gallery has {} examples", examples.len());
+    for ex in &examples {
+        let (map, _) = e.map(ex.view, false, &|_, _| {}).unwrap();
+        let ids: Vec<u32> = ex.concept.split(',').map(|t| e.tok.single_token(t).unwrap()).collect();
+        let r = flash_interp::analysis::search(e, &map, &ids, 20).unwrap();
+        assert!(
+            r.top.iter().any(|h| (h.layer, h.neuron) == (ex.layer, ex.neuron)),
+            "{}: {}:{} is not in the top 20 of {:?} in the {} view",
+            ex.title,
+            ex.layer,
+            ex.neuron,
+            ex.concept,
+            ex.view.as_str()
+        );
+        let m = gallery::measure(e, ex, &Cancel::default(), &mut |_, _| {}).unwrap();
+        gallery::check(ex, &m, ex.measured.as_ref()).unwrap_or_else(|err| panic!("{}: {err}", ex.title));
+    }
 }

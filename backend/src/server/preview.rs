@@ -64,7 +64,7 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
         }
         [""] => match q.get("q").map(|s| s.trim()).filter(|s| !s.is_empty()) {
             Some(concept) => Preview {
-                image: None,
+                image: served.and_then(|m| concept_card(state, m, &q)),
                 title: format!("“{concept}” neurons of {model}"),
                 description: format!(
                     "Concept search: every MLP neuron of {model} decoded through the unembedding and scored for “{concept}”, layer by layer, with the strongest neurons."
@@ -93,6 +93,25 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
         ["compare"] => Preview { title: "Base vs instruct: which neurons changed".into(), description: DEFAULT_DESCRIPTION.into(), image: None },
         _ => default(),
     }
+}
+
+/// The concept card of a search permalink, when its view's map is ready (the card's own request
+/// must not wait for a build) and the link's settings read right.
+fn concept_card(state: &AppState, m: &super::Served, q: &HashMap<String, String>) -> Option<String> {
+    let view = match q.get("view") {
+        Some(v) => v.parse::<View>().ok()?,
+        None => View::Up,
+    };
+    m.engine.map_if_ready(view, state.config.final_norm)?;
+    let polarity = match q.get("polarity").map(String::as_str) {
+        None | Some("both") => None,
+        Some("pos") => Some(shared::Polarity::Pos),
+        Some("neg") => Some(shared::Polarity::Neg),
+        Some(_) => return None,
+    };
+    let phrase = matches!(q.get("phrase").map(String::as_str), Some("1" | "true")).then_some(true);
+    let card = super::routes::SearchCardQuery { tokens: q.get("q")?.clone(), phrase, view: Some(view), polarity };
+    Some(format!("/api/models/{}/search/card.png?{}", m.id, serde_urlencoded::to_string(&card).ok()?))
 }
 
 fn default() -> Preview {

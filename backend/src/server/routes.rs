@@ -49,9 +49,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .service(endpoint("/models", GET, get().to(models)))
             .service(endpoint("/models/{model}/tokens", GET, get().to(tokens)))
             .service(endpoint("/models/{model}/search", GET, get().to(search)))
+            .service(endpoint("/models/{model}/search/card.png", GET, get().to(search_card)))
             .service(endpoint("/models/{model}/neurons/{layer}/{index}", GET, get().to(neuron)))
             .service(endpoint("/models/{model}/neurons/{layer}/{index}/card.png", GET, get().to(neuron_card)))
             .service(endpoint("/models/{model}/classes", GET, get().to(classes)))
+            .service(endpoint("/models/{model}/gallery", GET, get().to(gallery)))
             .service(endpoint("/models/{model}/verify", POST, web::post().to(verify)))
             .service(endpoint("/models/{model}/sweep", POST, web::post().to(sweep)))
             .service(endpoint("/models/{model}/next-token", POST, web::post().to(next_token)))
@@ -365,6 +367,50 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
     .await
 }
 
+/// The query of a concept card: a search's, without `top`.
+#[derive(Deserialize, Serialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchCardQuery {
+    /// As for the search.
+    pub tokens: String,
+    pub phrase: Option<bool>,
+    pub view: Option<View>,
+    pub polarity: Option<Polarity>,
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/search/card.png", params(("model" = String, Path), SearchCardQuery),
+    responses((status = 200, description = "a 1200 x 630 PNG of every neuron's score for the concept, layer by layer, for link previews", content_type = "image/png"),
+        (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchCardQuery>) -> Res {
+    check_rate(&state, &req)?;
+    let m = state.model(&model)?;
+    let phrase = q.phrase.unwrap_or(false);
+    let concept = if phrase {
+        Concept::Phrase(q.tokens.clone())
+    } else {
+        Concept::Tokens(q.tokens.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    };
+    let ids = analysis::ConceptIds::resolve(&m.engine, &concept)?.ids;
+    let (engine, view, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), q.polarity);
+    let map = state.map(m, view)?;
+    let png = blocking(move || {
+        let r = analysis::search_concept(&engine, &map, &ids, phrase, 3, only)?;
+        let layers = r.signed_layers(engine.config().d_ff);
+        let marks: Vec<(usize, usize, String)> = r.top.iter().map(|h| (h.layer, h.neuron, format!("{}:{}", h.layer, h.neuron))).collect();
+        let words: Vec<String> = ids.iter().map(|&t| engine.tok.token_text(t)).collect();
+        let title = if phrase {
+            format!("“{}”", words.concat().trim())
+        } else {
+            format!("“{}”", words.iter().map(|w| w.trim()).collect::<Vec<_>>().join(", "))
+        };
+        let strongest = r.top.first().map(|h| format!(" · strongest {}:{} ({:.2})", h.layer, h.neuron, h.score)).unwrap_or_default();
+        let subtitle = format!("{} · {} view{strongest}", engine.info.name, view.as_str());
+        crate::card::layers_png(&title, &subtitle, &layers, &marks)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
+}
+
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}/card.png",
     params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path)),
     responses((status = 200, description = "a 1200 x 630 PNG of the neuron's top tokens (up view, its more peaked polarity), for link previews", content_type = "image/png"),
@@ -413,6 +459,15 @@ async fn classes(req: HttpRequest, state: Data<AppState>, model: Path<String>, q
     let (engine, view, class) = (m.engine.clone(), q.view.unwrap_or(View::Down), q.class.unwrap_or(NeuronClass::Prediction));
     let map = state.map(m, view)?;
     cached(&state, key("classes", &m.id, &(view, class, top)), blocking(move || analysis::classes(&engine, &map, class, top))).await
+}
+
+#[utoipa::path(get, path = "/api/models/{model}/gallery", params(("model" = String, Path)),
+    responses((status = 200, body = GalleryResponse), (status = 404, body = ApiError)))]
+async fn gallery(req: HttpRequest, state: Data<AppState>, model: Path<String>) -> Res {
+    check_rate(&state, &req)?;
+    let engine = state.model(&model)?.engine.clone();
+    let examples = blocking(move || crate::gallery::Gallery::stored().for_engine(&engine)).await?;
+    Ok(HttpResponse::Ok().json(GalleryResponse { examples }))
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/verify", params(("model" = String, Path)), request_body = VerifyRequest,
@@ -553,7 +608,7 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         let st = state.clone();
         let k = key("generate", &m.id, &body);
         let work = queued(&state, &req, move |c| {
-            engine.generate_request(&body, c, &mut |_, _| {
+            engine.generate_request(&body, c, &mut |_, _, _| {
                 st.metrics.tokens.inc();
                 true
             })
@@ -569,9 +624,9 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         let _worker = worker;
         // Once the client has gone, actix drops the response stream: the cancel guard in it
         // stops the model at its next layer, and sends fail so no more tokens are produced.
-        let r = engine.generate_request(&body, &c, &mut |variant, text| {
+        let r = engine.generate_request(&body, &c, &mut |variant, text, steps| {
             st.metrics.tokens.inc();
-            tx.blocking_send(sse("token", &TokenEvent { variant, text: text.to_owned() })).is_ok()
+            tx.blocking_send(sse("token", &TokenEvent { variant, text: text.to_owned(), steps: steps.to_vec() })).is_ok()
         });
         let last = match r {
             Ok(resp) => Some(sse("done", &resp)),
@@ -632,7 +687,7 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Flash Interp API", description = "Find and steer feature neurons of Llama-style models. Errors are ApiError {code, message}."),
-    paths(models, tokens, search, neuron, neuron_card, classes, verify, sweep, next_token, generate, compare),
+    paths(models, tokens, search, search_card, neuron, neuron_card, classes, gallery, verify, sweep, next_token, generate, compare),
     components(schemas(
         ApiError,
         ModelSummary,
@@ -646,6 +701,9 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
         ActivationStats,
         SimilarNeuron,
         ClassesResponse,
+        GalleryResponse,
+        GalleryExample,
+        GalleryMeasured,
         LayerClassCounts,
         ClassedNeuron,
         ViewClass,
@@ -665,6 +723,7 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
         GenerateResponse,
         Completion,
         TokenEvent,
+        TokenStep,
         PromptSpec,
         ChatMessage,
         SamplingParams,

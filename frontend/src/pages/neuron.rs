@@ -19,8 +19,12 @@ use crate::{api, show_token, status_view, use_search, Models};
 /// Tokens shown per view and polarity.
 const TOKENS: usize = 10;
 
+/// The iframe height of a neuron's embed (its token charts).
+const EMBED_HEIGHT: u32 = 800;
+
 #[component]
 pub fn Neuron() -> impl IntoView {
+    let embed = crate::embedded();
     let params = use_params_map();
     let search = use_search();
     let st = Memo::new(move |_| {
@@ -55,9 +59,9 @@ pub fn Neuron() -> impl IntoView {
             Ok(s) => view! { <h1>{format!("Neuron {}:{}", s.layer, s.neuron)}</h1> }.into_any(),
             Err(_) => view! { <h1>"Neuron"</h1> }.into_any(),
         }}
-        <ShareBar curl=api_request curl_id="curl-neuron" />
-        {move || status_view(detail.get().flatten(), "Decoding the neuron…", |(m, d)| view! { <Detail model=m d=d /> })}
-        {move || st.get().ok().zip(model.get().and_then(|m| m.ok())).map(|(s, m)| view! { <SweepPanel s=s model=m.id /> })}
+        <ShareBar curl=api_request curl_id="curl-neuron" embed_height=EMBED_HEIGHT />
+        {move || status_view(detail.get().flatten(), "Decoding the neuron…", move |(m, d)| view! { <Detail model=m d=d embed=embed /> })}
+        {move || (!embed).then(|| st.get().ok().zip(model.get().and_then(|m| m.ok())).map(|(s, m)| view! { <SweepPanel s=s model=m.id /> }))}
     }
 }
 
@@ -84,7 +88,7 @@ fn token_chart(vt: &ViewTokens) -> Plot {
 }
 
 #[component]
-fn Detail(model: String, d: NeuronDetail) -> impl IntoView {
+fn Detail(model: String, d: NeuronDetail, embed: bool) -> impl IntoView {
     let (layer, neuron) = (d.layer, d.neuron);
     // What the neuron writes: the down view's top token, the word a steered answer should show.
     let writes =
@@ -95,11 +99,7 @@ fn Detail(model: String, d: NeuronDetail) -> impl IntoView {
     steer.set_clamps(&[shared::ClampSpec { layer, neuron, value: strength }]);
     let search_link = reads.map(|t| SearchState { model: Some(model.clone()), q: t, ..Default::default() }.href());
     let a = d.activation;
-    view! {
-        <p class="actions">
-            <a class="button" id="steer-link" href=steer.href()>"Steer with this neuron"</a>
-            {search_link.map(|h| view! { <a class="button secondary" href=h>"Search its top token"</a> })}
-        </p>
+    let views = view! {
         <section>
             <h2>"What it reads and writes"</h2>
             <p class="caption">
@@ -123,6 +123,16 @@ fn Detail(model: String, d: NeuronDetail) -> impl IntoView {
                     .collect_view()}
             </div>
         </section>
+    };
+    if embed {
+        return views.into_any();
+    }
+    view! {
+        <p class="actions">
+            <a class="button" id="steer-link" href=steer.href()>"Steer with this neuron"</a>
+            {search_link.map(|h| view! { <a class="button secondary" href=h>"Search its top token"</a> })}
+        </p>
+        {views}
         <section class="two-col">
             <div>
                 <h2>"Natural activation"</h2>
@@ -185,6 +195,7 @@ fn Detail(model: String, d: NeuronDetail) -> impl IntoView {
             </div>
         </section>
     }
+    .into_any()
 }
 
 fn sweep_plot(r: &SweepResponse, log: bool) -> Plot {

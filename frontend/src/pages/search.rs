@@ -15,6 +15,7 @@ use plotly::{Configuration, Layout, Plot, Scatter};
 use shared::{limits, ClampSpec, Polarity, SearchResponse, SweepPoint, TokenizeResponse, VerifyResponse, View};
 
 use crate::chart::{Chart, Click};
+use crate::gallery::Gallery;
 use crate::share::{self, ApiRequest, CurlButton, ShareBar};
 use crate::state::{self, NeuronState, PolarityChoice, SearchState};
 use crate::{api, show_token, status_view, use_search, Models};
@@ -22,9 +23,12 @@ use crate::{api, show_token, status_view, use_search, Models};
 /// Neurons marked (with hover text and their top tokens) in the plot; the table lists the first 20.
 const MARKED: usize = 50;
 const LISTED: usize = 20;
+/// The iframe height of a concept's embed (its per-layer plot).
+const EMBED_HEIGHT: u32 = 600;
 
 #[component]
 pub fn Search() -> impl IntoView {
+    let embed = crate::embedded();
     let search = use_search();
     let st = Memo::new(move |_| state::parse::<SearchState>(&search.get()));
     let models = Models::get();
@@ -109,8 +113,9 @@ pub fn Search() -> impl IntoView {
     });
 
     view! {
-        <h1>"Concept search"</h1>
-        <ShareBar curl=api_request curl_id="curl-search" />
+        {(!embed).then(|| view! { <h1>"Concept search"</h1> })}
+        <ShareBar curl=api_request curl_id="curl-search" embed_height=EMBED_HEIGHT />
+        {(!embed).then(move || view! {
         <form class="search" on:submit=submit>
             <label class="grow">
                 {move || {
@@ -161,6 +166,7 @@ pub fn Search() -> impl IntoView {
             <button type="submit">"Search"</button>
         </form>
         <TokenHint suggestions=suggestions phrase=phrase />
+        })}
         {move || {
             if let (None, Some((message, percent))) = (results.get(), building.get()) {
                 return view! {
@@ -171,7 +177,7 @@ pub fn Search() -> impl IntoView {
                 .into_any();
             }
             status_view(results.get(), "Searching every neuron…", |r| match r {
-                Some((m, s)) => view! { <Results model=m s=s /> }.into_any(),
+                Some((m, s)) => view! { <Results model=m s=s embed=embed /> }.into_any(),
                 None => view! {
                     <p class="hint">
                         "Type a token such as \" dog\" (with its leading space) and press Enter. Try "
@@ -179,6 +185,7 @@ pub fn Search() -> impl IntoView {
                         <a href="/?q=+dog,+dogs,+puppy">"␣dog, ␣dogs, ␣puppy"</a> ", or the phrase "
                         <a href="/?q=+Sherlock+Holmes&phrase=1">"␣Sherlock␣Holmes"</a> "."
                     </p>
+                    {move || model.get().and_then(|m| m.ok()).map(|m| view! { <Gallery model=m /> })}
                 }
                 .into_any(),
             })
@@ -186,7 +193,7 @@ pub fn Search() -> impl IntoView {
         // A new concept or model is a new panel (an old ranking never shows beside new results);
         // a new verification prompt is not.
         {move || match (model.get(), query.get()) {
-            (Some(Ok(m)), Ok(q)) if q.concept().is_some() => Some(view! { <VerifyPanel model=m st=st /> }),
+            (Some(Ok(m)), Ok(q)) if q.concept().is_some() && !embed => Some(view! { <VerifyPanel model=m st=st /> }),
             _ => None,
         }}
     }
@@ -300,7 +307,7 @@ fn search_plot(model: &str, s: &SearchResponse) -> Plot {
 }
 
 #[component]
-fn Results(model: String, s: SearchResponse) -> impl IntoView {
+fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
     let navigate = use_navigate();
     let d_ff = s.layers.first().map_or(1, |l| l.len().max(1));
     let m = model.clone();
@@ -331,7 +338,7 @@ fn Results(model: String, s: SearchResponse) -> impl IntoView {
             </p>
             <Chart id="search-plot" plot=plot on_click=on_click />
         </section>
-        <section>
+        <section class:hidden=embed>
             <h2>"Strongest neurons"</h2>
             <div class="table-wrap">
                 <table id="hits">

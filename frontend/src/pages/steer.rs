@@ -2,24 +2,88 @@
 //! side by side, normal and steered, streamed token by token. The clamps are editable (each with
 //! a slider and a number box); sampling settings, the seed and the number of samples live in the
 //! URL with them, so a shared link reproduces the same comparison. Opening such a link runs it.
+//! Each answer token shows, on hover or focus, its probability and the runner-up tokens. As an
+//! embed (`embed=1`) the page shows the prompt, the clamps and the answers, and runs only when
+//! its button is clicked: an iframe on a blog post costs the server nothing until a reader asks.
 
 use leptos::prelude::*;
 use leptos_router::hooks::use_navigate;
-use shared::{limits, ApiError, ClampSpec, GenerateResponse, TokenEvent, Variant};
+use shared::{limits, ApiError, ClampSpec, GenerateResponse, TokenEvent, TokenStep, Variant};
 
 use crate::share::{self, CurlButton, ShareBar};
 use crate::state::{self, SteerState, MAX_SAMPLES};
-use crate::{api, use_search, Models};
+use crate::{api, show_token, use_search, Models};
 
 /// One normal/steered pair as it streams in.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Sample {
     seed: u64,
-    normal: String,
-    steered: String,
+    normal: Vec<Piece>,
+    steered: Vec<Piece>,
     done: bool,
     error: Option<String>,
     speed: Option<f64>,
+}
+
+impl Sample {
+    fn side(&mut self, v: Variant) -> &mut Vec<Piece> {
+        match v {
+            Variant::Normal => &mut self.normal,
+            Variant::Steered => &mut self.steered,
+        }
+    }
+}
+
+/// A run of answer text with the tokens it comes from (usually one).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Piece {
+    text: String,
+    steps: Vec<TokenStep>,
+}
+
+fn text(pieces: &[Piece]) -> String {
+    pieces.iter().map(|p| p.text.as_str()).collect()
+}
+
+/// A finished answer's steps as pieces: a step whose text is still empty (the first bytes of a
+/// character that spans tokens) joins the next one's piece.
+fn pieces(steps: &[TokenStep]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut cur = Piece::default();
+    for s in steps {
+        cur.text.push_str(&s.text);
+        cur.steps.push(s.clone());
+        if !s.text.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.steps.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The hover text of a piece: each token's probability and the most likely tokens it beat.
+fn tip(steps: &[TokenStep]) -> String {
+    let pct = |p: f32| if p >= 0.001 { format!("{:.1}%", p * 100.0) } else { format!("{p:.1e}") };
+    steps
+        .iter()
+        .map(|s| {
+            let top: Vec<String> =
+                s.top.iter().map(|t| format!("{} {:<14} {:>7}", if t.id == s.id { "●" } else { " " }, show_token(&t.text), pct(t.prob))).collect();
+            format!("{}  p = {}\n{}", show_token(&s.token), pct(s.prob), top.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// Shading of a piece by its least likely token: the choices the model found unlikely stand out.
+fn shade(steps: &[TokenStep]) -> &'static str {
+    match steps.iter().map(|s| s.prob).fold(1.0f32, f32::min) {
+        p if p < 0.01 => "tok p-low",
+        p if p < 0.1 => "tok p-mid",
+        _ => "tok",
+    }
 }
 
 /// A clamp row of the editor; its fields are signals so typing never re-renders the row.
@@ -40,11 +104,17 @@ impl Row {
     }
 }
 
+/// The iframe height of a steer embed (two samples' answers).
+const EMBED_HEIGHT: u32 = 520;
+
 /// Slider range; the number box takes anything the API accepts.
 const SLIDER: f32 = 50.0;
 
 #[component]
 pub fn Steer() -> impl IntoView {
+    let embed = crate::embedded();
+    // An embed waits for its button; the full page runs a link as it opens.
+    let started = RwSignal::new(!embed);
     let search = use_search();
     let st = Memo::new(move |_| state::parse::<SteerState>(&search.get()));
     let models = Models::get();
@@ -75,7 +145,8 @@ pub fn Steer() -> impl IntoView {
 
     // Running: every URL change (or a Generate click on the same URL) starts a new comparison
     // and aborts the one in flight, which also stops it on the server.
-    let samples = RwSignal::new(Vec::<Sample>::new());
+    // One signal per sample, so a streamed token re-renders only its own pair.
+    let samples = RwSignal::new(Vec::<RwSignal<Sample>>::new());
     let running = RwSignal::new(false);
     let run_error = RwSignal::new(None::<String>);
     let rerun = RwSignal::new(0u32);
@@ -90,13 +161,13 @@ pub fn Steer() -> impl IntoView {
     };
     Effect::new(move || {
         rerun.track();
-        let (s, m) = (st.get(), model.get());
+        let (s, m, started) = (st.get(), model.get(), started.get());
         stop();
         samples.set(Vec::new());
         run_error.set(None);
         let (s, m) = match (s, m) {
             (Err(e), _) | (_, Some(Err(e))) => return run_error.set(Some(e)),
-            (Ok(s), Some(Ok(m))) if !s.clamps.is_empty() => (s, m),
+            (Ok(s), Some(Ok(m))) if !s.clamps.is_empty() && started => (s, m),
             _ => return,
         };
         let clamps = match s.validate() {
@@ -106,39 +177,31 @@ pub fn Steer() -> impl IntoView {
         let Ok(ctrl) = web_sys::AbortController::new() else { return run_error.set(Some("this browser cannot stream".into())) };
         let signal = ctrl.signal();
         abort.set_value(Some(ctrl));
-        samples.set((0..s.n).map(|i| Sample { seed: s.seed.wrapping_add(i as u64), ..Default::default() }).collect());
+        samples.set((0..s.n).map(|i| RwSignal::new(Sample { seed: s.seed.wrapping_add(i as u64), ..Default::default() })).collect());
         running.set(true);
         let url = SteerState::generate_url(&m.id);
         leptos::task::spawn_local(async move {
             for i in 0..s.n {
                 let req = s.request(clamps.clone(), i);
+                let Some(sample) = samples.with_untracked(|v| v.get(i).copied()) else { return };
                 let r = api::post_sse(&url, &req, &signal, |ev| {
-                    samples.try_update(|v| {
-                        let Some(x) = v.get_mut(i) else { return };
-                        match ev.event.as_str() {
-                            "token" => {
-                                if let Ok(t) = serde_json::from_str::<TokenEvent>(&ev.data) {
-                                    match t.variant {
-                                        Variant::Normal => x.normal.push_str(&t.text),
-                                        Variant::Steered => x.steered.push_str(&t.text),
-                                    }
-                                }
+                    sample.try_update(|x| match ev.event.as_str() {
+                        "token" => {
+                            if let Ok(t) = serde_json::from_str::<TokenEvent>(&ev.data) {
+                                x.side(t.variant).push(Piece { text: t.text, steps: t.steps });
                             }
-                            "done" => {
-                                if let Ok(r) = serde_json::from_str::<GenerateResponse>(&ev.data) {
-                                    for c in &r.completions {
-                                        match c.variant {
-                                            Variant::Normal => x.normal = c.text.clone(),
-                                            Variant::Steered => x.steered = c.text.clone(),
-                                        }
-                                        x.speed = Some(c.tokens_per_second);
-                                    }
-                                    x.done = true;
-                                }
-                            }
-                            "error" => x.error = Some(serde_json::from_str::<ApiError>(&ev.data).map(|e| e.message).unwrap_or(ev.data.clone())),
-                            _ => {}
                         }
+                        "done" => {
+                            if let Ok(r) = serde_json::from_str::<GenerateResponse>(&ev.data) {
+                                for c in &r.completions {
+                                    *x.side(c.variant) = pieces(&c.steps);
+                                    x.speed = Some(c.tokens_per_second);
+                                }
+                                x.done = true;
+                            }
+                        }
+                        "error" => x.error = Some(serde_json::from_str::<ApiError>(&ev.data).map(|e| e.message).unwrap_or(ev.data.clone())),
+                        _ => {}
                     });
                 })
                 .await;
@@ -146,10 +209,10 @@ pub fn Steer() -> impl IntoView {
                     return;
                 }
                 if let Err(e) = r {
-                    samples.try_update(|v| v.get_mut(i).map(|x| x.error = Some(e)));
+                    sample.try_update(|x| x.error = Some(e));
                     break;
                 }
-                if samples.with_untracked(|v| v.get(i).is_some_and(|x| x.error.is_some())) {
+                if sample.try_with_untracked(|x| x.error.is_some()) != Some(false) {
                     break;
                 }
             }
@@ -233,9 +296,13 @@ pub fn Steer() -> impl IntoView {
     };
 
     view! {
+        {if embed {
+            view! { <EmbedHead st=st started=started running=running rerun=rerun /> }.into_any()
+        } else {
+            view! {
         <h1>"Steer"</h1>
         <p class="caption">"The same prompt, answered normally and with neurons clamped, side by side with the same seed."</p>
-        <ShareBar />
+        <ShareBar embed_height=EMBED_HEIGHT />
         <form class="steer" novalidate=true on:submit=submit>
             <label class="wide">
                 "Prompt"
@@ -289,8 +356,15 @@ pub fn Steer() -> impl IntoView {
                 <p class="hint">{format!("With temperature 0 every sample is the same; raise it to see how often the steered model talks about the concept (up to {MAX_SAMPLES} samples).")}</p>
             })}
         </form>
+            }
+            .into_any()
+        }}
         {move || run_error.get().map(|e| view! { <p class="error" role="alert" id="run-error">{e}</p> })}
         <Summary st=st samples=samples />
+        {move || samples.with(|v| !v.is_empty()).then(|| view! {
+            <p class="hint" id="token-hint">"Hover or tab to a token for its probability and the runner-ups; "
+                <span class="tok p-mid">"shaded"</span>" tokens had p < 10%, "<span class="tok p-low">"darker"</span>" p < 1%."</p>
+        })}
         <div id="samples">
             {move || {
                 let clamps = st.get().ok().map(|s| s.clamps.replace(',', ", ")).unwrap_or_default();
@@ -310,40 +384,71 @@ pub fn Steer() -> impl IntoView {
     }
 }
 
+/// An embed's head: what the link runs, and the button that runs it.
 #[component]
-fn Pair(i: usize, x: Sample, clamps: String, running: RwSignal<bool>) -> impl IntoView {
-    let streaming = !x.done && x.error.is_none() && running.get_untracked();
-    let cursor = move || streaming.then(|| view! { <span class="cursor">"▍"</span> });
-    view! {
-        <article class="pair" data-done=if x.done { "1" } else { "0" } id=format!("pair-{i}")>
-            <h3>{format!("sample {} · seed {}", i + 1, x.seed)}{x.speed.map(|s| format!(" · {s:.1} tokens/s"))}</h3>
-            <div class="cols">
-                <div class="col">
-                    <h4>"Normal"</h4>
-                    <p class="answer normal">{x.normal.clone()}{cursor}</p>
+fn EmbedHead(st: Memo<Result<SteerState, String>>, started: RwSignal<bool>, running: RwSignal<bool>, rerun: RwSignal<u32>) -> impl IntoView {
+    move || {
+        let s = st.get().ok()?;
+        let clamps =
+            s.clamp_list().unwrap_or_default().iter().map(|c| format!("{}:{} = {}", c.layer, c.neuron, c.value)).collect::<Vec<_>>().join(", ");
+        let sampling = if s.temp == 0.0 { "greedy".to_owned() } else { format!("temperature {}", s.temp) };
+        Some(view! {
+            <p class="embed-steer">
+                <strong>"Steering "</strong>{clamps}" · "<q>{s.prompt_text().to_owned()}</q>
+                {format!(" · {sampling} · {} sample{}", s.n, if s.n == 1 { "" } else { "s" })}
+            </p>
+            <button type="button" id="run-embed" disabled=move || running.get()
+                on:click=move |_| if started.get_untracked() { rerun.update(|n| *n += 1) } else { started.set(true) }>
+                {move || match (running.get(), started.get()) {
+                    (true, _) => "Generating…",
+                    (false, true) => "Generate again",
+                    (false, false) => "Generate normal and steered answers",
+                }}
+            </button>
+        })
+    }
+}
+
+#[component]
+fn Pair(i: usize, x: RwSignal<Sample>, clamps: String, running: RwSignal<bool>) -> impl IntoView {
+    move || {
+        let x = x.get();
+        let streaming = !x.done && x.error.is_none() && running.get_untracked();
+        let cursor = move || streaming.then(|| view! { <span class="cursor">"▍"</span> });
+        let answer = |pieces: &[Piece]| {
+            pieces.iter().map(|p| view! { <span class=shade(&p.steps) tabindex="0" data-tip=tip(&p.steps)>{p.text.clone()}</span> }).collect_view()
+        };
+        view! {
+            <article class="pair" data-done=if x.done { "1" } else { "0" } id=format!("pair-{i}")>
+                <h3>{format!("sample {} · seed {}", i + 1, x.seed)}{x.speed.map(|s| format!(" · {s:.1} tokens/s"))}</h3>
+                <div class="cols">
+                    <div class="col">
+                        <h4>"Normal"</h4>
+                        <p class="answer normal">{answer(&x.normal)}{cursor}</p>
+                    </div>
+                    <div class="col steered">
+                        <h4>{format!("Steered ({clamps})")}</h4>
+                        <p class="answer steered">{answer(&x.steered)}{cursor}</p>
+                    </div>
                 </div>
-                <div class="col steered">
-                    <h4>{format!("Steered ({clamps})")}</h4>
-                    <p class="answer steered">{x.steered.clone()}{cursor}</p>
-                </div>
-            </div>
-            {x.error.map(|e| view! { <p class="error" role="alert">{e}</p> })}
-        </article>
+                {x.error.map(|e| view! { <p class="error" role="alert">{e}</p> })}
+            </article>
+        }
     }
 }
 
 /// How often each side mentions the count word, over the finished samples.
 #[component]
-fn Summary(st: Memo<Result<SteerState, String>>, samples: RwSignal<Vec<Sample>>) -> impl IntoView {
+fn Summary(st: Memo<Result<SteerState, String>>, samples: RwSignal<Vec<RwSignal<Sample>>>) -> impl IntoView {
     move || {
         let word = st.get().ok().map(|s| s.word).filter(|w| !w.trim().is_empty())?;
-        let v = samples.get();
-        let done: Vec<&Sample> = v.iter().filter(|x| x.done).collect();
+        let done: Vec<(String, String)> =
+            samples.get().iter().filter_map(|x| x.with(|x| x.done.then(|| (text(&x.normal), text(&x.steered))))).collect();
         if done.is_empty() {
             return None;
         }
-        let count = |f: fn(&Sample) -> &str| done.iter().filter(|x| state::mentions(f(x), &word)).count();
-        let (n, s) = (count(|x| &x.normal), count(|x| &x.steered));
+        let count = |f: fn(&(String, String)) -> &str| done.iter().filter(|x| state::mentions(f(x), &word)).count();
+        let (n, s) = (count(|x| &x.0), count(|x| &x.1));
         Some(view! {
             <p class="result" id="mentions">
                 {format!("“{}” appears in {n} of {} normal answers and {s} of {} steered answers.", word.trim(), done.len(), done.len())}

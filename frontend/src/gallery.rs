@@ -1,0 +1,86 @@
+//! The gallery on the home page (concept search with nothing typed yet): curated examples that
+//! work on the served model, each with the effect the server measured with its own sweep and
+//! samples (`flash-interp gallery` reruns them and fails when one stops working). Each card
+//! links to its concept search, its neuron, and the steer page that reruns the very samples its
+//! figures count.
+
+use leptos::prelude::*;
+use shared::{GalleryExample, GalleryResponse};
+
+use crate::state::{self, NeuronState, SearchState, SteerState};
+use crate::{api, show_token};
+
+/// A probability as the cards print it: a percentage with two significant digits (0.07%, 2.1%,
+/// 37%).
+pub fn percent(p: f32) -> String {
+    let pct = p * 100.0;
+    if pct >= 10.0 {
+        format!("{pct:.0}%")
+    } else if pct >= 1.0 {
+        format!("{pct:.1}%")
+    } else {
+        format!("{pct:.2}%")
+    }
+}
+
+#[component]
+pub fn Gallery(model: String) -> impl IntoView {
+    let url = format!("/api/models/{}/gallery", state::segment(&model));
+    let r = LocalResource::new(move || {
+        let url = url.clone();
+        async move { api::get::<GalleryResponse>(&url).await }
+    });
+    move || {
+        let examples = r.get()?.ok()?.examples;
+        (!examples.is_empty()).then(|| {
+            let model = model.clone();
+            view! {
+                <section id="gallery">
+                    <h2>"Try these"</h2>
+                    <p class="caption">
+                        "Neurons that concept search finds, checked by clamping them. Every figure is measured on this model "
+                        "by the product's own sweep and samples; “Steer it” reruns the same samples."
+                    </p>
+                    <div class="cards">{examples.into_iter().map(|ex| card(&model, ex)).collect_view()}</div>
+                </section>
+            }
+        })
+    }
+}
+
+fn card(model: &str, ex: GalleryExample) -> impl IntoView {
+    let search = SearchState { model: Some(model.to_owned()), q: ex.concept.clone(), view: ex.view, ..Default::default() }.href();
+    let neuron = NeuronState::new(ex.layer, ex.neuron, Some(model.to_owned())).href();
+    let steer = SteerState::from_gallery(&ex, Some(model.to_owned())).href();
+    let figures = ex.measured.as_ref().map(|m| {
+        let sweep = format!("p({}) {} → {} at clamp {}", show_token(&ex.target), percent(m.p_normal), percent(m.p_clamped), ex.clamp);
+        let count = format!("“{}” in {} of {n} steered answers, {} of {n} normal", ex.word, m.steered_mentions, m.normal_mentions, n = ex.samples);
+        let sample = m.steered_answer.trim().to_owned();
+        view! {
+            <p class="figures"><span class="sweep">{sweep}</span><br /><span class="count">{count}</span></p>
+            <blockquote class="sample"><span class="who">"steered: "</span>{sample}</blockquote>
+        }
+    });
+    let how = format!(
+        "{}:{} = {} · “{}”{} · temperature {}",
+        ex.layer,
+        ex.neuron,
+        ex.clamp,
+        ex.prompt,
+        if ex.chat { " (chat)" } else { "" },
+        ex.temperature
+    );
+    view! {
+        <article class="gallery-card">
+            <h3>{ex.title.clone()}</h3>
+            <p class="note">{ex.note.clone()}</p>
+            {figures}
+            <p class="how">{how}</p>
+            <p class="links">
+                <a href=search>{format!("search {}", show_token(&ex.concept))}</a>" · "
+                <a href=neuron>{format!("neuron {}:{}", ex.layer, ex.neuron)}</a>" "
+                <a class="button" href=steer>"Steer it"</a>
+            </p>
+        </article>
+    }
+}
