@@ -41,9 +41,14 @@ r = json.load(sys.stdin)
 h = r["top"][0]
 print("search \" dog\": strongest", h["layer"], h["neuron"], h["top_tokens"][:5])
 assert len(r["layers"]) == 30'
-curl -fsS "$base/neuron/29/808" | grep -q 'og:image' && echo "permalink: link-preview tags present"
+curl -fsS "$base/neuron/29/808" | grep -q 'og:image' || { echo "the permalink has no og:image"; exit 1; }
+echo "permalink: link-preview tags present"
 curl -fsS -o /tmp/smoke-card.png -w 'card: %{http_code} %{content_type} %{size_download} bytes\n' "$base/api/models/$model/search/card.png?tokens=+dog"
-curl -fsS "$base/api/models/$model/gallery" | python3 -c 'import json,sys; print("gallery examples:", len(json.load(sys.stdin)["examples"]))'
+curl -fsS "$base/api/models/$model/gallery" | python3 -c '
+import json, sys
+n = len(json.load(sys.stdin)["examples"])
+print("gallery examples:", n)
+assert n >= 3, "the default model should have its gallery"'
 curl -fsS -X POST "$base/api/models/$model/generate" -H 'content-type: application/json' \
     -d '{"prompt":{"text":"What is the capital of France?"},"sampling":{"max_new_tokens":12}}' |
     python3 -c 'import json,sys; print("generate:", repr(json.load(sys.stdin)["completions"][0]["text"]))'
@@ -55,8 +60,10 @@ echo "stopped by SIGTERM in $((SECONDS - t0)) s, exit code $code"
 [ "$code" = 0 ]
 $ENGINE rm "$NAME" >/dev/null
 
-# The maps are in the volume: a second start is ready without rebuilding them.
+# The maps are in the volume: a second start loads every one from the cache.
 start
 ready
-$ENGINE logs "$NAME" 2>&1 | grep -i -m3 "map" || true
+cached=$($ENGINE logs "$NAME" 2>&1 | grep -c "ready: Cache" || true)
+echo "maps loaded from the volume's cache: $cached of 3"
+[ "$cached" = 3 ]
 echo "container smoke test passed"

@@ -447,7 +447,9 @@ impl Engine {
             };
         }
         // Whatever was held back (a character cut by the length limit) goes out last, so the
-        // streamed text always adds up to the returned text.
+        // streamed text adds up to the returned text (for tokenizers whose decoding of more
+        // tokens only appends, as byte-level BPE's does; the web app falls back to the returned
+        // text where it would not).
         for r in 0..n {
             if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > emitted[r] && texts[r].is_char_boundary(emitted[r]) {
                 let tail = &texts[r][emitted[r]..];

@@ -736,7 +736,8 @@ fn gallery(cli: &Cli, a: &GalleryArgs) -> Result<()> {
             entry.examples.push(ex);
         }
     }
-    let examples = g.for_engine(&engine)?;
+    // With --write, the figures go back into this model's entry: measure exactly its examples.
+    let examples = if a.write { g.entry_mut(&engine)?.examples.clone() } else { g.for_engine(&engine)? };
     if examples.is_empty() {
         bail!("the gallery has no examples for {} ({} weights, fingerprint {})", engine.info.name, engine.weights_desc(), engine.fingerprint()?);
     }
@@ -785,7 +786,7 @@ fn gallery(cli: &Cli, a: &GalleryArgs) -> Result<()> {
         }
         let p = path.unwrap_or_else(gallery::stored_path);
         std::fs::write(&p, serde_json::to_string_pretty(&g)? + "\n")?;
-        println!("wrote {}", p.display());
+        eprintln!("wrote {}", p.display());
     }
     if failed.is_empty() {
         Ok(())

@@ -161,6 +161,9 @@ async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     assert_eq!(resp.headers().get("content-type").unwrap(), "image/png");
     let info = png::Decoder::new(&test::read_body(resp).await[..]).read_info().unwrap().info().clone();
     assert_eq!((info.width, info.height), (1200, 630));
+    // The card reads `q` as the page does: a whitespace-only alternative is no token.
+    let body = html(test::call_and_read_body(&app, page("/?q=%20the,%20,&model=base")).await);
+    assert!(body.contains("/api/models/base/search/card.png?tokens=+the&amp;view=up\""), "{body}");
     // A link whose settings do not read gets no image rather than a broken one.
     let body = html(test::call_and_read_body(&app, page("/?q=%20the&view=sideways")).await);
     assert!(!body.contains("og:image"), "{body}");

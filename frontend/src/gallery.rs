@@ -8,20 +8,7 @@ use leptos::prelude::*;
 use shared::{GalleryExample, GalleryResponse};
 
 use crate::state::{self, NeuronState, SearchState, SteerState};
-use crate::{api, show_token};
-
-/// A probability as the cards print it: a percentage with two significant digits (0.07%, 2.1%,
-/// 37%).
-pub fn percent(p: f32) -> String {
-    let pct = p * 100.0;
-    if pct >= 10.0 {
-        format!("{pct:.0}%")
-    } else if pct >= 1.0 {
-        format!("{pct:.1}%")
-    } else {
-        format!("{pct:.2}%")
-    }
-}
+use crate::{api, percent, show_token};
 
 #[component]
 pub fn Gallery(model: String) -> impl IntoView {

@@ -74,7 +74,9 @@ pub fn embedded() -> bool {
 fn EmbedFooter() -> impl IntoView {
     let loc = use_location();
     let search = use_search();
-    let full = move || format!("{}{}", loc.pathname.get(), search.get());
+    // Absolute, so a path such as `//elsewhere/x` cannot make it leave the site.
+    let origin = window().location().origin().unwrap_or_default();
+    let full = move || format!("{origin}{}{}", loc.pathname.get(), search.get());
     view! {
         <footer class="embed-footer">
             <a href=full target="_blank" rel="noopener">"Open in Flash Interp ↗"</a>
@@ -203,7 +205,34 @@ pub fn status_view<T: Clone + 'static, V: IntoView + 'static>(
     }
 }
 
+/// A probability as a percentage with about two significant digits (38%, 2.1%, 0.07%, 5.3e-3%).
+pub fn percent(p: f32) -> String {
+    let pct = p * 100.0;
+    if pct >= 10.0 {
+        format!("{pct:.0}%")
+    } else if pct >= 1.0 {
+        format!("{pct:.1}%")
+    } else if pct >= 0.01 {
+        format!("{pct:.2}%")
+    } else if pct == 0.0 {
+        "0%".to_owned()
+    } else {
+        format!("{pct:.1e}%")
+    }
+}
+
 /// A token shown as text with its spaces visible (" dog" → "␣dog").
 pub fn show_token(t: &str) -> String {
     t.replace(' ', "␣").replace('\n', "↵")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_keeps_two_significant_digits_in_one_unit() {
+        let cases = [(0.377, "38%"), (0.021, "2.1%"), (0.000733, "0.07%"), (0.0000531, "5.3e-3%"), (1.0, "100%"), (0.0, "0%")];
+        for (p, want) in cases {
+            assert_eq!(super::percent(p), want, "{p}");
+        }
+    }
 }

@@ -476,8 +476,7 @@ pub struct TokenizeResponse {
 pub struct TokenEvent {
     pub variant: Variant,
     pub text: String,
-    /// The tokens this text comes from: usually one; none for a character the length limit cut
-    /// (sent last); several when a character spans tokens.
+    /// The tokens this text comes from: usually one; several when a character spans tokens.
     pub steps: Vec<TokenStep>,
 }
 

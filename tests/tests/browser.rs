@@ -410,14 +410,14 @@ async fn embeds_and_the_embed_button() {
         wait(c, ".tokens-chart .chart[data-drawn='1']", 60).await?;
         assert!(c.find_all(Locator::Css("header.top, #sweep, .share-bar, #steer-link, #similar")).await?.is_empty());
         assert_eq!(c.find_all(Locator::Css(".tokens-chart")).await?.len(), 6);
-        assert_eq!(back(c).await?, ("/neuron/29/808".to_owned(), Some("_blank".to_owned())));
+        assert_eq!(back(c).await?, (format!("{base}/neuron/29/808"), Some("_blank".to_owned())));
         shot(c, "embed-neuron").await?;
 
         c.goto(&format!("{base}/?q=+dog&view=down&embed=1")).await?;
         wait(c, "#search-plot[data-drawn='1']", 60).await?;
         assert!(c.find_all(Locator::Css("header.top, form.search, #verify, .share-bar")).await?.is_empty());
         let (href, _) = back(c).await?;
-        assert!(href.starts_with("/?") && href.contains("view=down") && href.contains("dog") && !href.contains("embed"), "{href}");
+        assert!(href.starts_with(&format!("{base}/?")) && href.contains("view=down") && href.contains("dog") && !href.contains("embed"), "{href}");
         shot(c, "embed-search").await?;
 
         // A steer embed costs nothing until its button is pressed.

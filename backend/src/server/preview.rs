@@ -110,7 +110,10 @@ fn concept_card(state: &AppState, m: &super::Served, q: &HashMap<String, String>
         Some(_) => return None,
     };
     let phrase = matches!(q.get("phrase").map(String::as_str), Some("1" | "true")).then_some(true);
-    let card = super::routes::SearchCardQuery { tokens: q.get("q")?.clone(), phrase, view: Some(view), polarity };
+    // The page's own reading of `q`: whitespace-only alternatives are dropped, as it drops them.
+    let text = q.get("q")?;
+    let tokens = if phrase.is_some() { text.clone() } else { text.split(',').filter(|t| !t.trim().is_empty()).collect::<Vec<_>>().join(",") };
+    let card = super::routes::SearchCardQuery { tokens, phrase, view: Some(view), polarity };
     Some(format!("/api/models/{}/search/card.png?{}", m.id, serde_urlencoded::to_string(&card).ok()?))
 }
 

@@ -65,7 +65,7 @@ fn pieces(steps: &[TokenStep]) -> Vec<Piece> {
 
 /// The hover text of a piece: each token's probability and the most likely tokens it beat.
 fn tip(steps: &[TokenStep]) -> String {
-    let pct = |p: f32| if p >= 0.001 { format!("{:.1}%", p * 100.0) } else { format!("{p:.1e}") };
+    let pct = crate::percent;
     steps
         .iter()
         .map(|s| {
@@ -194,7 +194,12 @@ pub fn Steer() -> impl IntoView {
                         "done" => {
                             if let Ok(r) = serde_json::from_str::<GenerateResponse>(&ev.data) {
                                 for c in &r.completions {
-                                    *x.side(c.variant) = pieces(&c.steps);
+                                    // The steps as pieces, unless they do not spell the answer
+                                    // (a tokenizer whose decoding rewrites earlier text): then
+                                    // the answer as one piece.
+                                    let p = pieces(&c.steps);
+                                    *x.side(c.variant) =
+                                        if text(&p) == c.text { p } else { vec![Piece { text: c.text.clone(), steps: c.steps.clone() }] };
                                     x.speed = Some(c.tokens_per_second);
                                 }
                                 x.done = true;
@@ -409,31 +414,47 @@ fn EmbedHead(st: Memo<Result<SteerState, String>>, started: RwSignal<bool>, runn
     }
 }
 
+/// One side of a pair: a keyed list, so a streamed token adds its span and leaves the others
+/// (and a token being hovered or focused) alone.
+fn answer(x: RwSignal<Sample>, side: Variant) -> impl IntoView {
+    let each = move || {
+        x.with(|x| match side {
+            Variant::Normal => x.normal.clone(),
+            Variant::Steered => x.steered.clone(),
+        })
+        .into_iter()
+        .enumerate()
+        .collect::<Vec<_>>()
+    };
+    view! {
+        <For
+            each=each
+            key=|(i, p)| (*i, p.text.clone(), p.steps.len())
+            children=|(_, p): (usize, Piece)| view! { <span class=shade(&p.steps) tabindex="0" data-tip=tip(&p.steps)>{p.text}</span> }
+        />
+    }
+}
+
 #[component]
 fn Pair(i: usize, x: RwSignal<Sample>, clamps: String, running: RwSignal<bool>) -> impl IntoView {
-    move || {
-        let x = x.get();
-        let streaming = !x.done && x.error.is_none() && running.get_untracked();
-        let cursor = move || streaming.then(|| view! { <span class="cursor">"▍"</span> });
-        let answer = |pieces: &[Piece]| {
-            pieces.iter().map(|p| view! { <span class=shade(&p.steps) tabindex="0" data-tip=tip(&p.steps)>{p.text.clone()}</span> }).collect_view()
-        };
-        view! {
-            <article class="pair" data-done=if x.done { "1" } else { "0" } id=format!("pair-{i}")>
-                <h3>{format!("sample {} · seed {}", i + 1, x.seed)}{x.speed.map(|s| format!(" · {s:.1} tokens/s"))}</h3>
-                <div class="cols">
-                    <div class="col">
-                        <h4>"Normal"</h4>
-                        <p class="answer normal">{answer(&x.normal)}{cursor}</p>
-                    </div>
-                    <div class="col steered">
-                        <h4>{format!("Steered ({clamps})")}</h4>
-                        <p class="answer steered">{answer(&x.steered)}{cursor}</p>
-                    </div>
+    let seed = x.with_untracked(|x| x.seed);
+    let streaming = move || x.with(|x| !x.done && x.error.is_none()) && running.get();
+    let cursor = move || streaming().then(|| view! { <span class="cursor">"▍"</span> });
+    view! {
+        <article class="pair" data-done=move || if x.with(|x| x.done) { "1" } else { "0" } id=format!("pair-{i}")>
+            <h3>{format!("sample {} · seed {seed}", i + 1)}{move || x.with(|x| x.speed.map(|s| format!(" · {s:.1} tokens/s")))}</h3>
+            <div class="cols">
+                <div class="col">
+                    <h4>"Normal"</h4>
+                    <p class="answer normal">{answer(x, Variant::Normal)}{cursor}</p>
                 </div>
-                {x.error.map(|e| view! { <p class="error" role="alert">{e}</p> })}
-            </article>
-        }
+                <div class="col steered">
+                    <h4>{format!("Steered ({clamps})")}</h4>
+                    <p class="answer steered">{answer(x, Variant::Steered)}{cursor}</p>
+                </div>
+            </div>
+            {move || x.with(|x| x.error.clone()).map(|e| view! { <p class="error" role="alert">{e}</p> })}
+        </article>
     }
 }
 
