@@ -360,8 +360,8 @@ impl Engine {
     /// Generate from `ids`, once per intervention in `variants` (one: a plain or steered answer;
     /// two: normal and steered side by side). Every variant samples with the same seed.
     /// `on_text(variant_index, new_text, steps)` streams text as it is produced, with the tokens
-    /// it comes from (see [`TokenStep`]); returning `false` cancels. `use_cache = false` recomputes the whole sequence at each step (a check of the
-    /// KV cache; same output).
+    /// it comes from (see [`TokenStep`]); returning `false` cancels. `use_cache = false`
+    /// recomputes the whole sequence at each step (a check of the KV cache; same output).
     pub fn generate(
         &self,
         ids: &[u32],

@@ -45,8 +45,11 @@ impl Gallery {
         serde_json::from_str(json).map_err(|e| Error::bad(format!("gallery file: {e}")))
     }
 
-    pub fn stored() -> Self {
-        Self::parse(STORED).expect("the compiled-in gallery parses (a unit test checks it)")
+    /// The compiled-in gallery, parsed once.
+    pub fn stored() -> &'static Self {
+        static PARSED: std::sync::LazyLock<Gallery> =
+            std::sync::LazyLock::new(|| Gallery::parse(STORED).expect("the compiled-in gallery parses (a unit test checks it)"));
+        &PARSED
     }
 
     /// The examples for `engine`'s weights; empty for a model without any.

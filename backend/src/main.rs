@@ -726,7 +726,7 @@ fn gallery(cli: &Cli, a: &GalleryArgs) -> Result<()> {
     let path = a.file.clone().or_else(|| a.write.then(gallery::stored_path));
     let mut g = match &path {
         Some(p) => Gallery::parse(&std::fs::read_to_string(p)?)?,
-        None => Gallery::stored(),
+        None => Gallery::stored().clone(),
     };
     if let Some(add) = &a.add {
         let new: Vec<shared::GalleryExample> = serde_json::from_str(&std::fs::read_to_string(add)?).with_context(|| format!("{}", add.display()))?;
