@@ -44,7 +44,7 @@ fn stacked(engine: &Engine, view: View) -> Result<Arc<Tensor>> {
     if let Some(t) = &*slot {
         return Ok(t.clone());
     }
-    let layers = (0..engine.config().n_layers).map(|l| map::directions(&engine.model, view, l)).collect::<Result<Vec<_>>>()?;
+    let layers = (0..engine.config().n_layers).map(|l| map::directions(&*engine.model, view, l)).collect::<Result<Vec<_>>>()?;
     let t = Arc::new(Tensor::cat(&layers, 0)?);
     *slot = Some(t.clone());
     Ok(t)
@@ -217,10 +217,10 @@ fn unit_up(engine: &Engine) -> Result<&Tensor> {
 /// statistics, and the most similar neurons (cosine of up rows, all layers).
 pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: bool, n_tokens: usize) -> Result<NeuronDetail> {
     crate::limits::check_layer_neuron(layer, neuron, engine.config())?;
-    let wu = map::unembedding(&engine.model, final_norm)?;
+    let wu = map::unembedding(&*engine.model, final_norm)?;
     let mut views = Vec::new();
     for view in View::ALL {
-        let w = map::directions(&engine.model, view, layer)?.i(neuron)?;
+        let w = map::directions(&*engine.model, view, layer)?.i(neuron)?;
         for polarity in [Polarity::Pos, Polarity::Neg] {
             views.push(ViewTokens { view, polarity, tokens: decode(engine, &wu, &w, polarity, n_tokens)? });
         }

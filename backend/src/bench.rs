@@ -35,10 +35,10 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let result = (|| -> Result<serde_json::Value> {
         eprintln!("exporting weights for the peers...");
-        let wu = map::unembedding(&engine.model, false)?;
+        let wu = map::unembedding(&*engine.model, false)?;
         wu.write_npy(tmp.join("wu.npy"))?;
         for l in 0..engine.config().n_layers {
-            map::directions(&engine.model, View::Up, l)?.write_npy(tmp.join(format!("dirs_{l:02}.npy")))?;
+            map::directions(&*engine.model, View::Up, l)?.write_npy(tmp.join(format!("dirs_{l:02}.npy")))?;
         }
         eprintln!("timing our map ({})...", map::kernel::backend_name());
         let ours = time_map(cli, &tmp.join("cache"), false)?;

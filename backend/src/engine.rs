@@ -19,8 +19,9 @@ use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::map::{self, NeuronMap};
+use crate::model::config::Gemma3Params;
 use crate::model::config::RopeScaling;
-use crate::model::{Cache, Clamp, Config, GgufSource, Intervention, Key, Llama, SafetensorsSource, WeightMode, WeightSource};
+use crate::model::{Arch, Cache, Clamp, Config, GgufSource, Intervention, Key, LanguageModel, SafetensorsSource, WeightMode, WeightSource};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tok;
 
@@ -49,7 +50,7 @@ pub struct ModelInfo {
 }
 
 pub struct Engine {
-    pub model: Arc<Llama>,
+    pub model: Arc<dyn LanguageModel>,
     pub tok: Tok,
     pub chat: Option<ChatTemplate>,
     pub info: ModelInfo,
@@ -113,32 +114,48 @@ impl Engine {
         let src = GgufSource::open(path, &opts.device, opts.mode)?;
         let c = &src.content;
         let arch = c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if arch != "llama" {
-            return Err(Error::model(path, format!("architecture {arch:?} is not supported (only \"llama\")")));
+        if arch != "llama" && arch != "gemma3" {
+            return Err(Error::model(path, format!("architecture {arch:?} is not supported; supported: {}", Arch::SUPPORTED)));
         }
-        let get = |k: &str| c.metadata.get(&format!("llama.{k}"));
+        let get = |k: &str| c.metadata.get(&format!("{arch}.{k}"));
         let req = |k: &str| -> Result<usize> {
             get(k)
                 .and_then(|v| v.to_u32().ok().map(|x| x as usize).or_else(|| v.to_u64().ok().map(|x| x as usize)))
-                .ok_or_else(|| Error::model(path, format!("missing metadata llama.{k}")))
+                .ok_or_else(|| Error::model(path, format!("missing metadata {arch}.{k}")))
         };
         let n_heads = req("attention.head_count")?;
         let d_model = req("embedding_length")?;
+        let head_dim = req("attention.key_length").or_else(|_| req("rope.dimension_count")).unwrap_or(d_model / n_heads.max(1));
+        let family = match arch.as_str() {
+            // llama.cpp's defaults for what a Gemma 3 GGUF may leave out.
+            "gemma3" => Arch::Gemma3(Gemma3Params {
+                sliding_window: req("attention.sliding_window")?,
+                pattern: req("attention.sliding_window_type").unwrap_or(6),
+                rope_local_theta: get("rope.local_freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
+                query_pre_attn_scalar: head_dim as f32,
+                final_logit_softcap: get("final_logit_softcapping").and_then(|v| v.to_f32().ok()),
+                global_rope_factor: get("rope.scaling.factor").and_then(|v| v.to_f32().ok()).unwrap_or(1.0),
+            }),
+            _ => Arch::Llama,
+        };
+        let gemma = matches!(family, Arch::Gemma3(_));
         let embed_rows = c.tensor_infos.get("token_embd.weight").and_then(|t| t.shape.dims().first().copied()).unwrap_or(0);
         let rope_freq_factors = src.raw_f32("rope_freqs.weight")?.map(|t| t.to_vec1::<f32>()).transpose()?;
         let cfg = Config {
+            arch: family,
             n_layers: req("block_count")?,
             d_model,
             d_ff: req("feed_forward_length")?,
             n_heads,
             n_kv_heads: req("attention.head_count_kv").unwrap_or(n_heads),
-            head_dim: req("attention.key_length").or_else(|_| req("rope.dimension_count")).unwrap_or(d_model / n_heads.max(1)),
+            head_dim,
             vocab_size: req("vocab_size").unwrap_or(embed_rows),
             rms_eps: get("attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5) as f64,
             rope_theta: get("rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
             rope_scaling: None,
             rope_freq_factors,
-            rope_interleaved: true,
+            // llama.cpp permutes Llama's Q/K rows for the interleaved RoPE, not Gemma's.
+            rope_interleaved: !gemma,
             max_seq_len: req("context_length").unwrap_or(2048).min(opts.max_context),
             tied_embeddings: !src.has(Key::Output),
         };
@@ -147,13 +164,24 @@ impl Engine {
             Some(t) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
             None => None,
         };
-        let model = Llama::load(&src, &cfg)?;
+        let model = crate::model::load(&src, &cfg)?;
         Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: path.to_owned(), format: "gguf" }, opts.mode))
     }
 
     fn load_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
-        let raw = std::fs::read(dir.join("config.json")).map_err(|e| Error::model(dir.join("config.json"), e))?;
-        let json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| Error::model(dir.join("config.json"), e))?;
+        let cfg_path = dir.join("config.json");
+        let raw = std::fs::read(&cfg_path).map_err(|e| Error::model(&cfg_path, e))?;
+        let json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| Error::model(&cfg_path, e))?;
+        let model_type = json["model_type"].as_str().unwrap_or("llama");
+        let family = match model_type {
+            "llama" | "mistral" => Arch::Llama,
+            "gemma3_text" => Arch::Gemma3(gemma3_params(&json).map_err(|e| Error::model(&cfg_path, e))?),
+            other => {
+                let hint = if other == "gemma3" { " (the multimodal checkpoint: use its text model, model_type gemma3_text)" } else { "" };
+                return Err(Error::model(&cfg_path, format!("model_type {other:?}{hint} is not supported; supported: {}", Arch::SUPPORTED)));
+            }
+        };
+        let gemma = matches!(family, Arch::Gemma3(_));
         let lc: candle_transformers::models::llama::LlamaConfig =
             serde_json::from_value(json.clone()).map_err(|e| Error::model(dir.join("config.json"), e))?;
         let rope_scaling = lc.rope_scaling.as_ref().and_then(|s| match s.rope_type {
@@ -165,8 +193,11 @@ impl Engine {
             }),
             _ => None,
         });
-        let src = SafetensorsSource::open(dir, &opts.device, opts.mode)?;
+        let src = SafetensorsSource::open(dir, &opts.device, opts.mode, gemma)?;
+        // Mistral's sliding window never matters within a context no longer than the window.
+        let window = json["sliding_window"].as_u64().filter(|_| model_type == "mistral").map_or(usize::MAX, |w| w as usize);
         let cfg = Config {
+            arch: family,
             n_layers: lc.num_hidden_layers,
             d_model: lc.hidden_size,
             d_ff: lc.intermediate_size,
@@ -179,8 +210,9 @@ impl Engine {
             rope_scaling,
             rope_freq_factors: None,
             rope_interleaved: false,
-            max_seq_len: lc.max_position_embeddings.min(opts.max_context),
-            tied_embeddings: lc.tie_word_embeddings.unwrap_or(false) || !src.has(Key::Output),
+            max_seq_len: lc.max_position_embeddings.min(opts.max_context).min(window),
+            // Gemma ties its head unless told otherwise.
+            tied_embeddings: lc.tie_word_embeddings.unwrap_or(gemma) || !src.has(Key::Output),
         };
         let eos: Vec<u32> = match &lc.eos_token_id {
             Some(candle_transformers::models::llama::LlamaEosToks::Single(e)) => vec![*e],
@@ -201,15 +233,15 @@ impl Engine {
             Some(t) => Some(ChatTemplate::new(&t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
             None => None,
         };
-        let model = Llama::load(&src, &cfg)?;
+        let model = crate::model::load(&src, &cfg)?;
         Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: dir.to_owned(), format: "safetensors" }, opts.mode))
     }
 
-    fn assemble(model: Llama, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo, mode: WeightMode) -> Self {
+    fn assemble(model: Box<dyn LanguageModel>, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo, mode: WeightMode) -> Self {
         let weight_bytes = model.weight_bytes();
         Self {
             quantized: mode == WeightMode::Quantized,
-            model: Arc::new(model),
+            model: Arc::from(model),
             tok,
             chat,
             info,
@@ -291,7 +323,7 @@ impl Engine {
                     tracing::warn!("{e}; rebuilding");
                 }
                 let start = Instant::now();
-                let m = NeuronMap::build(&self.model, view, final_norm, &fp, &self.weights_desc(), progress)?;
+                let m = NeuronMap::build(&*self.model, view, final_norm, &fp, &self.weights_desc(), progress)?;
                 let secs = start.elapsed().as_secs_f64();
                 if let Err(e) = map::cache::save(&m, &path) {
                     tracing::warn!("could not cache the map at {}: {e}", path.display());
@@ -349,7 +381,7 @@ impl Engine {
         let mut cache = Cache::with_cancel(self.config(), cancel.clone());
         let out = self.model.forward(&self.input(ids)?, &mut cache, std::slice::from_ref(iv), &[])?;
         let logits = out.logits.i(0)?;
-        let probs = crate::model::llama::softmax(&logits)?.to_vec1::<f32>()?;
+        let probs = crate::model::softmax(&logits)?.to_vec1::<f32>()?;
         let logits = logits.to_vec1::<f32>()?;
         Ok(top_indices(&probs, top_k)
             .into_iter()
@@ -507,7 +539,7 @@ impl Engine {
                 // Row 0 of the first chunk is the unclamped run.
                 natural = out.mlp_acts[0].1.i((0, t - 1, neuron))?.to_scalar::<f32>()?;
             }
-            let p = crate::model::llama::softmax(&out.logits)?.i((.., target as usize))?.to_vec1::<f32>()?;
+            let p = crate::model::softmax(&out.logits)?.i((.., target as usize))?.to_vec1::<f32>()?;
             probs.extend(p);
         }
         Ok(SweepResult { baseline: probs[0], natural_value: natural, probs: probs[1..].to_vec() })
@@ -726,4 +758,39 @@ pub fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
     idx.truncate(k);
     idx.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]));
     idx
+}
+
+/// Gemma 3's additions from a Hugging Face config.json (`gemma3_text`). The layer pattern is
+/// `sliding_window_pattern`, or read from `layer_types` (newer transformers).
+fn gemma3_params(json: &serde_json::Value) -> std::result::Result<Gemma3Params, String> {
+    let num = |k: &str| json[k].as_f64();
+    let pattern = match (json["sliding_window_pattern"].as_u64(), json["layer_types"].as_array()) {
+        (Some(p), _) => p as usize,
+        (None, Some(types)) => {
+            let global: Vec<bool> = types.iter().map(|t| t.as_str() == Some("full_attention")).collect();
+            let p = global.iter().position(|&g| g).map_or(global.len() + 1, |i| i + 1);
+            if global.iter().enumerate().any(|(l, &g)| g != (l + 1).is_multiple_of(p)) {
+                return Err("layer_types do not follow a fixed local/global pattern".into());
+            }
+            p
+        }
+        (None, None) => 6,
+    };
+    let global_rope_factor = match &json["rope_scaling"] {
+        serde_json::Value::Null => 1.0,
+        s if s["rope_type"].as_str().or(s["type"].as_str()) == Some("linear") => s["factor"].as_f64().ok_or("rope_scaling has no factor")? as f32,
+        s => return Err(format!("rope_scaling {s} is not supported for Gemma 3 (only linear)")),
+    };
+    let activation = json["hidden_activation"].as_str().or(json["hidden_act"].as_str()).unwrap_or("gelu_pytorch_tanh");
+    if activation != "gelu_pytorch_tanh" {
+        return Err(format!("hidden_activation {activation:?} is not supported (only gelu_pytorch_tanh)"));
+    }
+    Ok(Gemma3Params {
+        sliding_window: json["sliding_window"].as_u64().ok_or("missing sliding_window")? as usize,
+        pattern,
+        rope_local_theta: num("rope_local_base_freq").unwrap_or(10_000.0) as f32,
+        query_pre_attn_scalar: num("query_pre_attn_scalar").ok_or("missing query_pre_attn_scalar")? as f32,
+        final_logit_softcap: num("final_logit_softcapping").map(|c| c as f32),
+        global_rope_factor,
+    })
 }

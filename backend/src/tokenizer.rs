@@ -46,9 +46,9 @@ impl Tok {
     /// Build the tokenizer stored in GGUF metadata.
     pub fn from_gguf(c: &Content) -> Result<Self> {
         let model = meta(c, "tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned();
-        if model.as_deref() != Some("gpt2") {
+        if !matches!(model.as_deref(), Some("gpt2" | "llama")) {
             return Err(Error::Tokenizer(format!(
-                "only byte-level BPE (tokenizer.ggml.model = \"gpt2\") GGUF tokenizers are supported, found {model:?}"
+                "only byte-level BPE (tokenizer.ggml.model = \"gpt2\") and SentencePiece-style (\"llama\") GGUF tokenizers are supported, found {model:?}"
             )));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
@@ -60,33 +60,21 @@ impl Tok {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i32> = match meta(c, "tokenizer.ggml.token_type") {
             Some(v) => v.to_vec().map_err(|e| Error::Tokenizer(e.to_string()))?.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
-        let pre = meta(c, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}"))))
-            .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut tk = Tokenizer::new(bpe);
-        let pre_tok: PreTokenizerWrapper = match pre.as_str() {
-            "llama-bpe" | "llama3" => Sequence::new(vec![
-                Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| Error::Tokenizer(e.to_string()))?
-                    .into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into(),
-            // "smollm" (SmolLM/SmolLM2) splits digits one by one before the GPT-2 byte-level regex.
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
-            _ => ByteLevel::new(false, true, true).into(),
+        let mut tk = if model.as_deref() == Some("llama") {
+            let scores: Vec<f32> = match meta(c, "tokenizer.ggml.scores") {
+                Some(v) => v.to_vec().map_err(|e| Error::Tokenizer(e.to_string()))?.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect(),
+                None => return Err(Error::Tokenizer("missing tokenizer.ggml.scores".into())),
+            };
+            let space_prefix = meta(c, "tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+            let unk = meta_u32(c, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize).cloned());
+            sentencepiece(&tokens, &scores, &types, unk, space_prefix)?
+        } else {
+            byte_level(c, &tokens)?
         };
-        tk.with_pre_tokenizer(Some(pre_tok));
-        tk.with_decoder(Some(ByteLevelDecoder::default()));
         // Control (3) and user-defined (4) tokens are matched whole in the input text.
         let specials: Vec<AddedToken> =
             tokens.iter().zip(&types).filter(|(_, &ty)| ty == 3 || ty == 4).map(|(t, _)| AddedToken::from(t.clone(), true)).collect();
@@ -94,9 +82,9 @@ impl Tok {
         let bos_id = meta_u32(c, "tokenizer.ggml.bos_token_id");
         let eos_id = meta_u32(c, "tokenizer.ggml.eos_token_id");
         let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
-        if let Some(eot) = meta_u32(c, "tokenizer.ggml.eot_token_id") {
-            eos_ids.push(eot);
-        }
+        // Gemma's chat turns end with <end_of_turn>, which its base GGUFs do not name.
+        let eot = meta_u32(c, "tokenizer.ggml.eot_token_id").or_else(|| tokens.iter().position(|t| t == "<end_of_turn>").map(|i| i as u32));
+        eos_ids.extend(eot.filter(|e| !eos_ids.contains(e)));
         let add_bos = meta(c, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         Ok(Self { bos_token: name(bos_id), eos_token: name(eos_id), inner: tk, bos_id, eos_ids, add_bos })
@@ -194,4 +182,90 @@ impl Tok {
         let hint = if ok.is_empty() { String::new() } else { format!("; single-token variants: {}", ok.join(", ")) };
         Err(Error::UnknownToken(format!("{text:?} is not a single token: it tokenizes as {how}{hint}")))
     }
+}
+
+/// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the vocabulary and merges, with the
+/// model's pre-tokenizer rules.
+fn byte_level(c: &Content, tokens: &[String]) -> Result<Tokenizer> {
+    let merges: Vec<String> = match meta(c, "tokenizer.ggml.merges") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.merges: {e}")))?
+            .iter()
+            .map(|x| x.to_string().cloned().map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.merges: {e}"))))
+            .collect::<Result<_>>()?,
+        None => return Err(Error::Tokenizer("missing tokenizer.ggml.merges".into())),
+    };
+    let pre = meta(c, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let merges: Vec<(String, String)> = merges
+        .iter()
+        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| Error::Tokenizer(format!("bad merge {m:?}"))))
+        .collect::<Result<_>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut tk = Tokenizer::new(bpe);
+    let pre_tok: PreTokenizerWrapper = match pre.as_str() {
+        "llama-bpe" | "llama3" => Sequence::new(vec![
+            Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?
+                .into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        // "smollm" (SmolLM/SmolLM2) splits digits one by one before the GPT-2 byte-level regex.
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+        _ => ByteLevel::new(false, true, true).into(),
+    };
+    tk.with_pre_tokenizer(Some(pre_tok));
+    tk.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(tk)
+}
+
+/// A SentencePiece-style BPE (`tokenizer.ggml.model = "llama"`: Gemma, Llama 2): spaces become
+/// "▁", pieces merge by score, and what the vocabulary lacks falls back to `<0xXX>` byte tokens.
+/// Built as Hugging Face's converter builds such a tokenizer.json: the merges are every pair of
+/// pieces whose concatenation is a piece, ranked by that piece's score (best first).
+fn sentencepiece(tokens: &[String], scores: &[f32], types: &[i32], unk: Option<String>, space_prefix: bool) -> Result<Tokenizer> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+    use tokenizers::normalizers::{Prepend, Replace};
+    use tokenizers::NormalizerWrapper;
+
+    if scores.len() != tokens.len() {
+        return Err(Error::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // Normal (1) pieces take part in merges; control, unknown, byte and unused ones do not.
+    let mergeable = |i: usize| types.get(i).is_none_or(|&t| t == 1);
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate().filter(|(i, _)| mergeable(*i)) {
+        let mut local: Vec<(usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*ids.get(&piece[..at])?, *ids.get(&piece[at..])?)))
+            .filter(|&(l, r)| mergeable(l) && mergeable(r))
+            .collect();
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| (scores[id], id, l, r)));
+    }
+    // Stable: equal scores keep vocabulary order, as the converter's sort does.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<(String, String)> = merges.into_iter().map(|(_, _, l, r)| (tokens[l].clone(), tokens[r].clone())).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = unk {
+        bpe = bpe.unk_token(unk);
+    }
+    let mut tk = Tokenizer::new(bpe.build().map_err(|e| Error::Tokenizer(e.to_string()))?);
+    let replace = Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let normalizer: NormalizerWrapper = if space_prefix {
+        tokenizers::normalizers::Sequence::new(vec![Prepend::new("▁".into()).into(), replace.into()]).into()
+    } else {
+        replace.into()
+    };
+    tk.with_normalizer(Some(normalizer)).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let space = Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?;
+    tk.with_decoder(Some(DecoderSequence::new(vec![space.into(), ByteFallback::default().into(), Fuse::default().into()])));
+    Ok(tk)
 }

@@ -30,10 +30,10 @@ fn build(e: &Engine, view: View, final_norm: bool) -> std::sync::Arc<NeuronMap> 
 
 /// Every logit of every neuron of `view`, in f64: `[n_neurons][vocab]`.
 fn brute_logits(e: &Engine, view: View, final_norm: bool) -> Vec<Vec<f64>> {
-    let wu: Vec<Vec<f32>> = map::unembedding(&e.model, final_norm).unwrap().to_vec2().unwrap();
+    let wu: Vec<Vec<f32>> = map::unembedding(&*e.model, final_norm).unwrap().to_vec2().unwrap();
     let mut out = Vec::new();
     for l in 0..e.config().n_layers {
-        let dirs: Vec<Vec<f32>> = map::directions(&e.model, view, l).unwrap().to_vec2().unwrap();
+        let dirs: Vec<Vec<f32>> = map::directions(&*e.model, view, l).unwrap().to_vec2().unwrap();
         for w in dirs {
             out.push(wu.iter().map(|u| u.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum()).collect());
         }
@@ -210,7 +210,7 @@ fn neuron_detail_agrees_with_the_map_and_brute_force() {
     assert!((first.norm - want_norm).abs() < 1e-3 * want_norm);
     // Similar neurons: brute-force cosine of up rows, the neuron itself excluded.
     let up: Vec<Vec<f32>> =
-        (0..t.engine.config().n_layers).flat_map(|l| map::directions(&t.engine.model, View::Up, l).unwrap().to_vec2::<f32>().unwrap()).collect();
+        (0..t.engine.config().n_layers).flat_map(|l| map::directions(&*t.engine.model, View::Up, l).unwrap().to_vec2::<f32>().unwrap()).collect();
     let cos = |a: &[f32], b: &[f32]| {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt())
@@ -466,7 +466,7 @@ fn phrase_verification_is_the_teacher_forced_probability() {
         let p = |seq: &[u32], t: u32| -> f32 {
             let x = Tensor::new(seq, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
             let logits = e.model.forward(&x, &mut Cache::new(e.config()), std::slice::from_ref(&iv), &[]).unwrap().logits;
-            flash_interp::model::llama::softmax(&logits).unwrap().i((0, t as usize)).unwrap().to_scalar().unwrap()
+            flash_interp::model::softmax(&logits).unwrap().i((0, t as usize)).unwrap().to_scalar().unwrap()
         };
         let longer: Vec<u32> = prompt.iter().copied().chain([ids[0]]).collect();
         p(&prompt, ids[0]) * p(&longer, ids[1])

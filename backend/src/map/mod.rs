@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use shared::{Polarity, View};
 
 use crate::error::Result;
-use crate::model::Llama;
+use crate::model::LanguageModel;
 
 /// Top tokens kept per neuron and polarity; the normalised probability uses the top 100.
 pub const TOP_K: usize = 100;
@@ -111,7 +111,7 @@ impl NeuronMap {
     /// Decode every neuron of `model` in `view`. `progress(done, total)` is called from worker
     /// threads as neurons finish.
     pub fn build(
-        model: &Llama,
+        model: &dyn LanguageModel,
         view: View,
         final_norm: bool,
         fingerprint: &str,
@@ -170,13 +170,13 @@ fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
 
 /// The unembedding `[vocab, d]` in f32, with the final RMSNorm weight folded in when asked:
 /// (w ⊙ g) · u = w · (g ⊙ u).
-pub fn unembedding(model: &Llama, final_norm: bool) -> Result<Tensor> {
+pub fn unembedding(model: &dyn LanguageModel, final_norm: bool) -> Result<Tensor> {
     let wu = model.lm_head_weight()?.to_dtype(DType::F32)?;
     Ok(if final_norm { wu.broadcast_mul(&model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)? } else { wu })
 }
 
 /// The decoded direction of every neuron of `layer` in `view`, `[d_ff, d]`, f32, contiguous.
-pub fn directions(model: &Llama, view: View, layer: usize) -> Result<Tensor> {
+pub fn directions(model: &dyn LanguageModel, view: View, layer: usize) -> Result<Tensor> {
     let (gate, up, down) = model.mlp_weights(layer)?;
     let t = match view {
         View::Up => up,

@@ -1,4 +1,5 @@
-//! Shape and hyper-parameters of a Llama-architecture model, from GGUF metadata or config.json.
+//! Shape and hyper-parameters of a model, from GGUF metadata or config.json: the Llama shape
+//! every supported family shares, and what a family adds ([`Arch`]).
 
 /// Llama 3 style RoPE frequency scaling (config.json `rope_scaling` with `rope_type: "llama3"`).
 #[derive(Debug, Clone, PartialEq)]
@@ -9,8 +10,57 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// The model family: which forward pass (one file each under `model/`) runs the weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Arch {
+    /// Llama 2/3/3.1/3.2 and the models of the same layout (SmolLM2, Mistral without sliding window).
+    #[default]
+    Llama,
+    /// Gemma 3: GeGLU (tanh GELU), RMSNorm around both sublayers, q/k norms, embeddings scaled by
+    /// √d, local sliding-window layers with their own RoPE base, a global layer every `pattern`.
+    Gemma3(Gemma3Params),
+}
+
+/// What Gemma 3 adds to the Llama shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Params {
+    /// Keys a local layer's query sees: positions `i - window < j <= i` (Hugging Face and
+    /// llama.cpp's convention).
+    pub sliding_window: usize,
+    /// Every `pattern`-th layer (1-based) is global; the others are local.
+    pub pattern: usize,
+    /// RoPE base of the local layers (the global layers use `Config::rope_theta`).
+    pub rope_local_theta: f32,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f32,
+    /// `logits = cap * tanh(logits / cap)` when set (Gemma 2; none in Gemma 3).
+    pub final_logit_softcap: Option<f32>,
+    /// Linear RoPE scaling of the global layers (Gemma 3 4B and larger: 8); 1 for none.
+    pub global_rope_factor: f32,
+}
+
+impl Gemma3Params {
+    pub fn is_global(&self, layer: usize) -> bool {
+        (layer + 1).is_multiple_of(self.pattern)
+    }
+}
+
+impl Arch {
+    /// The families this build runs, for error messages.
+    pub const SUPPORTED: &'static str =
+        "llama (Llama 2/3/3.1/3.2, SmolLM, and other models of the Llama layout) and gemma3 (Gemma 3), from GGUF or a Hugging Face directory";
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3(_) => "gemma3",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    pub arch: Arch,
     pub n_layers: usize,
     pub d_model: usize,
     /// Neurons per MLP layer (intermediate size).
@@ -55,6 +105,20 @@ impl Config {
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head size {} is odd (RoPE rotates pairs)", self.head_dim));
         }
+        if let Arch::Gemma3(g) = &self.arch {
+            if g.sliding_window == 0 || g.pattern == 0 {
+                return Err("the sliding window and its layer pattern must be positive".into());
+            }
+            if !(g.rope_local_theta.is_finite() && g.rope_local_theta > 0.0 && g.query_pre_attn_scalar.is_finite() && g.query_pre_attn_scalar > 0.0) {
+                return Err("the local RoPE base and the attention scale must be positive numbers".into());
+            }
+            if !(g.global_rope_factor.is_finite() && g.global_rope_factor > 0.0) {
+                return Err("the RoPE scaling factor must be a positive number".into());
+            }
+            if g.final_logit_softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+                return Err("the logit soft-cap must be a positive number".into());
+            }
+        }
         if self.rope_freq_factors.as_ref().is_some_and(|f| f.len() != self.head_dim / 2) {
             return Err(format!("rope_freqs has the wrong length for head size {}", self.head_dim));
         }
@@ -66,8 +130,13 @@ impl Config {
 
     /// Inverse RoPE frequencies, one per pair of dimensions, with any scaling applied.
     pub fn inv_freqs(&self) -> Vec<f32> {
+        self.inv_freqs_with_base(self.rope_theta)
+    }
+
+    /// [`Config::inv_freqs`] for another RoPE base (Gemma 3's local layers).
+    pub fn inv_freqs_with_base(&self, theta: f32) -> Vec<f32> {
         let half = self.head_dim / 2;
-        let mut f: Vec<f32> = (0..half).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f32 / self.head_dim as f32)).collect();
+        let mut f: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / self.head_dim as f32)).collect();
         if let Some(s) = &self.rope_scaling {
             let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor;
             let high_wavelen = s.original_max_position_embeddings as f32 / s.high_freq_factor;

@@ -1,8 +1,71 @@
-//! The model: configuration, weight sources and the forward pass with interventions.
+//! The model: configuration, weight sources, and one forward pass per family (`llama.rs`,
+//! `gemma3.rs`), each with interventions (neuron clamps) at the input of down_proj.
+pub mod common;
 pub mod config;
+pub mod gemma3;
 pub mod llama;
 pub mod weights;
 
-pub use config::Config;
-pub use llama::{Cache, Clamp, ForwardOutput, Intervention, Llama};
+use candle_core::{DType, Device, Tensor};
+
+pub use common::{all_finite, dense_weight, softmax, Cache, Clamp, ForwardOutput, Intervention};
+pub use config::{Arch, Config};
+pub use gemma3::Gemma3;
+pub use llama::Llama;
 pub use weights::{GgufSource, Key, SafetensorsSource, WeightMode, WeightSource};
+
+use crate::error::{Error, Result};
+
+/// A loaded model of any supported family: what the engine, the map and the analyses use.
+/// Immutable; shared in an `Arc`.
+pub trait LanguageModel: Send + Sync + std::fmt::Debug {
+    fn config(&self) -> &Config;
+    fn device(&self) -> &Device;
+    /// The compute dtype.
+    fn dtype(&self) -> DType;
+    /// Token embedding matrix `[vocab, d_model]` (the LM head too when tied), unscaled.
+    fn embedding(&self) -> &Tensor;
+    /// The unembedding `W_U` as a dense `[vocab, d_model]` tensor.
+    fn lm_head_weight(&self) -> Result<Tensor>;
+    /// The final RMSNorm's scale `[d_model]` (for Gemma, `1 + w`).
+    fn final_norm_weight(&self) -> &Tensor;
+    /// MLP weights of one layer as dense tensors: gate `[d_ff, d_model]`, up `[d_ff, d_model]`,
+    /// down `[d_model, d_ff]`.
+    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)>;
+    /// Bytes of every weight a forward pass reads, as held in memory (the token embedding is
+    /// only indexed, unless it is also the tied LM head).
+    fn weight_bytes(&self) -> usize;
+
+    /// [`LanguageModel::forward`] without the check that every row's logits are finite: for
+    /// callers that judge each row on its own (a batch of many clamps where one extreme value may
+    /// overflow).
+    fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput>;
+
+    /// Check an intervention against the model's shape.
+    fn validate(&self, iv: &Intervention) -> Result<()> {
+        common::validate(self.config(), iv)
+    }
+
+    /// Run `input` (`[b, t]` u32 token ids) through the model, appending to `cache`.
+    ///
+    /// `rows` gives one intervention per batch row, or a single one for all rows. If `input` has
+    /// one row and `rows` has `n > 1`, the batch is expanded to `n` at the first layer where the
+    /// rows differ: the shared prefix of the computation runs once (used by sweeps and by paired
+    /// normal/steered generation). `record` lists layers whose MLP activations (after any clamp)
+    /// are returned.
+    fn forward(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
+        let out = self.forward_rows(input, cache, rows, record)?;
+        if !all_finite(&out.logits)? {
+            return Err(Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// Load the forward pass of `cfg.arch` over `src`.
+pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Box<dyn LanguageModel>> {
+    Ok(match cfg.arch {
+        Arch::Llama => Box::new(Llama::load(src, cfg)?),
+        Arch::Gemma3(_) => Box::new(Gemma3::load(src, cfg)?),
+    })
+}

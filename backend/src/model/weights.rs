@@ -32,7 +32,7 @@ impl WeightMode {
     }
 }
 
-/// A weight of a Llama model, independent of file naming.
+/// A weight of a model, independent of file naming (the Llama set, and the norms Gemma adds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Key {
     Embed,
@@ -44,6 +44,12 @@ pub enum Key {
     V(usize),
     O(usize),
     FfnNorm(usize),
+    /// Gemma: per-head RMSNorm of queries and keys, `[head_dim]`.
+    QNorm(usize),
+    KNorm(usize),
+    /// Gemma: RMSNorm of the attention output and of the MLP output, before the residual add.
+    PostAttnNorm(usize),
+    PostFfnNorm(usize),
     Gate(usize),
     Up(usize),
     Down(usize),
@@ -55,7 +61,8 @@ impl Key {
         let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         match self {
             Key::Embed | Key::Output => vec![c.vocab_size, c.d_model],
-            Key::OutNorm | Key::AttnNorm(_) | Key::FfnNorm(_) => vec![c.d_model],
+            Key::OutNorm | Key::AttnNorm(_) | Key::FfnNorm(_) | Key::PostAttnNorm(_) | Key::PostFfnNorm(_) => vec![c.d_model],
+            Key::QNorm(_) | Key::KNorm(_) => vec![c.head_dim],
             Key::Q(_) => vec![q, c.d_model],
             Key::K(_) | Key::V(_) => vec![kv, c.d_model],
             Key::O(_) => vec![c.d_model, q],
@@ -75,13 +82,24 @@ impl Key {
             Key::V(l) => format!("blk.{l}.attn_v.weight"),
             Key::O(l) => format!("blk.{l}.attn_output.weight"),
             Key::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Key::QNorm(l) => format!("blk.{l}.attn_q_norm.weight"),
+            Key::KNorm(l) => format!("blk.{l}.attn_k_norm.weight"),
+            Key::PostAttnNorm(l) => format!("blk.{l}.post_attention_norm.weight"),
+            Key::PostFfnNorm(l) => format!("blk.{l}.post_ffw_norm.weight"),
             Key::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
             Key::Up(l) => format!("blk.{l}.ffn_up.weight"),
             Key::Down(l) => format!("blk.{l}.ffn_down.weight"),
         }
     }
-    pub fn hf_name(&self) -> String {
+    /// The Hugging Face name. Gemma calls the pre-MLP norm `pre_feedforward_layernorm` and uses
+    /// Llama's name for it, `post_attention_layernorm`, for the norm after attention.
+    pub fn hf_name(&self, gemma: bool) -> String {
         match self {
+            Key::FfnNorm(l) if gemma => format!("model.layers.{l}.pre_feedforward_layernorm.weight"),
+            Key::PostAttnNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+            Key::PostFfnNorm(l) => format!("model.layers.{l}.post_feedforward_layernorm.weight"),
+            Key::QNorm(l) => format!("model.layers.{l}.self_attn.q_norm.weight"),
+            Key::KNorm(l) => format!("model.layers.{l}.self_attn.k_norm.weight"),
             Key::Embed => "model.embed_tokens.weight".into(),
             Key::OutNorm => "model.norm.weight".into(),
             Key::Output => "lm_head.weight".into(),
@@ -123,7 +141,7 @@ fn read_gguf(reader: &mut BufReader<File>) -> std::result::Result<gguf_file::Con
 /// Refuse a weight with NaN or infinite values (a corrupt file): otherwise the model would load and
 /// answer NaN probabilities.
 fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
-    if !super::llama::all_finite(t)? {
+    if !super::common::all_finite(t)? {
         return Err(Error::model(path, format!("tensor {name} has NaN or infinite values: the file is corrupt")));
     }
     Ok(())
@@ -143,9 +161,10 @@ pub trait WeightSource {
     fn vector(&self, key: Key) -> Result<Tensor> {
         self.dense(key)
     }
-    /// The LM head when tied to the embedding.
-    fn tied_head(&self) -> Result<QMatMul> {
-        Ok(QMatMul::Tensor(self.dense(Key::Embed)?))
+    /// The LM head when tied to the embedding, `embed` (the dense embedding already loaded): the
+    /// same tensor, not a second copy, unless the head is kept quantized.
+    fn tied_head(&self, embed: &Tensor) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(embed.clone()))
     }
     fn has(&self, key: Key) -> bool;
 }
@@ -240,8 +259,16 @@ impl WeightSource for GgufSource {
     fn dense(&self, key: Key) -> Result<Tensor> {
         Ok(self.qtensor(key)?.1.to_dtype(self.mode.compute_dtype())?)
     }
-    fn tied_head(&self) -> Result<QMatMul> {
-        self.to_linear(self.qtensor(Key::Embed)?)
+    fn tied_head(&self, embed: &Tensor) -> Result<QMatMul> {
+        let quantized = self
+            .content
+            .tensor_infos
+            .get(&Key::Embed.gguf_name())
+            .is_some_and(|t| !matches!(t.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
+        if self.mode == WeightMode::Quantized && quantized {
+            return self.to_linear(self.qtensor(Key::Embed)?);
+        }
+        Ok(QMatMul::Tensor(embed.clone()))
     }
     fn has(&self, key: Key) -> bool {
         self.content.tensor_infos.contains_key(&key.gguf_name())
@@ -252,13 +279,16 @@ impl WeightSource for GgufSource {
 pub struct SafetensorsSource {
     tensors: candle_core::safetensors::MmapedSafetensors,
     names: HashMap<String, ()>,
+    /// Gemma's names, and its norms stored as `w` for a scale of `1 + w`.
+    gemma: bool,
     dir: PathBuf,
     device: Device,
     mode: WeightMode,
 }
 
 impl SafetensorsSource {
-    pub fn open(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+    /// Open the `*.safetensors` of `dir`; `gemma` for a Gemma checkpoint (its names, its norms).
+    pub fn open(dir: &Path, device: &Device, mode: WeightMode, gemma: bool) -> Result<Self> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::model(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -272,11 +302,11 @@ impl SafetensorsSource {
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::model(dir, format!("unreadable safetensors ({e})")))?;
         let names = tensors.tensors().into_iter().map(|(n, _)| (n, ())).collect();
-        Ok(Self { tensors, names, dir: dir.to_owned(), device: device.clone(), mode })
+        Ok(Self { tensors, names, gemma, dir: dir.to_owned(), device: device.clone(), mode })
     }
 
     fn load(&self, key: Key) -> Result<Tensor> {
-        let name = key.hf_name();
+        let name = key.hf_name(self.gemma);
         if !self.names.contains_key(&name) {
             return Err(Error::model(&self.dir, format!("missing tensor {name}")));
         }
@@ -294,7 +324,7 @@ impl WeightSource for SafetensorsSource {
         &self.dir
     }
     fn name(&self, key: Key) -> String {
-        key.hf_name()
+        key.hf_name(self.gemma)
     }
     fn linear(&self, key: Key) -> Result<QMatMul> {
         let t = self.load(key)?;
@@ -306,7 +336,13 @@ impl WeightSource for SafetensorsSource {
     fn dense(&self, key: Key) -> Result<Tensor> {
         self.load(key)
     }
+    /// Gemma's checkpoints store a norm as `w` and scale by `1 + w` (llama.cpp adds the 1 when it
+    /// writes a GGUF): every source hands out the scale itself.
+    fn vector(&self, key: Key) -> Result<Tensor> {
+        let w = self.load(key)?;
+        Ok(if self.gemma { (w + 1.0)? } else { w })
+    }
     fn has(&self, key: Key) -> bool {
-        self.names.contains_key(&key.hf_name())
+        self.names.contains_key(&key.hf_name(self.gemma))
     }
 }

@@ -1,0 +1,247 @@
+//! What every model family shares: the per-request cache, the intervention (plain data), the
+//! forward output, RMSNorm, the clamp and the masks, and the checks a weight passes at load.
+
+use super::config::Config;
+use super::weights::{Key, WeightSource};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::cancel::Cancel;
+use crate::error::{Error, Result};
+
+/// Per-request key/value cache: one entry per layer, `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub(crate) kvs: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) seq_len: usize,
+    /// Checked before every layer: a cancelled request stops within one layer's work.
+    pub(crate) cancel: Cancel,
+}
+
+impl Cache {
+    pub fn new(cfg: &Config) -> Self {
+        Self::with_cancel(cfg, Cancel::default())
+    }
+    pub fn with_cancel(cfg: &Config, cancel: Cancel) -> Self {
+        Self { kvs: vec![None; cfg.n_layers], seq_len: 0, cancel }
+    }
+    /// Number of positions already in the cache.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+}
+
+/// Force neuron `neuron` of MLP layer `layer` to `value` at every position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clamp {
+    pub layer: usize,
+    pub neuron: usize,
+    pub value: f32,
+}
+
+/// What to change in one run of the model: a set of clamps (several at once are allowed).
+/// The empty intervention is the plain model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Intervention {
+    pub clamps: Vec<Clamp>,
+}
+
+impl Intervention {
+    pub fn none() -> Self {
+        Self::default()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.clamps.is_empty()
+    }
+    pub(crate) fn touches(&self, layer: usize) -> bool {
+        self.clamps.iter().any(|c| c.layer == layer)
+    }
+}
+
+/// Output of one forward call.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// Logits of the last position of each batch row, `[batch, vocab]`, f32.
+    pub logits: Tensor,
+    /// MLP hidden activations (after any clamp) of the layers asked for in `record`,
+    /// each `[batch, seq, d_ff]`, f32.
+    pub mlp_acts: Vec<(usize, Tensor)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    pub(crate) weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn load(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<Self> {
+        let weight = src.vector(key)?;
+        check_shape(src, key, weight.dims(), cfg)?;
+        Ok(Self { weight, eps: cfg.rms_eps })
+    }
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
+    }
+}
+
+/// Set clamped neurons of `hidden` (`[b, t, d_ff]`) to their values for the rows that ask for it.
+pub(crate) fn apply_clamps(hidden: &Tensor, layer: usize, rows: &[Intervention], batch: usize) -> Result<Tensor> {
+    if !rows.iter().any(|iv| iv.touches(layer)) {
+        return Ok(hidden.clone());
+    }
+    let (_, t, d_ff) = hidden.dims3()?;
+    // Build per-row masks: a single intervention applies to every row.
+    let row_of = |r: usize| if rows.len() == 1 { &rows[0] } else { &rows[r] };
+    let mut mask = vec![0u8; batch * d_ff];
+    let mut vals = vec![0f32; batch * d_ff];
+    for r in 0..batch {
+        for c in row_of(r).clamps.iter().filter(|c| c.layer == layer) {
+            mask[r * d_ff + c.neuron] = 1;
+            vals[r * d_ff + c.neuron] = c.value;
+        }
+    }
+    let dev = hidden.device();
+    let shape = (batch, t, d_ff);
+    let mask = Tensor::from_vec(mask, (batch, 1, d_ff), dev)?.broadcast_as(shape)?;
+    let vals = Tensor::from_vec(vals, (batch, 1, d_ff), dev)?.to_dtype(hidden.dtype())?.broadcast_as(shape)?;
+    Ok(mask.where_cond(&vals, hidden)?)
+}
+
+pub(crate) fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    window_mask(t, offset, None, dtype, device)
+}
+
+/// The causal mask, `[t, offset + t]`; with a `window`, query `i` also sees only keys `j` with
+/// `i - j < window` (Hugging Face's and llama.cpp's sliding window).
+pub(crate) fn window_mask(t: usize, offset: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = offset + t;
+    let hidden = |i: usize, j: usize| j > i + offset || window.is_some_and(|w| i + offset >= j + w);
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
+}
+
+/// A linear layer's weight, checked against the shape the configuration implies.
+pub(crate) fn linear(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<QMatMul> {
+    let w = src.linear(key)?;
+    let dims = match &w {
+        QMatMul::QTensor(q) => q.shape().dims().to_vec(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims().to_vec(),
+    };
+    check_shape(src, key, &dims, cfg)?;
+    Ok(w)
+}
+
+/// A weight whose shape is not what the model's settings say is a corrupt or foreign file: refused
+/// (otherwise clamps or maps would index past the real activations).
+pub(crate) fn check_shape(src: &dyn WeightSource, key: Key, dims: &[usize], cfg: &Config) -> Result<()> {
+    let want = key.shape(cfg);
+    if dims != want.as_slice() {
+        return Err(Error::model(src.origin(), format!("tensor {} has shape {dims:?}, but the model's settings say {want:?}", src.name(key))));
+    }
+    Ok(())
+}
+
+/// Whether every value of `t` is finite: `x - x` is 0 for finite x and NaN for NaN or ±inf, so
+/// one sum tells, and only one scalar leaves the device.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = t.to_dtype(DType::F32)?;
+    Ok(t.sub(&t)?.sum_all()?.to_scalar::<f32>()? == 0.0)
+}
+
+/// A weight as a dense tensor, whatever its storage (quantized weights are dequantized to f32).
+pub fn dense_weight(w: &QMatMul) -> Result<Tensor> {
+    Ok(match w {
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+        QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+    })
+}
+
+/// Softmax over the last dimension, in f32.
+pub fn softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+}
+
+/// The checks every family's forward makes before it runs: a non-empty input, interventions that
+/// fit the batch and the model, and room in the context. Returns `(rows in input, tokens, rows
+/// out, offset)`.
+pub(crate) fn check_forward(cfg: &Config, input: &Tensor, cache: &Cache, rows: &[Intervention]) -> Result<(usize, usize, usize, usize)> {
+    let (b_in, t) = input.dims2()?;
+    if t == 0 {
+        return Err(Error::bad("empty input: at least one token is needed"));
+    }
+    if rows.len() > 1 && b_in != 1 && b_in != rows.len() {
+        return Err(Error::bad(format!("{} interventions for a batch of {b_in}", rows.len())));
+    }
+    for iv in rows {
+        validate(cfg, iv)?;
+    }
+    let offset = cache.seq_len;
+    if offset + t > cfg.max_seq_len {
+        return Err(Error::TooLarge(format!("{} tokens exceed the model's context of {} tokens", offset + t, cfg.max_seq_len)));
+    }
+    Ok((b_in, t, rows.len().max(1), offset))
+}
+
+/// Check an intervention against the model's shape.
+pub fn validate(cfg: &Config, iv: &Intervention) -> Result<()> {
+    for c in &iv.clamps {
+        crate::limits::check_clamp(c.layer, c.neuron, c.value, cfg)?;
+    }
+    Ok(())
+}
+
+/// Repeat the residual stream and the caches of layers `< upto` from one row to `n` rows.
+pub(crate) fn expand(x: &Tensor, cache: &mut Cache, upto: usize, n: usize) -> Result<Tensor> {
+    for kv in cache.kvs.iter_mut().take(upto) {
+        if let Some((k, v)) = kv.take() {
+            *kv = Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?));
+        }
+    }
+    Ok(x.repeat((n, 1, 1))?)
+}
+
+/// Bytes a weight takes in memory, whatever its storage.
+pub(crate) fn linear_bytes(w: &QMatMul) -> usize {
+    match w {
+        QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => tensor_bytes(t),
+    }
+}
+
+pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// RoPE tables `(cos, sin)`, `[max_seq_len, head_dim / 2]`, for inverse frequencies `inv`.
+pub(crate) fn rope_tables(inv: Vec<f32>, max_seq_len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv.len();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let pos = Tensor::arange(0u32, max_seq_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_seq_len, 1))?;
+    let angles = pos.broadcast_mul(&inv)?;
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+}
+
+/// Scaled dot-product attention over `[b, heads, t, head_dim]` queries and the cached keys and
+/// values (`[b, kv_heads, total, head_dim]`, repeated to the query heads), with an additive mask.
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let k = candle_transformers::utils::repeat_kv(k.clone(), n_rep)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v.clone(), n_rep)?.contiguous()?;
+    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = match mask {
+        Some(m) => att.broadcast_add(m)?,
+        None => att,
+    };
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    Ok(att.matmul(&v)?)
+}
+
+/// Append this step's keys and values to a layer's cache; returns the whole sequence's.
+pub(crate) fn append_kv(kv: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    let (k, v) = match kv.take() {
+        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        None => (k, v),
+    };
+    *kv = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}

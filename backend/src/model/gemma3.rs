@@ -1,0 +1,230 @@
+//! Our own Gemma 3 forward pass, written like `llama.rs` (and checked against
+//! candle-transformers' `gemma3`): GeGLU with the tanh GELU, RMSNorm before and after both
+//! sublayers, per-head q/k norms, token embeddings scaled by √d, and local sliding-window layers
+//! with their own RoPE base between the global ones. The clamp is at the same site as Llama's:
+//! the MLP activation gelu(gate(x)) * up(x), the input of down_proj.
+//!
+//! Norm weights arrive as the scale itself (`1 + w`): llama.cpp stores that in a GGUF, and the
+//! safetensors source adds the 1.
+
+use super::common::{
+    append_kv, apply_clamps, attend, check_forward, check_shape, dense_weight, expand, linear, linear_bytes, rope_tables, tensor_bytes, window_mask,
+    Cache, ForwardOutput, Intervention, RmsNorm,
+};
+use super::config::{Arch, Config, Gemma3Params};
+use super::weights::{Key, WeightSource};
+use super::LanguageModel;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(src: &dyn WeightSource, l: usize, cfg: &Config, p: &Gemma3Params) -> Result<Self> {
+        Ok(Self {
+            q: linear(src, Key::Q(l), cfg)?,
+            k: linear(src, Key::K(l), cfg)?,
+            v: linear(src, Key::V(l), cfg)?,
+            o: linear(src, Key::O(l), cfg)?,
+            q_norm: RmsNorm::load(src, Key::QNorm(l), cfg)?,
+            k_norm: RmsNorm::load(src, Key::KNorm(l), cfg)?,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            scale: 1.0 / (p.query_pre_attn_scalar as f64).sqrt(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let q = self.q.forward(x)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
+        let k = self.k.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let v = self.v.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        // Both Hugging Face and llama.cpp (NEOX mode) rotate Gemma's split halves.
+        let q = candle_nn::rotary_emb::rope(&self.q_norm.forward(&q)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&self.k_norm.forward(&k)?, cos, sin)?;
+        let (k, v) = append_kv(kv, k, v.contiguous()?)?;
+        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, self.scale, mask)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        Ok(self.o.forward(&y)?)
+    }
+}
+
+/// GeGLU: down(gelu_tanh(gate(x)) * up(x)). `hidden` is the neuron activation we read and clamp.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+impl Mlp {
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (PyTorch's gelu(approximate="tanh")).
+        Ok((self.gate.forward(x)?.gelu()? * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+    post_ffn_norm: RmsNorm,
+    global: bool,
+}
+
+impl Block {
+    fn load(src: &dyn WeightSource, l: usize, cfg: &Config, p: &Gemma3Params) -> Result<Self> {
+        Ok(Self {
+            attn_norm: RmsNorm::load(src, Key::AttnNorm(l), cfg)?,
+            attn: Attention::load(src, l, cfg, p)?,
+            post_attn_norm: RmsNorm::load(src, Key::PostAttnNorm(l), cfg)?,
+            ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?,
+            mlp: Mlp { gate: linear(src, Key::Gate(l), cfg)?, up: linear(src, Key::Up(l), cfg)?, down: linear(src, Key::Down(l), cfg)? },
+            post_ffn_norm: RmsNorm::load(src, Key::PostFfnNorm(l), cfg)?,
+            global: p.is_global(l),
+        })
+    }
+}
+
+/// A loaded Gemma 3 model. Immutable: share it in an `Arc`.
+#[derive(Debug)]
+pub struct Gemma3 {
+    cfg: Config,
+    params: Gemma3Params,
+    /// Token embedding, `[vocab, d_model]`, in the compute dtype (unscaled: the tied LM head).
+    embed: Tensor,
+    /// √d_model, in the compute dtype, as Hugging Face rounds it.
+    embed_scale: f64,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: QMatMul,
+    /// RoPE tables of the global layers and of the local ones.
+    global_rope: (Tensor, Tensor),
+    local_rope: (Tensor, Tensor),
+    device: Device,
+    dtype: DType,
+}
+
+impl Gemma3 {
+    pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
+        let Arch::Gemma3(params) = &cfg.arch else {
+            return Err(Error::model(src.origin(), "not a Gemma 3 configuration"));
+        };
+        let device = src.device().clone();
+        cfg.check().map_err(|e| Error::model(src.origin(), e))?;
+        let embed = src.dense(Key::Embed)?;
+        check_shape(src, Key::Embed, embed.dims(), cfg)?;
+        let dtype = embed.dtype();
+        let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg, params)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(src, Key::OutNorm, cfg)?;
+        let lm_head = if cfg.tied_embeddings { src.tied_head(&embed)? } else { linear(src, Key::Output, cfg)? };
+        let global_inv = cfg.inv_freqs().into_iter().map(|f| f / params.global_rope_factor).collect();
+        let global_rope = rope_tables(global_inv, cfg.max_seq_len, dtype, &device)?;
+        let local_rope = rope_tables(cfg.inv_freqs_with_base(params.rope_local_theta), cfg.max_seq_len, dtype, &device)?;
+        // Hugging Face multiplies by the scale cast to the model's dtype.
+        let embed_scale = Tensor::new(&[(cfg.d_model as f32).sqrt()], &device)?.to_dtype(dtype)?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        Ok(Self { cfg: cfg.clone(), params: params.clone(), embed, embed_scale, blocks, norm, lm_head, global_rope, local_rope, device, dtype })
+    }
+}
+
+impl LanguageModel for Gemma3 {
+    fn config(&self) -> &Config {
+        &self.cfg
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn embedding(&self) -> &Tensor {
+        &self.embed
+    }
+    fn lm_head_weight(&self) -> Result<Tensor> {
+        dense_weight(&self.lm_head)
+    }
+    fn final_norm_weight(&self) -> &Tensor {
+        &self.norm.weight
+    }
+    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let m = &self.blocks[layer].mlp;
+        Ok((dense_weight(&m.gate)?, dense_weight(&m.up)?, dense_weight(&m.down)?))
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down].into_iter().map(linear_bytes).sum::<usize>()
+                    + [&b.attn_norm, &b.post_attn_norm, &b.ffn_norm, &b.post_ffn_norm, &b.attn.q_norm, &b.attn.k_norm]
+                        .into_iter()
+                        .map(|n| tensor_bytes(&n.weight))
+                        .sum::<usize>()
+            })
+            .sum();
+        blocks + linear_bytes(&self.lm_head) + tensor_bytes(&self.norm.weight)
+    }
+
+    fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
+        let (b_in, t, n_rows, offset) = check_forward(&self.cfg, input, cache, rows)?;
+        let narrow = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> { Ok((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?)) };
+        let (global_rope, local_rope) = (narrow(&self.global_rope)?, narrow(&self.local_rope)?);
+        let global_mask = if t > 1 { Some(window_mask(t, offset, None, self.dtype, &self.device)?) } else { None };
+        // A local layer needs its mask whenever a key can fall out of the window, one token included.
+        let window = self.params.sliding_window;
+        let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), self.dtype, &self.device)?) } else { None };
+
+        let x = self.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, self.cfg.d_model))?;
+        let mut x = (x * self.embed_scale)?;
+        let mut batch = b_in;
+        let mut acts = Vec::new();
+        for (l, block) in self.blocks.iter().enumerate() {
+            cache.cancel.check()?;
+            if batch == 1 && n_rows > 1 && rows.iter().any(|iv| iv.touches(l)) {
+                x = expand(&x, cache, l, n_rows)?;
+                batch = n_rows;
+            }
+            let ((cos, sin), mask) = if block.global { (&global_rope, &global_mask) } else { (&local_rope, &local_mask) };
+            let h = block.attn.forward(&block.attn_norm.forward(&x)?, cos, sin, mask.as_ref(), &mut cache.kvs[l])?;
+            x = (x + block.post_attn_norm.forward(&h)?)?;
+            let mut hidden = block.mlp.hidden(&block.ffn_norm.forward(&x)?)?;
+            hidden = apply_clamps(&hidden, l, rows, batch)?;
+            if record.contains(&l) {
+                acts.push((l, hidden.to_dtype(DType::F32)?));
+            }
+            x = (x + block.post_ffn_norm.forward(&block.mlp.down.forward(&hidden)?)?)?;
+        }
+        if batch == 1 && n_rows > 1 {
+            x = expand(&x, cache, self.cfg.n_layers, n_rows)?;
+        }
+        cache.seq_len += t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?;
+        Ok(ForwardOutput {
+            logits: match self.params.final_logit_softcap {
+                Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+                None => logits,
+            },
+            mlp_acts: acts,
+        })
+    }
+}
