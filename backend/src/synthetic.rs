@@ -1,6 +1,7 @@
-//! Tiny random-weight Llama models for tests, written both as GGUF (the llama.cpp layout, Q/K rows
-//! permuted for the interleaved RoPE) and as a Hugging Face directory (safetensors, config.json,
-//! tokenizer.json, tokenizer_config.json). Same weights, two files: the loaders must agree.
+//! Tiny random-weight models for tests, of the Llama or the Gemma 3 family, written both as GGUF
+//! (the llama.cpp layout: Llama's Q/K rows permuted for the interleaved RoPE, Gemma's norms stored
+//! as `1 + w`) and as a Hugging Face directory (safetensors, config.json, tokenizer.json,
+//! tokenizer_config.json). Same weights, two files: the loaders must agree.
 //! Nothing here downloads anything.
 
 use std::collections::HashMap;
@@ -37,7 +38,16 @@ pub struct TinySpec {
     pub perturb: Vec<(usize, usize)>,
     /// Neurons given chosen directions, so that what they read and write is known by construction.
     pub plant: Vec<Plant>,
+    /// A Gemma 3 model instead of a Llama one: sandwich and q/k norms, GeGLU, √d embeddings, and
+    /// local layers with a [`GEMMA_WINDOW`]-token window between global ones (every
+    /// [`GEMMA_PATTERN`]-th layer).
+    pub gemma3: bool,
 }
+
+/// The tiny Gemma 3's sliding window (keys a local layer sees) and layer pattern: short, so that
+/// the tests' prompts leave the window.
+pub const GEMMA_WINDOW: usize = 4;
+pub const GEMMA_PATTERN: usize = 2;
 
 /// A planted neuron: its up row and/or its down column set to `scale` × the sum of the
 /// unembedding rows of `tokens` (the LM head's, or the tied embedding's). An up row makes the map
@@ -67,6 +77,7 @@ impl Default for TinySpec {
             negate: vec![],
             perturb: vec![],
             plant: vec![],
+            gemma3: false,
         }
     }
 }
@@ -118,8 +129,10 @@ impl Rng {
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| self.next_f32() * scale).collect();
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
-    fn norm(&mut self, n: usize) -> Result<Tensor> {
-        let v: Vec<f32> = (0..n).map(|_| 1.0 + 0.2 * self.next_f32()).collect();
+    /// A norm weight near 1; near 0 when `offset` (Gemma stores `w` for a scale of `1 + w`).
+    fn norm(&mut self, n: usize, offset: bool) -> Result<Tensor> {
+        let base = if offset { 0.0 } else { 1.0 };
+        let v: Vec<f32> = (0..n).map(|_| base + 0.2 * self.next_f32()).collect();
         Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
     }
 }
@@ -130,21 +143,30 @@ pub fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
     let (d, f, hd) = (spec.d_model, spec.d_ff, spec.head_dim());
     let vocab = vocab().len();
     let s = spec.scale;
-    let mut w = vec![("model.embed_tokens.weight".to_string(), rng.tensor((vocab, d), s)?)];
+    let g = spec.gemma3;
+    // Gemma scales the embedding by √d on the way in: keep the residual stream's size as Llama's.
+    let embed_scale = if g { s / (d as f32).sqrt() } else { s };
+    let mut w = vec![("model.embed_tokens.weight".to_string(), rng.tensor((vocab, d), embed_scale)?)];
     for l in 0..spec.n_layers {
         let p = format!("model.layers.{l}");
         let wd = s / (d as f32).sqrt() * 1.7;
-        w.push((format!("{p}.input_layernorm.weight"), rng.norm(d)?));
+        w.push((format!("{p}.input_layernorm.weight"), rng.norm(d, g)?));
         w.push((format!("{p}.self_attn.q_proj.weight"), rng.tensor((spec.n_heads * hd, d), wd)?));
         w.push((format!("{p}.self_attn.k_proj.weight"), rng.tensor((spec.n_kv_heads * hd, d), wd)?));
         w.push((format!("{p}.self_attn.v_proj.weight"), rng.tensor((spec.n_kv_heads * hd, d), wd)?));
         w.push((format!("{p}.self_attn.o_proj.weight"), rng.tensor((d, spec.n_heads * hd), wd)?));
-        w.push((format!("{p}.post_attention_layernorm.weight"), rng.norm(d)?));
+        w.push((format!("{p}.post_attention_layernorm.weight"), rng.norm(d, g)?));
+        if g {
+            w.push((format!("{p}.self_attn.q_norm.weight"), rng.norm(hd, g)?));
+            w.push((format!("{p}.self_attn.k_norm.weight"), rng.norm(hd, g)?));
+            w.push((format!("{p}.pre_feedforward_layernorm.weight"), rng.norm(d, g)?));
+            w.push((format!("{p}.post_feedforward_layernorm.weight"), rng.norm(d, g)?));
+        }
         w.push((format!("{p}.mlp.gate_proj.weight"), rng.tensor((f, d), wd)?));
         w.push((format!("{p}.mlp.up_proj.weight"), rng.tensor((f, d), wd)?));
         w.push((format!("{p}.mlp.down_proj.weight"), rng.tensor((d, f), s / (f as f32).sqrt() * 1.7)?));
     }
-    w.push(("model.norm.weight".to_string(), rng.norm(d)?));
+    w.push(("model.norm.weight".to_string(), rng.norm(d, g)?));
     if !spec.tied {
         w.push(("lm_head.weight".to_string(), rng.tensor((vocab, d), s)?));
     }
@@ -199,10 +221,15 @@ pub fn permute_for_gguf(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     Ok(w.reshape((n_heads, 2, hd / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }
 
-fn gguf_name(hf: &str) -> String {
+fn gguf_name(hf: &str, gemma: bool) -> String {
     if let Some(rest) = hf.strip_prefix("model.layers.") {
         let (l, tail) = rest.split_once('.').unwrap();
         let t = match tail {
+            "post_attention_layernorm.weight" if gemma => "post_attention_norm.weight",
+            "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+            "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
+            "self_attn.q_norm.weight" => "attn_q_norm.weight",
+            "self_attn.k_norm.weight" => "attn_k_norm.weight",
             "input_layernorm.weight" => "attn_norm.weight",
             "self_attn.q_proj.weight" => "attn_q.weight",
             "self_attn.k_proj.weight" => "attn_k.weight",
@@ -231,19 +258,33 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
     let strs = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let types: Vec<Value> = (0..vocab.len()).map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 })).collect();
     let u = |x: usize| Value::U32(x as u32);
-    let meta: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String("tiny-random-llama".into())),
-        ("llama.block_count", u(spec.n_layers)),
-        ("llama.context_length", u(256)),
-        ("llama.embedding_length", u(spec.d_model)),
-        ("llama.feed_forward_length", u(spec.d_ff)),
-        ("llama.attention.head_count", u(spec.n_heads)),
-        ("llama.attention.head_count_kv", u(spec.n_kv_heads)),
-        ("llama.rope.freq_base", Value::F32(10000.0)),
-        ("llama.rope.dimension_count", u(spec.head_dim())),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.vocab_size", u(vocab.len())),
+    let arch = if spec.gemma3 { "gemma3" } else { "llama" };
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut family: Vec<(String, Value)> = vec![
+        (key("block_count"), u(spec.n_layers)),
+        (key("context_length"), u(256)),
+        (key("embedding_length"), u(spec.d_model)),
+        (key("feed_forward_length"), u(spec.d_ff)),
+        (key("attention.head_count"), u(spec.n_heads)),
+        (key("attention.head_count_kv"), u(spec.n_kv_heads)),
+        (key("rope.freq_base"), Value::F32(if spec.gemma3 { 1_000_000.0 } else { 10000.0 })),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (key("vocab_size"), u(vocab.len())),
+    ];
+    if spec.gemma3 {
+        family.extend([
+            (key("attention.key_length"), u(spec.head_dim())),
+            (key("attention.value_length"), u(spec.head_dim())),
+            (key("attention.sliding_window"), u(GEMMA_WINDOW)),
+            (key("attention.sliding_window_type"), u(GEMMA_PATTERN)),
+        ]);
+    } else {
+        family.push((key("rope.dimension_count"), u(spec.head_dim())));
+    }
+    let mut meta: Vec<(&str, Value)> =
+        vec![("general.architecture", Value::String(arch.into())), ("general.name", Value::String(format!("tiny-random-{arch}")))];
+    meta.extend(family.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    meta.extend([
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String("smollm".into())),
         ("tokenizer.ggml.tokens", strs(vocab.clone())),
@@ -253,10 +294,17 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
         ("tokenizer.ggml.eos_token_id", u(2)),
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
         ("tokenizer.chat_template", Value::String(CHAT_TEMPLATE.into())),
-    ];
+    ]);
     let mut tensors = Vec::new();
     for (name, t) in weights(spec)? {
-        let t = if name.ends_with("q_proj.weight") {
+        let t = if spec.gemma3 {
+            // llama.cpp stores Gemma's norms as the scale 1 + w, and leaves Q/K in HF order.
+            if t.rank() == 1 {
+                (t + 1.0)?
+            } else {
+                t
+            }
+        } else if name.ends_with("q_proj.weight") {
             permute_for_gguf(&t, spec.n_heads)?
         } else if name.ends_with("k_proj.weight") {
             permute_for_gguf(&t, spec.n_kv_heads)?
@@ -264,7 +312,7 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
             t
         };
         let dtype = if spec.q8 && t.rank() == 2 { GgmlDType::Q8_0 } else { GgmlDType::F32 };
-        tensors.push((gguf_name(&name), QTensor::quantize(&t, dtype)?));
+        tensors.push((gguf_name(&name, spec.gemma3), QTensor::quantize(&t, dtype)?));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -306,7 +354,7 @@ pub fn write_hf_dir(spec: &TinySpec, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let w: HashMap<String, Tensor> = weights(spec)?.into_iter().collect();
     candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
-    let cfg = json!({
+    let mut cfg = json!({
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": spec.d_model,
         "intermediate_size": spec.d_ff,
@@ -321,6 +369,24 @@ pub fn write_hf_dir(spec: &TinySpec, dir: &Path) -> Result<()> {
         "bos_token_id": 1,
         "eos_token_id": 2,
     });
+    if spec.gemma3 {
+        let gemma = json!({
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "head_dim": spec.head_dim(),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": spec.head_dim(),
+            "sliding_window": GEMMA_WINDOW,
+            "sliding_window_pattern": GEMMA_PATTERN,
+            "final_logit_softcapping": null,
+            "attn_logit_softcapping": null,
+            "attention_bias": false,
+            "rope_scaling": null,
+        });
+        cfg.as_object_mut().unwrap().extend(gemma.as_object().unwrap().clone());
+    }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).map_err(std::io::Error::other)?)?;
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer_json()).map_err(std::io::Error::other)?)?;
     let tc = json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": CHAT_TEMPLATE});
