@@ -258,7 +258,7 @@ async fn models(state: Data<AppState>) -> HttpResponse {
             ModelSummary {
                 id: m.id.clone(),
                 name: m.engine.info.name.clone(),
-                architecture: "llama".into(),
+                architecture: c.arch.name().into(),
                 format: m.engine.info.format.into(),
                 layers: c.n_layers,
                 neurons_per_layer: c.d_ff,
