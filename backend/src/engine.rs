@@ -49,6 +49,70 @@ pub struct ModelInfo {
     pub format: &'static str,
 }
 
+/// A model file opened but not loaded (see [`Engine::open`]).
+pub struct Opened {
+    pub src: Box<dyn WeightSource>,
+    pub cfg: Config,
+    pub tok: Tok,
+    pub chat: Option<ChatTemplate>,
+    pub info: ModelInfo,
+}
+
+/// The key a cached map must match.
+fn map_meta(cfg: &Config, fingerprint: &str, view: View, final_norm: bool, weights: String) -> map::MapMeta {
+    map::MapMeta {
+        model_fingerprint: fingerprint.to_owned(),
+        view,
+        final_norm,
+        k: map::TOP_K.min(cfg.vocab_size),
+        weights,
+        n_layers: cfg.n_layers,
+        d_ff: cfg.d_ff,
+        vocab: cfg.vocab_size,
+    }
+}
+
+/// The map cached at `path` if it matches `expect`, else `build`'s (then cached atomically). A
+/// stale or corrupt cache file is rebuilt, never trusted.
+fn load_or_build(path: &Path, expect: &map::MapMeta, build: impl FnOnce() -> Result<NeuronMap>) -> Result<(NeuronMap, MapOrigin)> {
+    match map::cache::load(path, expect) {
+        Ok(m) => Ok((m, MapOrigin::Cache)),
+        Err(e) => {
+            if path.exists() {
+                tracing::warn!("{e}; rebuilding");
+            }
+            let start = Instant::now();
+            let m = build()?;
+            let secs = start.elapsed().as_secs_f64();
+            if let Err(e) = map::cache::save(&m, path) {
+                tracing::warn!("could not cache the map at {}: {e}", path.display());
+            }
+            Ok((m, MapOrigin::Built(secs)))
+        }
+    }
+}
+
+/// The neuron map of a model file, from the cache in `cache_dir` or built streamed from the file
+/// ([`NeuronMap::build_streamed`]) without loading the model: what `flash-interp map` runs, in
+/// memory for the unembedding and one layer. The cache is the one a loaded engine reads.
+pub fn map_from_file(
+    path: &Path,
+    opts: &LoadOptions,
+    cache_dir: &Path,
+    view: View,
+    final_norm: bool,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<(NeuronMap, MapOrigin, ModelInfo)> {
+    let o = Engine::open(path, opts)?;
+    o.cfg.check().map_err(|e| Error::model(path, e))?;
+    let fp = map::cache::fingerprint(path)?;
+    let weights = if opts.mode == WeightMode::Quantized { "quantized".to_owned() } else { format!("{:?}", opts.mode.compute_dtype()).to_lowercase() };
+    let expect = map_meta(&o.cfg, &fp, view, final_norm, weights.clone());
+    let cache = map::cache_path(cache_dir, &o.info.name, &fp, view, final_norm);
+    let (m, origin) = load_or_build(&cache, &expect, || NeuronMap::build_streamed(&*o.src, &o.cfg, view, final_norm, &fp, &weights, progress))?;
+    Ok((m, origin, o.info))
+}
+
 pub struct Engine {
     pub model: Arc<dyn LanguageModel>,
     pub tok: Tok,
@@ -102,15 +166,23 @@ pub struct SweepResult {
 impl Engine {
     /// Load a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let o = Self::open(path, opts)?;
+        let model = crate::model::load(&*o.src, &o.cfg)?;
+        Ok(Self::assemble(model, o.tok, o.chat, o.info, opts.mode))
+    }
+
+    /// Open a model file without loading its weights: its settings, tokenizer and chat template,
+    /// and the source the weights are read from.
+    pub fn open(path: &Path, opts: &LoadOptions) -> Result<Opened> {
         let name = path.file_name().map(|s| s.to_string_lossy().trim_end_matches(".gguf").to_owned()).unwrap_or_else(|| "model".into());
         if path.is_dir() {
-            Self::load_hf(path, opts, name)
+            Self::open_hf(path, opts, name)
         } else {
-            Self::load_gguf(path, opts, name)
+            Self::open_gguf(path, opts, name)
         }
     }
 
-    fn load_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
+    fn open_gguf(path: &Path, opts: &LoadOptions, name: String) -> Result<Opened> {
         let src = GgufSource::open(path, &opts.device, opts.mode)?;
         let c = &src.content;
         let arch = c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
@@ -164,11 +236,10 @@ impl Engine {
             Some(t) => Some(ChatTemplate::new(t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
             None => None,
         };
-        let model = crate::model::load(&src, &cfg)?;
-        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: path.to_owned(), format: "gguf" }, opts.mode))
+        Ok(Opened { src: Box::new(src), cfg, tok, chat, info: ModelInfo { name, path: path.to_owned(), format: "gguf" } })
     }
 
-    fn load_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Self> {
+    fn open_hf(dir: &Path, opts: &LoadOptions, name: String) -> Result<Opened> {
         let cfg_path = dir.join("config.json");
         let raw = std::fs::read(&cfg_path).map_err(|e| Error::model(&cfg_path, e))?;
         let json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| Error::model(&cfg_path, e))?;
@@ -233,8 +304,7 @@ impl Engine {
             Some(t) => Some(ChatTemplate::new(&t, tok.bos_token.as_deref(), tok.eos_token.as_deref())?),
             None => None,
         };
-        let model = crate::model::load(&src, &cfg)?;
-        Ok(Self::assemble(model, tok, chat, ModelInfo { name, path: dir.to_owned(), format: "safetensors" }, opts.mode))
+        Ok(Opened { src: Box::new(src), cfg, tok, chat, info: ModelInfo { name, path: dir.to_owned(), format: "safetensors" } })
     }
 
     fn assemble(model: Box<dyn LanguageModel>, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo, mode: WeightMode) -> Self {
@@ -278,17 +348,7 @@ impl Engine {
 
     /// What a map of this model in `view` is built with: the key a cached map must match.
     pub fn map_meta(&self, view: View, final_norm: bool) -> Result<map::MapMeta> {
-        let cfg = self.config();
-        Ok(map::MapMeta {
-            model_fingerprint: self.fingerprint()?.to_owned(),
-            view,
-            final_norm,
-            k: map::TOP_K.min(cfg.vocab_size),
-            weights: self.weights_desc(),
-            n_layers: cfg.n_layers,
-            d_ff: cfg.d_ff,
-            vocab: cfg.vocab_size,
-        })
+        Ok(map_meta(self.config(), self.fingerprint()?, view, final_norm, self.weights_desc()))
     }
 
     /// Whether the map of `view` is in memory.
@@ -316,21 +376,7 @@ impl Engine {
         let expect = self.map_meta(view, final_norm)?;
         let fp = expect.model_fingerprint.clone();
         let path = map::cache_path(&self.cache_dir, &self.info.name, &fp, view, final_norm);
-        let (m, origin) = match map::cache::load(&path, &expect) {
-            Ok(m) => (m, MapOrigin::Cache),
-            Err(e) => {
-                if path.exists() {
-                    tracing::warn!("{e}; rebuilding");
-                }
-                let start = Instant::now();
-                let m = NeuronMap::build(&*self.model, view, final_norm, &fp, &self.weights_desc(), progress)?;
-                let secs = start.elapsed().as_secs_f64();
-                if let Err(e) = map::cache::save(&m, &path) {
-                    tracing::warn!("could not cache the map at {}: {e}", path.display());
-                }
-                (m, MapOrigin::Built(secs))
-            }
-        };
+        let (m, origin) = load_or_build(&path, &expect, || NeuronMap::build(&*self.model, view, final_norm, &fp, &self.weights_desc(), progress))?;
         let m = Arc::new(m);
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).insert((view, final_norm), m.clone());
         Ok((m, origin))

@@ -17,6 +17,7 @@ pub mod map;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod synth;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -93,6 +93,35 @@ enum Cmd {
     Bench(BenchArgs),
     /// Serve the web app and the JSON API (see /api/openapi.json).
     Serve(ServeArgs),
+    /// Write a seeded random-weight model of a real shape as a Hugging Face directory (for sizing
+    /// hardware and benchmarks at scale without a download): llama-3.1-8b, llama-3.2-1b,
+    /// gemma-3-270m, smollm2-135m.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// The shape: llama-3.1-8b, llama-3.2-1b, gemma-3-270m or smollm2-135m.
+    #[arg(long)]
+    shape: String,
+    /// Keep only the first N layers (default: all of the shape's).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Weight dtype in the file.
+    #[arg(long, value_enum, default_value_t = SynthDtype::Bf16)]
+    dtype: SynthDtype,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The directory to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SynthDtype {
+    Bf16,
+    F16,
+    F32,
 }
 
 #[derive(Args)]
@@ -455,6 +484,30 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.cmd {
+        Cmd::Synth(a) => {
+            let shape = flash_interp::synth::shape(&a.shape)?;
+            let layers = a.layers.unwrap_or(shape.n_layers);
+            let dtype = match a.dtype {
+                SynthDtype::Bf16 => safetensors::Dtype::BF16,
+                SynthDtype::F16 => safetensors::Dtype::F16,
+                SynthDtype::F32 => safetensors::Dtype::F32,
+            };
+            let total = flash_interp::synth::weight_bytes(&shape, layers, dtype);
+            let pb = ProgressBar::new(total);
+            pb.set_style(ProgressStyle::with_template("{spinner} writing weights {bar:40} {bytes}/{total_bytes} ({elapsed}, eta {eta})")?);
+            let t = Instant::now();
+            flash_interp::synth::write(&shape, layers, dtype, a.seed, &a.out, &|done, _| pb.set_position(done))?;
+            pb.finish_and_clear();
+            println!(
+                "{}: {} ({layers} of {} layers, {:.2} GB of weights) in {:.1}s",
+                a.out.display(),
+                shape.name,
+                shape.n_layers,
+                total as f64 / 1e9,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::FetchModel { name, dir } => {
             let model = fetch::known(name)?;
             let dir = dir.clone().unwrap_or_else(fetch::models_dir);
@@ -621,13 +674,23 @@ fn run(cli: &Cli) -> Result<()> {
         Cmd::Bench(a) => bench::run(cli, a),
         Cmd::Serve(a) => serve(cli, a),
         Cmd::Map(a) => {
-            let engine = load(cli)?;
+            // Streamed from the file: the model is not loaded, only W_U and one layer at a time.
+            let path = model_path(cli)?;
+            let cache_dir = flash_interp::map::cache_dir();
             if a.rebuild {
-                let fp = engine.fingerprint()?.to_owned();
-                let _ = std::fs::remove_file(flash_interp::map::cache_path(&engine.cache_dir, &engine.info.name, &fp, a.view, a.final_norm));
+                let name = Engine::open(&path, &load_options(cli)?)?.info.name;
+                let fp = flash_interp::map::cache::fingerprint(&path)?;
+                let _ = std::fs::remove_file(flash_interp::map::cache_path(&cache_dir, &name, &fp, a.view, a.final_norm));
             }
             let start = Instant::now();
-            let (map, origin) = map_with_progress(&engine, a.view, a.final_norm)?;
+            let pb = ProgressBar::new(0);
+            pb.set_style(ProgressStyle::with_template("{spinner} mapping neurons {bar:40} {pos}/{len} ({elapsed}, eta {eta})")?);
+            let (map, origin, info) =
+                flash_interp::engine::map_from_file(&path, &load_options(cli)?, &cache_dir, a.view, a.final_norm, &|done, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(done as u64)
+                })?;
+            pb.finish_and_clear();
             tracing::info!("map kernel: {}", flash_interp::map::kernel::backend_name());
             let secs = start.elapsed().as_secs_f64();
             let how = match origin {
@@ -645,7 +708,7 @@ fn run(cli: &Cli) -> Result<()> {
                 map.n_neurons(),
                 map.meta.n_layers,
                 map.meta.d_ff,
-                engine.info.name,
+                info.name,
                 a.view.as_str(),
                 if a.final_norm { " with final norm" } else { "" }
             );

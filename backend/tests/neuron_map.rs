@@ -498,3 +498,42 @@ fn verify_refuses_bad_requests_with_clear_errors() {
     let twice = analysis::ConceptIds::resolve(&t.engine, &Concept::Tokens(vec![" the".into(), " the".into(), " a".into()])).unwrap();
     assert_eq!(twice.ids.len(), 2);
 }
+
+#[test]
+fn streamed_map_equals_the_loaded_models_map() {
+    // `flash-interp map` builds from the file without loading the model; the server builds from
+    // the loaded model. Both must give the same map, for every view, with and without the final
+    // norm, from a GGUF (read tensor by tensor) and from safetensors (memory-mapped).
+    let spec = TinySpec { q8: true, tied: false, ..Default::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, hf) = (dir.path().join("s.gguf"), dir.path().join("s-hf"));
+    synthetic::write_gguf(&spec, &gguf).unwrap();
+    synthetic::write_hf_dir(&spec, &hf).unwrap();
+    for path in [&gguf, &hf] {
+        let mut e = Engine::load(path, &LoadOptions::default()).unwrap();
+        e.cache_dir = dir.path().join("loaded");
+        for view in View::ALL {
+            for final_norm in [false, true] {
+                let loaded = build(&e, view, final_norm);
+                let streamed_dir = dir.path().join("streamed");
+                let (streamed, origin, _) =
+                    flash_interp::engine::map_from_file(path, &LoadOptions::default(), &streamed_dir, view, final_norm, &|_, _| {}).unwrap();
+                assert!(matches!(origin, MapOrigin::Built(_)), "{origin:?}");
+                assert_eq!(streamed.meta, loaded.meta, "{} {view:?} {final_norm}", path.display());
+                for p in [Polarity::Pos, Polarity::Neg] {
+                    let (a, b) = (streamed.table(p), loaded.table(p));
+                    assert_eq!(
+                        (&a.ids, &a.probs, &a.lse, &a.lse_top),
+                        (&b.ids, &b.probs, &b.lse, &b.lse_top),
+                        "{} {view:?} {final_norm} {p:?}",
+                        path.display()
+                    );
+                }
+                // And the file it cached is the one a loaded engine then reads.
+                let mut fresh = Engine::load(path, &LoadOptions::default()).unwrap();
+                fresh.cache_dir = streamed_dir;
+                assert!(matches!(fresh.map(view, final_norm, &|_, _| {}).unwrap().1, MapOrigin::Cache));
+            }
+        }
+    }
+}

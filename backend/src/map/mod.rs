@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use shared::{Polarity, View};
 
 use crate::error::Result;
-use crate::model::LanguageModel;
+use crate::model::{Config, Key, LanguageModel, WeightSource};
 
 /// Top tokens kept per neuron and polarity; the normalised probability uses the top 100.
 pub const TOP_K: usize = 100;
@@ -118,10 +118,53 @@ impl NeuronMap {
         weights: &str,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
-        let cfg = model.config();
         let wu = unembedding(model, final_norm)?;
+        Self::build_with(model.config(), wu, &|l| directions(model, view, l), view, final_norm, fingerprint, weights, progress)
+    }
+
+    /// [`NeuronMap::build`] streamed from the model's file, without loading the model: only the
+    /// unembedding and one layer's directions are in memory at a time (a safetensors file is
+    /// memory-mapped; a GGUF is read tensor by tensor). Same numbers as the loaded model's map.
+    pub fn build_streamed(
+        src: &dyn WeightSource,
+        cfg: &Config,
+        view: View,
+        final_norm: bool,
+        fingerprint: &str,
+        weights: &str,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Self> {
+        let wu = src.dense(if cfg.tied_embeddings { Key::Embed } else { Key::Output })?.to_dtype(DType::F32)?;
+        let wu = if final_norm { wu.broadcast_mul(&src.vector(Key::OutNorm)?.to_dtype(DType::F32)?.unsqueeze(0)?)? } else { wu };
+        let dirs = |l: usize| -> Result<Tensor> {
+            let t = match view {
+                View::Up => src.dense(Key::Up(l))?,
+                View::Gate => src.dense(Key::Gate(l))?,
+                View::Down => src.dense(Key::Down(l))?.t()?,
+            };
+            Ok(t.to_dtype(DType::F32)?.contiguous()?)
+        };
+        Self::build_with(cfg, wu, &dirs, view, final_norm, fingerprint, weights, progress)
+    }
+
+    /// The map from the unembedding `wu` (`[vocab, d]`, f32) and each layer's directions.
+    #[allow(clippy::too_many_arguments)]
+    fn build_with(
+        cfg: &Config,
+        wu: Tensor,
+        layer_dirs: &dyn Fn(usize) -> Result<Tensor>,
+        view: View,
+        final_norm: bool,
+        fingerprint: &str,
+        weights: &str,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> Result<Self> {
         let (vocab, d) = wu.dims2()?;
-        let wu: Vec<f32> = wu.flatten_all()?.to_vec1()?;
+        // The tensor goes as soon as its values are copied out: one copy of W_U at a time.
+        let wu: Vec<f32> = {
+            let t = wu;
+            t.flatten_all()?.to_vec1()?
+        };
         let n = cfg.n_layers * cfg.d_ff;
         let k = TOP_K.min(vocab);
         let mut pos = PolarityTable::with_capacity(n, k);
@@ -130,7 +173,7 @@ impl NeuronMap {
         let done = std::sync::atomic::AtomicUsize::new(0);
         let reducer = kernel::Reducer::new(&wu, d);
         for layer in 0..cfg.n_layers {
-            let dirs: Vec<f32> = directions(model, view, layer)?.flatten_all()?.to_vec1()?;
+            let dirs: Vec<f32> = layer_dirs(layer)?.flatten_all()?.to_vec1()?;
             let red = reducer.reduce(&dirs, k, &|rows| {
                 let now = done.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) + rows;
                 progress(now, n);
