@@ -1,6 +1,6 @@
 //! Questions answered with the neuron map: concept search, neuron detail, model comparison.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use shared::{
@@ -27,27 +27,20 @@ pub const STAT_PROMPTS: [&str; 8] = [
     "Photosynthesis converts sunlight, water and carbon dioxide into sugar and oxygen.",
 ];
 
-/// Things derived from a model once and kept: stacked directions per view, unit up rows,
-/// activation statistics.
+/// Things derived from a model once and kept, all small (a few floats per neuron): the length
+/// of every up row, activation statistics. Directions are never copied: each use reads the
+/// weights layer by layer ([`per_layer`]).
 #[derive(Default)]
 pub struct Derived {
-    /// Indexed by view (up, gate, down): each view's own lock, held while it is built once, so
-    /// one view never waits for another.
-    dirs: [Mutex<Option<Arc<Tensor>>>; 3],
-    unit_up: OnceLock<Tensor>,
+    up_norms: OnceLock<Vec<f32>>,
     acts: OnceLock<Vec<ActivationStats>>,
 }
 
-/// All neurons' directions of `view`, stacked `[n_layers · d_ff, d]`, f32.
-fn stacked(engine: &Engine, view: View) -> Result<Arc<Tensor>> {
-    let mut slot = engine.derived.dirs[View::ALL.iter().position(|&v| v == view).unwrap_or(0)].lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(t) = &*slot {
-        return Ok(t.clone());
-    }
-    let layers = (0..engine.config().n_layers).map(|l| map::directions(&*engine.model, view, l)).collect::<Result<Vec<_>>>()?;
-    let t = Arc::new(Tensor::cat(&layers, 0)?);
-    *slot = Some(t.clone());
-    Ok(t)
+/// `f(layer's directions of view)` for every layer, concatenated along the first axis: one
+/// layer's directions (views of the weights, in f32) in memory at a time.
+fn per_layer(engine: &Engine, view: View, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let parts = (0..engine.config().n_layers).map(|l| f(&map::directions(&*engine.model, view, l)?)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Result of a concept search, per neuron and polarity.
@@ -92,14 +85,14 @@ pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: 
     if tokens.is_empty() {
         return Err(Error::bad("a concept needs at least one token"));
     }
-    let dirs = stacked(engine, map.meta.view)?;
-    let wu = engine.model.lm_head_weight()?.to_dtype(DType::F32)?;
+    let wu = engine.model.lm_head_weight()?;
     let ids = Tensor::new(tokens, wu.device())?;
-    let mut u = wu.index_select(&ids, 0)?; // [T, d]
+    let mut u = wu.index_select(&ids, 0)?.to_dtype(DType::F32)?; // [T, d]
     if map.meta.final_norm {
         u = u.broadcast_mul(&engine.model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?;
     }
-    let logits: Vec<Vec<f32>> = dirs.matmul(&u.t()?)?.to_vec2()?; // [N, T]
+    let ut = u.t()?;
+    let logits: Vec<Vec<f32>> = per_layer(engine, map.meta.view, |dirs| Ok(dirs.matmul(&ut)?))?.to_vec2()?; // [N, T]
     let ln_top = (NORM_TOP as f32).ln();
     let n = map.n_neurons();
     let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
@@ -202,15 +195,13 @@ pub fn activation_stats(engine: &Engine) -> Result<&[ActivationStats]> {
     Ok(engine.derived.acts.get_or_init(|| stats))
 }
 
-/// Up rows scaled to unit length, stacked `[N, d]`.
-fn unit_up(engine: &Engine) -> Result<&Tensor> {
-    if let Some(t) = engine.derived.unit_up.get() {
+/// The length of every up row, `[N]` (at least 1e-12).
+fn up_norms(engine: &Engine) -> Result<&[f32]> {
+    if let Some(t) = engine.derived.up_norms.get() {
         return Ok(t);
     }
-    let up = stacked(engine, View::Up)?;
-    let norms = up.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    let t = up.broadcast_div(&norms)?;
-    Ok(engine.derived.unit_up.get_or_init(|| t))
+    let norms: Vec<f32> = per_layer(engine, View::Up, |up| Ok(up.sqr()?.sum(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?))?.to_vec1()?;
+    Ok(engine.derived.up_norms.get_or_init(|| norms))
 }
 
 /// Everything about one neuron: top and bottom tokens of each view, natural activation
@@ -227,8 +218,10 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
     }
     let i = layer * engine.config().d_ff + neuron;
     let activation = activation_stats(engine)?[i];
-    let unit = unit_up(engine)?;
-    let cos: Vec<f32> = unit.matmul(&unit.i(i)?.unsqueeze(1)?)?.squeeze(1)?.to_vec1()?;
+    let norms = up_norms(engine)?;
+    let this = (map::directions(&*engine.model, View::Up, layer)?.i(neuron)? / norms[i] as f64)?.unsqueeze(1)?;
+    let dots: Vec<f32> = per_layer(engine, View::Up, |up| Ok(up.matmul(&this)?.squeeze(1)?))?.to_vec1()?;
+    let cos: Vec<f32> = dots.iter().zip(norms).map(|(d, n)| d / n).collect();
     let abs: Vec<f32> = cos.iter().enumerate().map(|(j, c)| if j == i { -1.0 } else { c.abs() }).collect();
     let d_ff = engine.config().d_ff;
     let similar =
@@ -267,8 +260,13 @@ pub fn compare_models(a: &Engine, b: &Engine, map_a: &NeuronMap, map_b: &NeuronM
         total_same += same;
         layers.push(LayerAgreement { layer: l, same_top: same, neurons: ca.d_ff, share: same as f32 / ca.d_ff as f32 });
     }
-    let (ua, ub) = (unit_up(a)?, unit_up(b)?);
-    let cos: Vec<f32> = (ua * ub)?.sum(D::Minus1)?.to_vec1()?;
+    let (na, nb) = (up_norms(a)?, up_norms(b)?);
+    let mut dots = Vec::with_capacity(na.len());
+    for l in 0..ca.n_layers {
+        let (ua, ub) = (map::directions(&*a.model, View::Up, l)?, map::directions(&*b.model, View::Up, l)?);
+        dots.extend((ua * ub)?.sum(D::Minus1)?.to_vec1::<f32>()?);
+    }
+    let cos: Vec<f32> = dots.iter().zip(na.iter().zip(nb)).map(|(d, (x, y))| d / (x * y)).collect();
     let neg: Vec<f32> = cos.iter().map(|c| -c).collect();
     let changed = crate::engine::top_indices(&neg, top_n)
         .into_iter()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use shared::limits::MAX_CLAMPS;
 use shared::{
     ClampSpec, Completion, GenerateRequest, GenerateResponse, NextTokenRequest, NextTokenResponse, PromptSpec, SamplingParams, StopReason,
@@ -36,7 +36,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, mode: WeightMode::Dense(DType::F32), max_context: 8192 }
+        Self { device: Device::Cpu, mode: WeightMode::Auto, max_context: 8192 }
     }
 }
 
@@ -106,7 +106,7 @@ pub fn map_from_file(
     let o = Engine::open(path, opts)?;
     o.cfg.check().map_err(|e| Error::model(path, e))?;
     let fp = map::cache::fingerprint(path)?;
-    let weights = if opts.mode == WeightMode::Quantized { "quantized".to_owned() } else { format!("{:?}", opts.mode.compute_dtype()).to_lowercase() };
+    let weights = o.src.mode().desc();
     let expect = map_meta(&o.cfg, &fp, view, final_norm, weights.clone());
     let cache = map::cache_path(cache_dir, &o.info.name, &fp, view, final_norm);
     let (m, origin) = load_or_build(&cache, &expect, || NeuronMap::build_streamed(&*o.src, &o.cfg, view, final_norm, &fp, &weights, progress))?;
@@ -168,7 +168,7 @@ impl Engine {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let o = Self::open(path, opts)?;
         let model = crate::model::load(&*o.src, &o.cfg)?;
-        Ok(Self::assemble(model, o.tok, o.chat, o.info, opts.mode))
+        Ok(Self::assemble(model, o.tok, o.chat, o.info, o.src.mode()))
     }
 
     /// Open a model file without loading its weights: its settings, tokenizer and chat template,

@@ -34,10 +34,12 @@ struct Cli {
     /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
-    /// How to hold the weights. f32 (default) dequantizes everything: reference-grade numerics.
-    /// `quantized` keeps the GGUF's quantized weights with 8-bit activations (llama.cpp style): a
-    /// speed/memory option whose logits differ from the reference (enough to flip greedy answers).
-    #[arg(long, global = true, value_enum, default_value_t = Weights::F32)]
+    /// How to hold the weights. auto (default): f32 for models up to 1B parameters (both default
+    /// models: reference-grade numerics), else the file's own precision (bf16 for a quantized
+    /// GGUF). f32/f16/bf16 dequantize everything to that dtype. `quantized` keeps the GGUF's
+    /// quantized weights with 8-bit activations (llama.cpp style): a speed/memory option whose
+    /// logits differ from the reference (enough to flip greedy answers).
+    #[arg(long, global = true, value_enum, default_value_t = Weights::Auto)]
     weights: Weights,
     /// Print JSON (the `shared` message types) instead of text.
     #[arg(long, global = true)]
@@ -48,6 +50,7 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Weights {
+    Auto,
     F32,
     F16,
     Bf16,
@@ -443,6 +446,7 @@ fn load_options(cli: &Cli) -> Result<LoadOptions> {
         d => bail!("unknown device {d:?}: use cpu, cuda or cuda:N"),
     };
     let mode = match cli.weights {
+        Weights::Auto => WeightMode::Auto,
         Weights::F32 => WeightMode::Dense(DType::F32),
         Weights::F16 => WeightMode::Dense(DType::F16),
         Weights::Bf16 => WeightMode::Dense(DType::BF16),

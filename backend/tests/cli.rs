@@ -68,7 +68,8 @@ fn bad_input_is_one_line_and_a_failure() {
         (vec!["--model", &m, "generate", "-p", "", "--no-chat"], "empty"),
         (vec!["--model", &m, "sweep", "-p", "x", "--layer", "0", "--neuron", "0", "--target", "the cat"], "not a single token"),
         (vec!["--model", &junk, "next-token", "-p", "x"], "not a readable GGUF"),
-        (vec!["--model", "/nonexistent/model.gguf", "next-token", "-p", "x"], "No such file"),
+        (vec!["--model", "/nonexistent/model.gguf", "next-token", "-p", "x"], "no such file or directory (nor a known model name"),
+        (vec!["fetch-model", "gemma-9"], "no model is known as \"gemma-9\"; known: smollm2-135m-instruct, gemma-3-270m"),
     ];
     for (args, want) in cases {
         let (ok, out, err) = run(&args);

@@ -698,3 +698,61 @@ fn zero_layer_model_range_errors_do_not_underflow() {
     let r = catch_unwind(AssertUnwindSafe(|| flash_interp::limits::check_layer_neuron(0, 0, engine.config()).is_err()));
     assert_eq!(r.map_err(panic_text), Ok(true));
 }
+
+// ---------------------------------------------------------------------------------------------
+// safetensors (our own header reader: the weights are read tensor by tensor, not mapped)
+
+/// A tiny Hugging Face directory's files, written once.
+fn hf_base() -> &'static Vec<(String, Vec<u8>)> {
+    static BASE: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        synthetic::write_hf_dir(&TinySpec::default(), dir.path()).unwrap();
+        ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+            .iter()
+            .map(|f| (f.to_string(), std::fs::read(dir.path().join(f)).unwrap()))
+            .collect()
+    })
+}
+
+/// Load the tiny directory with `model.safetensors` replaced by `bytes`, catching any panic.
+fn load_safetensors_bytes(bytes: &[u8]) -> Outcome {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, b) in hf_base() {
+        std::fs::write(dir.path().join(name), if name == "model.safetensors" { bytes } else { b }).unwrap();
+    }
+    match catch_unwind(AssertUnwindSafe(|| Engine::load(dir.path(), &LoadOptions::default()).map(|_| ()))) {
+        Ok(Ok(())) => Outcome::Loaded,
+        Ok(Err(e)) => Outcome::Refused(e.to_string()),
+        Err(p) => Outcome::Panicked(panic_text(p)),
+    }
+}
+
+fn safetensors_file() -> &'static [u8] {
+    &hf_base().iter().find(|(n, _)| n == "model.safetensors").unwrap().1
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    /// Every truncation is refused (each tensor must lie inside the file); none panics.
+    #[test]
+    fn safetensors_truncated_is_refused(at in any::<Index>()) {
+        let b = safetensors_file();
+        let n = at.index(b.len());
+        let out = load_safetensors_bytes(&b[..n]);
+        prop_assert!(matches!(out, Outcome::Refused(_)), "cut at {} of {}: {:?}", n, b.len(), out);
+    }
+
+    /// Overwriting 1-8 bytes of the length prefix and JSON header (shapes, dtypes, offsets) never
+    /// panics; a load that succeeds read a consistent file.
+    #[test]
+    fn safetensors_header_edits_never_panic(changes in edits()) {
+        let mut bytes = safetensors_file().to_vec();
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let allowed: Vec<usize> = (0..header_end).collect();
+        let done = apply(&mut bytes, &allowed, &changes);
+        let out = load_safetensors_bytes(&bytes);
+        prop_assert!(!matches!(out, Outcome::Panicked(_)), "edits {:?}: {:?}", done, out);
+    }
+}

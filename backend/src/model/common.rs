@@ -144,9 +144,20 @@ pub(crate) fn check_shape(src: &dyn WeightSource, key: Key, dims: &[usize], cfg:
 
 /// Whether every value of `t` is finite: `x - x` is 0 for finite x and NaN for NaN or ±inf, so
 /// one sum tells, and only one scalar leaves the device.
+/// A large tensor is checked in slices of 16M values, so the check needs 64 MB, not a copy of it.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
-    let t = t.to_dtype(DType::F32)?;
-    Ok(t.sub(&t)?.sum_all()?.to_scalar::<f32>()? == 0.0)
+    const SLICE: usize = 1 << 24;
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let mut at = 0;
+    while at < n {
+        let part = flat.narrow(0, at, SLICE.min(n - at))?.to_dtype(DType::F32)?;
+        if part.sub(&part)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+            return Ok(false);
+        }
+        at += SLICE;
+    }
+    Ok(true)
 }
 
 /// A weight as a dense tensor, whatever its storage (quantized weights are dequantized to f32).

@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 /// How weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightMode {
+    /// Decided per file when it is opened ([`WeightMode::auto`]): f32 for small models, the
+    /// file's own precision for large ones.
+    Auto,
     /// Dequantize everything to this dtype (F32 by default: reference-grade numerics).
     Dense(DType),
     /// Keep GGUF quantized weights and use candle's quantized matmuls (activations are
@@ -23,13 +26,52 @@ pub enum WeightMode {
     Quantized,
 }
 
+/// Models with at most this many parameters are held in f32 by default (4 GB): reference
+/// numerics where they are cheap, as for both default models.
+pub const AUTO_F32_PARAMS: u64 = 1_000_000_000;
+
 impl WeightMode {
     pub fn compute_dtype(&self) -> DType {
         match self {
             WeightMode::Dense(d) => *d,
-            WeightMode::Quantized => DType::F32,
+            WeightMode::Quantized | WeightMode::Auto => DType::F32,
         }
     }
+
+    /// What `Auto` means for a file of `params` parameters whose weights are stored as `stored`
+    /// (`None`: quantized): f32 up to [`AUTO_F32_PARAMS`]; beyond, the file's precision (f32, f16
+    /// or bf16), and bf16 for a quantized GGUF (2 bytes a weight, exact for the f32 activations;
+    /// `Quantized` keeps the blocks but quantizes activations, so it stays a choice). Other modes
+    /// are what they say.
+    pub fn auto(self, params: u64, stored: Option<DType>) -> WeightMode {
+        match self {
+            WeightMode::Auto if params <= AUTO_F32_PARAMS => WeightMode::Dense(DType::F32),
+            WeightMode::Auto => WeightMode::Dense(stored.filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16)).unwrap_or(DType::BF16)),
+            m => m,
+        }
+    }
+
+    /// As recorded in map caches: "f32", "f16", "bf16" or "quantized".
+    pub fn desc(&self) -> String {
+        match self {
+            WeightMode::Quantized => "quantized".into(),
+            m => format!("{:?}", m.compute_dtype()).to_lowercase(),
+        }
+    }
+}
+
+/// The dtype most of `tensors`' parameters are stored in (`None` for a quantized type), and
+/// their total count.
+fn census(tensors: impl Iterator<Item = (u64, Option<DType>)>) -> (u64, Option<DType>) {
+    let mut by: Vec<(Option<DType>, u64)> = Vec::new();
+    for (n, d) in tensors {
+        match by.iter_mut().find(|(x, _)| *x == d) {
+            Some((_, c)) => *c += n,
+            None => by.push((d, n)),
+        }
+    }
+    let total = by.iter().map(|(_, n)| n).sum();
+    (total, by.into_iter().max_by_key(|(_, n)| *n).and_then(|(d, _)| d))
 }
 
 /// A weight of a model, independent of file naming (the Llama set, and the norms Gemma adds).
@@ -167,6 +209,8 @@ pub trait WeightSource {
         Ok(QMatMul::Tensor(embed.clone()))
     }
     fn has(&self, key: Key) -> bool;
+    /// How the weights are held (never `Auto`: decided when the file was opened).
+    fn mode(&self) -> WeightMode;
 }
 
 /// Weights read from a GGUF file.
@@ -180,7 +224,7 @@ pub struct GgufSource {
 
 impl GgufSource {
     /// Open a GGUF file and check that every tensor lies inside it (a truncated file fails here,
-    /// with a clear message, not later).
+    /// with a clear message, not later). `WeightMode::Auto` is decided here.
     pub fn open(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::model(path, e))?;
         let file_len = file.metadata()?.len();
@@ -201,6 +245,16 @@ impl GgufSource {
                 return Err(Error::model(path, format!("truncated: tensor {name} ends at byte {end}, file has {file_len}")));
             }
         }
+        let (params, stored) = census(content.tensor_infos.values().map(|t| {
+            let d = match t.ggml_dtype {
+                GgmlDType::F32 => Some(DType::F32),
+                GgmlDType::F16 => Some(DType::F16),
+                GgmlDType::BF16 => Some(DType::BF16),
+                _ => None,
+            };
+            (t.shape.elem_count() as u64, d)
+        }));
+        let mode = mode.auto(params, stored);
         Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
     }
 
@@ -238,7 +292,7 @@ impl GgufSource {
         Ok(match (self.mode, q.dtype()) {
             (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => QMatMul::Tensor(f),
             (WeightMode::Quantized, _) => QMatMul::QTensor(Arc::new(q)),
-            (WeightMode::Dense(dt), _) => QMatMul::Tensor(f.to_dtype(dt)?),
+            (mode, _) => QMatMul::Tensor(f.to_dtype(mode.compute_dtype())?),
         })
     }
 }
@@ -273,12 +327,18 @@ impl WeightSource for GgufSource {
     fn has(&self, key: Key) -> bool {
         self.content.tensor_infos.contains_key(&key.gguf_name())
     }
+    fn mode(&self) -> WeightMode {
+        self.mode
+    }
 }
 
-/// Weights read from one or several `*.safetensors` files (Hugging Face layout).
+/// Weights read from one or several `*.safetensors` files (Hugging Face layout). Each tensor is
+/// read with a positioned read when it is asked for, not memory-mapped: a mapping's touched pages
+/// would stay resident (and counted) until the whole file is closed, so an 8B model's map or
+/// load would hold the file twice.
 pub struct SafetensorsSource {
-    tensors: candle_core::safetensors::MmapedSafetensors,
-    names: HashMap<String, ()>,
+    files: Vec<File>,
+    tensors: HashMap<String, StEntry>,
     /// Gemma's names, and its norms stored as `w` for a scale of `1 + w`.
     gemma: bool,
     dir: PathBuf,
@@ -286,31 +346,109 @@ pub struct SafetensorsSource {
     mode: WeightMode,
 }
 
+/// Where one tensor lies: its file, dtype, shape and the offset of its first byte.
+#[derive(Debug, Clone)]
+struct StEntry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+}
+
+/// The tensors a safetensors file holds, from its header, each checked to lie inside the file
+/// with the size its shape implies.
+fn read_header(file: &File, path: &Path, index: usize) -> Result<Vec<(String, StEntry)>> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let bad = |m: String| Error::model(path, format!("not a readable safetensors file ({m})"));
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0).map_err(|e| bad(e.to_string()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || 8 + n > len {
+        return Err(bad(format!("header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8).map_err(|e| bad(e.to_string()))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for (name, info) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
+        let dtype = match info["dtype"].as_str() {
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some("F64") => DType::F64,
+            other => return Err(Error::model(path, format!("tensor {name} has dtype {other:?} (supported: F32, F16, BF16, F64)"))),
+        };
+        let shape: Option<Vec<usize>> = info["shape"].as_array().and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+        let offsets: Option<Vec<u64>> = info["data_offsets"].as_array().and_then(|a| a.iter().map(|x| x.as_u64()).collect());
+        let (Some(shape), Some([begin, end])) = (shape, offsets.as_deref().and_then(|o| <[u64; 2]>::try_from(o).ok())) else {
+            return Err(bad(format!("tensor {name} has no shape or offsets")));
+        };
+        let bytes = shape.iter().try_fold(dtype.size_in_bytes() as u64, |a, &d| a.checked_mul(d as u64));
+        let (start, stop) = ((8 + n).checked_add(begin), (8 + n).checked_add(end));
+        let (Some(start), Some(stop)) = (start, stop) else {
+            return Err(bad(format!("tensor {name} has impossible offsets")));
+        };
+        if bytes != end.checked_sub(begin) || stop > len {
+            return Err(Error::model(path, format!("tensor {name}: its bytes {begin}..{end} do not fit its shape {shape:?} or the file")));
+        }
+        out.push((name, StEntry { file: index, dtype, shape, start }));
+    }
+    Ok(out)
+}
+
+/// Read a tensor's values straight into the vector that becomes its storage (no second copy).
+fn read_typed<T: candle_core::WithDType>(file: &File, e: &StEntry, device: &Device) -> std::result::Result<Tensor, String> {
+    use std::os::unix::fs::FileExt;
+    let n: usize = e.shape.iter().product();
+    let mut v = vec![T::from_f64(0.0); n];
+    // SAFETY: the bytes of `v` are exactly n values of a plain float type, for which every bit
+    // pattern is a valid value; safetensors stores them little-endian, as the targets we build
+    // for (x86-64, aarch64) hold them.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
+    file.read_exact_at(bytes, e.start).map_err(|err| err.to_string())?;
+    let t = Tensor::from_vec(v, e.shape.as_slice(), &Device::Cpu).map_err(|err| err.to_string())?;
+    t.to_device(device).map_err(|err| err.to_string())
+}
+
 impl SafetensorsSource {
     /// Open the `*.safetensors` of `dir`; `gemma` for a Gemma checkpoint (its names, its norms).
+    /// `WeightMode::Auto` is decided here.
     pub fn open(dir: &Path, device: &Device, mode: WeightMode, gemma: bool) -> Result<Self> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::model(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
-        files.sort();
-        if files.is_empty() {
+        paths.sort();
+        if paths.is_empty() {
             return Err(Error::model(dir, "no *.safetensors files"));
         }
-        // SAFETY: the files are memory-mapped read-only; we do not modify them while loaded.
-        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .map_err(|e| Error::model(dir, format!("unreadable safetensors ({e})")))?;
-        let names = tensors.tensors().into_iter().map(|(n, _)| (n, ())).collect();
-        Ok(Self { tensors, names, gemma, dir: dir.to_owned(), device: device.clone(), mode })
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let f = File::open(p).map_err(|e| Error::model(p, e))?;
+            tensors.extend(read_header(&f, p, i)?);
+            files.push(f);
+        }
+        let (params, stored) = census(tensors.values().map(|t| (t.shape.iter().product::<usize>() as u64, Some(t.dtype))));
+        let mode = mode.auto(params, stored);
+        Ok(Self { files, tensors, gemma, dir: dir.to_owned(), device: device.clone(), mode })
     }
 
     fn load(&self, key: Key) -> Result<Tensor> {
         let name = key.hf_name(self.gemma);
-        if !self.names.contains_key(&name) {
+        let Some(e) = self.tensors.get(&name) else {
             return Err(Error::model(&self.dir, format!("missing tensor {name}")));
+        };
+        let file = &self.files[e.file];
+        let t = match e.dtype {
+            DType::F32 => read_typed::<f32>(file, e, &self.device),
+            DType::F16 => read_typed::<half::f16>(file, e, &self.device),
+            DType::BF16 => read_typed::<half::bf16>(file, e, &self.device),
+            _ => read_typed::<f64>(file, e, &self.device),
         }
-        let t = self.tensors.load(&name, &self.device).map_err(|e| Error::model(&self.dir, format!("reading {name}: {e}")))?;
+        .map_err(|err| Error::model(&self.dir, format!("reading {name}: {err}")))?;
         check_finite(&t, &name, &self.dir)?;
         Ok(t.to_dtype(self.mode.compute_dtype())?)
     }
@@ -329,7 +467,7 @@ impl WeightSource for SafetensorsSource {
     fn linear(&self, key: Key) -> Result<QMatMul> {
         let t = self.load(key)?;
         Ok(match self.mode {
-            WeightMode::Dense(_) => QMatMul::Tensor(t),
+            WeightMode::Dense(_) | WeightMode::Auto => QMatMul::Tensor(t),
             WeightMode::Quantized => QMatMul::QTensor(Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)),
         })
     }
@@ -343,6 +481,9 @@ impl WeightSource for SafetensorsSource {
         Ok(if self.gemma { (w + 1.0)? } else { w })
     }
     fn has(&self, key: Key) -> bool {
-        self.names.contains_key(&key.hf_name(self.gemma))
+        self.tensors.contains_key(&key.hf_name(self.gemma))
+    }
+    fn mode(&self) -> WeightMode {
+        self.mode
     }
 }
