@@ -74,9 +74,6 @@ struct Session {
 }
 
 async fn start() -> Session {
-    let dist = repo().join("dist");
-    assert!(dist.join("index.html").exists(), "dist/ is not built: run `trunk build --release` (scripts/setup.sh does)");
-    assert!(dist.join("plotly-basic.min.js").exists(), "dist/plotly-basic.min.js is missing: scripts/setup.sh runs npm ci before trunk");
     let models = tempfile::tempdir().unwrap();
     let mut engines = vec![Arc::new(load_default(&LoadOptions::default()))];
     for (name, spec) in [("base", TinySpec::default()), ("tuned", TinySpec { perturb: vec![(1, 2), (0, 7)], ..Default::default() })] {
@@ -86,6 +83,14 @@ async fn start() -> Session {
         e.cache_dir = models.path().join("cache");
         engines.push(Arc::new(e));
     }
+    start_with(engines, models).await
+}
+
+/// A session whose server serves `engines` (the first is the picker's default).
+async fn start_with(engines: Vec<Arc<Engine>>, models: tempfile::TempDir) -> Session {
+    let dist = repo().join("dist");
+    assert!(dist.join("index.html").exists(), "dist/ is not built: run `trunk build --release` (scripts/setup.sh does)");
+    assert!(dist.join("plotly-basic.min.js").exists(), "dist/plotly-basic.min.js is missing: scripts/setup.sh runs npm ci before trunk");
     let base = spawn_server(engines, ServerConfig { dist, ..Default::default() });
     let (driver, url) = chromedriver();
     let profile = tempfile::tempdir().unwrap();
@@ -106,6 +111,10 @@ async fn start() -> Session {
 async fn run(name: &str, steps: impl AsyncFnOnce(&Client, &str) -> R) {
     let _one = ONE_AT_A_TIME.lock().await;
     let s = start().await;
+    finish(name, s, steps).await;
+}
+
+async fn finish(name: &str, s: Session, steps: impl AsyncFnOnce(&Client, &str) -> R) {
     let r = steps(&s.c, &s.base).await;
     if r.is_err() {
         let _ = shot(&s.c, &format!("{name}-failure")).await;
@@ -392,6 +401,36 @@ async fn steer_page_streams_two_different_answers() {
         // Readable on a phone.
         c.set_window_size(375, 900).await?;
         shot(c, "steer-375").await?;
+        Ok(())
+    })
+    .await;
+}
+
+/// The second real model, Gemma 3 270M (a base model with a 262,144-token vocabulary): its steer
+/// page answers the plain prompt (no chat template to apply) and a clamp of its dog neuron moves
+/// the answer; concept search builds its map and finds that neuron.
+#[actix_web::test]
+async fn gemma_steer_and_search_pages() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut gemma = Engine::load(&flash_interp_e2e::gemma_model(), &LoadOptions::default()).unwrap();
+    gemma.cache_dir = flash_interp_e2e::test_map_cache();
+    let s = start_with(vec![Arc::new(gemma)], tempfile::tempdir().unwrap()).await;
+    finish("gemma", s, async |c, base| {
+        c.goto(&format!("{base}/steer?prompt=My+favourite+animal+is+the&clamps=15%3A1781%3A-20&max=24")).await?;
+        wait(c, "#pair-0[data-done='1']", 120).await?;
+        let chat = c.find(Locator::Css("#chat")).await?;
+        assert!(!chat.is_selected().await? && !chat.is_enabled().await?, "a base model has no chat template to apply");
+        let normal = c.find(Locator::Css("#pair-0 .answer.normal")).await?.text().await?;
+        let steered = c.find(Locator::Css("#pair-0 .answer.steered")).await?.text().await?;
+        assert_ne!(normal, steered);
+        assert!(steered.contains("dog") && !normal.contains("dog"), "normal {normal:?}, steered {steered:?}");
+        shot(c, "gemma-steer").await?;
+
+        c.goto(&format!("{base}/?q=%20dog")).await?;
+        let first = first_hit_other_than(c, "", 600, "Gemma's dog search (its map is built first)").await?;
+        assert!(first.contains("15:1781") && first.contains("canine"), "{first}");
+        wait(c, "#search-plot[data-drawn='1']", 30).await?;
+        shot(c, "gemma-search").await?;
         Ok(())
     })
     .await;

@@ -123,6 +123,9 @@ pub fn Steer() -> impl IntoView {
         Ok(s) => models.pick(s.model.as_deref()),
     });
 
+    // Whether the model has a chat template (a base model such as Gemma 3 270M has none).
+    let has_chat = move || !matches!(model.get(), Some(Ok(m)) if !m.chat);
+
     // The form: a draft of the URL state, reset whenever the URL changes.
     let draft = RwSignal::new(SteerState::default());
     let rows = RwSignal::new(Vec::<Row>::new());
@@ -167,7 +170,8 @@ pub fn Steer() -> impl IntoView {
         run_error.set(None);
         let (s, m) = match (s, m) {
             (Err(e), _) | (_, Some(Err(e))) => return run_error.set(Some(e)),
-            (Ok(s), Some(Ok(m))) if !s.clamps.is_empty() && started => (s, m),
+            // A base model (no chat template) answers the plain prompt.
+            (Ok(s), Some(Ok(m))) if !s.clamps.is_empty() && started => (SteerState { chat: s.chat && m.chat, ..s }, m),
             _ => return,
         };
         let clamps = match s.validate() {
@@ -271,6 +275,7 @@ pub fn Steer() -> impl IntoView {
         });
         s.set_clamps(&clamps.ok()?);
         let m = model.get()?.ok()?;
+        s.chat &= m.chat;
         share::generate_request(&s, &m.id).ok()
     });
     let go2 = go.clone();
@@ -344,8 +349,8 @@ pub fn Steer() -> impl IntoView {
                     <input id="word" type="text" placeholder="dog" prop:value=move || draft.with(|d| d.word.clone())
                         on:input=move |ev| { let v = event_target_value(&ev); draft.update(|d| d.word = v) } />
                 </label>
-                <label class="check">
-                    <input id="chat" type="checkbox" prop:checked=move || draft.with(|d| d.chat)
+                <label class="check" title=move || if has_chat() { "" } else { "this model has no chat template: the prompt is sent as it is" }>
+                    <input id="chat" type="checkbox" prop:checked=move || draft.with(|d| d.chat) && has_chat() prop:disabled=move || !has_chat()
                         on:change=move |ev| { let v = event_target_checked(&ev); draft.update(|d| d.chat = v) } />
                     "chat template"
                 </label>
