@@ -4,7 +4,7 @@
 use super::config::Config;
 use super::weights::{Key, WeightSource};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
@@ -255,4 +255,84 @@ pub(crate) fn append_kv(kv: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor)
     };
     *kv = Some((k.clone(), v.clone()));
     Ok((k, v))
+}
+
+/// What every family's model holds besides its blocks, loaded the same way for each: the
+/// settings, the token embedding, the final norm and the LM head (tied or not), on one device in
+/// one dtype.
+#[derive(Debug)]
+pub struct Shell {
+    pub(crate) cfg: Config,
+    /// Token embedding, `[vocab, d_model]`, in the compute dtype (unscaled).
+    pub(crate) embed: Tensor,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: QMatMul,
+    pub(crate) device: Device,
+    pub(crate) dtype: DType,
+}
+
+impl Shell {
+    pub(crate) fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
+        let device = src.device().clone();
+        cfg.check().map_err(|e| Error::model(src.origin(), e))?;
+        let embed = src.dense(Key::Embed)?;
+        check_shape(src, Key::Embed, embed.dims(), cfg)?;
+        let dtype = embed.dtype();
+        let norm = RmsNorm::load(src, Key::OutNorm, cfg)?;
+        let lm_head = if cfg.tied_embeddings { src.tied_head(&embed)? } else { linear(src, Key::Output, cfg)? };
+        Ok(Self { cfg: cfg.clone(), embed, norm, lm_head, device, dtype })
+    }
+
+    /// Logits `[b, vocab]` (f32) of the last of the `t` positions of the residual stream `x`.
+    pub(crate) fn logits(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let last = x.narrow(1, t - 1, 1)?;
+        Ok(self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
+    /// Bytes of the weights a forward pass reads here (the embedding is only indexed).
+    pub(crate) fn bytes(&self) -> usize {
+        linear_bytes(&self.lm_head) + tensor_bytes(&self.norm.weight)
+    }
+}
+
+/// The gating nonlinearity of a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Act {
+    /// Llama: SiLU.
+    Silu,
+    /// Gemma: GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`, candle's `gelu`).
+    GeluTanh,
+}
+
+/// The gated MLP: down(act(gate(x)) * up(x)). `hidden` is the neuron activation we read and clamp.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: QMatMul,
+    pub up: QMatMul,
+    pub down: QMatMul,
+    act: Act,
+}
+
+impl Mlp {
+    pub(crate) fn load(src: &dyn WeightSource, l: usize, cfg: &Config, act: Act) -> Result<Self> {
+        Ok(Self { gate: linear(src, Key::Gate(l), cfg)?, up: linear(src, Key::Up(l), cfg)?, down: linear(src, Key::Down(l), cfg)?, act })
+    }
+
+    pub(crate) fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?;
+        let g = match self.act {
+            Act::Silu => candle_nn::ops::silu(&g)?,
+            Act::GeluTanh => g.gelu()?,
+        };
+        Ok((g * self.up.forward(x)?)?)
+    }
+
+    /// gate `[d_ff, d_model]`, up `[d_ff, d_model]`, down `[d_model, d_ff]`, dense.
+    pub(crate) fn dense(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((dense_weight(&self.gate)?, dense_weight(&self.up)?, dense_weight(&self.down)?))
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        [&self.gate, &self.up, &self.down].into_iter().map(linear_bytes).sum()
+    }
 }

@@ -8,14 +8,14 @@
 //! safetensors source adds the 1.
 
 use super::common::{
-    append_kv, apply_clamps, attend, check_forward, check_shape, dense_weight, expand, linear, linear_bytes, rope_tables, tensor_bytes, window_mask,
-    Cache, ForwardOutput, Intervention, RmsNorm,
+    append_kv, apply_clamps, attend, check_forward, expand, linear, linear_bytes, rope_tables, tensor_bytes, window_mask, Act, Cache, ForwardOutput,
+    Intervention, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config, Gemma3Params};
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -64,21 +64,6 @@ impl Attention {
     }
 }
 
-/// GeGLU: down(gelu_tanh(gate(x)) * up(x)). `hidden` is the neuron activation we read and clamp.
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
-}
-
-impl Mlp {
-    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (PyTorch's gelu(approximate="tanh")).
-        Ok((self.gate.forward(x)?.gelu()? * self.up.forward(x)?)?)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: RmsNorm,
@@ -97,7 +82,7 @@ impl Block {
             attn: Attention::load(src, l, cfg, p)?,
             post_attn_norm: RmsNorm::load(src, Key::PostAttnNorm(l), cfg)?,
             ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?,
-            mlp: Mlp { gate: linear(src, Key::Gate(l), cfg)?, up: linear(src, Key::Up(l), cfg)?, down: linear(src, Key::Down(l), cfg)? },
+            mlp: Mlp::load(src, l, cfg, Act::GeluTanh)?,
             post_ffn_norm: RmsNorm::load(src, Key::PostFfnNorm(l), cfg)?,
             global: p.is_global(l),
         })
@@ -107,20 +92,14 @@ impl Block {
 /// A loaded Gemma 3 model. Immutable: share it in an `Arc`.
 #[derive(Debug)]
 pub struct Gemma3 {
-    cfg: Config,
+    shell: Shell,
     params: Gemma3Params,
-    /// Token embedding, `[vocab, d_model]`, in the compute dtype (unscaled: the tied LM head).
-    embed: Tensor,
     /// √d_model, in the compute dtype, as Hugging Face rounds it.
     embed_scale: f64,
     blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: QMatMul,
     /// RoPE tables of the global layers and of the local ones.
     global_rope: (Tensor, Tensor),
     local_rope: (Tensor, Tensor),
-    device: Device,
-    dtype: DType,
 }
 
 impl Gemma3 {
@@ -128,45 +107,24 @@ impl Gemma3 {
         let Arch::Gemma3(params) = &cfg.arch else {
             return Err(Error::model(src.origin(), "not a Gemma 3 configuration"));
         };
-        let device = src.device().clone();
-        cfg.check().map_err(|e| Error::model(src.origin(), e))?;
-        let embed = src.dense(Key::Embed)?;
-        check_shape(src, Key::Embed, embed.dims(), cfg)?;
-        let dtype = embed.dtype();
+        let shell = Shell::load(src, cfg)?;
+        let (dtype, device) = (shell.dtype, &shell.device);
         let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg, params)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(src, Key::OutNorm, cfg)?;
-        let lm_head = if cfg.tied_embeddings { src.tied_head(&embed)? } else { linear(src, Key::Output, cfg)? };
         let global_inv = cfg.inv_freqs().into_iter().map(|f| f / params.global_rope_factor).collect();
-        let global_rope = rope_tables(global_inv, cfg.max_seq_len, dtype, &device)?;
-        let local_rope = rope_tables(cfg.inv_freqs_with_base(params.rope_local_theta), cfg.max_seq_len, dtype, &device)?;
+        let global_rope = rope_tables(global_inv, cfg.max_seq_len, dtype, device)?;
+        let local_rope = rope_tables(cfg.inv_freqs_with_base(params.rope_local_theta), cfg.max_seq_len, dtype, device)?;
         // Hugging Face multiplies by the scale cast to the model's dtype.
-        let embed_scale = Tensor::new(&[(cfg.d_model as f32).sqrt()], &device)?.to_dtype(dtype)?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-        Ok(Self { cfg: cfg.clone(), params: params.clone(), embed, embed_scale, blocks, norm, lm_head, global_rope, local_rope, device, dtype })
+        let embed_scale = Tensor::new(&[(cfg.d_model as f32).sqrt()], device)?.to_dtype(dtype)?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        Ok(Self { shell, params: params.clone(), embed_scale, blocks, global_rope, local_rope })
     }
 }
 
 impl LanguageModel for Gemma3 {
-    fn config(&self) -> &Config {
-        &self.cfg
+    fn shell(&self) -> &Shell {
+        &self.shell
     }
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-    fn embedding(&self) -> &Tensor {
-        &self.embed
-    }
-    fn lm_head_weight(&self) -> Result<Tensor> {
-        dense_weight(&self.lm_head)
-    }
-    fn final_norm_weight(&self) -> &Tensor {
-        &self.norm.weight
-    }
-    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let m = &self.blocks[layer].mlp;
-        Ok((dense_weight(&m.gate)?, dense_weight(&m.up)?, dense_weight(&m.down)?))
+    fn mlp(&self, layer: usize) -> &Mlp {
+        &self.blocks[layer].mlp
     }
 
     fn weight_bytes(&self) -> usize {
@@ -174,26 +132,28 @@ impl LanguageModel for Gemma3 {
             .blocks
             .iter()
             .map(|b| {
-                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down].into_iter().map(linear_bytes).sum::<usize>()
+                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(linear_bytes).sum::<usize>()
+                    + b.mlp.bytes()
                     + [&b.attn_norm, &b.post_attn_norm, &b.ffn_norm, &b.post_ffn_norm, &b.attn.q_norm, &b.attn.k_norm]
                         .into_iter()
                         .map(|n| tensor_bytes(&n.weight))
                         .sum::<usize>()
             })
             .sum();
-        blocks + linear_bytes(&self.lm_head) + tensor_bytes(&self.norm.weight)
+        blocks + self.shell.bytes()
     }
 
     fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
-        let (b_in, t, n_rows, offset) = check_forward(&self.cfg, input, cache, rows)?;
+        let sh = &self.shell;
+        let (b_in, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let narrow = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> { Ok((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?)) };
         let (global_rope, local_rope) = (narrow(&self.global_rope)?, narrow(&self.local_rope)?);
-        let global_mask = if t > 1 { Some(window_mask(t, offset, None, self.dtype, &self.device)?) } else { None };
+        let global_mask = if t > 1 { Some(window_mask(t, offset, None, sh.dtype, &sh.device)?) } else { None };
         // A local layer needs its mask whenever a key can fall out of the window, one token included.
         let window = self.params.sliding_window;
-        let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), self.dtype, &self.device)?) } else { None };
+        let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
 
-        let x = self.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, self.cfg.d_model))?;
+        let x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
         let mut x = (x * self.embed_scale)?;
         let mut batch = b_in;
         let mut acts = Vec::new();
@@ -214,11 +174,10 @@ impl LanguageModel for Gemma3 {
             x = (x + block.post_ffn_norm.forward(&block.mlp.down.forward(&hidden)?)?)?;
         }
         if batch == 1 && n_rows > 1 {
-            x = expand(&x, cache, self.cfg.n_layers, n_rows)?;
+            x = expand(&x, cache, sh.cfg.n_layers, n_rows)?;
         }
         cache.seq_len += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?;
+        let logits = sh.logits(&x, t)?;
         Ok(ForwardOutput {
             logits: match self.params.final_logit_softcap {
                 Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,

@@ -6,16 +6,16 @@
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
 
 use super::common::{
-    append_kv, apply_clamps, attend, causal_mask, check_forward, check_shape, dense_weight, expand, linear, linear_bytes, rope_tables, tensor_bytes,
-    Cache, ForwardOutput, Intervention, RmsNorm,
+    append_kv, apply_clamps, attend, causal_mask, check_forward, expand, linear, linear_bytes, rope_tables, tensor_bytes, Act, Cache, ForwardOutput,
+    Intervention, Mlp, RmsNorm, Shell,
 };
 use super::config::Config;
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -63,25 +63,6 @@ impl Attention {
     }
 }
 
-/// The gated MLP: down(act(gate(x)) * up(x)). `hidden` is the neuron activation we read and clamp.
-#[derive(Debug, Clone)]
-pub struct Mlp {
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
-}
-
-impl Mlp {
-    fn load(src: &dyn WeightSource, l: usize, cfg: &Config) -> Result<Self> {
-        Ok(Self { gate: linear(src, Key::Gate(l), cfg)?, up: linear(src, Key::Up(l), cfg)?, down: linear(src, Key::Down(l), cfg)? })
-    }
-
-    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        Ok((g * self.up.forward(x)?)?)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: RmsNorm,
@@ -96,7 +77,7 @@ impl Block {
             attn_norm: RmsNorm::load(src, Key::AttnNorm(l), cfg)?,
             attn: Attention::load(src, l, cfg)?,
             ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?,
-            mlp: Mlp::load(src, l, cfg)?,
+            mlp: Mlp::load(src, l, cfg, Act::Silu)?,
         })
     }
 }
@@ -104,55 +85,27 @@ impl Block {
 /// A loaded Llama-architecture model. Immutable: share it in an `Arc`.
 #[derive(Debug)]
 pub struct Llama {
-    cfg: Config,
-    /// Token embedding, `[vocab, d_model]`, in the compute dtype.
-    embed: Tensor,
+    shell: Shell,
     blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: QMatMul,
     cos: Tensor,
     sin: Tensor,
-    device: Device,
-    dtype: DType,
 }
 
 impl Llama {
     pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
-        let device = src.device().clone();
-        cfg.check().map_err(|e| Error::model(src.origin(), e))?;
-        let embed = src.dense(Key::Embed)?;
-        check_shape(src, Key::Embed, embed.dims(), cfg)?;
-        let dtype = embed.dtype();
+        let shell = Shell::load(src, cfg)?;
         let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(src, Key::OutNorm, cfg)?;
-        let lm_head = if cfg.tied_embeddings { src.tied_head(&embed)? } else { linear(src, Key::Output, cfg)? };
-        let (cos, sin) = rope_tables(cfg.inv_freqs(), cfg.max_seq_len, dtype, &device)?;
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm, lm_head, cos, sin, device, dtype })
+        let (cos, sin) = rope_tables(cfg.inv_freqs(), cfg.max_seq_len, shell.dtype, &shell.device)?;
+        Ok(Self { shell, blocks, cos, sin })
     }
 }
 
 impl LanguageModel for Llama {
-    fn config(&self) -> &Config {
-        &self.cfg
+    fn shell(&self) -> &Shell {
+        &self.shell
     }
-    fn device(&self) -> &Device {
-        &self.device
-    }
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-    fn embedding(&self) -> &Tensor {
-        &self.embed
-    }
-    fn lm_head_weight(&self) -> Result<Tensor> {
-        dense_weight(&self.lm_head)
-    }
-    fn final_norm_weight(&self) -> &Tensor {
-        &self.norm.weight
-    }
-    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let m = &self.blocks[layer].mlp;
-        Ok((dense_weight(&m.gate)?, dense_weight(&m.up)?, dense_weight(&m.down)?))
+    fn mlp(&self, layer: usize) -> &Mlp {
+        &self.blocks[layer].mlp
     }
 
     fn weight_bytes(&self) -> usize {
@@ -160,21 +113,23 @@ impl LanguageModel for Llama {
             .blocks
             .iter()
             .map(|b| {
-                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down].into_iter().map(linear_bytes).sum::<usize>()
+                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(linear_bytes).sum::<usize>()
+                    + b.mlp.bytes()
                     + tensor_bytes(&b.attn_norm.weight)
                     + tensor_bytes(&b.ffn_norm.weight)
             })
             .sum();
-        blocks + linear_bytes(&self.lm_head) + tensor_bytes(&self.norm.weight)
+        blocks + self.shell.bytes()
     }
 
     fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
-        let (b_in, t, n_rows, offset) = check_forward(&self.cfg, input, cache, rows)?;
+        let sh = &self.shell;
+        let (b_in, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let mask = if t > 1 { Some(causal_mask(t, offset, self.dtype, &self.device)?) } else { None };
+        let mask = if t > 1 { Some(causal_mask(t, offset, sh.dtype, &sh.device)?) } else { None };
 
-        let mut x = self.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, self.cfg.d_model))?;
+        let mut x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
         let mut batch = b_in;
         let mut acts = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
@@ -193,11 +148,9 @@ impl LanguageModel for Llama {
             x = (x + block.mlp.down.forward(&hidden)?)?;
         }
         if batch == 1 && n_rows > 1 {
-            x = expand(&x, cache, self.cfg.n_layers, n_rows)?;
+            x = expand(&x, cache, sh.cfg.n_layers, n_rows)?;
         }
         cache.seq_len += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?.squeeze(1)?.to_dtype(DType::F32)?;
-        Ok(ForwardOutput { logits, mlp_acts: acts })
+        Ok(ForwardOutput { logits: sh.logits(&x, t)?, mlp_acts: acts })
     }
 }

@@ -8,7 +8,7 @@ pub mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use common::{all_finite, dense_weight, softmax, Cache, Clamp, ForwardOutput, Intervention};
+pub use common::{all_finite, dense_weight, softmax, Cache, Clamp, ForwardOutput, Intervention, Mlp, Shell};
 pub use config::{Arch, Config};
 pub use gemma3::Gemma3;
 pub use llama::Llama;
@@ -19,19 +19,38 @@ use crate::error::{Error, Result};
 /// A loaded model of any supported family: what the engine, the map and the analyses use.
 /// Immutable; shared in an `Arc`.
 pub trait LanguageModel: Send + Sync + std::fmt::Debug {
-    fn config(&self) -> &Config;
-    fn device(&self) -> &Device;
+    /// The settings, embedding, final norm and LM head every family holds.
+    fn shell(&self) -> &Shell;
+    /// The MLP of one layer.
+    fn mlp(&self, layer: usize) -> &Mlp;
+
+    fn config(&self) -> &Config {
+        &self.shell().cfg
+    }
+    fn device(&self) -> &Device {
+        &self.shell().device
+    }
     /// The compute dtype.
-    fn dtype(&self) -> DType;
+    fn dtype(&self) -> DType {
+        self.shell().dtype
+    }
     /// Token embedding matrix `[vocab, d_model]` (the LM head too when tied), unscaled.
-    fn embedding(&self) -> &Tensor;
+    fn embedding(&self) -> &Tensor {
+        &self.shell().embed
+    }
     /// The unembedding `W_U` as a dense `[vocab, d_model]` tensor.
-    fn lm_head_weight(&self) -> Result<Tensor>;
+    fn lm_head_weight(&self) -> Result<Tensor> {
+        dense_weight(&self.shell().lm_head)
+    }
     /// The final RMSNorm's scale `[d_model]` (for Gemma, `1 + w`).
-    fn final_norm_weight(&self) -> &Tensor;
+    fn final_norm_weight(&self) -> &Tensor {
+        &self.shell().norm.weight
+    }
     /// MLP weights of one layer as dense tensors: gate `[d_ff, d_model]`, up `[d_ff, d_model]`,
     /// down `[d_model, d_ff]`.
-    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)>;
+    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        self.mlp(layer).dense()
+    }
     /// Bytes of every weight a forward pass reads, as held in memory (the token embedding is
     /// only indexed, unless it is also the tied LM head).
     fn weight_bytes(&self) -> usize;
