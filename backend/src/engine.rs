@@ -186,7 +186,7 @@ impl Engine {
         let src = GgufSource::open(path, &opts.device, opts.mode)?;
         let c = &src.content;
         let arch = c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if arch != "llama" && arch != "gemma3" {
+        if !matches!(arch.as_str(), "llama" | "gemma3" | "qwen2" | "qwen3") {
             return Err(Error::model(path, format!("architecture {arch:?} is not supported; supported: {}", Arch::SUPPORTED)));
         }
         let get = |k: &str| c.metadata.get(&format!("{arch}.{k}"));
@@ -208,9 +208,13 @@ impl Engine {
                 final_logit_softcap: get("final_logit_softcapping").and_then(|v| v.to_f32().ok()),
                 global_rope_factor: get("rope.scaling.factor").and_then(|v| v.to_f32().ok()).unwrap_or(1.0),
             }),
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             _ => Arch::Llama,
         };
-        let gemma = matches!(family, Arch::Gemma3(_));
+        // llama.cpp permutes only Llama's Q/K rows for the interleaved RoPE; Gemma and Qwen use
+        // the split halves (NEOX) as stored.
+        let interleaved = family == Arch::Llama;
         let embed_rows = c.tensor_infos.get("token_embd.weight").and_then(|t| t.shape.dims().first().copied()).unwrap_or(0);
         let rope_freq_factors = src.raw_f32("rope_freqs.weight")?.map(|t| t.to_vec1::<f32>()).transpose()?;
         let cfg = Config {
@@ -226,8 +230,7 @@ impl Engine {
             rope_theta: get("rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
             rope_scaling: None,
             rope_freq_factors,
-            // llama.cpp permutes Llama's Q/K rows for the interleaved RoPE, not Gemma's.
-            rope_interleaved: !gemma,
+            rope_interleaved: interleaved,
             max_seq_len: req("context_length").unwrap_or(2048).min(opts.max_context),
             tied_embeddings: !src.has(Key::Output),
         };
@@ -246,6 +249,8 @@ impl Engine {
         let model_type = json["model_type"].as_str().unwrap_or("llama");
         let family = match model_type {
             "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             "gemma3_text" => Arch::Gemma3(gemma3_params(&json).map_err(|e| Error::model(&cfg_path, e))?),
             other => {
                 let hint = if other == "gemma3" { " (the multimodal checkpoint: use its text model, model_type gemma3_text)" } else { "" };
@@ -265,8 +270,10 @@ impl Engine {
             _ => None,
         });
         let src = SafetensorsSource::open(dir, &opts.device, opts.mode, gemma)?;
-        // Mistral's sliding window never matters within a context no longer than the window.
-        let window = json["sliding_window"].as_u64().filter(|_| model_type == "mistral").map_or(usize::MAX, |w| w as usize);
+        // A sliding window (Mistral's; Qwen's when `use_sliding_window`) never matters within a
+        // context no longer than the window.
+        let windowed = model_type == "mistral" || json["use_sliding_window"].as_bool() == Some(true);
+        let window = json["sliding_window"].as_u64().filter(|_| windowed).map_or(usize::MAX, |w| w as usize);
         let cfg = Config {
             arch: family,
             n_layers: lc.num_hidden_layers,

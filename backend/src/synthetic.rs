@@ -42,6 +42,14 @@ pub struct TinySpec {
     /// local layers with a [`GEMMA_WINDOW`]-token window between global ones (every
     /// [`GEMMA_PATTERN`]-th layer).
     pub gemma3: bool,
+    /// A Qwen model of the Llama layout instead: Qwen2's Q/K/V biases or Qwen3's q/k norms.
+    pub qwen: Option<Qwen>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Qwen {
+    V2,
+    V3,
 }
 
 /// The tiny Gemma 3's sliding window (keys a local layer sees) and layer pattern: short, so that
@@ -78,6 +86,7 @@ impl Default for TinySpec {
             perturb: vec![],
             plant: vec![],
             gemma3: false,
+            qwen: None,
         }
     }
 }
@@ -130,6 +139,10 @@ impl Rng {
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
     /// A norm weight near 1; near 0 when `offset` (Gemma stores `w` for a scale of `1 + w`).
+    fn vector(&mut self, n: usize, scale: f32) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n).map(|_| self.next_f32() * scale).collect();
+        Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
+    }
     fn norm(&mut self, n: usize, offset: bool) -> Result<Tensor> {
         let base = if offset { 0.0 } else { 1.0 };
         let v: Vec<f32> = (0..n).map(|_| base + 0.2 * self.next_f32()).collect();
@@ -155,6 +168,18 @@ pub fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
         w.push((format!("{p}.self_attn.k_proj.weight"), rng.tensor((spec.n_kv_heads * hd, d), wd)?));
         w.push((format!("{p}.self_attn.v_proj.weight"), rng.tensor((spec.n_kv_heads * hd, d), wd)?));
         w.push((format!("{p}.self_attn.o_proj.weight"), rng.tensor((d, spec.n_heads * hd), wd)?));
+        match spec.qwen {
+            Some(Qwen::V2) => {
+                w.push((format!("{p}.self_attn.q_proj.bias"), rng.vector(spec.n_heads * hd, 0.5)?));
+                w.push((format!("{p}.self_attn.k_proj.bias"), rng.vector(spec.n_kv_heads * hd, 0.5)?));
+                w.push((format!("{p}.self_attn.v_proj.bias"), rng.vector(spec.n_kv_heads * hd, 0.5)?));
+            }
+            Some(Qwen::V3) => {
+                w.push((format!("{p}.self_attn.q_norm.weight"), rng.norm(hd, false)?));
+                w.push((format!("{p}.self_attn.k_norm.weight"), rng.norm(hd, false)?));
+            }
+            None => {}
+        }
         w.push((format!("{p}.post_attention_layernorm.weight"), rng.norm(d, g)?));
         if g {
             w.push((format!("{p}.self_attn.q_norm.weight"), rng.norm(hd, g)?));
@@ -229,6 +254,9 @@ fn gguf_name(hf: &str, gemma: bool) -> String {
             "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
             "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
             "self_attn.q_norm.weight" => "attn_q_norm.weight",
+            "self_attn.q_proj.bias" => "attn_q.bias",
+            "self_attn.k_proj.bias" => "attn_k.bias",
+            "self_attn.v_proj.bias" => "attn_v.bias",
             "self_attn.k_norm.weight" => "attn_k_norm.weight",
             "input_layernorm.weight" => "attn_norm.weight",
             "self_attn.q_proj.weight" => "attn_q.weight",
@@ -258,7 +286,12 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
     let strs = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let types: Vec<Value> = (0..vocab.len()).map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 })).collect();
     let u = |x: usize| Value::U32(x as u32);
-    let arch = if spec.gemma3 { "gemma3" } else { "llama" };
+    let arch = match (spec.gemma3, spec.qwen) {
+        (true, _) => "gemma3",
+        (_, Some(Qwen::V2)) => "qwen2",
+        (_, Some(Qwen::V3)) => "qwen3",
+        _ => "llama",
+    };
     let key = |k: &str| format!("{arch}.{k}");
     let mut family: Vec<(String, Value)> = vec![
         (key("block_count"), u(spec.n_layers)),
@@ -304,6 +337,8 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
             } else {
                 t
             }
+        } else if spec.qwen.is_some() {
+            t // llama.cpp leaves Qwen's Q/K in Hugging Face order (NEOX RoPE).
         } else if name.ends_with("q_proj.weight") {
             permute_for_gguf(&t, spec.n_heads)?
         } else if name.ends_with("k_proj.weight") {
@@ -369,6 +404,19 @@ pub fn write_hf_dir(spec: &TinySpec, dir: &Path) -> Result<()> {
         "bos_token_id": 1,
         "eos_token_id": 2,
     });
+    if let Some(q) = spec.qwen {
+        let qwen = json!({
+            "architectures": [if q == Qwen::V2 { "Qwen2ForCausalLM" } else { "Qwen3ForCausalLM" }],
+            "model_type": if q == Qwen::V2 { "qwen2" } else { "qwen3" },
+            "head_dim": spec.head_dim(),
+            "hidden_act": "silu",
+            "attention_bias": q == Qwen::V2,
+            "sliding_window": 4096,
+            "max_window_layers": spec.n_layers,
+            "use_sliding_window": false,
+        });
+        cfg.as_object_mut().unwrap().extend(qwen.as_object().unwrap().clone());
+    }
     if spec.gemma3 {
         let gemma = json!({
             "architectures": ["Gemma3ForCausalLM"],

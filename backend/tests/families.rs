@@ -7,8 +7,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use flash_interp::engine::{Engine, LoadOptions};
+use flash_interp::model::Arch;
 use flash_interp::model::{Cache, Clamp, Intervention};
-use flash_interp::synthetic::{self, Plant, TinySpec, GEMMA_WINDOW};
+use flash_interp::synthetic::{self, Plant, Qwen, TinySpec, GEMMA_WINDOW};
 use shared::View;
 
 struct Tiny {
@@ -52,7 +53,7 @@ fn gemma3_matches_candle_transformers_gemma3() {
     // (i - j < window; its multi-token mask allows one more). Prompts run past the window.
     let t = gemma(TinySpec { n_layers: 4, scale: 2.0, ..Default::default() });
     let ours = load(&t.hf);
-    assert!(matches!(ours.config().arch, flash_interp::model::Arch::Gemma3(_)));
+    assert!(matches!(ours.config().arch, Arch::Gemma3(_)));
     let cfg: candle_transformers::models::gemma3::Config = serde_json::from_slice(&std::fs::read(t.hf.join("config.json")).unwrap()).unwrap();
     let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[t.hf.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
     let mut reference = candle_transformers::models::gemma3::Model::new(false, &cfg, vb).unwrap();
@@ -197,4 +198,67 @@ fn unsupported_architectures_get_a_clear_error() {
     std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
     let err = Engine::load(&t.hf, &LoadOptions::default()).err().expect("phi3 is refused").to_string();
     assert!(err.contains("\"phi3\"") && err.contains("supported: llama") && err.contains("gemma3"), "{err}");
+}
+
+fn qwen(v: Qwen, spec: TinySpec) -> Tiny {
+    let spec = TinySpec { qwen: Some(v), ..spec };
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, hf) = (dir.path().join("tiny-qwen.gguf"), dir.path().join("tiny-qwen-hf"));
+    synthetic::write_gguf(&spec, &gguf).unwrap();
+    synthetic::write_hf_dir(&spec, &hf).unwrap();
+    Tiny { dir, gguf, hf }
+}
+
+#[test]
+fn qwen2_and_qwen3_match_candle_transformers() {
+    // candle's `qwen2` (Q/K/V biases) and `qwen3` (q/k norms), tied and untied heads; and the GGUF
+    // of the same weights (llama.cpp's names, Q/K unpermuted) gives the same logits.
+    for v in [Qwen::V2, Qwen::V3] {
+        for tied in [true, false] {
+            let t = qwen(v, TinySpec { tied, scale: 2.0, ..Default::default() });
+            let ours = load(&t.hf);
+            let want_arch = if v == Qwen::V2 { Arch::Qwen2 } else { Arch::Qwen3 };
+            assert_eq!(ours.config().arch, want_arch);
+            let raw = std::fs::read(t.hf.join("config.json")).unwrap();
+            let vb =
+                || unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[t.hf.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+            let gguf = load(&t.gguf);
+            for n in [1, 4, IDS.len()] {
+                let x = Tensor::new(&IDS[..n], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                let want: Vec<f32> = match v {
+                    Qwen::V2 => {
+                        let cfg: candle_transformers::models::qwen2::Config = serde_json::from_slice(&raw).unwrap();
+                        let mut m = candle_transformers::models::qwen2::ModelForCausalLM::new(&cfg, vb()).unwrap();
+                        m.forward(&x, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                    }
+                    Qwen::V3 => {
+                        let cfg: candle_transformers::models::qwen3::Config = serde_json::from_slice(&raw).unwrap();
+                        let mut m = candle_transformers::models::qwen3::ModelForCausalLM::new(&cfg, vb()).unwrap();
+                        m.forward(&x, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                    }
+                };
+                let got = logits(&ours, &IDS[..n], &Intervention::none());
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-4, "{v:?} tied={tied} n={n}: max |diff| {d}");
+                let d = max_abs_diff(&logits(&gguf, &IDS[..n], &Intervention::none()), &got);
+                assert!(d < 1e-4, "{v:?} tied={tied} n={n}: GGUF vs safetensors max |diff| {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen_clamp_identities() {
+    for v in [Qwen::V2, Qwen::V3] {
+        let t = qwen(v, TinySpec::default());
+        let e = load(&t.gguf);
+        let ids = [40u32];
+        let x = Tensor::new(&ids[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let out = e.model.forward(&x, &mut Cache::new(e.config()), &[], &[1]).unwrap();
+        let plain: Vec<f32> = out.logits.i(0).unwrap().to_vec1().unwrap();
+        let natural: f32 = out.mlp_acts[0].1.i((0, 0, 17)).unwrap().to_scalar().unwrap();
+        assert_eq!(plain, logits(&e, &ids, &Intervention { clamps: vec![Clamp { layer: 1, neuron: 17, value: natural }] }), "{v:?}");
+        let moved = logits(&e, &ids, &Intervention { clamps: vec![Clamp { layer: 1, neuron: 17, value: natural + 5.0 }] });
+        assert!(max_abs_diff(&plain, &moved) > 1e-3, "{v:?}: the clamp had no effect");
+    }
 }

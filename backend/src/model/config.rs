@@ -13,9 +13,13 @@ pub struct RopeScaling {
 /// The model family: which forward pass (one file each under `model/`) runs the weights.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Arch {
-    /// Llama 2/3/3.1/3.2 and the models of the same layout (SmolLM2, Mistral without sliding window).
+    /// Llama 2/3/3.1/3.2 and the models of the same layout (SmolLM2, Mistral within its window).
     #[default]
     Llama,
+    /// Qwen2/2.5: the Llama layout with biases on the Q, K and V projections.
+    Qwen2,
+    /// Qwen3: the Llama layout with a per-head RMSNorm of queries and keys before RoPE.
+    Qwen3,
     /// Gemma 3: GeGLU (tanh GELU), RMSNorm around both sublayers, q/k norms, embeddings scaled by
     /// √d, local sliding-window layers with their own RoPE base, a global layer every `pattern`.
     Gemma3(Gemma3Params),
@@ -47,12 +51,14 @@ impl Gemma3Params {
 
 impl Arch {
     /// The families this build runs, for error messages.
-    pub const SUPPORTED: &'static str =
-        "llama (Llama 2/3/3.1/3.2, SmolLM, and other models of the Llama layout) and gemma3 (Gemma 3), from GGUF or a Hugging Face directory";
+    pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM, Mistral and other models of the Llama layout), qwen2 (Qwen2/2.5), \
+         qwen3 (Qwen3, dense) and gemma3 (Gemma 3), from GGUF or a Hugging Face directory";
 
     pub fn name(&self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
             Arch::Gemma3(_) => "gemma3",
         }
     }

@@ -1,6 +1,10 @@
 //! Our own Llama forward pass. candle-transformers' Llama hides the MLP, and we need to reach inside
 //! it: read and clamp the gated activation act(gate(x)) * up(x), the input of down_proj.
 //!
+//! The Llama layout's two Qwen variants run here too, each checked against candle-transformers'
+//! own implementation: Qwen2's Q/K/V biases and Qwen3's per-head q/k RMSNorm are the only
+//! differences, loaded when the family has them.
+//!
 //! The model is immutable and shared in an `Arc`; the KV cache is passed in per request and the
 //! intervention is plain data, so one loaded model serves many requests at once.
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
@@ -9,7 +13,7 @@ use super::common::{
     append_kv, apply_clamps, attend, causal_mask, check_forward, expand, linear, linear_bytes, rope_tables, tensor_bytes, Act, Cache, ForwardOutput,
     Intervention, Mlp, RmsNorm, Shell,
 };
-use super::config::Config;
+use super::config::{Arch, Config};
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
 use candle_core::quantized::QMatMul;
@@ -23,6 +27,10 @@ struct Attention {
     k: QMatMul,
     v: QMatMul,
     o: QMatMul,
+    /// Qwen2: the Q, K and V biases.
+    bias: Option<[Tensor; 3]>,
+    /// Qwen3: RMSNorm of each head's query and key, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -36,6 +44,14 @@ impl Attention {
             k: linear(src, Key::K(l), cfg)?,
             v: linear(src, Key::V(l), cfg)?,
             o: linear(src, Key::O(l), cfg)?,
+            bias: match cfg.arch {
+                Arch::Qwen2 => Some([bias(src, Key::QBias(l), cfg)?, bias(src, Key::KBias(l), cfg)?, bias(src, Key::VBias(l), cfg)?]),
+                _ => None,
+            },
+            qk_norm: match cfg.arch {
+                Arch::Qwen3 => Some((RmsNorm::load(src, Key::QNorm(l), cfg)?, RmsNorm::load(src, Key::KNorm(l), cfg)?)),
+                _ => None,
+            },
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
@@ -50,9 +66,16 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = self.q.forward(x)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
-        let k = self.k.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
-        let v = self.v.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let (mut q, mut k, mut v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        if let Some([bq, bk, bv]) = &self.bias {
+            (q, k, v) = (q.broadcast_add(bq)?, k.broadcast_add(bk)?, v.broadcast_add(bv)?);
+        }
+        let mut q = q.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
+        let mut k = k.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        if let Some((qn, kn)) = &self.qk_norm {
+            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
         let (k, v) = append_kv(kv, k, v.contiguous()?)?;
@@ -153,4 +176,11 @@ impl LanguageModel for Llama {
         cache.seq_len += t;
         Ok(ForwardOutput { logits: sh.logits(&x, t)?, mlp_acts: acts })
     }
+}
+
+/// A bias vector, checked against the shape the configuration implies.
+fn bias(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<Tensor> {
+    let b = src.dense(key)?;
+    super::common::check_shape(src, key, b.dims(), cfg)?;
+    Ok(b)
 }

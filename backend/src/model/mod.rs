@@ -84,7 +84,7 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
 /// Load the forward pass of `cfg.arch` over `src`.
 pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Box<dyn LanguageModel>> {
     Ok(match cfg.arch {
-        Arch::Llama => Box::new(Llama::load(src, cfg)?),
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => Box::new(Llama::load(src, cfg)?),
         Arch::Gemma3(_) => Box::new(Gemma3::load(src, cfg)?),
     })
 }

@@ -86,7 +86,11 @@ pub enum Key {
     V(usize),
     O(usize),
     FfnNorm(usize),
-    /// Gemma: per-head RMSNorm of queries and keys, `[head_dim]`.
+    /// Qwen2: biases of the Q, K and V projections.
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    /// Gemma and Qwen3: per-head RMSNorm of queries and keys, `[head_dim]`.
     QNorm(usize),
     KNorm(usize),
     /// Gemma: RMSNorm of the attention output and of the MLP output, before the residual add.
@@ -105,6 +109,8 @@ impl Key {
             Key::Embed | Key::Output => vec![c.vocab_size, c.d_model],
             Key::OutNorm | Key::AttnNorm(_) | Key::FfnNorm(_) | Key::PostAttnNorm(_) | Key::PostFfnNorm(_) => vec![c.d_model],
             Key::QNorm(_) | Key::KNorm(_) => vec![c.head_dim],
+            Key::QBias(_) => vec![q],
+            Key::KBias(_) | Key::VBias(_) => vec![kv],
             Key::Q(_) => vec![q, c.d_model],
             Key::K(_) | Key::V(_) => vec![kv, c.d_model],
             Key::O(_) => vec![c.d_model, q],
@@ -125,6 +131,9 @@ impl Key {
             Key::O(l) => format!("blk.{l}.attn_output.weight"),
             Key::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
             Key::QNorm(l) => format!("blk.{l}.attn_q_norm.weight"),
+            Key::QBias(l) => format!("blk.{l}.attn_q.bias"),
+            Key::KBias(l) => format!("blk.{l}.attn_k.bias"),
+            Key::VBias(l) => format!("blk.{l}.attn_v.bias"),
             Key::KNorm(l) => format!("blk.{l}.attn_k_norm.weight"),
             Key::PostAttnNorm(l) => format!("blk.{l}.post_attention_norm.weight"),
             Key::PostFfnNorm(l) => format!("blk.{l}.post_ffw_norm.weight"),
@@ -141,6 +150,9 @@ impl Key {
             Key::PostAttnNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
             Key::PostFfnNorm(l) => format!("model.layers.{l}.post_feedforward_layernorm.weight"),
             Key::QNorm(l) => format!("model.layers.{l}.self_attn.q_norm.weight"),
+            Key::QBias(l) => format!("model.layers.{l}.self_attn.q_proj.bias"),
+            Key::KBias(l) => format!("model.layers.{l}.self_attn.k_proj.bias"),
+            Key::VBias(l) => format!("model.layers.{l}.self_attn.v_proj.bias"),
             Key::KNorm(l) => format!("model.layers.{l}.self_attn.k_norm.weight"),
             Key::Embed => "model.embed_tokens.weight".into(),
             Key::OutNorm => "model.norm.weight".into(),
