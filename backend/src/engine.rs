@@ -186,7 +186,7 @@ impl Engine {
         let src = GgufSource::open(path, &opts.device, opts.mode)?;
         let c = &src.content;
         let arch = c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if !matches!(arch.as_str(), "llama" | "gemma3" | "qwen2" | "qwen3") {
+        if !matches!(arch.as_str(), "llama" | "gemma2" | "gemma3" | "qwen2" | "qwen3") {
             return Err(Error::model(path, format!("architecture {arch:?} is not supported; supported: {}", Arch::SUPPORTED)));
         }
         let get = |k: &str| c.metadata.get(&format!("{arch}.{k}"));
@@ -206,7 +206,18 @@ impl Engine {
                 rope_local_theta: get("rope.local_freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
                 query_pre_attn_scalar: head_dim as f32,
                 final_logit_softcap: get("final_logit_softcapping").and_then(|v| v.to_f32().ok()),
+                attn_logit_softcap: None,
                 global_rope_factor: get("rope.scaling.factor").and_then(|v| v.to_f32().ok()).unwrap_or(1.0),
+            }),
+            // Gemma 2 alternates local and global layers on one RoPE base.
+            "gemma2" => Arch::Gemma2(Gemma3Params {
+                sliding_window: req("attention.sliding_window")?,
+                pattern: 2,
+                rope_local_theta: get("rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
+                query_pre_attn_scalar: head_dim as f32,
+                final_logit_softcap: get("final_logit_softcapping").and_then(|v| v.to_f32().ok()),
+                attn_logit_softcap: get("attn_logit_softcapping").and_then(|v| v.to_f32().ok()),
+                global_rope_factor: 1.0,
             }),
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
@@ -251,13 +262,14 @@ impl Engine {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
-            "gemma3_text" => Arch::Gemma3(gemma3_params(&json).map_err(|e| Error::model(&cfg_path, e))?),
+            "gemma3_text" => Arch::Gemma3(gemma_params(&json, 6).map_err(|e| Error::model(&cfg_path, e))?),
+            "gemma2" => Arch::Gemma2(gemma_params(&json, 2).map_err(|e| Error::model(&cfg_path, e))?),
             other => {
                 let hint = if other == "gemma3" { " (the multimodal checkpoint: use its text model, model_type gemma3_text)" } else { "" };
                 return Err(Error::model(&cfg_path, format!("model_type {other:?}{hint} is not supported; supported: {}", Arch::SUPPORTED)));
             }
         };
-        let gemma = matches!(family, Arch::Gemma3(_));
+        let gemma = family.gemma().is_some();
         let lc: candle_transformers::models::llama::LlamaConfig =
             serde_json::from_value(json.clone()).map_err(|e| Error::model(dir.join("config.json"), e))?;
         let rope_scaling = lc.rope_scaling.as_ref().and_then(|s| match s.rope_type {
@@ -813,9 +825,10 @@ pub fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Gemma 3's additions from a Hugging Face config.json (`gemma3_text`). The layer pattern is
-/// `sliding_window_pattern`, or read from `layer_types` (newer transformers).
-fn gemma3_params(json: &serde_json::Value) -> std::result::Result<Gemma3Params, String> {
+/// Gemma 2's or 3's additions from a Hugging Face config.json (`gemma2`, `gemma3_text`). The
+/// layer pattern is `sliding_window_pattern`, or read from `layer_types` (newer transformers), or
+/// the family's (`default_pattern`: 2 for Gemma 2, 6 for Gemma 3). Gemma 2 has one RoPE base.
+fn gemma_params(json: &serde_json::Value, default_pattern: usize) -> std::result::Result<Gemma3Params, String> {
     let num = |k: &str| json[k].as_f64();
     let pattern = match (json["sliding_window_pattern"].as_u64(), json["layer_types"].as_array()) {
         (Some(p), _) => p as usize,
@@ -827,7 +840,7 @@ fn gemma3_params(json: &serde_json::Value) -> std::result::Result<Gemma3Params, 
             }
             p
         }
-        (None, None) => 6,
+        (None, None) => default_pattern,
     };
     let global_rope_factor = match &json["rope_scaling"] {
         serde_json::Value::Null => 1.0,
@@ -841,9 +854,11 @@ fn gemma3_params(json: &serde_json::Value) -> std::result::Result<Gemma3Params, 
     Ok(Gemma3Params {
         sliding_window: json["sliding_window"].as_u64().ok_or("missing sliding_window")? as usize,
         pattern,
-        rope_local_theta: num("rope_local_base_freq").unwrap_or(10_000.0) as f32,
+        // Gemma 2's local layers use its one base; Gemma 3's default local base is 10,000.
+        rope_local_theta: num("rope_local_base_freq").or(if default_pattern == 2 { num("rope_theta") } else { None }).unwrap_or(10_000.0) as f32,
         query_pre_attn_scalar: num("query_pre_attn_scalar").ok_or("missing query_pre_attn_scalar")? as f32,
         final_logit_softcap: num("final_logit_softcapping").map(|c| c as f32),
+        attn_logit_softcap: num("attn_logit_softcapping").map(|c| c as f32),
         global_rope_factor,
     })
 }

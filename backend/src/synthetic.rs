@@ -42,6 +42,9 @@ pub struct TinySpec {
     /// local layers with a [`GEMMA_WINDOW`]-token window between global ones (every
     /// [`GEMMA_PATTERN`]-th layer).
     pub gemma3: bool,
+    /// With `gemma3`: Gemma 2 instead (no q/k norms; attention and final logits soft-capped at 50
+    /// and 30; local and global layers alternate on one RoPE base).
+    pub gemma2: bool,
     /// A Qwen model of the Llama layout instead: Qwen2's Q/K/V biases or Qwen3's q/k norms.
     pub qwen: Option<Qwen>,
 }
@@ -86,6 +89,7 @@ impl Default for TinySpec {
             perturb: vec![],
             plant: vec![],
             gemma3: false,
+            gemma2: false,
             qwen: None,
         }
     }
@@ -181,9 +185,11 @@ pub fn weights(spec: &TinySpec) -> Result<Vec<(String, Tensor)>> {
             None => {}
         }
         w.push((format!("{p}.post_attention_layernorm.weight"), rng.norm(d, g)?));
-        if g {
+        if g && !spec.gemma2 {
             w.push((format!("{p}.self_attn.q_norm.weight"), rng.norm(hd, g)?));
             w.push((format!("{p}.self_attn.k_norm.weight"), rng.norm(hd, g)?));
+        }
+        if g {
             w.push((format!("{p}.pre_feedforward_layernorm.weight"), rng.norm(d, g)?));
             w.push((format!("{p}.post_feedforward_layernorm.weight"), rng.norm(d, g)?));
         }
@@ -287,6 +293,7 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
     let types: Vec<Value> = (0..vocab.len()).map(|i| Value::I32(if i < SPECIALS.len() { 3 } else { 1 })).collect();
     let u = |x: usize| Value::U32(x as u32);
     let arch = match (spec.gemma3, spec.qwen) {
+        (true, _) if spec.gemma2 => "gemma2",
         (true, _) => "gemma3",
         (_, Some(Qwen::V2)) => "qwen2",
         (_, Some(Qwen::V3)) => "qwen3",
@@ -300,7 +307,7 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
         (key("feed_forward_length"), u(spec.d_ff)),
         (key("attention.head_count"), u(spec.n_heads)),
         (key("attention.head_count_kv"), u(spec.n_kv_heads)),
-        (key("rope.freq_base"), Value::F32(if spec.gemma3 { 1_000_000.0 } else { 10000.0 })),
+        (key("rope.freq_base"), Value::F32(if spec.gemma3 && !spec.gemma2 { 1_000_000.0 } else { 10000.0 })),
         (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
         (key("vocab_size"), u(vocab.len())),
     ];
@@ -309,8 +316,12 @@ pub fn write_gguf(spec: &TinySpec, path: &Path) -> Result<()> {
             (key("attention.key_length"), u(spec.head_dim())),
             (key("attention.value_length"), u(spec.head_dim())),
             (key("attention.sliding_window"), u(GEMMA_WINDOW)),
-            (key("attention.sliding_window_type"), u(GEMMA_PATTERN)),
         ]);
+        if spec.gemma2 {
+            family.extend([(key("attn_logit_softcapping"), Value::F32(50.0)), (key("final_logit_softcapping"), Value::F32(30.0))]);
+        } else {
+            family.push((key("attention.sliding_window_type"), u(GEMMA_PATTERN)));
+        }
     } else {
         family.push((key("rope.dimension_count"), u(spec.head_dim())));
     }
@@ -434,6 +445,16 @@ pub fn write_hf_dir(spec: &TinySpec, dir: &Path) -> Result<()> {
             "rope_scaling": null,
         });
         cfg.as_object_mut().unwrap().extend(gemma.as_object().unwrap().clone());
+        if spec.gemma2 {
+            let g2 = json!({
+                "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "rope_theta": 10000.0,
+                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+            });
+            let o = cfg.as_object_mut().unwrap();
+            o.extend(g2.as_object().unwrap().clone());
+            o.remove("rope_local_base_freq");
+            o.remove("sliding_window_pattern");
+        }
     }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).map_err(std::io::Error::other)?)?;
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer_json()).map_err(std::io::Error::other)?)?;

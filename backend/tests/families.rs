@@ -262,3 +262,30 @@ fn qwen_clamp_identities() {
         assert!(max_abs_diff(&plain, &moved) > 1e-3, "{v:?}: the clamp had no effect");
     }
 }
+
+#[test]
+fn gemma2_matches_candle_transformers_gemma2() {
+    // candle's `gemma2` applies its window to every layer (and lets `window + 1` keys through), where
+    // Gemma 2 alternates local and global layers: prompts within the window compare the rest
+    // (soft-capped attention and logits, no q/k norms, alternating layers). The GGUF agrees with
+    // the Hugging Face directory past the window too.
+    let t = gemma(TinySpec { gemma2: true, n_layers: 4, scale: 3.0, ..Default::default() });
+    let ours = load(&t.hf);
+    assert!(matches!(ours.config().arch, Arch::Gemma2(ref g) if g.attn_logit_softcap == Some(50.0) && g.final_logit_softcap == Some(30.0)));
+    let cfg: candle_transformers::models::gemma2::Config = serde_json::from_slice(&std::fs::read(t.hf.join("config.json")).unwrap()).unwrap();
+    for n in 1..=GEMMA_WINDOW {
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[t.hf.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+        let mut reference = candle_transformers::models::gemma2::Model::new(false, &cfg, vb).unwrap();
+        let x = Tensor::new(&IDS[..n], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let want: Vec<f32> = reference.forward(&x, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = logits(&ours, &IDS[..n], &Intervention::none());
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "n={n}: max |diff| {d}");
+        assert!(got.iter().all(|l| l.abs() < 30.0), "final logits are soft-capped at 30");
+    }
+    let gguf = load(&t.gguf);
+    for n in [1, IDS.len()] {
+        let d = max_abs_diff(&logits(&gguf, &IDS[..n], &Intervention::none()), &logits(&ours, &IDS[..n], &Intervention::none()));
+        assert!(d < 1e-4, "n={n}: GGUF vs safetensors max |diff| {d}");
+    }
+}

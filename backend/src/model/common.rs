@@ -234,11 +234,17 @@ pub(crate) fn rope_tables(inv: Vec<f32>, max_seq_len: usize, dtype: DType, devic
 }
 
 /// Scaled dot-product attention over `[b, heads, t, head_dim]` queries and the cached keys and
-/// values (`[b, kv_heads, total, head_dim]`, repeated to the query heads), with an additive mask.
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+/// values (`[b, kv_heads, total, head_dim]`, repeated to the query heads), with an additive mask;
+/// scores soft-capped (`cap · tanh(s / cap)`) first when asked (Gemma 2).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, softcap: Option<f32>, mask: Option<&Tensor>) -> Result<Tensor> {
     let k = candle_transformers::utils::repeat_kv(k.clone(), n_rep)?.contiguous()?;
     let v = candle_transformers::utils::repeat_kv(v.clone(), n_rep)?.contiguous()?;
     let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = match softcap {
+        Some(cap) => ((att / cap as f64)?.tanh()? * cap as f64)?,
+        None => att,
+    };
     let att = match mask {
         Some(m) => att.broadcast_add(m)?,
         None => att,

@@ -23,9 +23,12 @@ pub enum Arch {
     /// Gemma 3: GeGLU (tanh GELU), RMSNorm around both sublayers, q/k norms, embeddings scaled by
     /// √d, local sliding-window layers with their own RoPE base, a global layer every `pattern`.
     Gemma3(Gemma3Params),
+    /// Gemma 2: Gemma 3's layout without the q/k norms, with attention-logit and final-logit
+    /// soft-capping, local and global layers alternating, one RoPE base.
+    Gemma2(Gemma3Params),
 }
 
-/// What Gemma 3 adds to the Llama shape.
+/// What Gemma 2 and 3 add to the Llama shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gemma3Params {
     /// Keys a local layer's query sees: positions `i - window < j <= i` (Hugging Face and
@@ -39,6 +42,8 @@ pub struct Gemma3Params {
     pub query_pre_attn_scalar: f32,
     /// `logits = cap * tanh(logits / cap)` when set (Gemma 2; none in Gemma 3).
     pub final_logit_softcap: Option<f32>,
+    /// The same on the attention scores, before the mask (Gemma 2).
+    pub attn_logit_softcap: Option<f32>,
     /// Linear RoPE scaling of the global layers (Gemma 3 4B and larger: 8); 1 for none.
     pub global_rope_factor: f32,
 }
@@ -52,7 +57,15 @@ impl Gemma3Params {
 impl Arch {
     /// The families this build runs, for error messages.
     pub const SUPPORTED: &'static str = "llama (Llama 2/3/3.1/3.2, SmolLM, Mistral and other models of the Llama layout), qwen2 (Qwen2/2.5), \
-         qwen3 (Qwen3, dense) and gemma3 (Gemma 3), from GGUF or a Hugging Face directory";
+         qwen3 (Qwen3, dense), gemma2 (Gemma 2) and gemma3 (Gemma 3), from GGUF or a Hugging Face directory";
+
+    /// Gemma 2's or 3's parameters, for either.
+    pub fn gemma(&self) -> Option<&Gemma3Params> {
+        match self {
+            Arch::Gemma3(g) | Arch::Gemma2(g) => Some(g),
+            _ => None,
+        }
+    }
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -60,6 +73,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3(_) => "gemma3",
+            Arch::Gemma2(_) => "gemma2",
         }
     }
 }
@@ -111,7 +125,7 @@ impl Config {
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head size {} is odd (RoPE rotates pairs)", self.head_dim));
         }
-        if let Arch::Gemma3(g) = &self.arch {
+        if let Some(g) = self.arch.gemma() {
             if g.sliding_window == 0 || g.pattern == 0 {
                 return Err("the sliding window and its layer pattern must be positive".into());
             }
@@ -121,7 +135,7 @@ impl Config {
             if !(g.global_rope_factor.is_finite() && g.global_rope_factor > 0.0) {
                 return Err("the RoPE scaling factor must be a positive number".into());
             }
-            if g.final_logit_softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            if [g.final_logit_softcap, g.attn_logit_softcap].iter().flatten().any(|c| !(c.is_finite() && *c > 0.0)) {
                 return Err("the logit soft-cap must be a positive number".into());
             }
         }

@@ -4,6 +4,9 @@
 //! with their own RoPE base between the global ones. The clamp is at the same site as Llama's:
 //! the MLP activation gelu(gate(x)) * up(x), the input of down_proj.
 //!
+//! Gemma 2 runs here too (checked against candle-transformers' `gemma2`): the same blocks without
+//! the q/k norms, with soft-capped attention scores and logits, and alternating local layers.
+//!
 //! Norm weights arrive as the scale itself (`1 + w`): llama.cpp stores that in a GGUF, and the
 //! safetensors source adds the 1.
 
@@ -25,8 +28,9 @@ struct Attention {
     k: QMatMul,
     v: QMatMul,
     o: QMatMul,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
+    /// Gemma 3's per-head query and key norms (Gemma 2 has none).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    softcap: Option<f32>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -40,8 +44,11 @@ impl Attention {
             k: linear(src, Key::K(l), cfg)?,
             v: linear(src, Key::V(l), cfg)?,
             o: linear(src, Key::O(l), cfg)?,
-            q_norm: RmsNorm::load(src, Key::QNorm(l), cfg)?,
-            k_norm: RmsNorm::load(src, Key::KNorm(l), cfg)?,
+            qk_norm: match cfg.arch {
+                Arch::Gemma3(_) => Some((RmsNorm::load(src, Key::QNorm(l), cfg)?, RmsNorm::load(src, Key::KNorm(l), cfg)?)),
+                _ => None,
+            },
+            softcap: p.attn_logit_softcap,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
@@ -55,10 +62,14 @@ impl Attention {
         let k = self.k.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
         let v = self.v.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
         // Both Hugging Face and llama.cpp (NEOX mode) rotate Gemma's split halves.
-        let q = candle_nn::rotary_emb::rope(&self.q_norm.forward(&q)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&self.k_norm.forward(&k)?, cos, sin)?;
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            None => (q.contiguous()?, k.contiguous()?),
+        };
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = append_kv(kv, k, v.contiguous()?)?;
-        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, self.scale, mask)?;
+        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, self.scale, self.softcap, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
         Ok(self.o.forward(&y)?)
     }
@@ -104,8 +115,8 @@ pub struct Gemma3 {
 
 impl Gemma3 {
     pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
-        let Arch::Gemma3(params) = &cfg.arch else {
-            return Err(Error::model(src.origin(), "not a Gemma 3 configuration"));
+        let Some(params) = cfg.arch.gemma() else {
+            return Err(Error::model(src.origin(), "not a Gemma configuration"));
         };
         let shell = Shell::load(src, cfg)?;
         let (dtype, device) = (shell.dtype, &shell.device);
@@ -134,10 +145,7 @@ impl LanguageModel for Gemma3 {
             .map(|b| {
                 [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(linear_bytes).sum::<usize>()
                     + b.mlp.bytes()
-                    + [&b.attn_norm, &b.post_attn_norm, &b.ffn_norm, &b.post_ffn_norm, &b.attn.q_norm, &b.attn.k_norm]
-                        .into_iter()
-                        .map(|n| tensor_bytes(&n.weight))
-                        .sum::<usize>()
+                    + [&b.attn_norm, &b.post_attn_norm, &b.ffn_norm, &b.post_ffn_norm].into_iter().map(|n| tensor_bytes(&n.weight)).sum::<usize>()
             })
             .sum();
         blocks + self.shell.bytes()

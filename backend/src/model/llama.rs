@@ -80,7 +80,7 @@ impl Attention {
         let k = self.rope(&k, cos, sin)?;
         let (k, v) = append_kv(kv, k, v.contiguous()?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, scale, mask)?;
+        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, scale, None, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
         Ok(self.o.forward(&y)?)
     }

@@ -85,6 +85,6 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
 pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Box<dyn LanguageModel>> {
     Ok(match cfg.arch {
         Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => Box::new(Llama::load(src, cfg)?),
-        Arch::Gemma3(_) => Box::new(Gemma3::load(src, cfg)?),
+        Arch::Gemma3(_) | Arch::Gemma2(_) => Box::new(Gemma3::load(src, cfg)?),
     })
 }
