@@ -123,8 +123,8 @@ impl NeuronMap {
     }
 
     /// [`NeuronMap::build`] streamed from the model's file, without loading the model: only the
-    /// unembedding and one layer's directions are in memory at a time (a safetensors file is
-    /// memory-mapped; a GGUF is read tensor by tensor). Same numbers as the loaded model's map.
+    /// unembedding and one layer's directions are in memory at a time (each tensor is read from
+    /// the file when it is needed). Same numbers as the loaded model's map.
     pub fn build_streamed(
         src: &dyn WeightSource,
         cfg: &Config,
