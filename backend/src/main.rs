@@ -19,8 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod bench;
 use shared::{
-    ApiError, ClampSpec, Concept, GenerateRequest, NeuronClass, NextTokenRequest, PromptSpec, SamplingParams, SearchResponse, SweepRequest,
-    TokenInfo, Variant, VerifyRequest, View,
+    ApiError, ClampSpec, Concept, GenerateRequest, LayerScores, NeuronClass, NextTokenRequest, PromptSpec, SamplingParams, SearchResponse,
+    SweepRequest, TokenInfo, Variant, VerifyRequest, View,
 };
 
 #[derive(Parser)]
@@ -534,7 +534,7 @@ fn run(cli: &Cli) -> Result<()> {
                 tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
                 view: a.view,
                 final_norm: a.final_norm,
-                layers: r.signed_layers(engine.config().d_ff),
+                layers: r.signed_layers(engine.config().d_ff).into_iter().map(LayerScores::full).collect(),
                 top: r.top,
                 phrase: a.phrase,
             };
@@ -543,7 +543,7 @@ fn run(cli: &Cli) -> Result<()> {
             }
             println!("best score per layer (p / mean top-100 p):");
             for (l, row) in resp.layers.iter().enumerate() {
-                let best = row.iter().cloned().fold(0f32, |m, x| m.max(x.abs()));
+                let best = row.scores.iter().cloned().fold(0f32, |m, x| m.max(x.abs()));
                 println!("  layer {l:>3}  {best:>8.3}  {}", "#".repeat((best * 10.0).min(60.0) as usize));
             }
             println!("\n  layer  neuron  polarity     score  top tokens");
@@ -681,16 +681,11 @@ fn run(cli: &Cli) -> Result<()> {
             // Streamed from the file: the model is not loaded, only W_U and one layer at a time.
             let path = model_path(cli)?;
             let cache_dir = flash_interp::map::cache_dir();
-            if a.rebuild {
-                let name = Engine::open(&path, &load_options(cli)?)?.info.name;
-                let fp = flash_interp::map::cache::fingerprint(&path)?;
-                let _ = std::fs::remove_file(flash_interp::map::cache_path(&cache_dir, &name, &fp, a.view, a.final_norm));
-            }
             let start = Instant::now();
             let pb = ProgressBar::new(0);
             pb.set_style(ProgressStyle::with_template("{spinner} mapping neurons {bar:40} {pos}/{len} ({elapsed}, eta {eta})")?);
             let (map, origin, info) =
-                flash_interp::engine::map_from_file(&path, &load_options(cli)?, &cache_dir, a.view, a.final_norm, &|done, total| {
+                flash_interp::engine::map_from_file(&path, &load_options(cli)?, &cache_dir, a.view, a.final_norm, a.rebuild, &|done, total| {
                     pb.set_length(total as u64);
                     pb.set_position(done as u64)
                 })?;

@@ -233,8 +233,20 @@ async fn search_and_neuron_endpoints() {
     let r: SearchResponse =
         test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5").to_request()).await;
     assert_eq!(r.layers.len(), 3);
-    assert!(r.layers.iter().all(|l| l.len() == 64));
+    assert!(r.layers.iter().all(|l| l.neurons == 64 && l.is_full()));
     assert_eq!(r.top.len(), 5);
+    // At 16 points a layer: the envelope of the same scores, with the strongest neuron in it.
+    let small: SearchResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5&points=16").to_request())
+            .await;
+    assert_eq!(small.top, r.top);
+    for (full, few) in r.layers.iter().zip(&small.layers) {
+        assert!(!few.is_full() && few.neurons == 64 && few.scores.len() <= 16);
+        assert!(few.points().all(|(n, s)| full.scores[n] == s));
+        assert_eq!(*few, shared::LayerScores::decimate(&full.scores, 16));
+    }
+    let (l, n) = (r.top[0].layer, r.top[0].neuron);
+    assert!(small.layers[l].points().any(|(i, _)| i == n));
     assert_eq!(r.tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(), vec![" the", "in"]);
     // Same request again: served from the cache, identical.
     let again: SearchResponse =
@@ -546,5 +558,5 @@ async fn wrong_methods_are_405_and_tiny_scores_stay_numbers() {
         test::call_and_read_body(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in,og&polarity=neg&top=3").to_request())
             .await;
     let r: SearchResponse = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)));
-    assert!(r.layers.iter().flatten().all(|x| x.is_finite()));
+    assert!(r.layers.iter().flat_map(|l| &l.scores).all(|x| x.is_finite()));
 }

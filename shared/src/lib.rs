@@ -26,6 +26,10 @@ pub mod limits {
     pub const MAX_VERIFY_PROMPTS: usize = 4;
     /// Most tokens in a phrase concept.
     pub const MAX_PHRASE_TOKENS: usize = 8;
+    /// Points per layer a search sends for its plot unless asked otherwise (see
+    /// `LayerScores::decimate`): 512 × 32 layers keeps Llama 3.1 8B's answer near 200 KB of JSON
+    /// where every neuron would be 3 MB, and is still several points per pixel of a wide screen.
+    pub const SEARCH_POINTS: usize = 512;
 }
 
 /// `n` evenly spaced values from `from` to `to`, both ends exact: computed in f64, so rounding
@@ -325,6 +329,69 @@ pub struct SearchHit {
     pub top_tokens: Vec<String>,
 }
 
+/// One layer's signed concept scores (|x| is the score, the sign says which polarity matched), as
+/// the search plot draws them: every neuron, or at most a given number of points that keep the
+/// plot's envelope (each of `points / 2` equal runs of neurons keeps its highest and its lowest).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerScores {
+    /// Neurons in the layer.
+    pub neurons: usize,
+    /// The neurons `scores` holds, ascending; empty when it holds every neuron in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<u32>,
+    pub scores: Vec<f32>,
+}
+
+impl LayerScores {
+    /// Every neuron's score.
+    pub fn full(scores: Vec<f32>) -> Self {
+        Self { neurons: scores.len(), ids: Vec::new(), scores }
+    }
+
+    /// At most `points` of `scores` (0: all of them; 1 counts as 2): the layer is cut into `points / 2` runs of
+    /// neurons as equal as can be, and each run keeps its highest and its lowest score, in neuron
+    /// order. A line through them covers exactly the band the full line covers over each run, so
+    /// a plot at screen resolution looks the same; the strongest neuron of every run survives.
+    pub fn decimate(scores: &[f32], points: usize) -> Self {
+        let n = scores.len();
+        let runs = (points / 2).max(1);
+        if points == 0 || n <= points.max(2) {
+            return Self::full(scores.to_vec());
+        }
+        let mut ids = Vec::with_capacity(2 * runs);
+        for r in 0..runs {
+            let (a, b) = (r * n / runs, (r + 1) * n / runs);
+            let (mut lo, mut hi) = (a, a);
+            for i in a..b {
+                // NaN never wins either comparison, so a run keeps a number whenever it has one.
+                if scores[i] < scores[lo] || scores[lo].is_nan() {
+                    lo = i;
+                }
+                if scores[i] > scores[hi] || scores[hi].is_nan() {
+                    hi = i;
+                }
+            }
+            ids.push(lo.min(hi) as u32);
+            if lo != hi {
+                ids.push(lo.max(hi) as u32);
+            }
+        }
+        let scores = ids.iter().map(|&i| scores[i as usize]).collect();
+        Self { neurons: n, ids, scores }
+    }
+
+    /// Whether every neuron is here.
+    pub fn is_full(&self) -> bool {
+        self.ids.is_empty() && self.scores.len() == self.neurons
+    }
+
+    /// (neuron, score) of every point held, in neuron order.
+    pub fn points(&self) -> impl Iterator<Item = (usize, f32)> + '_ {
+        self.scores.iter().enumerate().map(|(k, &s)| (self.ids.get(k).map_or(k, |&i| i as usize), s))
+    }
+}
+
 /// Concept search: every neuron's score, per layer, and the strongest neurons.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,9 +399,10 @@ pub struct SearchResponse {
     pub tokens: Vec<TokenInfo>,
     pub view: View,
     pub final_norm: bool,
-    /// `layers[l][n]`: the score of neuron `n` of layer `l` in its better polarity, negated when
-    /// that polarity is `neg` (so |x| is the score and the sign says which polarity matched).
-    pub layers: Vec<Vec<f32>>,
+    /// Each layer's signed scores: neuron `n` scores |x| in its better polarity, and x is negated
+    /// when that polarity is `neg`. Every neuron, or the plot's envelope (see [`LayerScores`]);
+    /// the strongest neurons are exact in `top`.
+    pub layers: Vec<LayerScores>,
     pub top: Vec<SearchHit>,
     /// The tokens are one phrase (scored together, see `analysis::search_phrase`), not alternatives.
     #[serde(default)]
@@ -809,6 +877,43 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Against brute force: the kept points are the runs' extremes, in order, within budget;
+        /// the full layer comes back whole.
+        #[test]
+        fn decimated_layers_keep_every_runs_extremes(scores in prop::collection::vec(-50f32..50.0, 0..400), points in 0usize..300) {
+            let d = LayerScores::decimate(&scores, points);
+            prop_assert_eq!(d.neurons, scores.len());
+            let got: Vec<(usize, f32)> = d.points().collect();
+            if points == 0 || scores.len() <= points.max(2) {
+                prop_assert!(d.is_full());
+                prop_assert_eq!(got, scores.iter().copied().enumerate().collect::<Vec<_>>());
+            } else {
+                prop_assert!(!d.is_full() && got.len() <= points.max(2) && got.windows(2).all(|w| w[0].0 < w[1].0));
+                prop_assert!(got.iter().all(|&(i, s)| scores[i] == s));
+                let runs = (points / 2).max(1);
+                for r in 0..runs {
+                    let run = &scores[r * scores.len() / runs..(r + 1) * scores.len() / runs];
+                    let inside: Vec<f32> = got.iter().filter(|(i, _)| (r * scores.len() / runs..(r + 1) * scores.len() / runs).contains(i)).map(|p| p.1).collect();
+                    let (lo, hi) = run.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+                    prop_assert!(inside.len() <= 2 && inside.contains(&lo) && inside.contains(&hi), "run {}: {:?} of {:?}", r, inside, run);
+                }
+                let best = scores.iter().fold(0f32, |m, x| m.max(x.abs()));
+                prop_assert!(got.iter().any(|p| p.1.abs() == best));
+            }
+            let back: LayerScores = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+            prop_assert_eq!(back, d);
+        }
+    }
+
+    #[test]
+    fn decimation_skips_nan_and_the_full_form_omits_ids() {
+        let d = LayerScores::decimate(&[f32::NAN, 1.0, f32::NAN, -2.0, 0.5, 0.1], 2);
+        assert_eq!(d.points().collect::<Vec<_>>(), vec![(1, 1.0), (3, -2.0)]);
+        assert_eq!(serde_json::to_string(&LayerScores::full(vec![1.0, -0.5])).unwrap(), r#"{"neurons":2,"scores":[1.0,-0.5]}"#);
+    }
 
     #[test]
     fn clamp_spec_round_trips_through_its_text_form() {

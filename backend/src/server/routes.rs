@@ -317,6 +317,9 @@ struct SearchQuery {
     top: Option<usize>,
     /// Only this polarity (pos or neg); default: the stronger of the two for each neuron.
     polarity: Option<Polarity>,
+    /// Most points per layer in `layers` (default 512; 0: every neuron). Fewer points keep the
+    /// plot's envelope: each run of neurons keeps its highest and lowest score.
+    points: Option<usize>,
 }
 
 /// A search query's concept: one phrase, or comma-separated alternatives.
@@ -352,13 +355,18 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
     }
     let ids = analysis::ConceptIds::resolve(&m.engine, &concept)?.ids;
     let (engine, view, final_norm, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm, q.polarity);
+    let points = q.points.unwrap_or(limits::SEARCH_POINTS);
     let map = state.map(m, view)?;
     cached(
         &state,
-        key("search", &m.id, &(&ids, phrase, view, top, only)),
+        key("search", &m.id, &(&ids, phrase, view, top, only, points)),
         blocking(move || {
             let r = analysis::search_concept(&engine, &map, &ids, phrase, top, only)?;
-            let layers = r.signed_layers(engine.config().d_ff).into_iter().map(|l| l.into_iter().map(round3).collect()).collect();
+            let layers = r
+                .signed_layers(engine.config().d_ff)
+                .into_iter()
+                .map(|l| LayerScores::decimate(&l.into_iter().map(round3).collect::<Vec<_>>(), points))
+                .collect();
             Ok(SearchResponse {
                 tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
                 view,
@@ -695,6 +703,7 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
         TokenizeResponse,
         TokenInfo,
         SearchResponse,
+        LayerScores,
         SearchHit,
         NeuronDetail,
         ViewTokens,

@@ -236,11 +236,18 @@ fn html_escape(s: &str) -> String {
 /// polarity. The strongest neurons are marked, with their top tokens on hover.
 fn search_plot(model: &str, s: &SearchResponse) -> Plot {
     let n_layers = s.layers.len();
-    let d_ff = s.layers.first().map_or(0, |l| l.len());
+    let d_ff = s.layers.first().map_or(0, |l| l.neurons);
     let total = n_layers * d_ff;
-    let ys: Vec<f32> = s.layers.iter().flatten().cloned().collect();
-    let text: Vec<String> = (0..total).map(|i| format!("layer {} · neuron {}", i / d_ff, i % d_ff)).collect();
-    let all = Scatter::new((0..total).collect::<Vec<_>>(), ys)
+    // The server sends each layer's envelope at screen resolution (every neuron on small models).
+    let (mut xs, mut ys, mut text) = (Vec::new(), Vec::new(), Vec::new());
+    for (l, layer) in s.layers.iter().enumerate() {
+        for (n, y) in layer.points() {
+            xs.push(l * d_ff + n);
+            ys.push(y);
+            text.push(format!("layer {l} · neuron {n}"));
+        }
+    }
+    let all = Scatter::new(xs, ys)
         .mode(Mode::Lines)
         .line(Line::new().width(1.0).color("#7b8bb0"))
         .text_array(text)
@@ -309,12 +316,18 @@ fn search_plot(model: &str, s: &SearchResponse) -> Plot {
 #[component]
 fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
     let navigate = use_navigate();
-    let d_ff = s.layers.first().map_or(1, |l| l.len().max(1));
+    let d_ff = s.layers.first().map_or(0, |l| l.neurons);
+    // (layer, neuron) of each point of the "all neurons" trace, in the order it was drawn.
+    let drawn: Vec<(usize, usize)> = s.layers.iter().enumerate().flat_map(|(l, layer)| layer.points().map(move |(n, _)| (l, n))).collect();
     let m = model.clone();
     let on_click = Callback::new(move |c: Click| {
         let href = match (c.curve, c.custom) {
             (1, Some(h)) => h,
-            _ => neuron_href(&m, c.point / d_ff, c.point % d_ff),
+            (0, _) => match drawn.get(c.point) {
+                Some(&(l, n)) => neuron_href(&m, l, n),
+                None => return,
+            },
+            _ => return,
         };
         navigate(&href, Default::default());
     });
@@ -327,14 +340,17 @@ fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
     } else {
         "Every neuron's normalised probability for the concept, layer by layer ("
     };
-    let strongest = s.top.first().map(|h| format!("strongest: layer {} neuron {}, score {:.2}", h.layer, h.neuron, h.score)).unwrap_or_default();
+    let strongest = s.top.first().map(|h| format!("Strongest: layer {} neuron {}, score {:.2}.", h.layer, h.neuron, h.score)).unwrap_or_default();
+    let envelope = s.layers.iter().find(|l| !l.is_full()).map(|l| {
+        format!(" Each layer is drawn as up to {} points that keep its highest and lowest score over every run of neurons.", l.scores.len())
+    });
     view! {
         <section class="figure" data-layers=s.layers.len() data-phrase=s.phrase.then_some("1")>
             <h2>{format!("{} view · {}", s.view.as_str(), tokens)}</h2>
             <p class="caption">
                 {scored}
                 {s.layers.len()} " layers × " {d_ff} " neurons). Above zero: the neuron's direction as it is (pos); below: negated (neg). "
-                "Hover a point for its top tokens; click to open the neuron. " {strongest}
+                "Hover a point for its top tokens; click to open the neuron. " {strongest} {envelope}
             </p>
             <Chart id="search-plot" plot=plot on_click=on_click />
         </section>
