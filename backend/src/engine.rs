@@ -94,13 +94,16 @@ fn load_or_build(path: &Path, expect: &map::MapMeta, build: impl FnOnce() -> Res
 
 /// The neuron map of a model file, from the cache in `cache_dir` or built streamed from the file
 /// ([`NeuronMap::build_streamed`]) without loading the model: what `flash-interp map` runs, in
-/// memory for the unembedding and one layer. The cache is the one a loaded engine reads.
+/// memory for the unembedding and one layer. The cache is the one a loaded engine reads;
+/// `rebuild` deletes it first.
+#[allow(clippy::too_many_arguments)]
 pub fn map_from_file(
     path: &Path,
     opts: &LoadOptions,
     cache_dir: &Path,
     view: View,
     final_norm: bool,
+    rebuild: bool,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<(NeuronMap, MapOrigin, ModelInfo)> {
     let o = Engine::open(path, opts)?;
@@ -109,6 +112,12 @@ pub fn map_from_file(
     let weights = o.src.mode().desc();
     let expect = map_meta(&o.cfg, &fp, view, final_norm, weights.clone());
     let cache = map::cache_path(cache_dir, &o.info.name, &fp, view, final_norm);
+    if rebuild {
+        match std::fs::remove_file(&cache) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
     let (m, origin) = load_or_build(&cache, &expect, || NeuronMap::build_streamed(&*o.src, &o.cfg, view, final_norm, &fp, &weights, progress))?;
     Ok((m, origin, o.info))
 }
@@ -118,8 +127,8 @@ pub struct Engine {
     pub tok: Tok,
     pub chat: Option<ChatTemplate>,
     pub info: ModelInfo,
-    /// Loaded with quantized matmuls.
-    quantized: bool,
+    /// How the weights are held (resolved: never `Auto`).
+    mode: WeightMode,
     /// Where neuron maps are cached.
     pub cache_dir: PathBuf,
     fingerprint: OnceLock<String>,
@@ -329,7 +338,7 @@ impl Engine {
     fn assemble(model: Box<dyn LanguageModel>, tok: Tok, chat: Option<ChatTemplate>, info: ModelInfo, mode: WeightMode) -> Self {
         let weight_bytes = model.weight_bytes();
         Self {
-            quantized: mode == WeightMode::Quantized,
+            mode,
             model: Arc::from(model),
             tok,
             chat,
@@ -358,11 +367,7 @@ impl Engine {
 
     /// How the weights are held, as recorded in map caches ("f32", "f16", "bf16", "quantized").
     pub fn weights_desc(&self) -> String {
-        if self.quantized {
-            "quantized".into()
-        } else {
-            format!("{:?}", self.model.dtype()).to_lowercase()
-        }
+        self.mode.desc()
     }
 
     /// What a map of this model in `view` is built with: the key a cached map must match.

@@ -95,7 +95,10 @@ pub fn resolve(arg: &Path) -> Result<PathBuf> {
     }
     match arg.to_str().map(known) {
         Some(Ok(m)) => ensure(m, &models_dir(), false),
-        _ => Err(Error::model(arg, "no such file or directory (nor a known model name: smollm2-135m-instruct, gemma-3-270m)")),
+        _ => {
+            let names: Vec<&str> = KNOWN.iter().map(|m| m.name).collect();
+            Err(Error::model(arg, format!("no such file or directory (nor a known model name: {})", names.join(", "))))
+        }
     }
 }
 

@@ -503,7 +503,7 @@ fn verify_refuses_bad_requests_with_clear_errors() {
 fn streamed_map_equals_the_loaded_models_map() {
     // `flash-interp map` builds from the file without loading the model; the server builds from
     // the loaded model. Both must give the same map, for every view, with and without the final
-    // norm, from a GGUF (read tensor by tensor) and from safetensors (memory-mapped).
+    // norm, from a GGUF and from safetensors (both read tensor by tensor).
     let spec = TinySpec { q8: true, tied: false, ..Default::default() };
     let dir = tempfile::tempdir().unwrap();
     let (gguf, hf) = (dir.path().join("s.gguf"), dir.path().join("s-hf"));
@@ -517,7 +517,7 @@ fn streamed_map_equals_the_loaded_models_map() {
                 let loaded = build(&e, view, final_norm);
                 let streamed_dir = dir.path().join("streamed");
                 let (streamed, origin, _) =
-                    flash_interp::engine::map_from_file(path, &LoadOptions::default(), &streamed_dir, view, final_norm, &|_, _| {}).unwrap();
+                    flash_interp::engine::map_from_file(path, &LoadOptions::default(), &streamed_dir, view, final_norm, false, &|_, _| {}).unwrap();
                 assert!(matches!(origin, MapOrigin::Built(_)), "{origin:?}");
                 assert_eq!(streamed.meta, loaded.meta, "{} {view:?} {final_norm}", path.display());
                 for p in [Polarity::Pos, Polarity::Neg] {
@@ -531,8 +531,15 @@ fn streamed_map_equals_the_loaded_models_map() {
                 }
                 // And the file it cached is the one a loaded engine then reads.
                 let mut fresh = Engine::load(path, &LoadOptions::default()).unwrap();
-                fresh.cache_dir = streamed_dir;
+                fresh.cache_dir = streamed_dir.clone();
                 assert!(matches!(fresh.map(view, final_norm, &|_, _| {}).unwrap().1, MapOrigin::Cache));
+                // Asked to rebuild, it builds again rather than reading that cache.
+                let again = |rebuild| {
+                    flash_interp::engine::map_from_file(path, &LoadOptions::default(), &streamed_dir, view, final_norm, rebuild, &|_, _| {})
+                };
+                assert!(matches!(again(false).unwrap().1, MapOrigin::Cache));
+                let (rebuilt, origin, _) = again(true).unwrap();
+                assert!(matches!(origin, MapOrigin::Built(_)) && rebuilt == streamed, "{origin:?}");
             }
         }
     }

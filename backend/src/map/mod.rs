@@ -118,7 +118,7 @@ impl NeuronMap {
         weights: &str,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
-        let wu = unembedding(model, final_norm)?;
+        let wu = unembedding_values(&model.lm_head_weight()?, final_norm.then(|| model.final_norm_weight()))?;
         Self::build_with(model.config(), wu, &|l| directions(model, view, l), view, final_norm, fingerprint, weights, progress)
     }
 
@@ -134,24 +134,18 @@ impl NeuronMap {
         weights: &str,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
-        let wu = src.dense(if cfg.tied_embeddings { Key::Embed } else { Key::Output })?.to_dtype(DType::F32)?;
-        let wu = if final_norm { wu.broadcast_mul(&src.vector(Key::OutNorm)?.to_dtype(DType::F32)?.unsqueeze(0)?)? } else { wu };
-        let dirs = |l: usize| -> Result<Tensor> {
-            let t = match view {
-                View::Up => src.dense(Key::Up(l))?,
-                View::Gate => src.dense(Key::Gate(l))?,
-                View::Down => src.dense(Key::Down(l))?.t()?,
-            };
-            Ok(t.to_dtype(DType::F32)?.contiguous()?)
-        };
+        let norm = if final_norm { Some(src.vector(Key::OutNorm)?) } else { None };
+        let wu = unembedding_values(&src.dense(if cfg.tied_embeddings { Key::Embed } else { Key::Output })?, norm.as_ref())?;
+        let dirs = |l: usize| as_directions(view, src.dense(view_key(view, l))?);
         Self::build_with(cfg, wu, &dirs, view, final_norm, fingerprint, weights, progress)
     }
 
-    /// The map from the unembedding `wu` (`[vocab, d]`, f32) and each layer's directions.
+    /// The map from the unembedding (`[vocab, d]`, see [`unembedding_values`]) and each layer's
+    /// directions.
     #[allow(clippy::too_many_arguments)]
     fn build_with(
         cfg: &Config,
-        wu: Tensor,
+        (wu, vocab, d): (Vec<f32>, usize, usize),
         layer_dirs: &dyn Fn(usize) -> Result<Tensor>,
         view: View,
         final_norm: bool,
@@ -159,12 +153,6 @@ impl NeuronMap {
         weights: &str,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
-        let (vocab, d) = wu.dims2()?;
-        // The tensor goes as soon as its values are copied out: one copy of W_U at a time.
-        let wu: Vec<f32> = {
-            let t = wu;
-            t.flatten_all()?.to_vec1()?
-        };
         let n = cfg.n_layers * cfg.d_ff;
         let k = TOP_K.min(vocab);
         let mut pos = PolarityTable::with_capacity(n, k);
@@ -214,19 +202,69 @@ fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
 /// The unembedding `[vocab, d]` in f32, with the final RMSNorm weight folded in when asked:
 /// (w ⊙ g) · u = w · (g ⊙ u).
 pub fn unembedding(model: &dyn LanguageModel, final_norm: bool) -> Result<Tensor> {
-    let wu = model.lm_head_weight()?.to_dtype(DType::F32)?;
-    Ok(if final_norm { wu.broadcast_mul(&model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)? } else { wu })
+    let (wu, vocab, d) = unembedding_values(&model.lm_head_weight()?, final_norm.then(|| model.final_norm_weight()))?;
+    Ok(Tensor::from_vec(wu, (vocab, d), model.device())?)
+}
+
+/// [`unembedding`]'s values, row-major, with its shape, from `W_U` in any dtype and the final
+/// norm's weight `g` when it is folded in. Converted straight into the one f32 buffer (the
+/// unembedding is the largest tensor: 2 GB of f32 for Llama 3.1 8B, so no intermediate copies).
+pub fn unembedding_values(wu: &Tensor, g: Option<&Tensor>) -> Result<(Vec<f32>, usize, usize)> {
+    let (vocab, d) = wu.dims2()?;
+    let mut values = f32_values(wu)?;
+    if let Some(g) = g {
+        let g: Vec<f32> = g.to_dtype(DType::F32)?.to_vec1()?;
+        for row in values.chunks_exact_mut(d) {
+            row.iter_mut().zip(&g).for_each(|(x, g)| *x *= g);
+        }
+    }
+    Ok((values, vocab, d))
+}
+
+/// The weight that holds `view`'s directions of `layer` (down's are its columns).
+pub fn view_key(view: View, layer: usize) -> Key {
+    match view {
+        View::Up => Key::Up(layer),
+        View::Gate => Key::Gate(layer),
+        View::Down => Key::Down(layer),
+    }
+}
+
+/// The directions `[d_ff, d]` (f32, contiguous) that `view`'s weight holds.
+fn as_directions(view: View, w: Tensor) -> Result<Tensor> {
+    let w = if view == View::Down { w.t()? } else { w };
+    Ok(w.to_dtype(DType::F32)?.contiguous()?)
 }
 
 /// The decoded direction of every neuron of `layer` in `view`, `[d_ff, d]`, f32, contiguous.
 pub fn directions(model: &dyn LanguageModel, view: View, layer: usize) -> Result<Tensor> {
     let (gate, up, down) = model.mlp_weights(layer)?;
-    let t = match view {
-        View::Up => up,
-        View::Gate => gate,
-        View::Down => down.t()?,
-    };
-    Ok(t.to_dtype(DType::F32)?.contiguous()?)
+    as_directions(
+        view,
+        match view {
+            View::Up => up,
+            View::Gate => gate,
+            View::Down => down,
+        },
+    )
+}
+
+/// A tensor's values as one f32 vector, converted from the storage in place (no f32 tensor in
+/// between) when the tensor is a contiguous CPU tensor.
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    use candle_core::{CpuStorage, Storage};
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            match s {
+                CpuStorage::F32(v) => return Ok(v[a..b].to_vec()),
+                CpuStorage::BF16(v) => return Ok(v[a..b].iter().map(|x| x.to_f32()).collect()),
+                CpuStorage::F16(v) => return Ok(v[a..b].iter().map(|x| x.to_f32()).collect()),
+                _ => {}
+            }
+        }
+    }
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 /// Where maps are cached: `$FLASH_INTERP_CACHE`, else `cache/` beside the default models.

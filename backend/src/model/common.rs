@@ -202,6 +202,57 @@ pub fn validate(cfg: &Config, iv: &Intervention) -> Result<()> {
     Ok(())
 }
 
+/// One layer's MLP as a request runs it: the request's clamps at the input of down_proj, and the
+/// activations recorded when asked.
+pub(crate) struct MlpSite<'a> {
+    layer: usize,
+    rows: &'a [Intervention],
+    batch: usize,
+    record: bool,
+    acts: &'a mut Vec<(usize, Tensor)>,
+}
+
+impl MlpSite<'_> {
+    pub(crate) fn forward(&mut self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let hidden = apply_clamps(&mlp.hidden(x)?, self.layer, self.rows, self.batch)?;
+        if self.record {
+            self.acts.push((self.layer, hidden.to_dtype(DType::F32)?));
+        }
+        Ok(mlp.down.forward(&hidden)?)
+    }
+}
+
+/// The layer loop every family shares: before each layer it checks for cancellation and, when
+/// one row (`x`: `[1, t, d]`) must become `n_rows` that differ from this layer on, repeats the
+/// stream and the caches below; `layer(l, x, kv, mlp)` runs one block. Returns the final stream
+/// (`n_rows` rows) and the recorded MLP activations.
+pub(crate) fn run_layers(
+    mut x: Tensor,
+    cache: &mut Cache,
+    rows: &[Intervention],
+    record: &[usize],
+    n_rows: usize,
+    mut layer: impl FnMut(usize, Tensor, &mut Option<(Tensor, Tensor)>, &mut MlpSite) -> Result<Tensor>,
+) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
+    let (mut batch, t, _) = x.dims3()?;
+    let n_layers = cache.kvs.len();
+    let mut acts = Vec::new();
+    for l in 0..n_layers {
+        cache.cancel.check()?;
+        if batch == 1 && n_rows > 1 && rows.iter().any(|iv| iv.touches(l)) {
+            x = expand(&x, cache, l, n_rows)?;
+            batch = n_rows;
+        }
+        let mut site = MlpSite { layer: l, rows, batch, record: record.contains(&l), acts: &mut acts };
+        x = layer(l, x, &mut cache.kvs[l], &mut site)?;
+    }
+    if batch == 1 && n_rows > 1 {
+        x = expand(&x, cache, n_layers, n_rows)?;
+    }
+    cache.seq_len += t;
+    Ok((x, acts))
+}
+
 /// Repeat the residual stream and the caches of layers `< upto` from one row to `n` rows.
 pub(crate) fn expand(x: &Tensor, cache: &mut Cache, upto: usize, n: usize) -> Result<Tensor> {
     for kv in cache.kvs.iter_mut().take(upto) {

@@ -11,7 +11,7 @@
 //! safetensors source adds the 1.
 
 use super::common::{
-    append_kv, apply_clamps, attend, check_forward, expand, linear, linear_bytes, rope_tables, tensor_bytes, window_mask, Act, Cache, ForwardOutput,
+    append_kv, attend, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, window_mask, Act, Cache, ForwardOutput,
     Intervention, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config, Gemma3Params};
@@ -162,29 +162,15 @@ impl LanguageModel for Gemma3 {
         let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
 
         let x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
-        let mut x = (x * self.embed_scale)?;
-        let mut batch = b_in;
-        let mut acts = Vec::new();
-        for (l, block) in self.blocks.iter().enumerate() {
-            cache.cancel.check()?;
-            if batch == 1 && n_rows > 1 && rows.iter().any(|iv| iv.touches(l)) {
-                x = expand(&x, cache, l, n_rows)?;
-                batch = n_rows;
-            }
+        let x = (x * self.embed_scale)?;
+        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, kv, mlp| {
+            let block = &self.blocks[l];
             let ((cos, sin), mask) = if block.global { (&global_rope, &global_mask) } else { (&local_rope, &local_mask) };
-            let h = block.attn.forward(&block.attn_norm.forward(&x)?, cos, sin, mask.as_ref(), &mut cache.kvs[l])?;
-            x = (x + block.post_attn_norm.forward(&h)?)?;
-            let mut hidden = block.mlp.hidden(&block.ffn_norm.forward(&x)?)?;
-            hidden = apply_clamps(&hidden, l, rows, batch)?;
-            if record.contains(&l) {
-                acts.push((l, hidden.to_dtype(DType::F32)?));
-            }
-            x = (x + block.post_ffn_norm.forward(&block.mlp.down.forward(&hidden)?)?)?;
-        }
-        if batch == 1 && n_rows > 1 {
-            x = expand(&x, cache, sh.cfg.n_layers, n_rows)?;
-        }
-        cache.seq_len += t;
+            let h = block.attn.forward(&block.attn_norm.forward(&x)?, cos, sin, mask.as_ref(), kv)?;
+            let x = (&x + block.post_attn_norm.forward(&h)?)?;
+            let m = mlp.forward(&block.mlp, &block.ffn_norm.forward(&x)?)?;
+            Ok((&x + block.post_ffn_norm.forward(&m)?)?)
+        })?;
         let logits = sh.logits(&x, t)?;
         Ok(ForwardOutput {
             logits: match self.params.final_logit_softcap {

@@ -10,14 +10,14 @@
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
 
 use super::common::{
-    append_kv, apply_clamps, attend, causal_mask, check_forward, expand, linear, linear_bytes, rope_tables, tensor_bytes, Act, Cache, ForwardOutput,
+    append_kv, attend, causal_mask, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, Act, Cache, ForwardOutput,
     Intervention, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config};
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 
 use crate::error::Result;
 
@@ -152,28 +152,12 @@ impl LanguageModel for Llama {
         let sin = self.sin.narrow(0, offset, t)?;
         let mask = if t > 1 { Some(causal_mask(t, offset, sh.dtype, &sh.device)?) } else { None };
 
-        let mut x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
-        let mut batch = b_in;
-        let mut acts = Vec::new();
-        for (l, block) in self.blocks.iter().enumerate() {
-            cache.cancel.check()?;
-            if batch == 1 && n_rows > 1 && rows.iter().any(|iv| iv.touches(l)) {
-                x = expand(&x, cache, l, n_rows)?;
-                batch = n_rows;
-            }
-            let h = block.attn.forward(&block.attn_norm.forward(&x)?, &cos, &sin, mask.as_ref(), &mut cache.kvs[l])?;
-            x = (x + h)?;
-            let mut hidden = block.mlp.hidden(&block.ffn_norm.forward(&x)?)?;
-            hidden = apply_clamps(&hidden, l, rows, batch)?;
-            if record.contains(&l) {
-                acts.push((l, hidden.to_dtype(DType::F32)?));
-            }
-            x = (x + block.mlp.down.forward(&hidden)?)?;
-        }
-        if batch == 1 && n_rows > 1 {
-            x = expand(&x, cache, sh.cfg.n_layers, n_rows)?;
-        }
-        cache.seq_len += t;
+        let x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
+        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, kv, mlp| {
+            let block = &self.blocks[l];
+            let x = (&x + block.attn.forward(&block.attn_norm.forward(&x)?, &cos, &sin, mask.as_ref(), kv)?)?;
+            Ok((&x + mlp.forward(&block.mlp, &block.ffn_norm.forward(&x)?)?)?)
+        })?;
         Ok(ForwardOutput { logits: sh.logits(&x, t)?, mlp_acts: acts })
     }
 }
