@@ -34,11 +34,12 @@ struct Cli {
     /// Device: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
-    /// How to hold the weights. auto (default): f32 for models up to 1B parameters (both default
-    /// models: reference-grade numerics), else the file's own precision (bf16 for a quantized
-    /// GGUF). f32/f16/bf16 dequantize everything to that dtype. `quantized` keeps the GGUF's
-    /// quantized weights with 8-bit activations (llama.cpp style): a speed/memory option whose
-    /// logits differ from the reference (enough to flip greedy answers).
+    /// How to hold the weights. auto (default): a quantized GGUF on the CPU as `exact`; otherwise
+    /// f32 for models up to 1B parameters, else the file's own precision (bf16 for a quantized
+    /// GGUF). `exact` keeps the GGUF's quantized blocks and multiplies them with f32 activations
+    /// (the f32 numbers up to summation order, at the file's size; CPU only). f32/f16/bf16
+    /// dequantize everything to that dtype. `quantized` keeps the blocks with 8-bit activations
+    /// (llama.cpp style): logits differ from the reference (enough to flip greedy answers).
     #[arg(long, global = true, value_enum, default_value_t = Weights::Auto)]
     weights: Weights,
     /// Print JSON (the `shared` message types) instead of text.
@@ -55,6 +56,7 @@ enum Weights {
     F16,
     Bf16,
     Quantized,
+    Exact,
 }
 
 #[derive(Subcommand)]
@@ -451,6 +453,7 @@ fn load_options(cli: &Cli) -> Result<LoadOptions> {
         Weights::F16 => WeightMode::Dense(DType::F16),
         Weights::Bf16 => WeightMode::Dense(DType::BF16),
         Weights::Quantized => WeightMode::Quantized,
+        Weights::Exact => WeightMode::Exact,
     };
     Ok(LoadOptions { device, mode, ..Default::default() })
 }

@@ -67,3 +67,38 @@ pub async fn get_when_built<T: serde::de::DeserializeOwned>(c: &awc::Client, url
         actix_web::rt::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
+
+/// The model at `path` held exact (the default for a quantized GGUF on the CPU) against the same
+/// file dequantized to f32: the logits after each prompt agree within `tol`, and the greedy
+/// answers (64 tokens) are identical. Returns the largest logit difference seen.
+pub fn exact_agrees_with_f32(path: &std::path::Path, prompts: &[shared::PromptSpec], tol: f32) -> f32 {
+    use flash_interp::engine::{Engine, LoadOptions};
+    use flash_interp::model::{Cache, Intervention, WeightMode};
+    let load = |mode| Engine::load(path, &LoadOptions { mode, ..Default::default() }).unwrap();
+    let (exact, f32) = (load(WeightMode::Exact), load(WeightMode::Dense(candle_core::DType::F32)));
+    assert!(
+        exact.model.weight_bytes() * 3 < f32.model.weight_bytes(),
+        "exact holds the blocks: {} vs {} bytes",
+        exact.model.weight_bytes(),
+        f32.model.weight_bytes()
+    );
+    let mut worst = 0f32;
+    for p in prompts {
+        let ids = exact.prompt_ids(p).unwrap();
+        let logits = |e: &Engine| -> Vec<f32> {
+            let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let out = e.model.forward(&input, &mut Cache::new(e.config()), &[Intervention::none()], &[]).unwrap();
+            out.logits.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (a, b) = (logits(&exact), logits(&f32));
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < tol, "{:?}: logits differ by {diff}", p.text);
+        worst = worst.max(diff);
+        let params = shared::SamplingParams { max_new_tokens: 64, ..Default::default() };
+        let answer =
+            |e: &Engine| e.generate(&ids, &[Intervention::none()], &params, true, &flash_interp::Cancel::default(), &mut |_, _, _| true).unwrap();
+        let (x, y) = (answer(&exact), answer(&f32));
+        assert_eq!(x[0].tokens, y[0].tokens, "{:?}: greedy answers differ:\n{:?}\n{:?}", p.text, x[0].text, y[0].text);
+    }
+    worst
+}

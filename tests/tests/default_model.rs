@@ -106,6 +106,17 @@ fn sweep_baseline_matches_next_token_and_clamps_move_probability() {
     assert!(r.probs.iter().any(|p| (p - r.baseline).abs() > 1e-4), "clamping moved nothing: {r:?}");
 }
 
+/// The default way to hold this model (exact: the file's blocks, f32 activations) gives the
+/// reference f32 numbers: logits within 1e-3 and the same greedy answers.
+#[test]
+fn exact_weights_give_the_f32_logits_and_answers() {
+    let chat = |t: &str| PromptSpec { text: t.into(), chat: None, messages: None };
+    let prompts =
+        [plain("The capital of France is"), chat("What is the capital of France?"), chat("Write a long story about a dog who learns to fly.")];
+    let worst = flash_interp_e2e::exact_agrees_with_f32(&default_model(), &prompts, 1e-3);
+    eprintln!("exact vs f32: largest logit difference {worst:e}");
+}
+
 #[test]
 fn quantized_mode_runs_and_stays_near_the_reference() {
     let q = Engine::load(&default_model(), &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();

@@ -90,3 +90,11 @@ fn gemma_map_search_and_sweep_find_and_steer_a_dog_neuron() {
     assert!(s.probs[0] > 2.0 * s.baseline, "clamp {}:{} to {}: p(dog) {} vs baseline {}", hit.layer, hit.neuron, sign * 20.0, s.probs[0], s.baseline);
     assert!(s.probs[1] < s.baseline, "the opposite sign should lower p(dog): {s:?}");
 }
+
+/// Gemma's Q4_K, Q5_0, Q6_K and Q8_0 weights held exact give the f32 numbers too.
+#[test]
+fn gemma_exact_weights_give_the_f32_logits_and_answers() {
+    let prompts = [plain("The capital of France is"), plain("Once upon a time, a dog")];
+    let worst = flash_interp_e2e::exact_agrees_with_f32(&gemma_model(), &prompts, 1e-3);
+    eprintln!("exact vs f32: largest logit difference {worst:e}");
+}

@@ -3,6 +3,9 @@
 
 use super::config::Config;
 use super::weights::{Key, WeightSource};
+use std::sync::Arc;
+
+use super::exact::ExactLinear;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -121,14 +124,55 @@ pub(crate) fn window_mask(t: usize, offset: usize, window: Option<usize>, dtype:
     Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
 }
 
+/// A linear layer's weight `[out, in]` as it is held: a candle `QMatMul` (a dense tensor, or
+/// quantized blocks multiplied with 8-bit activations as llama.cpp does), or the file's blocks
+/// multiplied exactly with f32 activations ([`ExactLinear`], CPU only).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Candle(QMatMul),
+    Exact(Arc<ExactLinear>),
+}
+
+impl Linear {
+    /// `x · Wᵀ` for `x` `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(w) => Ok(w.forward(x)?),
+            Linear::Exact(w) => w.forward(x),
+        }
+    }
+
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Linear::Candle(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
+            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims().to_vec(),
+            Linear::Exact(w) => vec![w.dims().0, w.dims().1],
+        }
+    }
+
+    /// The weight as a dense tensor (quantized weights dequantized to f32).
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
+            Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            Linear::Exact(w) => w.dequantize()?,
+        })
+    }
+
+    /// Bytes the weight takes in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+            Linear::Exact(w) => w.storage_bytes(),
+        }
+    }
+}
+
 /// A linear layer's weight, checked against the shape the configuration implies.
-pub(crate) fn linear(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<QMatMul> {
+pub(crate) fn linear(src: &dyn WeightSource, key: Key, cfg: &Config) -> Result<Linear> {
     let w = src.linear(key)?;
-    let dims = match &w {
-        QMatMul::QTensor(q) => q.shape().dims().to_vec(),
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims().to_vec(),
-    };
-    check_shape(src, key, &dims, cfg)?;
+    check_shape(src, key, &w.dims(), cfg)?;
     Ok(w)
 }
 
@@ -161,11 +205,8 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
 }
 
 /// A weight as a dense tensor, whatever its storage (quantized weights are dequantized to f32).
-pub fn dense_weight(w: &QMatMul) -> Result<Tensor> {
-    Ok(match w {
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
-        QMatMul::QTensor(q) => q.dequantize(&q.device())?,
-    })
+pub fn dense_weight(w: &Linear) -> Result<Tensor> {
+    w.dense()
 }
 
 /// Softmax over the last dimension, in f32.
@@ -218,7 +259,7 @@ impl MlpSite<'_> {
         if self.record {
             self.acts.push((self.layer, hidden.to_dtype(DType::F32)?));
         }
-        Ok(mlp.down.forward(&hidden)?)
+        mlp.down.forward(&hidden)
     }
 }
 
@@ -264,11 +305,8 @@ pub(crate) fn expand(x: &Tensor, cache: &mut Cache, upto: usize, n: usize) -> Re
 }
 
 /// Bytes a weight takes in memory, whatever its storage.
-pub(crate) fn linear_bytes(w: &QMatMul) -> usize {
-    match w {
-        QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => tensor_bytes(t),
-    }
+pub(crate) fn linear_bytes(w: &Linear) -> usize {
+    w.bytes()
 }
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
@@ -323,7 +361,7 @@ pub struct Shell {
     /// Token embedding, `[vocab, d_model]`, in the compute dtype (unscaled).
     pub(crate) embed: Tensor,
     pub(crate) norm: RmsNorm,
-    pub(crate) lm_head: QMatMul,
+    pub(crate) lm_head: Linear,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
 }
@@ -364,9 +402,9 @@ pub(crate) enum Act {
 /// The gated MLP: down(act(gate(x)) * up(x)). `hidden` is the neuron activation we read and clamp.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
     act: Act,
 }
 

@@ -12,22 +12,21 @@
 
 use super::common::{
     append_kv, attend, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, window_mask, Act, Cache, ForwardOutput,
-    Intervention, Mlp, RmsNorm, Shell,
+    Intervention, Linear, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config, Gemma3Params};
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     /// Gemma 3's per-head query and key norms (Gemma 2 has none).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     softcap: Option<f32>,
@@ -71,7 +70,7 @@ impl Attention {
         let (k, v) = append_kv(kv, k, v.contiguous()?)?;
         let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, self.scale, self.softcap, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
-        Ok(self.o.forward(&y)?)
+        self.o.forward(&y)
     }
 }
 

@@ -11,22 +11,21 @@
 
 use super::common::{
     append_kv, attend, causal_mask, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, Act, Cache, ForwardOutput,
-    Intervention, Mlp, RmsNorm, Shell,
+    Intervention, Linear, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config};
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use crate::error::Result;
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     /// Qwen2: the Q, K and V biases.
     bias: Option<[Tensor; 3]>,
     /// Qwen3: RMSNorm of each head's query and key, before RoPE.
@@ -82,7 +81,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, scale, None, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
-        Ok(self.o.forward(&y)?)
+        self.o.forward(&y)
     }
 }
 

@@ -2,13 +2,14 @@
 //! `gemma3.rs`), each with interventions (neuron clamps) at the input of down_proj.
 pub mod common;
 pub mod config;
+pub mod exact;
 pub mod gemma3;
 pub mod llama;
 pub mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use common::{all_finite, dense_weight, softmax, Cache, Clamp, ForwardOutput, Intervention, Mlp, Shell};
+pub use common::{all_finite, dense_weight, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Shell};
 pub use config::{Arch, Config};
 pub use gemma3::Gemma3;
 pub use llama::Llama;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+use super::common::Linear;
 use crate::error::{Error, Result};
 
 /// How weights are held in memory.
@@ -24,6 +25,10 @@ pub enum WeightMode {
     /// Keep GGUF quantized weights and use candle's quantized matmuls (activations are
     /// quantized to 8 bits on the fly, as llama.cpp does): less memory, different numerics.
     Quantized,
+    /// Keep GGUF quantized weights as they are and multiply them with f32 activations
+    /// ([`super::exact::ExactLinear`], CPU only): the f32 path's numbers up to summation order,
+    /// at the quantized file's memory traffic.
+    Exact,
 }
 
 /// Models with at most this many parameters are held in f32 by default (4 GB): reference
@@ -34,17 +39,20 @@ impl WeightMode {
     pub fn compute_dtype(&self) -> DType {
         match self {
             WeightMode::Dense(d) => *d,
-            WeightMode::Quantized | WeightMode::Auto => DType::F32,
+            WeightMode::Quantized | WeightMode::Exact | WeightMode::Auto => DType::F32,
         }
     }
 
     /// What `Auto` means for a file of `params` parameters whose weights are stored as `stored`
-    /// (`None`: quantized): f32 up to [`AUTO_F32_PARAMS`]; beyond, the file's precision (f32, f16
-    /// or bf16), and bf16 for a quantized GGUF (2 bytes a weight, exact for the f32 activations;
+    /// (`None`: quantized) on the CPU or not: a quantized GGUF on the CPU keeps its blocks and
+    /// multiplies them exactly ([`WeightMode::Exact`]: the f32 numbers at the file's size).
+    /// Otherwise f32 up to [`AUTO_F32_PARAMS`]; beyond, the file's precision (f32, f16 or bf16),
+    /// and bf16 for a quantized GGUF (2 bytes a weight, exact for the f32 activations;
     /// `Quantized` keeps the blocks but quantizes activations, so it stays a choice). Other modes
     /// are what they say.
-    pub fn auto(self, params: u64, stored: Option<DType>) -> WeightMode {
+    pub fn auto(self, params: u64, stored: Option<DType>, cpu: bool) -> WeightMode {
         match self {
+            WeightMode::Auto if stored.is_none() && cpu => WeightMode::Exact,
             WeightMode::Auto if params <= AUTO_F32_PARAMS => WeightMode::Dense(DType::F32),
             WeightMode::Auto => WeightMode::Dense(stored.filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16)).unwrap_or(DType::BF16)),
             m => m,
@@ -55,6 +63,8 @@ impl WeightMode {
     pub fn desc(&self) -> String {
         match self {
             WeightMode::Quantized => "quantized".into(),
+            // The same weight values as f32 (a map built from either is the same map).
+            WeightMode::Exact => "f32".into(),
             m => format!("{:?}", m.compute_dtype()).to_lowercase(),
         }
     }
@@ -208,7 +218,7 @@ pub trait WeightSource {
     /// The weight's name in this format (for error messages).
     fn name(&self, key: Key) -> String;
     /// A weight used as a linear layer `[out, in]`.
-    fn linear(&self, key: Key) -> Result<QMatMul>;
+    fn linear(&self, key: Key) -> Result<Linear>;
     /// A weight as a dense tensor in the compute dtype.
     fn dense(&self, key: Key) -> Result<Tensor>;
     /// A norm weight, in the compute dtype.
@@ -217,8 +227,8 @@ pub trait WeightSource {
     }
     /// The LM head when tied to the embedding, `embed` (the dense embedding already loaded): the
     /// same tensor, not a second copy, unless the head is kept quantized.
-    fn tied_head(&self, embed: &Tensor) -> Result<QMatMul> {
-        Ok(QMatMul::Tensor(embed.clone()))
+    fn tied_head(&self, embed: &Tensor) -> Result<Linear> {
+        Ok(Linear::Candle(QMatMul::Tensor(embed.clone())))
     }
     fn has(&self, key: Key) -> bool;
     /// How the weights are held (never `Auto`: decided when the file was opened).
@@ -266,7 +276,10 @@ impl GgufSource {
             };
             (t.shape.elem_count() as u64, d)
         }));
-        let mode = mode.auto(params, stored);
+        let mode = mode.auto(params, stored, device.is_cpu());
+        if mode == WeightMode::Exact && !device.is_cpu() {
+            return Err(Error::bad("--weights exact runs on the CPU; on a GPU use f32, f16 or bf16"));
+        }
         Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
     }
 
@@ -300,11 +313,12 @@ impl GgufSource {
         Ok(Some(t))
     }
 
-    fn to_linear(&self, (q, f): (QTensor, Tensor)) -> Result<QMatMul> {
+    fn to_linear(&self, (q, f): (QTensor, Tensor)) -> Result<Linear> {
         Ok(match (self.mode, q.dtype()) {
-            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => QMatMul::Tensor(f),
-            (WeightMode::Quantized, _) => QMatMul::QTensor(Arc::new(q)),
-            (mode, _) => QMatMul::Tensor(f.to_dtype(mode.compute_dtype())?),
+            (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Linear::Candle(QMatMul::Tensor(f)),
+            (WeightMode::Quantized, _) => Linear::Candle(QMatMul::QTensor(Arc::new(q))),
+            (WeightMode::Exact, d) if super::exact::supported(d) => Linear::Exact(Arc::new(super::exact::ExactLinear::new(&q)?)),
+            (mode, _) => Linear::Candle(QMatMul::Tensor(f.to_dtype(mode.compute_dtype())?)),
         })
     }
 }
@@ -319,22 +333,22 @@ impl WeightSource for GgufSource {
     fn name(&self, key: Key) -> String {
         key.gguf_name()
     }
-    fn linear(&self, key: Key) -> Result<QMatMul> {
+    fn linear(&self, key: Key) -> Result<Linear> {
         self.to_linear(self.qtensor(key)?)
     }
     fn dense(&self, key: Key) -> Result<Tensor> {
         Ok(self.qtensor(key)?.1.to_dtype(self.mode.compute_dtype())?)
     }
-    fn tied_head(&self, embed: &Tensor) -> Result<QMatMul> {
+    fn tied_head(&self, embed: &Tensor) -> Result<Linear> {
         let quantized = self
             .content
             .tensor_infos
             .get(&Key::Embed.gguf_name())
             .is_some_and(|t| !matches!(t.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
-        if self.mode == WeightMode::Quantized && quantized {
+        if matches!(self.mode, WeightMode::Quantized | WeightMode::Exact) && quantized {
             return self.to_linear(self.qtensor(Key::Embed)?);
         }
-        Ok(QMatMul::Tensor(embed.clone()))
+        Ok(Linear::Candle(QMatMul::Tensor(embed.clone())))
     }
     fn has(&self, key: Key) -> bool {
         self.content.tensor_infos.contains_key(&key.gguf_name())
@@ -444,7 +458,7 @@ impl SafetensorsSource {
             files.push(f);
         }
         let (params, stored) = census(tensors.values().map(|t| (t.shape.iter().product::<usize>() as u64, Some(t.dtype))));
-        let mode = mode.auto(params, stored);
+        let mode = mode.auto(params, stored, device.is_cpu());
         Ok(Self { files, tensors, gemma, dir: dir.to_owned(), device: device.clone(), mode })
     }
 
@@ -476,12 +490,13 @@ impl WeightSource for SafetensorsSource {
     fn name(&self, key: Key) -> String {
         key.hf_name(self.gemma)
     }
-    fn linear(&self, key: Key) -> Result<QMatMul> {
+    fn linear(&self, key: Key) -> Result<Linear> {
         let t = self.load(key)?;
-        Ok(match self.mode {
-            WeightMode::Dense(_) | WeightMode::Auto => QMatMul::Tensor(t),
+        Ok(Linear::Candle(match self.mode {
+            // Safetensors have no blocks to keep: exact is plain f32.
+            WeightMode::Dense(_) | WeightMode::Exact | WeightMode::Auto => QMatMul::Tensor(t),
             WeightMode::Quantized => QMatMul::QTensor(Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)),
-        })
+        }))
     }
     fn dense(&self, key: Key) -> Result<Tensor> {
         self.load(key)
@@ -497,5 +512,24 @@ impl WeightSource for SafetensorsSource {
     }
     fn mode(&self) -> WeightMode {
         self.mode
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_keeps_quantized_blocks_exact_on_the_cpu_only() {
+        let (small, large) = (135_000_000, 8_000_000_000);
+        for params in [small, large] {
+            assert_eq!(WeightMode::Auto.auto(params, None, true), WeightMode::Exact);
+        }
+        assert_eq!(WeightMode::Auto.auto(small, None, false), WeightMode::Dense(DType::F32));
+        assert_eq!(WeightMode::Auto.auto(large, None, false), WeightMode::Dense(DType::BF16));
+        assert_eq!(WeightMode::Auto.auto(large, Some(DType::F16), true), WeightMode::Dense(DType::F16));
+        assert_eq!(WeightMode::Auto.auto(small, Some(DType::BF16), true), WeightMode::Dense(DType::F32));
+        assert_eq!(WeightMode::Quantized.auto(small, None, true), WeightMode::Quantized);
+        assert_eq!(WeightMode::Exact.desc(), WeightMode::Dense(DType::F32).desc(), "exact and f32 maps are the same map");
     }
 }

@@ -1,0 +1,490 @@
+//! Exact-weight quantized matmuls on the CPU: `y = x · Wᵀ` with `W` kept as the GGUF's own
+//! blocks (a quarter of f32's memory traffic for 4-bit files) and `x` in f32. Each block is
+//! dequantized in registers exactly as candle's `dequantize` does it (the f32 path's weights), so
+//! the result is the f32 path's up to summation order; unlike llama.cpp (and candle's `QMatMul`),
+//! the activations are never quantized to 8 bits.
+//!
+//! One token (decoding) runs fused kernels for Q4_0, Q4_1, Q5_0 and Q8_0 that never write the
+//! dequantized weights anywhere; other block types (the K-quants, ...) and prompts of several
+//! tokens dequantize one row at a time into a small buffer (candle's own `to_float`), then take
+//! dot products against every token. The same Rust is compiled for AVX-512, AVX2+FMA and plain
+//! x86-64 (or any other target), and the best the CPU has is picked at run time.
+
+use std::sync::{Arc, LazyLock};
+
+use candle_core::quantized::k_quants::{self as kq, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+fn fail(message: String) -> Error {
+    candle_core::Error::Msg(message).into()
+}
+
+/// The instruction sets a kernel can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub fn detect() -> Isa {
+        static BEST: LazyLock<Isa> = LazyLock::new(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+                    return Isa::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        });
+        *BEST
+    }
+
+    /// Whether this CPU can run kernels compiled for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            Isa::Avx2 => matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512),
+            Isa::Avx512 => Isa::detect() == Isa::Avx512,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// The block types kept as they are. Anything else (f16, bf16, f32, ...) is held dense.
+pub fn supported(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K)
+}
+
+/// A weight `[rows, cols]` held as its quantized blocks.
+pub struct ExactLinear {
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    /// The blocks, row after row, in 8-byte words so they can be viewed as candle's block types
+    /// (whose alignment is at most 2; every block size is even).
+    words: Vec<u64>,
+    row_bytes: usize,
+}
+
+impl std::fmt::Debug for ExactLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExactLinear({:?}, {}x{})", self.dtype, self.rows, self.cols)
+    }
+}
+
+impl ExactLinear {
+    /// From a quantized tensor `[rows, cols]` of a supported block type.
+    pub fn new(q: &QTensor) -> Result<Self> {
+        let dtype = q.dtype();
+        let (rows, cols) = q.shape().dims2()?;
+        if !supported(dtype) || cols % dtype.block_size() != 0 {
+            return Err(fail(format!("no exact kernel for {dtype:?} weights of shape {rows}x{cols}")));
+        }
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let data = q.data()?;
+        if data.len() != rows * row_bytes {
+            return Err(fail(format!("{dtype:?} weight holds {} bytes, {rows}x{cols} needs {}", data.len(), rows * row_bytes)));
+        }
+        let mut words = vec![0u64; data.len().div_ceil(8)];
+        as_bytes_mut(&mut words)[..data.len()].copy_from_slice(&data);
+        Ok(Self { dtype, rows, cols, words, row_bytes })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    /// Bytes held.
+    pub fn storage_bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &as_bytes(&self.words)[..self.rows * self.row_bytes]
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// The weight as an f32 tensor: exactly candle's `dequantize`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols).enumerate().for_each(|(r, o)| dequantize_row(self.dtype, self.row(r), o));
+        Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
+    }
+
+    /// Rows `ids` of the weight, dequantized (an embedding lookup), `[ids.len(), cols]`.
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &id) in out.chunks_mut(self.cols).zip(ids) {
+            let r = id as usize;
+            if r >= self.rows {
+                return Err(fail(format!("row {r} of a {}-row weight", self.rows)));
+            }
+            dequantize_row(self.dtype, self.row(r), o);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
+    }
+
+    /// `x · Wᵀ` for `x` of shape `[..., cols]` (any float dtype; computed in f32).
+    pub fn forward(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        Ok(x.apply_op1_no_bwd(&Op(self.clone(), Isa::detect()))?)
+    }
+
+    /// [`ExactLinear::forward`] with the kernels compiled for `isa` (which the CPU must support).
+    pub fn forward_with(self: &Arc<Self>, x: &Tensor, isa: Isa) -> Result<Tensor> {
+        if !isa.supported() {
+            return Err(fail(format!("this CPU cannot run {} kernels", isa.name())));
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        Ok(x.apply_op1_no_bwd(&Op(self.clone(), isa))?)
+    }
+
+    /// `y[t, r] = x[t] · W[r]` for `x` `[t, cols]` row-major.
+    fn matmul(&self, x: &[f32], isa: Isa) -> Vec<f32> {
+        let t = x.len() / self.cols;
+        // Work per task: enough rows that a task is worth handing to another thread, and at
+        // least one task per thread for the large matrices.
+        let per_row = (self.row_bytes + 4 * self.cols * t.min(8)).max(1);
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_task = ((256 * 1024) / per_row).clamp(8, self.rows.div_ceil(threads).max(8));
+        let mut by_row = vec![0f32; self.rows * t];
+        let job = Job { w: self, x, t };
+        let run = |(i, out): (usize, &mut [f32])| {
+            let r0 = i * rows_per_task;
+            // SAFETY: `isa` was checked against the CPU (`Isa::detect` or `supported`).
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => rows_avx512(&job, r0, out),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => rows_avx2(&job, r0, out),
+                    _ => rows_body::<false>(&job, r0, out),
+                }
+            }
+        };
+        if self.rows <= rows_per_task {
+            by_row.chunks_mut(rows_per_task * t).enumerate().for_each(run);
+        } else {
+            by_row.par_chunks_mut(rows_per_task * t).enumerate().for_each(run);
+        }
+        if t == 1 {
+            return by_row;
+        }
+        let mut y = vec![0f32; t * self.rows];
+        for (r, vals) in by_row.chunks(t).enumerate() {
+            for (i, v) in vals.iter().enumerate() {
+                y[i * self.rows + r] = *v;
+            }
+        }
+        y
+    }
+}
+
+struct Op(Arc<ExactLinear>, Isa);
+
+impl CustomOp1 for Op {
+    fn name(&self) -> &'static str {
+        "exact-quantized-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.0;
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("exact matmul: activations must be f32") };
+        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("exact matmul: activations must be contiguous") };
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&w.cols) {
+            candle_core::bail!("exact matmul: activations {dims:?} against a {}x{} weight", w.rows, w.cols)
+        }
+        let y = w.matmul(&data[a..b], self.1);
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = w.rows;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
+
+/// One matmul's inputs, shared by the tasks.
+struct Job<'a> {
+    w: &'a ExactLinear,
+    x: &'a [f32],
+    t: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn rows_avx512(job: &Job, r0: usize, out: &mut [f32]) {
+    rows_body::<true>(job, r0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2(job: &Job, r0: usize, out: &mut [f32]) {
+    rows_body::<true>(job, r0, out)
+}
+
+/// Rows `r0..` of the product into `out` (`[rows, t]`): everything here is inlined, so it is
+/// compiled once per instruction set by the wrappers above. `FMA`: fused multiply-adds for the
+/// accumulation (never for the dequantization, which stays candle's `q·d + m`).
+#[inline(always)]
+fn rows_body<const FMA: bool>(job: &Job, r0: usize, out: &mut [f32]) {
+    let (w, t, cols) = (job.w, job.t, job.w.cols);
+    if t == 1 {
+        match w.dtype {
+            GgmlDType::Q4_0 => rows_fused::<Q4_0, FMA>(w, r0, job.x, out),
+            GgmlDType::Q4_1 => rows_fused::<Q4_1, FMA>(w, r0, job.x, out),
+            GgmlDType::Q5_0 => rows_fused::<Q5_0, FMA>(w, r0, job.x, out),
+            GgmlDType::Q8_0 => rows_fused::<Q8_0, FMA>(w, r0, job.x, out),
+            _ => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = dot_any::<FMA>(w.dtype, w.row(r0 + i), job.x);
+                }
+            }
+        }
+        return;
+    }
+    let mut buf = vec![0f32; cols];
+    for (i, o) in out.chunks_mut(t).enumerate() {
+        dequantize_row(w.dtype, w.row(r0 + i), &mut buf);
+        for (k, o) in o.iter_mut().enumerate() {
+            *o = dot::<FMA>(&buf, &job.x[k * cols..(k + 1) * cols]);
+        }
+    }
+}
+
+/// Rows `r0..r0 + out.len()` · x, one row at a time.
+#[inline(always)]
+fn rows_fused<B: Block, const FMA: bool>(w: &ExactLinear, r0: usize, x: &[f32], out: &mut [f32]) {
+    let table: &[f32; 65536] = &F16;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = B::dot::<FMA>(w.row(r0 + i), x, table);
+    }
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// A block type of 32 weights whose rows dot with f32 activations in registers. Each weight is
+/// what candle's `to_float` makes of it; only the accumulation order differs.
+trait Block {
+    fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32;
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q5_0;
+struct Q8_0;
+
+/// Two accumulators of 16 lanes, combined and summed pairwise.
+#[inline(always)]
+fn finish(mut a: [f32; 16], b: [f32; 16]) -> f32 {
+    for j in 0..16 {
+        a[j] += b[j];
+    }
+    hsum16(a)
+}
+
+#[inline(always)]
+fn hsum16(a: [f32; 16]) -> f32 {
+    let mut v = a;
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for j in 0..n {
+            v[j] += v[j + n];
+        }
+    }
+    v[0]
+}
+
+impl Block for Q4_0 {
+    /// 18-byte blocks: d, 16 bytes of nibbles; `w = (q - 8)·d`.
+    #[inline(always)]
+    fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
+        let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+        for (blk, xb) in row.chunks_exact(18).zip(x.chunks_exact(32)) {
+            let d = f16_at(f16, blk[0], blk[1]);
+            let qs: &[u8; 16] = blk[2..18].try_into().unwrap();
+            for j in 0..16 {
+                a0[j] = madd::<FMA>(((qs[j] & 0x0F) as i16 - 8) as f32 * d, xb[j], a0[j]);
+                a1[j] = madd::<FMA>(((qs[j] >> 4) as i16 - 8) as f32 * d, xb[j + 16], a1[j]);
+            }
+        }
+        finish(a0, a1)
+    }
+}
+
+impl Block for Q4_1 {
+    /// 20-byte blocks: d, m, 16 bytes of nibbles; `w = q·d + m`.
+    #[inline(always)]
+    fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
+        let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+        for (blk, xb) in row.chunks_exact(20).zip(x.chunks_exact(32)) {
+            let (d, m) = (f16_at(f16, blk[0], blk[1]), f16_at(f16, blk[2], blk[3]));
+            let qs: &[u8; 16] = blk[4..20].try_into().unwrap();
+            for j in 0..16 {
+                a0[j] = madd::<FMA>((qs[j] & 0x0F) as f32 * d + m, xb[j], a0[j]);
+                a1[j] = madd::<FMA>((qs[j] >> 4) as f32 * d + m, xb[j + 16], a1[j]);
+            }
+        }
+        finish(a0, a1)
+    }
+}
+
+impl Block for Q5_0 {
+    /// 22-byte blocks: d, 32 high bits, 16 bytes of nibbles; `w = (q - 16)·d`.
+    #[inline(always)]
+    fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
+        let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+        for (blk, xb) in row.chunks_exact(22).zip(x.chunks_exact(32)) {
+            let d = f16_at(f16, blk[0], blk[1]);
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            let qs: &[u8; 16] = blk[6..22].try_into().unwrap();
+            for j in 0..16 {
+                let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                a0[j] = madd::<FMA>((((qs[j] & 0x0F) | h0) as i32 - 16) as f32 * d, xb[j], a0[j]);
+                a1[j] = madd::<FMA>((((qs[j] >> 4) | h1) as i32 - 16) as f32 * d, xb[j + 16], a1[j]);
+            }
+        }
+        finish(a0, a1)
+    }
+}
+
+impl Block for Q8_0 {
+    /// 34-byte blocks: d, 32 signed bytes; `w = q·d`.
+    #[inline(always)]
+    fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
+        let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+        for (blk, xb) in row.chunks_exact(34).zip(x.chunks_exact(32)) {
+            let d = f16_at(f16, blk[0], blk[1]);
+            let qs: &[u8; 32] = blk[2..34].try_into().unwrap();
+            for j in 0..16 {
+                a0[j] = madd::<FMA>(qs[j] as i8 as f32 * d, xb[j], a0[j]);
+                a1[j] = madd::<FMA>(qs[j + 16] as i8 as f32 * d, xb[j + 16], a1[j]);
+            }
+        }
+        finish(a0, a1)
+    }
+}
+
+const LANES: usize = 32;
+
+/// Sum of the lanes, pairwise (the same order on every instruction set).
+#[inline(always)]
+fn hsum(a: [f32; LANES]) -> f32 {
+    let mut v = a;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for j in 0..n {
+            v[j] += v[j + n];
+        }
+    }
+    v[0]
+}
+
+/// `a · b` in 32 lanes, summed pairwise.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            acc[j] = madd::<FMA>(x[j], y[j], acc[j]);
+        }
+    }
+    for (j, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[j] = madd::<FMA>(*x, *y, acc[j]);
+    }
+    hsum(acc)
+}
+
+/// f16 → f32 by table (exact; one lookup per block).
+static F16: LazyLock<Box<[f32; 65536]>> = LazyLock::new(|| {
+    let v: Vec<f32> = (0..=u16::MAX).map(|b| half::f16::from_bits(b).to_f32()).collect();
+    v.into_boxed_slice().try_into().unwrap()
+});
+
+#[inline(always)]
+fn f16_at(table: &[f32; 65536], lo: u8, hi: u8) -> f32 {
+    table[u16::from_le_bytes([lo, hi]) as usize]
+}
+
+/// Any other block type: one block at a time through candle's `to_float` into a buffer that
+/// stays in L1, then a dot product.
+#[inline(always)]
+fn dot_any<const FMA: bool>(dtype: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
+    let (bs, ts) = (dtype.block_size(), dtype.type_size());
+    let mut buf = [0f32; 256];
+    let mut total = 0f32;
+    for (blk, xb) in row.chunks_exact(ts).zip(x.chunks_exact(bs)) {
+        dequantize_row(dtype, blk, &mut buf[..bs]);
+        total += dot::<FMA>(&buf[..bs], xb);
+    }
+    total
+}
+
+/// Dequantize whole blocks `bytes` of `dtype` into `out` with candle's own code (what
+/// `QTensor::dequantize` runs, so these are the f32 path's weights).
+pub fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    fn go<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+        let n = bytes.len() / std::mem::size_of::<T>();
+        assert!(bytes.len() == n * std::mem::size_of::<T>() && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()));
+        // SAFETY: candle's block types are `repr(C)` plain data (integers and f16) valid for any
+        // bytes; size and alignment were checked above.
+        let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) };
+        T::to_float(blocks, out)
+    }
+    match dtype {
+        GgmlDType::Q4_0 => go::<kq::BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => go::<kq::BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => go::<kq::BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => go::<kq::BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_0 => go::<kq::BlockQ8_0>(bytes, out),
+        GgmlDType::Q2K => go::<kq::BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => go::<kq::BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => go::<kq::BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => go::<kq::BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => go::<kq::BlockQ6K>(bytes, out),
+        other => unreachable!("ExactLinear::new refuses {other:?}"),
+    }
+}
+
+fn as_bytes(words: &[u64]) -> &[u8] {
+    // SAFETY: any u64 is 8 valid bytes; the length is the same memory.
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 8) }
+}
+
+fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as above, and any bytes are a valid u64.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * 8) }
+}

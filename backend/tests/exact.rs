@@ -1,0 +1,89 @@
+//! Exact-weight quantized matmuls against the f32 path: every block type, every instruction set
+//! this CPU runs, one token and several; and a whole model held exact against the same model in
+//! f32.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use flash_interp::engine::{Engine, LoadOptions};
+use flash_interp::model::exact::{ExactLinear, Isa};
+use flash_interp::model::{Cache, Intervention, WeightMode};
+use flash_interp::synthetic::{self, TinySpec};
+
+const TYPES: [GgmlDType; 10] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
+    let dev = Device::Cpu;
+    let (rows, cols) = (37, 512);
+    let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
+    let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported()).collect();
+    assert!(isas.contains(&Isa::Portable));
+    for dtype in TYPES {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let reference_w = q.dequantize(&dev).unwrap();
+        let exact = Arc::new(ExactLinear::new(&q).unwrap());
+        // Holding the blocks changes no weight: dequantized, they are candle's, bit for bit.
+        assert_eq!(exact.dequantize().unwrap().to_vec2::<f32>().unwrap(), reference_w.to_vec2::<f32>().unwrap(), "{dtype:?}");
+        assert_eq!(exact.rows_f32(&[5, 0, 36]).unwrap().to_vec2::<f32>().unwrap()[2], reference_w.to_vec2::<f32>().unwrap()[36]);
+        assert!(exact.rows_f32(&[37]).is_err());
+        for t in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (2, t, cols), &dev).unwrap();
+            let want = x.broadcast_matmul(&reference_w.t().unwrap()).unwrap();
+            for &isa in &isas {
+                let got = exact.forward_with(&x, isa).unwrap();
+                assert_eq!(got.dims(), &[2, t, rows]);
+                // Sums of 512 products of size ~1 (results ~20): only the summation order differs.
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff < 2e-4, "{dtype:?} {} t={t}: {diff}", isa.name());
+            }
+        }
+        // A weight whose blocks the kernel does not know is refused, not misread.
+        assert!(ExactLinear::new(&QTensor::quantize(&w, GgmlDType::F16).unwrap()).is_err());
+    }
+}
+
+#[test]
+fn a_model_held_exact_gives_the_f32_logits_and_clamp_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.gguf");
+    synthetic::write_gguf(&TinySpec { q8: true, ..Default::default() }, &path).unwrap();
+    let load = |mode| Engine::load(&path, &LoadOptions { mode, ..Default::default() }).unwrap();
+    let (exact, f32) = (load(WeightMode::Exact), load(WeightMode::Dense(candle_core::DType::F32)));
+    assert_eq!(load(WeightMode::Auto).weights_desc(), "f32", "auto holds a quantized GGUF exact on the CPU (maps shared with f32)");
+    assert!(exact.model.weight_bytes() * 3 < f32.model.weight_bytes(), "{} vs {}", exact.model.weight_bytes(), f32.model.weight_bytes());
+    let ids = Tensor::new(&[[1u32, 5, 9, 2, 7]], &Device::Cpu).unwrap();
+    // The clamp applies to the new token only (the prompt runs unclamped).
+    let run = |e: &Engine, iv: &Intervention| {
+        let mut cache = Cache::new(e.config());
+        let prompt = e.model.forward(&ids, &mut cache, &[Intervention::none()], &[]).unwrap().logits;
+        let next = e.model.forward(&Tensor::new(&[[3u32]], &Device::Cpu).unwrap(), &mut cache, std::slice::from_ref(iv), &[1]).unwrap();
+        (prompt, next)
+    };
+    let none = Intervention::none();
+    let ((pe, ne), (pf, nf)) = (run(&exact, &none), run(&f32, &none));
+    assert!(max_abs_diff(&pe, &pf) < 1e-4 && max_abs_diff(&ne.logits, &nf.logits) < 1e-4);
+    // Clamping a neuron to its own value changes nothing.
+    let natural = ne.mlp_acts[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap()[3];
+    let iv = Intervention { clamps: vec![flash_interp::model::Clamp { layer: 1, neuron: 3, value: natural }] };
+    let (_, same) = run(&exact, &iv);
+    assert!(max_abs_diff(&same.logits, &ne.logits) < 1e-5);
+    let iv = Intervention { clamps: vec![flash_interp::model::Clamp { layer: 1, neuron: 3, value: natural + 50.0 }] };
+    assert!(max_abs_diff(&run(&exact, &iv).1.logits, &ne.logits) > 1e-3, "a real clamp moves the logits");
+}
