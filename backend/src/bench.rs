@@ -113,3 +113,130 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
 fn ours_secs(r: &serde_json::Value) -> f64 {
     r["map_seconds"].as_f64().unwrap_or(f64::NAN)
 }
+
+/// One side's timing of a greedy generation.
+#[derive(serde::Serialize)]
+struct GenTiming {
+    prefill_seconds: f64,
+    decode_tokens_per_second: f64,
+    tokens_per_second: f64,
+}
+
+/// Our greedy generation of `n` tokens after `ids`: prefill time (to the first token), decode
+/// tokens/s (the tokens after the first over the time after it), overall tokens/s, and the tokens.
+fn time_ours(engine: &flash_interp::Engine, ids: &[u32], n: usize) -> Result<(GenTiming, Vec<u32>)> {
+    let params = shared::SamplingParams { max_new_tokens: n, ..Default::default() };
+    let start = Instant::now();
+    let mut first = None;
+    let out =
+        engine.generate(ids, &[flash_interp::model::Intervention::none()], &params, true, &flash_interp::Cancel::default(), &mut |_, _, _| {
+            first.get_or_insert_with(Instant::now);
+            true
+        })?;
+    let end = Instant::now();
+    let first = first.unwrap_or(end);
+    let toks = out.into_iter().next().map(|o| o.tokens).unwrap_or_default();
+    let timing = GenTiming {
+        prefill_seconds: (first - start).as_secs_f64(),
+        decode_tokens_per_second: toks.len().saturating_sub(1) as f64 / (end - first).as_secs_f64().max(1e-9),
+        tokens_per_second: toks.len() as f64 / (end - start).as_secs_f64().max(1e-9),
+    };
+    Ok((timing, toks))
+}
+
+/// Peak resident memory of this process so far (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
+    let path = super::model_path(cli)?;
+    let engine = load(cli)?;
+    let spec = shared::PromptSpec { text: a.prompt.clone(), chat: None, messages: None };
+    let ids = engine.prompt_ids(&spec)?;
+    let threads = rayon::current_num_threads();
+    eprintln!("timing ours ({} weights, {threads} threads)...", engine.weight_mode().name());
+    time_ours(&engine, &ids, 8)?; // warm-up
+    let mut ours = Vec::new();
+    for _ in 0..a.runs.max(1) {
+        ours.push(time_ours(&engine, &ids, a.tokens)?);
+    }
+    ours.sort_by(|x, y| x.0.decode_tokens_per_second.total_cmp(&y.0.decode_tokens_per_second));
+    let (ours, our_tokens) = ours.swap_remove(ours.len() / 2);
+    let our_rss = peak_rss();
+    let peer = if path.extension().is_some_and(|e| e == "gguf") {
+        eprintln!("timing llama.cpp...");
+        let out = Command::new(&a.python)
+            .arg(&a.peer)
+            .arg("--model")
+            .arg(&path)
+            .args(["--tokens-json", &serde_json::to_string(&ids)?, "--new", &a.tokens.to_string(), "--runs", &a.runs.max(1).to_string()])
+            .args(["--threads", &threads.to_string()])
+            .output()
+            .with_context(|| format!("running {}", a.peer.display()))?;
+        if out.status.success() {
+            Some(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?)
+        } else {
+            eprintln!("  llama.cpp peer skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+            None
+        }
+    } else {
+        eprintln!("  llama.cpp peer skipped: it needs a GGUF file");
+        None
+    };
+    let ratio = |k: &str| peer.as_ref().and_then(|p| p[k].as_f64()).map(|theirs| ours_of(&ours, k) / theirs);
+    let same = peer.as_ref().and_then(|p| serde_json::from_value::<Vec<u32>>(p["tokens"].clone()).ok()).map(|t| common_prefix(&t, &our_tokens));
+    let r = serde_json::json!({
+        "model": engine.info.name,
+        "prompt_tokens": ids.len(),
+        "new_tokens": a.tokens,
+        "threads": threads,
+        "ours": { "weights": engine.weight_mode().name(), "timing": ours, "peak_rss_bytes": our_rss, "tokens": our_tokens.len() },
+        "peer": peer.as_ref().map(|p| { let mut p = p.clone(); p.as_object_mut().map(|o| o.remove("tokens")); p }),
+        "ratio_decode": ratio("decode_tokens_per_second"),
+        "ratio_overall": ratio("tokens_per_second"),
+        "ratio_peak_rss": peer.as_ref().and_then(|p| p["peak_rss_bytes"].as_f64()).zip(our_rss).map(|(t, o)| o as f64 / t),
+        "greedy_tokens_in_common": same,
+    });
+    if cli.json {
+        return print_json(&r);
+    }
+    let mb = |b: Option<f64>| b.map_or("?".into(), |b| format!("{:.0} MB", b / 1e6));
+    println!("greedy generation of {} tokens after {} prompt tokens, {threads} threads, {}:", a.tokens, ids.len(), engine.info.name);
+    println!(
+        "  flash-interp ({:<9})  decode {:>6.1} tok/s   prefill {:>6.3}s   peak RSS {}",
+        engine.weight_mode().name(),
+        ours.decode_tokens_per_second,
+        ours.prefill_seconds,
+        mb(our_rss.map(|b| b as f64))
+    );
+    if let Some(p) = &peer {
+        println!(
+            "  llama.cpp               decode {:>6.1} tok/s   prefill {:>6.3}s   peak RSS {}",
+            p["decode_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
+            p["prefill_seconds"].as_f64().unwrap_or(f64::NAN),
+            mb(p["peak_rss_bytes"].as_f64())
+        );
+        println!(
+            "  ours / llama.cpp: decode {:.2}x, overall {:.2}x, peak RSS {:.2}x; the first {} greedy tokens agree",
+            r["ratio_decode"].as_f64().unwrap_or(f64::NAN),
+            r["ratio_overall"].as_f64().unwrap_or(f64::NAN),
+            r["ratio_peak_rss"].as_f64().unwrap_or(f64::NAN),
+            same.unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+fn ours_of(t: &GenTiming, key: &str) -> f64 {
+    match key {
+        "decode_tokens_per_second" => t.decode_tokens_per_second,
+        _ => t.tokens_per_second,
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

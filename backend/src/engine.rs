@@ -370,6 +370,11 @@ impl Engine {
         self.mode.desc()
     }
 
+    /// How the weights are held (resolved: never `Auto`).
+    pub fn weight_mode(&self) -> WeightMode {
+        self.mode
+    }
+
     /// What a map of this model in `view` is built with: the key a cached map must match.
     pub fn map_meta(&self, view: View, final_norm: bool) -> Result<map::MapMeta> {
         Ok(map_meta(self.config(), self.fingerprint()?, view, final_norm, self.weights_desc()))

@@ -96,6 +96,9 @@ enum Cmd {
     CompareModels(CompareArgs),
     /// Time the neuron map against numpy and PyTorch peers on the same weights, and search latency.
     Bench(BenchArgs),
+    /// Time greedy generation against llama.cpp (llama-cpp-python) on the same GGUF, prompt and
+    /// token count, in the same run: decode tokens/s, prefill time and peak memory as ratios.
+    BenchGenerate(BenchGenerateArgs),
     /// Serve the web app and the JSON API (see /api/openapi.json).
     Serve(ServeArgs),
     /// Write a seeded random-weight model of a real shape as a Hugging Face directory (for sizing
@@ -277,6 +280,25 @@ struct BenchArgs {
     /// Rows per matmul chunk for the peers (numpy is much slower with whole layers).
     #[arg(long, default_value_t = 128)]
     peer_chunk: usize,
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    /// The prompt (a user message, in the chat template when the model has one).
+    #[arg(short, long, default_value = "Write a long story about a dog who learns to fly.")]
+    prompt: String,
+    /// Greedy tokens per run.
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    /// Timed runs per side (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// The peer script.
+    #[arg(long, default_value = "scripts/peer_generate.py")]
+    peer: PathBuf,
+    /// The Python that has llama-cpp-python.
+    #[arg(long, env = "FLASH_INTERP_PYTHON", default_value = "python3")]
+    python: PathBuf,
 }
 
 #[derive(Args)]
@@ -679,6 +701,7 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => bench::run(cli, a),
+        Cmd::BenchGenerate(a) => bench::run_generate(cli, a),
         Cmd::Serve(a) => serve(cli, a),
         Cmd::Map(a) => {
             // Streamed from the file: the model is not loaded, only W_U and one layer at a time.

@@ -2,7 +2,7 @@
 //! forward output, RMSNorm, the clamp and the masks, and the checks a weight passes at load.
 
 use super::config::Config;
-use super::weights::{Key, WeightSource};
+use super::weights::{Key, WeightMode, WeightSource};
 use std::sync::Arc;
 
 use super::exact::ExactLinear;
@@ -352,6 +352,13 @@ pub(crate) fn append_kv(kv: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor)
     Ok((k, v))
 }
 
+/// The token embedding as held: dense, or a quantized file's blocks kept exact.
+#[derive(Debug)]
+pub(crate) enum Embedding {
+    Dense(Tensor),
+    Rows(Arc<ExactLinear>),
+}
+
 /// What every family's model holds besides its blocks, loaded the same way for each: the
 /// settings, the token embedding, the final norm and the LM head (tied or not), on one device in
 /// one dtype.
@@ -359,7 +366,7 @@ pub(crate) fn append_kv(kv: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor)
 pub struct Shell {
     pub(crate) cfg: Config,
     /// Token embedding, `[vocab, d_model]`, in the compute dtype (unscaled).
-    pub(crate) embed: Tensor,
+    pub(crate) embed: Embedding,
     pub(crate) norm: RmsNorm,
     pub(crate) lm_head: Linear,
     pub(crate) device: Device,
@@ -370,12 +377,35 @@ impl Shell {
     pub(crate) fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
         let device = src.device().clone();
         cfg.check().map_err(|e| Error::model(src.origin(), e))?;
-        let embed = src.dense(Key::Embed)?;
-        check_shape(src, Key::Embed, embed.dims(), cfg)?;
-        let dtype = embed.dtype();
+        // Held exact, a quantized embedding stays in its blocks (rows dequantized as they are
+        // looked up), and a tied head multiplies the same blocks.
+        let embed = match src.mode() {
+            WeightMode::Exact => match linear(src, Key::Embed, cfg)? {
+                Linear::Exact(w) => Embedding::Rows(w),
+                other => Embedding::Dense(other.dense()?),
+            },
+            _ => Embedding::Dense(src.dense(Key::Embed)?),
+        };
         let norm = RmsNorm::load(src, Key::OutNorm, cfg)?;
-        let lm_head = if cfg.tied_embeddings { src.tied_head(&embed)? } else { linear(src, Key::Output, cfg)? };
+        let (lm_head, dtype) = match &embed {
+            Embedding::Dense(t) => {
+                check_shape(src, Key::Embed, t.dims(), cfg)?;
+                (if cfg.tied_embeddings { src.tied_head(t)? } else { linear(src, Key::Output, cfg)? }, t.dtype())
+            }
+            Embedding::Rows(w) => (if cfg.tied_embeddings { Linear::Exact(w.clone()) } else { linear(src, Key::Output, cfg)? }, DType::F32),
+        };
         Ok(Self { cfg: cfg.clone(), embed, norm, lm_head, device, dtype })
+    }
+
+    /// The residual stream's start: the embeddings of `ids` (`[b, t]`), `[b, t, d_model]`.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let x = match &self.embed {
+            Embedding::Dense(e) => e.embedding(&flat)?,
+            Embedding::Rows(w) => w.rows_f32(&flat.to_vec1::<u32>()?)?.to_device(&self.device)?,
+        };
+        Ok(x.reshape((b, t, self.cfg.d_model))?)
     }
 
     /// Logits `[b, vocab]` (f32) of the last of the `t` positions of the residual stream `x`.

@@ -134,6 +134,15 @@ impl ExactLinear {
         Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
     }
 
+    /// Whether every weight is a finite number (checked a row at a time, in parallel).
+    pub fn all_finite(&self) -> bool {
+        (0..self.rows).into_par_iter().all(|r| {
+            let mut buf = vec![0f32; self.cols];
+            dequantize_row(self.dtype, self.row(r), &mut buf);
+            buf.iter().all(|x| x.is_finite())
+        })
+    }
+
     /// Rows `ids` of the weight, dequantized (an embedding lookup), `[ids.len(), cols]`.
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Tensor> {
         let mut out = vec![0f32; ids.len() * self.cols];

@@ -152,7 +152,7 @@ impl LanguageModel for Gemma3 {
 
     fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let sh = &self.shell;
-        let (b_in, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
+        let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let narrow = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> { Ok((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?)) };
         let (global_rope, local_rope) = (narrow(&self.global_rope)?, narrow(&self.local_rope)?);
         let global_mask = if t > 1 { Some(window_mask(t, offset, None, sh.dtype, &sh.device)?) } else { None };
@@ -160,7 +160,7 @@ impl LanguageModel for Gemma3 {
         let window = self.params.sliding_window;
         let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
 
-        let x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
+        let x = sh.embed(input)?;
         let x = (x * self.embed_scale)?;
         let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, kv, mlp| {
             let block = &self.blocks[l];

@@ -146,12 +146,12 @@ impl LanguageModel for Llama {
 
     fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let sh = &self.shell;
-        let (b_in, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
+        let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         let mask = if t > 1 { Some(causal_mask(t, offset, sh.dtype, &sh.device)?) } else { None };
 
-        let x = sh.embed.embedding(&input.flatten_all()?)?.reshape((b_in, t, sh.cfg.d_model))?;
+        let x = sh.embed(input)?;
         let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, kv, mlp| {
             let block = &self.blocks[l];
             let x = (&x + block.attn.forward(&block.attn_norm.forward(&x)?, &cos, &sin, mask.as_ref(), kv)?)?;

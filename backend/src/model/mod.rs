@@ -35,10 +35,6 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     fn dtype(&self) -> DType {
         self.shell().dtype
     }
-    /// Token embedding matrix `[vocab, d_model]` (the LM head too when tied), unscaled.
-    fn embedding(&self) -> &Tensor {
-        &self.shell().embed
-    }
     /// The unembedding `W_U` as a dense `[vocab, d_model]` tensor.
     fn lm_head_weight(&self) -> Result<Tensor> {
         dense_weight(&self.shell().lm_head)

@@ -59,6 +59,15 @@ impl WeightMode {
         }
     }
 
+    /// For people: "exact", "quantized", "f32", "f16", "bf16" (or "auto" before a file decides).
+    pub fn name(&self) -> String {
+        match self {
+            WeightMode::Auto => "auto".into(),
+            WeightMode::Exact => "exact".into(),
+            m => m.desc(),
+        }
+    }
+
     /// As recorded in map caches: "f32", "f16", "bf16" or "quantized".
     pub fn desc(&self) -> String {
         match self {
@@ -283,6 +292,27 @@ impl GgufSource {
         Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
     }
 
+    /// A quantized weight kept exact: its blocks, checked to be finite a row at a time (no f32
+    /// copy of the weight, even for a moment). `None` when the weight is not of a block type.
+    fn exact(&self, key: Key) -> Result<Option<Linear>> {
+        let name = key.gguf_name();
+        let Some(info) = self.content.tensor_infos.get(&name) else {
+            return Err(Error::model(&self.path, format!("missing tensor {name}")));
+        };
+        if !super::exact::supported(info.ggml_dtype) {
+            return Ok(None);
+        }
+        let q = self
+            .content
+            .tensor(&mut *self.reader.borrow_mut(), &name, &self.device)
+            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
+        let w = super::exact::ExactLinear::new(&q)?;
+        if !w.all_finite() {
+            return Err(Error::model(&self.path, format!("tensor {name} has NaN or infinite values: the file is corrupt")));
+        }
+        Ok(Some(Linear::Exact(Arc::new(w))))
+    }
+
     /// A tensor as stored, and dequantized to f32 and checked to be finite (read and dequantized
     /// once: the f32 copy is what a dense load keeps).
     fn qtensor(&self, key: Key) -> Result<(QTensor, Tensor)> {
@@ -317,7 +347,6 @@ impl GgufSource {
         Ok(match (self.mode, q.dtype()) {
             (WeightMode::Quantized, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Linear::Candle(QMatMul::Tensor(f)),
             (WeightMode::Quantized, _) => Linear::Candle(QMatMul::QTensor(Arc::new(q))),
-            (WeightMode::Exact, d) if super::exact::supported(d) => Linear::Exact(Arc::new(super::exact::ExactLinear::new(&q)?)),
             (mode, _) => Linear::Candle(QMatMul::Tensor(f.to_dtype(mode.compute_dtype())?)),
         })
     }
@@ -334,6 +363,11 @@ impl WeightSource for GgufSource {
         key.gguf_name()
     }
     fn linear(&self, key: Key) -> Result<Linear> {
+        if self.mode == WeightMode::Exact {
+            if let Some(w) = self.exact(key)? {
+                return Ok(w);
+            }
+        }
         self.to_linear(self.qtensor(key)?)
     }
     fn dense(&self, key: Key) -> Result<Tensor> {
@@ -345,7 +379,7 @@ impl WeightSource for GgufSource {
             .tensor_infos
             .get(&Key::Embed.gguf_name())
             .is_some_and(|t| !matches!(t.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
-        if matches!(self.mode, WeightMode::Quantized | WeightMode::Exact) && quantized {
+        if self.mode == WeightMode::Quantized && quantized {
             return self.to_linear(self.qtensor(Key::Embed)?);
         }
         Ok(Linear::Candle(QMatMul::Tensor(embed.clone())))
