@@ -413,6 +413,14 @@ fn parse_values(s: &str) -> Result<Vec<f32>> {
 }
 
 fn main() -> ExitCode {
+    // candle 0.11's CPU matmul asks for its thread count on every call, and unless
+    // RAYON_NUM_THREADS is set that reads /proc/cpuinfo (through num_cpus): twice per layer per
+    // generated token, about a quarter of the default model's decoding time. Setting it once, to
+    // what rayon would pick anyway, before any thread starts, makes that a cheap lookup.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let cli = Cli::parse();
     // The server logs one line per request; the other commands stay quiet unless asked.
     // actix-http logs each malformed request a client sends at ERROR level; those are the

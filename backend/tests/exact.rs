@@ -43,12 +43,15 @@ fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
         assert_eq!(exact.dequantize().unwrap().to_vec2::<f32>().unwrap(), reference_w.to_vec2::<f32>().unwrap(), "{dtype:?}");
         assert_eq!(exact.rows_f32(&[5, 0, 36]).unwrap().to_vec2::<f32>().unwrap()[2], reference_w.to_vec2::<f32>().unwrap()[36]);
         assert!(exact.rows_f32(&[37]).is_err());
-        for t in [1, 3] {
-            let x = Tensor::randn(0f32, 1.0, (2, t, cols), &dev).unwrap();
+        // One and three rows of activations (the kernels), sixteen (dequantized slabs through
+        // candle's matmul).
+        for (b, t) in [(1, 1), (1, 3), (2, 8)] {
+            assert_eq!(b * t >= flash_interp::model::exact::SLAB_ROWS, b * t == 16);
+            let x = Tensor::randn(0f32, 1.0, (b, t, cols), &dev).unwrap();
             let want = x.broadcast_matmul(&reference_w.t().unwrap()).unwrap();
             for &isa in &isas {
                 let got = exact.forward_with(&x, isa).unwrap();
-                assert_eq!(got.dims(), &[2, t, rows]);
+                assert_eq!(got.dims(), &[b, t, rows]);
                 // Sums of 512 products of size ~1 (results ~20): only the summation order differs.
                 let diff = max_abs_diff(&got, &want);
                 assert!(diff < 2e-4, "{dtype:?} {} t={t}: {diff}", isa.name());

@@ -158,8 +158,29 @@ impl ExactLinear {
 
     /// `x · Wᵀ` for `x` of shape `[..., cols]` (any float dtype; computed in f32).
     pub fn forward(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        Ok(x.apply_op1_no_bwd(&Op(self.clone(), Isa::detect()))?)
+        self.forward_with(x, Isa::detect())
+    }
+
+    /// Many rows of activations (a prompt, a batch): the weight is dequantized a slab of rows
+    /// at a time (at most 16 MB of f32) and multiplied by candle's f32 matmul, which reuses each
+    /// weight across the rows far better than dot products can.
+    fn forward_slabs(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, self.cols))?;
+        let slab = ((16 << 20) / (4 * self.cols)).max(1);
+        let mut parts = Vec::with_capacity(self.rows.div_ceil(slab));
+        for r0 in (0..self.rows).step_by(slab) {
+            let r1 = (r0 + slab).min(self.rows);
+            let mut w = vec![0f32; (r1 - r0) * self.cols];
+            w.par_chunks_mut(self.cols).enumerate().for_each(|(i, o)| dequantize_row(self.dtype, self.row(r0 + i), o));
+            let w = Tensor::from_vec(w, (r1 - r0, self.cols), x.device())?;
+            parts.push(x2.matmul(&w.t()?)?);
+        }
+        let y = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 1)? };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.rows;
+        Ok(y.reshape(out)?)
     }
 
     /// [`ExactLinear::forward`] with the kernels compiled for `isa` (which the CPU must support).
@@ -168,6 +189,9 @@ impl ExactLinear {
             return Err(fail(format!("this CPU cannot run {} kernels", isa.name())));
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
+        if x.elem_count() / self.cols >= SLAB_ROWS {
+            return self.forward_slabs(&x);
+        }
         Ok(x.apply_op1_no_bwd(&Op(self.clone(), isa))?)
     }
 
@@ -211,6 +235,9 @@ impl ExactLinear {
         y
     }
 }
+
+/// From this many rows of activations on, [`ExactLinear::forward_slabs`]; below, the kernels.
+pub const SLAB_ROWS: usize = 4;
 
 struct Op(Arc<ExactLinear>, Isa);
 
