@@ -13,9 +13,10 @@ use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 
 /// Per-request key/value cache: one entry per layer, `[batch, kv_heads, seq, head_dim]`.
-#[derive(Debug, Clone)]
+/// Not `Clone`: appending writes into its buffers in place, so two copies would share them.
+#[derive(Debug)]
 pub struct Cache {
-    pub(crate) kvs: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) kvs: Vec<Option<LayerKv>>,
     pub(crate) seq_len: usize,
     /// Checked before every layer: a cancelled request stops within one layer's work.
     pub(crate) cancel: Cancel,
@@ -26,7 +27,7 @@ impl Cache {
         Self::with_cancel(cfg, Cancel::default())
     }
     pub fn with_cancel(cfg: &Config, cancel: Cancel) -> Self {
-        Self { kvs: vec![None; cfg.n_layers], seq_len: 0, cancel }
+        Self { kvs: (0..cfg.n_layers).map(|_| None).collect(), seq_len: 0, cancel }
     }
     /// Number of positions already in the cache.
     pub fn seq_len(&self) -> usize {
@@ -273,7 +274,7 @@ pub(crate) fn run_layers(
     rows: &[Intervention],
     record: &[usize],
     n_rows: usize,
-    mut layer: impl FnMut(usize, Tensor, &mut Option<(Tensor, Tensor)>, &mut MlpSite) -> Result<Tensor>,
+    mut layer: impl FnMut(usize, Tensor, &mut Option<LayerKv>, &mut MlpSite) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
     let (mut batch, t, _) = x.dims3()?;
     let n_layers = cache.kvs.len();
@@ -297,8 +298,8 @@ pub(crate) fn run_layers(
 /// Repeat the residual stream and the caches of layers `< upto` from one row to `n` rows.
 pub(crate) fn expand(x: &Tensor, cache: &mut Cache, upto: usize, n: usize) -> Result<Tensor> {
     for kv in cache.kvs.iter_mut().take(upto) {
-        if let Some((k, v)) = kv.take() {
-            *kv = Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?));
+        if let Some(c) = kv.take() {
+            *kv = Some(c.repeat(n)?);
         }
     }
     Ok(x.repeat((n, 1, 1))?)
@@ -326,30 +327,75 @@ pub(crate) fn rope_tables(inv: Vec<f32>, max_seq_len: usize, dtype: DType, devic
 /// values (`[b, kv_heads, total, head_dim]`, repeated to the query heads), with an additive mask;
 /// scores soft-capped (`cap · tanh(s / cap)`) first when asked (Gemma 2).
 #[allow(clippy::too_many_arguments)]
+///
+/// Grouped-query attention without copying the keys and values: the `n_rep` query heads that
+/// share a key/value head are stacked as rows of one matrix (`[b, kv_heads, n_rep * t, d]`), so
+/// `k` and `v` (`[b, kv_heads, len, d]`, possibly views of a longer cache) are read in place.
 pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, softcap: Option<f32>, mask: Option<&Tensor>) -> Result<Tensor> {
-    let k = candle_transformers::utils::repeat_kv(k.clone(), n_rep)?.contiguous()?;
-    let v = candle_transformers::utils::repeat_kv(v.clone(), n_rep)?.contiguous()?;
+    let (b, h, t, d) = q.dims4()?;
+    let (kv_heads, len) = (h / n_rep, k.dim(2)?);
+    let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, d))?;
     let att = (q.matmul(&k.t()?)? * scale)?;
     let att = match softcap {
         Some(cap) => ((att / cap as f64)?.tanh()? * cap as f64)?,
         None => att,
     };
     let att = match mask {
-        Some(m) => att.broadcast_add(m)?,
+        Some(m) => att.reshape((b, kv_heads, n_rep, t, len))?.broadcast_add(m)?.reshape((b, kv_heads, n_rep * t, len))?,
         None => att,
     };
     let att = candle_nn::ops::softmax_last_dim(&att)?;
-    Ok(att.matmul(&v)?)
+    Ok(att.matmul(v)?.reshape((b, h, t, d))?)
 }
 
-/// Append this step's keys and values to a layer's cache; returns the whole sequence's.
-pub(crate) fn append_kv(kv: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-    let (k, v) = match kv.take() {
-        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        None => (k, v),
-    };
-    *kv = Some((k.clone(), v.clone()));
-    Ok((k, v))
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first
+/// `len` positions are filled: appending writes in place, and the buffer doubles when full, so a
+/// generation copies its cache O(log n) times instead of at every token.
+#[derive(Debug)]
+pub(crate) struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn view(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+
+    /// The same positions in `n` rows (all rows must be the one row's copies).
+    fn repeat(&self, n: usize) -> Result<LayerKv> {
+        let (k, v) = self.view()?;
+        Ok(LayerKv { k: k.repeat((n, 1, 1, 1))?, v: v.repeat((n, 1, 1, 1))?, len: self.len })
+    }
+}
+
+/// Append this step's keys and values to a layer's cache; returns the whole sequence's (views).
+pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let t = k.dim(2)?;
+    match kv {
+        Some(c) if c.len + t <= c.k.dim(2)? => {
+            c.k.slice_set(&k, 2, c.len)?;
+            c.v.slice_set(&v, 2, c.len)?;
+            c.len += t;
+        }
+        _ => {
+            let (b, h, _, d) = k.dims4()?;
+            let len = kv.as_ref().map_or(0, |c| c.len);
+            let cap = (2 * (len + t)).max(32);
+            let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
+            if let Some(c) = kv.as_ref() {
+                let (pk, pv) = c.view()?;
+                nk.slice_set(&pk.contiguous()?, 2, 0)?;
+                nv.slice_set(&pv.contiguous()?, 2, 0)?;
+            }
+            nk.slice_set(&k, 2, len)?;
+            nv.slice_set(&v, 2, len)?;
+            *kv = Some(LayerKv { k: nk, v: nv, len: len + t });
+        }
+    }
+    kv.as_ref().expect("filled above").view()
 }
 
 /// The token embedding as held: dense, or a quantized file's blocks kept exact.
@@ -459,5 +505,52 @@ impl Mlp {
 
     pub(crate) fn bytes(&self) -> usize {
         [&self.gate, &self.up, &self.down].into_iter().map(linear_bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod kv_tests {
+    use super::*;
+
+    #[test]
+    fn the_growing_cache_holds_exactly_what_was_appended() {
+        let dev = Device::Cpu;
+        let mut kv = None;
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        // A 5-position prompt, then one position at a time past several doublings.
+        for t in std::iter::once(5).chain(std::iter::repeat_n(1, 140)) {
+            let (k, v) = (Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap(), Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap());
+            ks.push(k.clone());
+            vs.push(v.clone());
+            let (gk, gv) = append_kv(&mut kv, k, v).unwrap();
+            let (wk, wv) = (Tensor::cat(&ks, 2).unwrap(), Tensor::cat(&vs, 2).unwrap());
+            assert_eq!(gk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wk.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(gv.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wv.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let c = kv.unwrap();
+        assert_eq!((c.len, c.k.dim(2).unwrap()), (145, 270), "32, then 66, 134, 270: four allocations for 145 positions");
+        // Repeated to 3 rows for a batch, each row is the original's.
+        let r = c.repeat(3).unwrap();
+        assert_eq!(r.view().unwrap().0.dims(), &[6, 3, 145, 4]);
+    }
+
+    #[test]
+    fn grouped_attention_without_copies_equals_repeating_the_heads() {
+        let dev = Device::Cpu;
+        let (b, h, kvh, t, len, d) = (2, 6, 2, 3, 7, 4);
+        let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
+        let (k, v) = (Tensor::randn(0f32, 1.0, (b, kvh, len, d), &dev).unwrap(), Tensor::randn(0f32, 1.0, (b, kvh, len, d), &dev).unwrap());
+        let mask = window_mask(t, len - t, None, DType::F32, &dev).unwrap();
+        let got = attend(&q, &k, &v, h / kvh, 0.5, Some(30.0), Some(&mask)).unwrap();
+        // The textbook form: every query head gets its own copy of its key/value head.
+        let (kr, vr) = (
+            candle_transformers::utils::repeat_kv(k, h / kvh).unwrap().contiguous().unwrap(),
+            candle_transformers::utils::repeat_kv(v, h / kvh).unwrap().contiguous().unwrap(),
+        );
+        let att = (q.matmul(&kr.t().unwrap()).unwrap() * 0.5).unwrap();
+        let att = ((att / 30.0).unwrap().tanh().unwrap() * 30.0).unwrap().broadcast_add(&mask).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&att).unwrap().matmul(&vr).unwrap();
+        let diff: f32 = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 }

@@ -12,7 +12,7 @@
 
 use super::common::{
     append_kv, attend, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, window_mask, Act, Cache, ForwardOutput,
-    Intervention, Linear, Mlp, RmsNorm, Shell,
+    Intervention, LayerKv, Linear, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config, Gemma3Params};
 use super::weights::{Key, WeightSource};
@@ -55,7 +55,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let q = self.q.forward(x)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
         let k = self.k.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
@@ -67,7 +67,7 @@ impl Attention {
         };
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = append_kv(kv, k, v.contiguous()?)?;
+        let (k, v) = append_kv(kv, k, v)?;
         let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, self.scale, self.softcap, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
         self.o.forward(&y)

@@ -11,7 +11,7 @@
 
 use super::common::{
     append_kv, attend, causal_mask, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, Act, Cache, ForwardOutput,
-    Intervention, Linear, Mlp, RmsNorm, Shell,
+    Intervention, LayerKv, Linear, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config};
 use super::weights::{Key, WeightSource};
@@ -63,7 +63,7 @@ impl Attention {
         Ok(if self.interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<LayerKv>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (mut q, mut k, mut v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         if let Some([bq, bk, bv]) = &self.bias {
@@ -77,7 +77,7 @@ impl Attention {
         }
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
-        let (k, v) = append_kv(kv, k, v.contiguous()?)?;
+        let (k, v) = append_kv(kv, k, v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, scale, None, mask)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
