@@ -500,7 +500,9 @@ impl Engine {
         let mut seqs: Vec<Vec<u32>> = vec![ids.to_vec(); n];
         let mut stop: Vec<Option<StopReason>> = vec![None; n];
         let mut emitted: Vec<usize> = vec![0; n];
+        // The text streamed so far, decoded a window at a time.
         let mut texts: Vec<String> = vec![String::new(); n];
+        let mut streams: Vec<crate::tokenizer::TextStream> = vec![Default::default(); n];
         let eos = &self.tok.eos_ids;
         for step in 0..params.max_new_tokens {
             let mut next = Vec::with_capacity(n);
@@ -518,7 +520,8 @@ impl Engine {
                 }
                 gen[r].push(tok);
                 steps[r].push(self.step(&row, tok));
-                texts[r] = self.tok.decode(&gen[r])?;
+                let delta = self.tok.decode_step(&mut streams[r], &gen[r])?;
+                texts[r].push_str(&delta);
                 let text = &texts[r];
                 // Hold back a partial UTF-8 character until its last byte arrives.
                 if !text.ends_with('\u{FFFD}') && text.len() > emitted[r] && text.is_char_boundary(emitted[r]) {
@@ -558,6 +561,8 @@ impl Engine {
         // tokens only appends, as byte-level BPE's does; the web app falls back to the returned
         // text where it would not).
         for r in 0..n {
+            // The answer is the whole sequence decoded once; what streamed is its beginning.
+            texts[r] = self.tok.decode(&gen[r])?;
             if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > emitted[r] && texts[r].is_char_boundary(emitted[r]) {
                 let tail = &texts[r][emitted[r]..];
                 if let Some(last) = steps[r].last_mut() {

@@ -21,6 +21,14 @@ use crate::error::{Error, Result};
 /// Llama 3's pre-tokenizer regex (llama.cpp's "llama-bpe").
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Where [`Tok::decode_step`] is in a growing token sequence: the window it decodes starts at
+/// `prefix` (context for the tokens after `read`, which are new).
+#[derive(Debug, Default, Clone)]
+pub struct TextStream {
+    prefix: usize,
+    read: usize,
+}
+
 /// A tokenizer plus what the model wants around it (BOS, end-of-sequence ids).
 #[derive(Clone)]
 pub struct Tok {
@@ -143,6 +151,21 @@ impl Tok {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The text `tokens` (a growing sequence, all of it so far) adds since the last call on
+    /// `stream`, decoding only a short window (the prefix/read offsets of Hugging Face's
+    /// text-generation-inference) rather than the whole sequence at every token. Empty while the
+    /// newest bytes do not yet complete a character.
+    pub fn decode_step(&self, stream: &mut TextStream, tokens: &[u32]) -> Result<String> {
+        let before = self.decode(&tokens[stream.prefix..stream.read])?;
+        let now = self.decode(&tokens[stream.prefix..])?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
+            stream.prefix = stream.read;
+            stream.read = tokens.len();
+            return Ok(now[before.len()..].to_owned());
+        }
+        Ok(String::new())
     }
 
     /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>").

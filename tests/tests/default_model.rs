@@ -243,3 +243,21 @@ fn gallery_examples_are_found_by_search_and_still_steer() {
         gallery::check(ex, &m, ex.measured.as_ref()).unwrap_or_else(|err| panic!("{}: {err}", ex.title));
     }
 }
+
+/// Streaming decodes a window per token; the pieces add up to the whole decode, multi-byte
+/// characters split across tokens included.
+#[test]
+fn streamed_text_adds_up_to_the_decoded_text() {
+    let e = engine();
+    let text = "Le café ☕ coûte 3 €; 狗 means dog 🐕. Done.";
+    let ids = e.tok.encode_raw(text).unwrap();
+    let mut stream = flash_interp::tokenizer::TextStream::default();
+    let mut streamed = String::new();
+    for n in 1..=ids.len() {
+        let piece = e.tok.decode_step(&mut stream, &ids[..n]).unwrap();
+        assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+        streamed.push_str(&piece);
+    }
+    assert_eq!(streamed, e.tok.decode(&ids).unwrap());
+    assert_eq!(streamed, text);
+}

@@ -98,3 +98,18 @@ fn gemma_exact_weights_give_the_f32_logits_and_answers() {
     let worst = flash_interp_e2e::exact_agrees_with_f32(&gemma_model(), &prompts, 1e-3);
     eprintln!("exact vs f32: largest logit difference {worst:e}");
 }
+
+/// Streaming through Gemma's SentencePiece tokenizer (spaces as ▁, byte fallback) adds up to the
+/// whole decode.
+#[test]
+fn gemma_streamed_text_adds_up_to_the_decoded_text() {
+    let e = engine();
+    let text = "Le café ☕ coûte 3 €; 狗 means dog 🐕.\n  Two  spaces.";
+    let ids = e.tok.encode_raw(text).unwrap();
+    let mut stream = flash_interp::tokenizer::TextStream::default();
+    let mut streamed = String::new();
+    for n in 1..=ids.len() {
+        streamed.push_str(&e.tok.decode_step(&mut stream, &ids[..n]).unwrap());
+    }
+    assert_eq!(streamed, e.tok.decode(&ids).unwrap());
+}
