@@ -478,16 +478,36 @@ impl Engine {
         cancel: &Cancel,
         on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
     ) -> Result<Vec<GenOutput>> {
-        limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
-        limits::check_prompt_tokens(ids.len(), params.max_new_tokens, self.config().max_seq_len)?;
         if variants.is_empty() || variants.len() > 2 {
             return Err(Error::bad("generate takes one or two variants"));
+        }
+        self.generate_rows(ids, variants, &vec![params.seed; variants.len()], params, use_cache, cancel, on_text)
+    }
+
+    /// [`Engine::generate`] for any rows, each with its own intervention and seed, as one batch
+    /// (at most `2 × MAX_SAMPLES` rows): the prompt runs once and is repeated at the first layer
+    /// where the rows' interventions differ; each row samples, stops and streams on its own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_rows(
+        &self,
+        ids: &[u32],
+        variants: &[Intervention],
+        seeds: &[u64],
+        params: &SamplingParams,
+        use_cache: bool,
+        cancel: &Cancel,
+        on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
+    ) -> Result<Vec<GenOutput>> {
+        limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
+        limits::check_prompt_tokens(ids.len(), params.max_new_tokens, self.config().max_seq_len)?;
+        if variants.is_empty() || variants.len() > 2 * shared::limits::MAX_SAMPLES || seeds.len() != variants.len() {
+            return Err(Error::bad(format!("generate takes 1 to {} rows, each with a seed", 2 * shared::limits::MAX_SAMPLES)));
         }
         for iv in variants {
             self.model.validate(iv)?;
         }
         let n = variants.len();
-        let mut samplers: Vec<Sampler> = (0..n).map(|_| Sampler::new(params)).collect();
+        let mut samplers: Vec<Sampler> = seeds.iter().map(|&seed| Sampler::new(&SamplingParams { seed, ..params.clone() })).collect();
         let start = Instant::now();
         let dev = self.model.device();
         let mut cache = Cache::with_cancel(self.config(), cancel.clone());
@@ -730,27 +750,42 @@ impl Engine {
 
     /// A generate request checked and turned into prompt ids and its variants (cheap:
     /// tokenization only): everything it can fail on before it runs.
-    fn prepare_generate(&self, req: &GenerateRequest) -> Result<(Vec<u32>, Vec<Intervention>, Vec<Variant>)> {
+    /// A generate request's prompt and batch rows: each sample's variants (normal and steered
+    /// with `compare`), with the sample's seed and what each row is.
+    #[allow(clippy::type_complexity)]
+    fn prepare_generate(&self, req: &GenerateRequest) -> Result<(Vec<u32>, Vec<Intervention>, Vec<u64>, Vec<(usize, Variant)>)> {
         let ids = self.prompt_ids(&req.prompt)?;
         let steered = self.intervention(&req.clamps)?;
         if req.compare && steered.is_empty() {
             return Err(Error::bad("compare needs at least one clamp"));
         }
+        if !(1..=shared::limits::MAX_SAMPLES).contains(&req.samples) {
+            return Err(Error::bad(format!("samples must be between 1 and {}", shared::limits::MAX_SAMPLES)));
+        }
         limits::check_sampling(req.sampling.temperature, req.sampling.top_p, req.sampling.max_new_tokens)?;
         limits::check_prompt_tokens(ids.len(), req.sampling.max_new_tokens, self.config().max_seq_len)?;
-        Ok(if req.compare {
-            (ids, vec![Intervention::none(), steered], vec![Variant::Normal, Variant::Steered])
+        let kinds: Vec<(Intervention, Variant)> = if req.compare {
+            vec![(Intervention::none(), Variant::Normal), (steered, Variant::Steered)]
         } else if steered.is_empty() {
-            (ids, vec![steered], vec![Variant::Normal])
+            vec![(steered, Variant::Normal)]
         } else {
-            (ids, vec![steered], vec![Variant::Steered])
-        })
+            vec![(steered, Variant::Steered)]
+        };
+        let (mut rows, mut seeds, mut what) = (Vec::new(), Vec::new(), Vec::new());
+        for s in 0..req.samples {
+            for (iv, v) in &kinds {
+                rows.push(iv.clone());
+                seeds.push(req.sampling.seed.wrapping_add(s as u64));
+                what.push((s, *v));
+            }
+        }
+        Ok((ids, rows, seeds, what))
     }
 
     /// Validate a generate request without running it; its estimated work ([`Engine::forward_cost`]).
     pub fn generate_work(&self, req: &GenerateRequest) -> Result<f64> {
-        let (ids, variants, _) = self.prepare_generate(req)?;
-        Ok(self.generate_cost(ids.len(), &variants, req.sampling.max_new_tokens))
+        let (ids, rows, _, _) = self.prepare_generate(req)?;
+        Ok(self.generate_cost(ids.len(), &rows, req.sampling.max_new_tokens))
     }
 
     /// Validate a sweep request without running it; its estimated work.
@@ -770,17 +805,19 @@ impl Engine {
         Ok(self.forward_cost(ids.len(), 0, 1, 0))
     }
 
-    /// Run a `shared::GenerateRequest`: validation, prompt, one or two variants, streaming.
-    /// `on_text(variant, text)` returns false to cancel.
+    /// Run a `shared::GenerateRequest`: validation, prompt, the samples' one or two variants
+    /// each, as one batch, streaming. `on_text(sample, variant, text, steps)` returns false to
+    /// cancel.
+    #[allow(clippy::type_complexity)]
     pub fn generate_request(
         &self,
         req: &GenerateRequest,
         cancel: &Cancel,
-        on_text: &mut dyn FnMut(Variant, &str, &[TokenStep]) -> bool,
+        on_text: &mut dyn FnMut(usize, Variant, &str, &[TokenStep]) -> bool,
     ) -> Result<GenerateResponse> {
-        let (ids, variants, kinds) = self.prepare_generate(req)?;
-        let outs = self.generate(&ids, &variants, &req.sampling, true, cancel, &mut |r, t, s| on_text(kinds[r], t, s))?;
-        Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, &kinds) })
+        let (ids, rows, seeds, what) = self.prepare_generate(req)?;
+        let outs = self.generate_rows(&ids, &rows, &seeds, &req.sampling, true, cancel, &mut |r, t, s| on_text(what[r].0, what[r].1, t, s))?;
+        Ok(GenerateResponse { prompt_tokens: ids.len(), completions: Self::completions(outs, &what) })
     }
 
     /// Run a `shared::NextTokenRequest`.
@@ -805,10 +842,11 @@ impl Engine {
     }
 
     /// Turn generation outputs into the shared message type, one variant kind per output.
-    fn completions(outs: Vec<GenOutput>, kinds: &[Variant]) -> Vec<Completion> {
+    fn completions(outs: Vec<GenOutput>, what: &[(usize, Variant)]) -> Vec<Completion> {
         outs.into_iter()
-            .zip(kinds)
-            .map(|(o, &variant)| Completion {
+            .zip(what)
+            .map(|(o, &(sample, variant))| Completion {
+                sample,
                 variant,
                 text: o.text,
                 token_ids: o.tokens,

@@ -72,8 +72,8 @@ impl Gallery {
     }
 }
 
-/// Rerun `ex` on `engine`: its sweep, then its normal/steered samples. `progress(done, total)`
-/// counts samples.
+/// Rerun `ex` on `engine`: its sweep, then its normal/steered samples (one batch).
+/// `progress(done, total)` counts the normal answers' tokens.
 pub fn measure(engine: &Engine, ex: &GalleryExample, cancel: &Cancel, progress: &mut dyn FnMut(usize, usize)) -> Result<GalleryMeasured> {
     let sweep = engine.sweep_request(&ex.sweep_request(), cancel)?;
     let p_clamped = sweep.points.first().map(|p| p.prob).ok_or_else(|| Error::bad("the sweep gave no point"))?;
@@ -85,20 +85,35 @@ pub fn measure(engine: &Engine, ex: &GalleryExample, cancel: &Cancel, progress: 
         normal_answer: String::new(),
         steered_answer: String::new(),
     };
-    for i in 0..ex.samples {
-        progress(i, ex.samples);
-        let mut req = ex.generate_request(i);
-        req.stream = false;
-        let r = engine.generate_request(&req, cancel, &mut |_, _, _| true)?;
-        let [normal, steered] = &r.completions[..] else { return Err(Error::bad("a comparison gives two answers")) };
-        m.normal_mentions += mentions(&normal.text, &ex.word) as usize;
-        m.steered_mentions += mentions(&steered.text, &ex.word) as usize;
-        if i == 0 {
-            m.normal_answer = normal.text.clone();
-            m.steered_answer = steered.text.clone();
+    // Every sample at once, one batch; progress counts the tokens of the normal answers.
+    let mut req = ex.generate_request();
+    req.stream = false;
+    let total = ex.samples * ex.max_tokens;
+    let mut done = 0;
+    progress(0, total);
+    let r = engine.generate_request(&req, cancel, &mut |_, v, _, steps| {
+        if v == shared::Variant::Normal {
+            done += steps.len();
+            progress(done.min(total), total);
+        }
+        true
+    })?;
+    if r.completions.len() != 2 * ex.samples {
+        return Err(Error::bad("a comparison gives two answers per sample"));
+    }
+    for c in &r.completions {
+        match c.variant {
+            shared::Variant::Normal => m.normal_mentions += mentions(&c.text, &ex.word) as usize,
+            shared::Variant::Steered => m.steered_mentions += mentions(&c.text, &ex.word) as usize,
+        }
+        if c.sample == 0 {
+            match c.variant {
+                shared::Variant::Normal => m.normal_answer = c.text.clone(),
+                shared::Variant::Steered => m.steered_answer = c.text.clone(),
+            }
         }
     }
-    progress(ex.samples, ex.samples);
+    progress(total, total);
     Ok(m)
 }
 

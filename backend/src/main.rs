@@ -788,6 +788,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
         sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed, max_new_tokens: a.max_tokens },
         compare: a.compare,
         stream: false,
+        samples: 1,
     };
     let stream = !cli.json && !a.compare;
     let pb = (a.compare && !cli.json).then(|| {
@@ -797,7 +798,7 @@ fn generate(cli: &Cli, a: &GenerateArgs) -> Result<()> {
         );
         pb
     });
-    let resp = engine.generate_request(&req, &Cancel::default(), &mut |variant, text, _| {
+    let resp = engine.generate_request(&req, &Cancel::default(), &mut |_, variant, text, _| {
         if stream {
             print!("{text}");
             let _ = std::io::stdout().flush();
@@ -847,10 +848,13 @@ fn gallery(cli: &Cli, a: &GalleryArgs) -> Result<()> {
     let mut fresh = Vec::new();
     let mut failed = Vec::new();
     for ex in &examples {
-        let pb = ProgressBar::new(ex.samples as u64);
-        pb.set_style(ProgressStyle::with_template("{spinner} {msg} {bar:30} {pos}/{len} samples ({elapsed})").expect("valid template"));
-        pb.set_message(ex.title.clone());
-        let m = gallery::measure(&engine, ex, &Cancel::default(), &mut |done, _| pb.set_position(done as u64))?;
+        let pb = ProgressBar::new((ex.samples * ex.max_tokens) as u64);
+        pb.set_style(ProgressStyle::with_template("{spinner} {msg} {bar:30} {pos}/{len} tokens ({elapsed})").expect("valid template"));
+        pb.set_message(format!("{} ({} samples)", ex.title, ex.samples));
+        let m = gallery::measure(&engine, ex, &Cancel::default(), &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64)
+        })?;
         pb.finish_and_clear();
         let stored = if a.write { None } else { ex.measured.as_ref() };
         let verdict = gallery::check(ex, &m, stored);

@@ -389,6 +389,7 @@ async fn sweep_next_token_and_generate_endpoints() {
         sampling: SamplingParams { max_new_tokens: 6, ..Default::default() },
         compare: true,
         stream: false,
+        samples: 1,
     };
     let g: GenerateResponse =
         test::call_and_read_body_json(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&gen).to_request()).await;
@@ -474,6 +475,7 @@ async fn rate_limit_and_full_queue_answer_with_retry_after() {
         sampling: SamplingParams { max_new_tokens: 2, ..Default::default() },
         compare: false,
         stream: false,
+        samples: 1,
     };
     let resp = test::call_service(
         &app,

@@ -473,3 +473,45 @@ fn token_steps_give_each_tokens_probability_and_add_up_to_the_text() {
         }
     }
 }
+
+/// Samples batched in one request give each sample exactly what a request of its own (with seed
+/// + i) gives, normal and steered, and stream each token with its sample's index.
+#[test]
+fn batched_samples_equal_separate_requests() {
+    let t = tiny(&TinySpec { scale: 2.0, ..Default::default() });
+    let e = load(&t.gguf);
+    let req = shared::GenerateRequest {
+        prompt: PromptSpec { text: "the cat".into(), chat: Some(true), messages: None },
+        clamps: vec![shared::ClampSpec { layer: 2, neuron: 3, value: 6.0 }],
+        sampling: SamplingParams { temperature: 0.9, top_p: Some(0.95), seed: 5, max_new_tokens: 20 },
+        compare: true,
+        stream: false,
+        samples: 3,
+    };
+    let mut streamed = vec![String::new(); 6];
+    let batch = e
+        .generate_request(&req, &Cancel::default(), &mut |s, v, text, _| {
+            streamed[2 * s + (v == shared::Variant::Steered) as usize].push_str(text);
+            true
+        })
+        .unwrap();
+    assert_eq!(batch.completions.len(), 6);
+    for s in 0..3 {
+        let one = shared::GenerateRequest { samples: 1, sampling: SamplingParams { seed: 5 + s as u64, ..req.sampling.clone() }, ..req.clone() };
+        let alone = e.generate_request(&one, &Cancel::default(), &mut |_, _, _, _| true).unwrap();
+        for (k, c) in alone.completions.iter().enumerate() {
+            let b = &batch.completions[2 * s + k];
+            assert_eq!((b.sample, b.variant), (s, c.variant));
+            assert_eq!((&b.token_ids, &b.text), (&c.token_ids, &c.text), "sample {s} {:?}", c.variant);
+            assert_eq!(streamed[2 * s + k], b.text);
+        }
+    }
+    // Samples differ from one another (different seeds), and 9 samples are refused.
+    assert_ne!(batch.completions[0].token_ids, batch.completions[2].token_ids);
+    let too_many = shared::GenerateRequest { samples: 9, ..req.clone() };
+    assert!(matches!(e.generate_work(&too_many), Err(Error::BadInput(_))));
+    // A batch costs more than one sample (admission control counts it), less than separate
+    // requests (the weights are read once per step for every row).
+    let (three, one) = (e.generate_work(&req).unwrap(), e.generate_work(&shared::GenerateRequest { samples: 1, ..req }).unwrap());
+    assert!(three > one && three < 3.0 * one, "{three} vs {one}");
+}

@@ -71,7 +71,7 @@ impl ApiRequest {
 /// The steer page's generation for `s` as curl would run it: its first sample (seed `s.seed`),
 /// answered as one JSON document (`"stream": false`) instead of the page's stream of events.
 pub fn generate_request(s: &SteerState, model: &str) -> Result<ApiRequest, String> {
-    let mut req = s.request(s.validate()?, 0);
+    let mut req = s.request(s.validate()?);
     req.stream = false;
     Ok(ApiRequest::post(SteerState::generate_url(model), &req))
 }
@@ -83,7 +83,7 @@ pub fn verify_request(s: &SearchState, model: &str) -> Result<ApiRequest, String
 
 /// The title of the steer page's curl button.
 pub const GENERATE_CURL_TITLE: &str = "Copy the generation as a curl command. It asks for \"stream\": false, so the answer is one JSON \
-     document instead of the page's stream of tokens, and it is the first sample only (the page sends one request per sample, with the seed counting up).";
+     document instead of the page's stream of tokens, with every sample (sample i samples with the seed plus i).";
 
 /// The title of a curl button of a GET view.
 const CURL_TITLE: &str = "Copy the API request behind this view as a curl command";
@@ -333,7 +333,7 @@ mod tests {
         assert!(!req.stream && req.compare);
         assert_eq!(req.sampling.seed, 10);
         assert_eq!(req.prompt.text, "Say 'hi'");
-        let mut streamed = s.request(s.validate().unwrap(), 0);
+        let mut streamed = s.request(s.validate().unwrap());
         streamed.stream = false;
         assert_eq!(req, streamed);
         assert!(generate_request(&SteerState::default(), "m").is_err());

@@ -464,19 +464,16 @@ impl SteerState {
     pub fn generate_url(model: &str) -> String {
         format!("/api/models/{}/generate", segment(model))
     }
-    /// The API request of sample `i` (seed `seed + i`), streamed, normal and steered side by side.
-    pub fn request(&self, clamps: Vec<ClampSpec>, i: usize) -> shared::GenerateRequest {
+    /// The API request of every sample (sample `i` samples with seed `seed + i`), one batch,
+    /// streamed, normal and steered side by side.
+    pub fn request(&self, clamps: Vec<ClampSpec>) -> shared::GenerateRequest {
         shared::GenerateRequest {
             prompt: shared::PromptSpec { text: self.prompt_text().to_owned(), chat: Some(self.chat), messages: None },
             clamps,
-            sampling: shared::SamplingParams {
-                temperature: self.temp,
-                top_p: self.top_p,
-                seed: self.seed.wrapping_add(i as u64),
-                max_new_tokens: self.max,
-            },
+            sampling: shared::SamplingParams { temperature: self.temp, top_p: self.top_p, seed: self.seed, max_new_tokens: self.max },
             compare: true,
             stream: true,
+            samples: self.n,
         }
     }
 }
@@ -613,10 +610,7 @@ mod tests {
         let st = SteerState::from_gallery(&ex, Some("m".into()));
         let back: SteerState = parse(st.href().trim_start_matches("/steer")).unwrap();
         assert_eq!(back, st);
-        let clamps = back.validate().unwrap();
-        for i in 0..ex.samples {
-            assert_eq!(back.request(clamps.clone(), i), ex.generate_request(i), "sample {i}");
-        }
+        assert_eq!(back.request(back.validate().unwrap()), ex.generate_request());
     }
 
     #[test]
@@ -800,11 +794,11 @@ mod tests {
     }
 
     #[test]
-    fn steer_requests_use_consecutive_seeds_and_refuse_bad_settings() {
+    fn steer_requests_batch_the_samples_and_refuse_bad_settings() {
         let s = SteerState { clamps: "29:808:12".into(), seed: 10, n: 3, temp: 0.7, ..Default::default() };
         let clamps = s.validate().unwrap();
-        let r = s.request(clamps, 2);
-        assert_eq!(r.sampling.seed, 12);
+        let r = s.request(clamps);
+        assert_eq!((r.sampling.seed, r.samples), (10, 3));
         assert!(r.compare && r.stream);
         assert_eq!(r.prompt.text, DEFAULT_STEER_PROMPT);
         assert_eq!(r.prompt.chat, Some(true));

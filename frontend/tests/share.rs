@@ -134,7 +134,7 @@ fn page_requests_round_trip() {
     assert_eq!(w[4..7], words(&["-H", "content-type: application/json", "-d"]));
     assert_eq!(&w[7], body);
     assert_eq!(w.len(), 8);
-    let mut sent = steer.request(steer.validate().unwrap(), 0);
+    let mut sent = steer.request(steer.validate().unwrap());
     assert!(sent.stream);
     sent.stream = false;
     assert_eq!(*body, serde_json::to_string(&sent).unwrap());

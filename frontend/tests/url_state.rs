@@ -188,7 +188,7 @@ proptest! {
         if let Ok(s) = parse::<SteerState>(&q) {
             let _ = s.clamp_list();
             if let Ok(clamps) = s.validate() {
-                let _ = s.request(clamps, 3);
+                let _ = s.request(clamps);
             }
             let _ = s.href();
         }

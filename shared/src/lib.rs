@@ -26,6 +26,8 @@ pub mod limits {
     pub const MAX_VERIFY_PROMPTS: usize = 4;
     /// Most tokens in a phrase concept.
     pub const MAX_PHRASE_TOKENS: usize = 8;
+    /// Most samples in one generate request (each one or two batch rows).
+    pub const MAX_SAMPLES: usize = 8;
     /// Points per layer a search sends for its plot unless asked otherwise (see
     /// `LayerScores::decimate`): 512 × 32 layers keeps Llama 3.1 8B's answer near 200 KB of JSON
     /// where every neuron would be 3 MB, and is still several points per pixel of a wide screen.
@@ -199,6 +201,14 @@ pub struct GenerateRequest {
     /// Stream Server-Sent Events (token events, then a `done` event) instead of one JSON body.
     #[serde(default)]
     pub stream: bool,
+    /// Independent samples, generated together as one batch: sample `i` samples with seed
+    /// `seed + i` (the same answers as separate requests with those seeds). 1 to 8.
+    #[serde(default = "one_sample")]
+    pub samples: usize,
+}
+
+fn one_sample() -> usize {
+    1
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -225,6 +235,9 @@ pub enum Variant {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
+    /// Which sample (0-based; seed + sample).
+    #[serde(default)]
+    pub sample: usize,
     pub variant: Variant,
     pub text: String,
     pub token_ids: Vec<u32>,
@@ -542,6 +555,9 @@ pub struct TokenizeResponse {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenEvent {
+    /// Which sample (0-based).
+    #[serde(default)]
+    pub sample: usize,
     pub variant: Variant,
     pub text: String,
     /// The tokens this text comes from: usually one; several when a character spans tokens.
@@ -617,19 +633,16 @@ impl GalleryExample {
     pub fn sweep_request(&self) -> SweepRequest {
         SweepRequest { prompt: self.prompt_spec(), layer: self.layer, neuron: self.neuron, target: self.target.clone(), values: vec![self.clamp] }
     }
-    /// Sample `i`'s normal/steered pair: what the steer page sends for the example's link.
-    pub fn generate_request(&self, i: usize) -> GenerateRequest {
+    /// Every sample's normal/steered pair, as one batch: what the steer page sends for the
+    /// example's link.
+    pub fn generate_request(&self) -> GenerateRequest {
         GenerateRequest {
             prompt: self.prompt_spec(),
             clamps: vec![self.clamp_spec()],
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_p: None,
-                seed: self.seed.wrapping_add(i as u64),
-                max_new_tokens: self.max_tokens,
-            },
+            sampling: SamplingParams { temperature: self.temperature, top_p: None, seed: self.seed, max_new_tokens: self.max_tokens },
             compare: true,
             stream: true,
+            samples: self.samples,
         }
     }
 }

@@ -91,13 +91,8 @@ fn clamp() -> impl Strategy<Value = ClampSpec> {
 }
 
 fn generate_request() -> impl Strategy<Value = GenerateRequest> {
-    (prompt(), vec(clamp(), 0..4), sampling(), any::<bool>(), any::<bool>()).prop_map(|(prompt, clamps, sampling, compare, stream)| GenerateRequest {
-        prompt,
-        clamps,
-        sampling,
-        compare,
-        stream,
-    })
+    (prompt(), vec(clamp(), 0..4), sampling(), any::<bool>(), any::<bool>(), any::<usize>())
+        .prop_map(|(prompt, clamps, sampling, compare, stream, samples)| GenerateRequest { samples, prompt, clamps, sampling, compare, stream })
 }
 
 fn next_token_request() -> impl Strategy<Value = NextTokenRequest> {

@@ -41,6 +41,7 @@ fn gen(text: &str, max: usize, clamps: Vec<ClampSpec>, compare: bool, stream: bo
         sampling: SamplingParams { max_new_tokens: max, ..Default::default() },
         compare,
         stream,
+        samples: 1,
     }
 }
 

@@ -28,6 +28,7 @@ fn gen_body(max: usize, clamps: Vec<ClampSpec>, compare: bool, stream: bool) -> 
         sampling: SamplingParams { max_new_tokens: max, ..Default::default() },
         compare,
         stream,
+        samples: 1,
     }
 }
 

@@ -617,7 +617,7 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         let st = state.clone();
         let k = key("generate", &m.id, &body);
         let work = queued(&state, &req, move |c| {
-            engine.generate_request(&body, c, &mut |_, _, _| {
+            engine.generate_request(&body, c, &mut |_, _, _, _| {
                 st.metrics.tokens.inc();
                 true
             })
@@ -633,9 +633,9 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         let _worker = worker;
         // Once the client has gone, actix drops the response stream: the cancel guard in it
         // stops the model at its next layer, and sends fail so no more tokens are produced.
-        let r = engine.generate_request(&body, &c, &mut |variant, text, steps| {
+        let r = engine.generate_request(&body, &c, &mut |sample, variant, text, steps| {
             st.metrics.tokens.inc();
-            tx.blocking_send(sse("token", &TokenEvent { variant, text: text.to_owned(), steps: steps.to_vec() })).is_ok()
+            tx.blocking_send(sse("token", &TokenEvent { sample, variant, text: text.to_owned(), steps: steps.to_vec() })).is_ok()
         });
         let last = match r {
             Ok(resp) => Some(sse("done", &resp)),

@@ -184,46 +184,56 @@ pub fn Steer() -> impl IntoView {
         samples.set((0..s.n).map(|i| RwSignal::new(Sample { seed: s.seed.wrapping_add(i as u64), ..Default::default() })).collect());
         running.set(true);
         let url = SteerState::generate_url(&m.id);
+        // Every sample in one request: the server runs them as one batch and streams each
+        // token event with its sample's index.
         leptos::task::spawn_local(async move {
-            for i in 0..s.n {
-                let req = s.request(clamps.clone(), i);
-                let Some(sample) = samples.with_untracked(|v| v.get(i).copied()) else { return };
-                let r = api::post_sse(&url, &req, &signal, |ev| {
-                    sample.try_update(|x| match ev.event.as_str() {
-                        "token" => {
-                            if let Ok(t) = serde_json::from_str::<TokenEvent>(&ev.data) {
-                                x.side(t.variant).push(Piece { text: t.text, steps: t.steps });
-                            }
+            let req = s.request(clamps);
+            let sample = |i: usize| samples.with_untracked(|v| v.get(i).copied());
+            let r = api::post_sse(&url, &req, &signal, |ev| match ev.event.as_str() {
+                "token" => {
+                    if let Ok(t) = serde_json::from_str::<TokenEvent>(&ev.data) {
+                        if let Some(x) = sample(t.sample) {
+                            x.try_update(|x| x.side(t.variant).push(Piece { text: t.text, steps: t.steps }));
                         }
-                        "done" => {
-                            if let Ok(r) = serde_json::from_str::<GenerateResponse>(&ev.data) {
-                                for c in &r.completions {
-                                    // The steps as pieces, unless they do not spell the answer
-                                    // (a tokenizer whose decoding rewrites earlier text): then
-                                    // the answer as one piece.
-                                    let p = pieces(&c.steps);
-                                    *x.side(c.variant) =
-                                        if text(&p) == c.text { p } else { vec![Piece { text: c.text.clone(), steps: c.steps.clone() }] };
-                                    x.speed = Some(c.tokens_per_second);
-                                }
+                    }
+                }
+                "done" => {
+                    if let Ok(r) = serde_json::from_str::<GenerateResponse>(&ev.data) {
+                        for c in &r.completions {
+                            let Some(x) = sample(c.sample) else { continue };
+                            x.try_update(|x| {
+                                // The steps as pieces, unless they do not spell the answer (a
+                                // tokenizer whose decoding rewrites earlier text): then the
+                                // answer as one piece.
+                                let p = pieces(&c.steps);
+                                *x.side(c.variant) =
+                                    if text(&p) == c.text { p } else { vec![Piece { text: c.text.clone(), steps: c.steps.clone() }] };
+                                x.speed = Some(c.tokens_per_second);
                                 x.done = true;
-                            }
+                            });
                         }
-                        "error" => x.error = Some(serde_json::from_str::<ApiError>(&ev.data).map(|e| e.message).unwrap_or(ev.data.clone())),
-                        _ => {}
+                    }
+                }
+                "error" => {
+                    let e = serde_json::from_str::<ApiError>(&ev.data).map(|e| e.message).unwrap_or(ev.data.clone());
+                    samples.with_untracked(|v| {
+                        v.iter().for_each(|x| {
+                            x.try_update(|x| x.error = Some(e.clone()));
+                        })
                     });
-                })
-                .await;
-                if signal.aborted() {
-                    return;
                 }
-                if let Err(e) = r {
-                    sample.try_update(|x| x.error = Some(e));
-                    break;
-                }
-                if sample.try_with_untracked(|x| x.error.is_some()) != Some(false) {
-                    break;
-                }
+                _ => {}
+            })
+            .await;
+            if signal.aborted() {
+                return;
+            }
+            if let Err(e) = r {
+                samples.with_untracked(|v| {
+                    v.iter().for_each(|x| {
+                        x.try_update(|x| x.error = Some(e.clone()));
+                    })
+                });
             }
             running.try_set(false);
         });
