@@ -205,11 +205,6 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(true)
 }
 
-/// A weight as a dense tensor, whatever its storage (quantized weights are dequantized to f32).
-pub fn dense_weight(w: &Linear) -> Result<Tensor> {
-    w.dense()
-}
-
 /// Softmax over the last dimension, in f32.
 pub fn softmax(logits: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
@@ -303,11 +298,6 @@ pub(crate) fn expand(x: &Tensor, cache: &mut Cache, upto: usize, n: usize) -> Re
         }
     }
     Ok(x.repeat((n, 1, 1))?)
-}
-
-/// Bytes a weight takes in memory, whatever its storage.
-pub(crate) fn linear_bytes(w: &Linear) -> usize {
-    w.bytes()
 }
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
@@ -462,7 +452,7 @@ impl Shell {
 
     /// Bytes of the weights a forward pass reads here (the embedding is only indexed).
     pub(crate) fn bytes(&self) -> usize {
-        linear_bytes(&self.lm_head) + tensor_bytes(&self.norm.weight)
+        self.lm_head.bytes() + tensor_bytes(&self.norm.weight)
     }
 }
 
@@ -500,11 +490,11 @@ impl Mlp {
 
     /// gate `[d_ff, d_model]`, up `[d_ff, d_model]`, down `[d_model, d_ff]`, dense.
     pub(crate) fn dense(&self) -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((dense_weight(&self.gate)?, dense_weight(&self.up)?, dense_weight(&self.down)?))
+        Ok((self.gate.dense()?, self.up.dense()?, self.down.dense()?))
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        [&self.gate, &self.up, &self.down].into_iter().map(linear_bytes).sum()
+        [&self.gate, &self.up, &self.down].into_iter().map(Linear::bytes).sum()
     }
 }
 

@@ -11,8 +11,8 @@
 //! safetensors source adds the 1.
 
 use super::common::{
-    append_kv, attend, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, window_mask, Act, Cache, ForwardOutput,
-    Intervention, LayerKv, Linear, Mlp, RmsNorm, Shell,
+    append_kv, attend, check_forward, linear, rope_tables, run_layers, tensor_bytes, window_mask, Act, Cache, ForwardOutput, Intervention, LayerKv,
+    Linear, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config, Gemma3Params};
 use super::weights::{Key, WeightSource};
@@ -142,7 +142,7 @@ impl LanguageModel for Gemma3 {
             .blocks
             .iter()
             .map(|b| {
-                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(linear_bytes).sum::<usize>()
+                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(Linear::bytes).sum::<usize>()
                     + b.mlp.bytes()
                     + [&b.attn_norm, &b.post_attn_norm, &b.ffn_norm, &b.post_ffn_norm].into_iter().map(|n| tensor_bytes(&n.weight)).sum::<usize>()
             })

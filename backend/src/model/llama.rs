@@ -10,8 +10,8 @@
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
 
 use super::common::{
-    append_kv, attend, causal_mask, check_forward, linear, linear_bytes, rope_tables, run_layers, tensor_bytes, Act, Cache, ForwardOutput,
-    Intervention, LayerKv, Linear, Mlp, RmsNorm, Shell,
+    append_kv, attend, causal_mask, check_forward, linear, rope_tables, run_layers, tensor_bytes, Act, Cache, ForwardOutput, Intervention, LayerKv,
+    Linear, Mlp, RmsNorm, Shell,
 };
 use super::config::{Arch, Config};
 use super::weights::{Key, WeightSource};
@@ -135,7 +135,7 @@ impl LanguageModel for Llama {
             .blocks
             .iter()
             .map(|b| {
-                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(linear_bytes).sum::<usize>()
+                [&b.attn.q, &b.attn.k, &b.attn.v, &b.attn.o].into_iter().map(Linear::bytes).sum::<usize>()
                     + b.mlp.bytes()
                     + tensor_bytes(&b.attn_norm.weight)
                     + tensor_bytes(&b.ffn_norm.weight)

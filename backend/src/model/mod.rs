@@ -9,7 +9,7 @@ pub mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use common::{all_finite, dense_weight, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Shell};
+pub use common::{all_finite, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Shell};
 pub use config::{Arch, Config};
 pub use gemma3::Gemma3;
 pub use llama::Llama;
@@ -37,7 +37,7 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     }
     /// The unembedding `W_U` as a dense `[vocab, d_model]` tensor.
     fn lm_head_weight(&self) -> Result<Tensor> {
-        dense_weight(&self.shell().lm_head)
+        self.shell().lm_head.dense()
     }
     /// The final RMSNorm's scale `[d_model]` (for Gemma, `1 + w`).
     fn final_norm_weight(&self) -> &Tensor {

@@ -292,6 +292,11 @@ impl GgufSource {
         Ok(Self { path: path.to_owned(), content, reader: RefCell::new(reader), device: device.clone(), mode })
     }
 
+    /// A tensor as stored in the file, by its GGUF name.
+    fn read(&self, name: &str) -> Result<QTensor> {
+        self.content.tensor(&mut *self.reader.borrow_mut(), name, &self.device).map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))
+    }
+
     /// A quantized weight kept exact: its blocks, checked to be finite a row at a time (no f32
     /// copy of the weight, even for a moment). `None` when the weight is not of a block type.
     fn exact(&self, key: Key) -> Result<Option<Linear>> {
@@ -302,11 +307,7 @@ impl GgufSource {
         if !super::exact::supported(info.ggml_dtype) {
             return Ok(None);
         }
-        let q = self
-            .content
-            .tensor(&mut *self.reader.borrow_mut(), &name, &self.device)
-            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
-        let w = super::exact::ExactLinear::new(&q)?;
+        let w = super::exact::ExactLinear::new(&self.read(&name)?)?;
         if !w.all_finite() {
             return Err(Error::model(&self.path, format!("tensor {name} has NaN or infinite values: the file is corrupt")));
         }
@@ -320,10 +321,7 @@ impl GgufSource {
         if !self.content.tensor_infos.contains_key(&name) {
             return Err(Error::model(&self.path, format!("missing tensor {name}")));
         }
-        let q = self
-            .content
-            .tensor(&mut *self.reader.borrow_mut(), &name, &self.device)
-            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
+        let q = self.read(&name)?;
         let f = q.dequantize(&self.device)?;
         check_finite(&f, &name, &self.path)?;
         Ok((q, f))
@@ -334,10 +332,7 @@ impl GgufSource {
         if !self.content.tensor_infos.contains_key(name) {
             return Ok(None);
         }
-        let q = self
-            .content
-            .tensor(&mut *self.reader.borrow_mut(), name, &self.device)
-            .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?;
+        let q = self.read(name)?;
         let t = q.dequantize(&self.device)?;
         check_finite(&t, name, &self.path)?;
         Ok(Some(t))
