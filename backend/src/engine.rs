@@ -519,7 +519,6 @@ impl Engine {
         // Sequences fed to the model; a finished row keeps being fed its last token (ignored).
         let mut seqs: Vec<Vec<u32>> = vec![ids.to_vec(); n];
         let mut stop: Vec<Option<StopReason>> = vec![None; n];
-        let mut emitted: Vec<usize> = vec![0; n];
         // The text streamed so far, decoded a window at a time.
         let mut texts: Vec<String> = vec![String::new(); n];
         let mut streams: Vec<crate::tokenizer::TextStream> = vec![Default::default(); n];
@@ -540,18 +539,15 @@ impl Engine {
                 }
                 gen[r].push(tok);
                 steps[r].push(self.step(&row, tok));
+                // Empty while a partial UTF-8 character waits for its last byte.
                 let delta = self.tok.decode_step(&mut streams[r], &gen[r])?;
-                texts[r].push_str(&delta);
-                let text = &texts[r];
-                // Hold back a partial UTF-8 character until its last byte arrives.
-                if !text.ends_with('\u{FFFD}') && text.len() > emitted[r] && text.is_char_boundary(emitted[r]) {
-                    let delta = &text[emitted[r]..];
-                    emitted[r] = text.len();
+                if !delta.is_empty() {
+                    texts[r].push_str(&delta);
                     if let Some(last) = steps[r].last_mut() {
-                        last.text = delta.to_owned();
+                        last.text = delta.clone();
                     }
                     let sent = std::mem::replace(&mut unsent[r], steps[r].len());
-                    if !on_text(r, delta, &steps[r][sent..]) {
+                    if !on_text(r, &delta, &steps[r][sent..]) {
                         stop.iter_mut().for_each(|s| *s = s.or(Some(StopReason::Cancelled)));
                         break;
                     }
@@ -582,9 +578,9 @@ impl Engine {
         // text where it would not).
         for r in 0..n {
             // The answer is the whole sequence decoded once; what streamed is its beginning.
-            texts[r] = self.tok.decode(&gen[r])?;
-            if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > emitted[r] && texts[r].is_char_boundary(emitted[r]) {
-                let tail = &texts[r][emitted[r]..];
+            let streamed = std::mem::replace(&mut texts[r], self.tok.decode(&gen[r])?).len();
+            if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > streamed && texts[r].is_char_boundary(streamed) {
+                let tail = &texts[r][streamed..];
                 if let Some(last) = steps[r].last_mut() {
                     last.text.push_str(tail);
                 }
