@@ -102,15 +102,13 @@ pub fn measure(engine: &Engine, ex: &GalleryExample, cancel: &Cancel, progress: 
         return Err(Error::bad("a comparison gives two answers per sample"));
     }
     for c in &r.completions {
-        match c.variant {
-            shared::Variant::Normal => m.normal_mentions += mentions(&c.text, &ex.word) as usize,
-            shared::Variant::Steered => m.steered_mentions += mentions(&c.text, &ex.word) as usize,
-        }
+        let (count, answer) = match c.variant {
+            shared::Variant::Normal => (&mut m.normal_mentions, &mut m.normal_answer),
+            shared::Variant::Steered => (&mut m.steered_mentions, &mut m.steered_answer),
+        };
+        *count += mentions(&c.text, &ex.word) as usize;
         if c.sample == 0 {
-            match c.variant {
-                shared::Variant::Normal => m.normal_answer = c.text.clone(),
-                shared::Variant::Steered => m.steered_answer = c.text.clone(),
-            }
+            *answer = c.text.clone();
         }
     }
     progress(total, total);

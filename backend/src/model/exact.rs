@@ -5,10 +5,12 @@
 //! the activations are never quantized to 8 bits.
 //!
 //! One token (decoding) runs fused kernels for Q4_0, Q4_1, Q5_0 and Q8_0 that never write the
-//! dequantized weights anywhere; other block types (the K-quants, ...) and prompts of several
-//! tokens dequantize one row at a time into a small buffer (candle's own `to_float`), then take
-//! dot products against every token. The same Rust is compiled for AVX-512, AVX2+FMA and plain
-//! x86-64 (or any other target), and the best the CPU has is picked at run time.
+//! dequantized weights anywhere; other block types (the K-quants, ...) go one block at a time
+//! through candle's own `to_float` into a buffer that stays in L1. Two or three rows of
+//! activations dequantize one weight row at a time and dot it with each; from [`SLAB_ROWS`] rows
+//! on (prompts, batches), slabs of the weight are dequantized into candle's f32 matmul. The same
+//! Rust is compiled for AVX-512, AVX2+FMA and plain x86-64 (or any other target), and the best the
+//! CPU has is picked at run time.
 
 use std::sync::{Arc, LazyLock};
 
@@ -127,20 +129,32 @@ impl ExactLinear {
         &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
-    /// The weight as an f32 tensor: exactly candle's `dequantize`.
-    pub fn dequantize(&self) -> Result<Tensor> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        out.par_chunks_mut(self.cols).enumerate().for_each(|(r, o)| dequantize_row(self.dtype, self.row(r), o));
-        Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
+    /// Rows `r0..r1` as an f32 tensor `[r1 - r0, cols]` on `device`: exactly candle's
+    /// `dequantize`, a row per task.
+    fn dequantize_rows(&self, r0: usize, r1: usize, device: &Device) -> Result<Tensor> {
+        let mut out = vec![0f32; (r1 - r0) * self.cols];
+        out.par_chunks_mut(self.cols).enumerate().for_each(|(i, o)| dequantize_row(self.dtype, self.row(r0 + i), o));
+        Ok(Tensor::from_vec(out, (r1 - r0, self.cols), device)?)
     }
 
-    /// Whether every weight is a finite number (checked a row at a time, in parallel).
+    /// The weight as an f32 tensor: exactly candle's `dequantize`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        self.dequantize_rows(0, self.rows, &Device::Cpu)
+    }
+
+    /// Whether every weight is a finite number (checked a row at a time, in parallel, each task
+    /// reusing one row buffer).
     pub fn all_finite(&self) -> bool {
-        (0..self.rows).into_par_iter().all(|r| {
-            let mut buf = vec![0f32; self.cols];
-            dequantize_row(self.dtype, self.row(r), &mut buf);
-            buf.iter().all(|x| x.is_finite())
-        })
+        (0..self.rows)
+            .into_par_iter()
+            .map_init(
+                || vec![0f32; self.cols],
+                |buf, r| {
+                    dequantize_row(self.dtype, self.row(r), buf);
+                    buf.iter().all(|x| x.is_finite())
+                },
+            )
+            .all(|finite| finite)
     }
 
     /// Rows `ids` of the weight, dequantized (an embedding lookup), `[ids.len(), cols]`.
@@ -171,10 +185,7 @@ impl ExactLinear {
         let slab = ((16 << 20) / (4 * self.cols)).max(1);
         let mut parts = Vec::with_capacity(self.rows.div_ceil(slab));
         for r0 in (0..self.rows).step_by(slab) {
-            let r1 = (r0 + slab).min(self.rows);
-            let mut w = vec![0f32; (r1 - r0) * self.cols];
-            w.par_chunks_mut(self.cols).enumerate().for_each(|(i, o)| dequantize_row(self.dtype, self.row(r0 + i), o));
-            let w = Tensor::from_vec(w, (r1 - r0, self.cols), x.device())?;
+            let w = self.dequantize_rows(r0, (r0 + slab).min(self.rows), x.device())?;
             parts.push(x2.matmul(&w.t()?)?);
         }
         let y = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 1)? };
@@ -344,20 +355,7 @@ fn finish(mut a: [f32; 16], b: [f32; 16]) -> f32 {
     for j in 0..16 {
         a[j] += b[j];
     }
-    hsum16(a)
-}
-
-#[inline(always)]
-fn hsum16(a: [f32; 16]) -> f32 {
-    let mut v = a;
-    let mut n = 16;
-    while n > 1 {
-        n /= 2;
-        for j in 0..n {
-            v[j] += v[j + n];
-        }
-    }
-    v[0]
+    hsum(a)
 }
 
 impl Block for Q4_0 {
@@ -433,11 +431,11 @@ impl Block for Q8_0 {
 
 const LANES: usize = 32;
 
-/// Sum of the lanes, pairwise (the same order on every instruction set).
+/// Sum of `N` (a power of two) lanes, pairwise (the same order on every instruction set).
 #[inline(always)]
-fn hsum(a: [f32; LANES]) -> f32 {
+fn hsum<const N: usize>(a: [f32; N]) -> f32 {
     let mut v = a;
-    let mut n = LANES;
+    let mut n = N;
     while n > 1 {
         n /= 2;
         for j in 0..n {
