@@ -4,7 +4,10 @@
 //! the neuron classes need). Built once per model, view and options, and cached on disk.
 
 pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kernel;
+pub mod select;
 
 use std::path::{Path, PathBuf};
 
@@ -118,8 +121,18 @@ impl NeuronMap {
         weights: &str,
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
-        let wu = unembedding_values(&model.lm_head_weight()?, final_norm.then(|| model.final_norm_weight()))?;
-        Self::build_with(model.config(), wu, &|l| directions(model, view, l), view, final_norm, fingerprint, weights, progress)
+        let norm = final_norm.then(|| model.final_norm_weight());
+        Self::build_with(
+            model.config(),
+            model.lm_head_weight()?,
+            norm,
+            &|l| directions(model, view, l),
+            view,
+            final_norm,
+            fingerprint,
+            weights,
+            progress,
+        )
     }
 
     /// [`NeuronMap::build`] streamed from the model's file, without loading the model: only the
@@ -135,17 +148,21 @@ impl NeuronMap {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
         let norm = if final_norm { Some(src.vector(Key::OutNorm)?) } else { None };
-        let wu = unembedding_values(&src.dense(if cfg.tied_embeddings { Key::Embed } else { Key::Output })?, norm.as_ref())?;
+        let head = src.dense(if cfg.tied_embeddings { Key::Embed } else { Key::Output })?;
         let dirs = |l: usize| as_directions(view, src.dense(view_key(view, l))?);
-        Self::build_with(cfg, wu, &dirs, view, final_norm, fingerprint, weights, progress)
+        Self::build_with(cfg, head, norm.as_ref(), &dirs, view, final_norm, fingerprint, weights, progress)
     }
 
-    /// The map from the unembedding (`[vocab, d]`, see [`unembedding_values`]) and each layer's
-    /// directions.
+    /// The map from the LM head `head` (`[vocab, d]`), the final norm's weight when it is
+    /// folded in, and each layer's directions. On a CUDA device it runs there ([`gpu`]): the
+    /// head stays in its dtype, and a final norm is folded into the directions (rounded to that
+    /// dtype once) instead. On the CPU, the head is converted to f32 with the norm folded in
+    /// ([`unembedding_values`]) and the fused [`kernel`] reduces tiles of logits.
     #[allow(clippy::too_many_arguments)]
     fn build_with(
         cfg: &Config,
-        (wu, vocab, d): (Vec<f32>, usize, usize),
+        head: Tensor,
+        norm: Option<&Tensor>,
         layer_dirs: &dyn Fn(usize) -> Result<Tensor>,
         view: View,
         final_norm: bool,
@@ -154,30 +171,63 @@ impl NeuronMap {
         progress: &(dyn Fn(usize, usize) + Sync),
     ) -> Result<Self> {
         let n = cfg.n_layers * cfg.d_ff;
+        let vocab = head.dims2()?.0;
         let k = TOP_K.min(vocab);
         let mut pos = PolarityTable::with_capacity(n, k);
         let mut neg = PolarityTable::with_capacity(n, k);
         let mut moments = MomentTable::default();
         let done = std::sync::atomic::AtomicUsize::new(0);
-        let reducer = kernel::Reducer::new(&wu, d);
-        for layer in 0..cfg.n_layers {
-            let dirs: Vec<f32> = layer_dirs(layer)?.flatten_all()?.to_vec1()?;
-            let red = reducer.reduce(&dirs, k, &|rows| {
-                let now = done.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) + rows;
-                progress(now, n);
-            });
-            for r in red {
+        let on_rows = |rows| {
+            let now = done.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) + rows;
+            progress(now, n);
+        };
+        // Each layer's reductions go into the tables as soon as they are done.
+        // The top-100 logsumexps and the top tokens' probabilities (2k + 2 exps per neuron: a
+        // GPU hands over a layer faster than one core takes them) in parallel.
+        let mut absorb = |layer: Vec<kernel::NeuronReduction>| {
+            use rayon::prelude::*;
+            let derived = |pr: &kernel::PolarityReduction| -> (f32, Vec<f32>) {
+                (logsumexp(pr.top.iter().take(NORM_TOP).map(|t| t.0)), pr.top.iter().map(|t| (t.0 - pr.lse).exp()).collect())
+            };
+            let done: Vec<_> = layer.par_iter().map(|r| [derived(&r.pos), derived(&r.neg)]).collect();
+            for (r, [dp, dn]) in layer.iter().zip(done) {
                 let m = &r.moments;
                 moments.mean.push(m.mean as f32);
                 moments.std.push(m.variance().sqrt() as f32);
                 moments.skew.push(m.skew() as f32);
                 moments.kurtosis.push(m.kurtosis() as f32);
-                for (table, pr) in [(&mut pos, &r.pos), (&mut neg, &r.neg)] {
+                for (table, pr, (lse_top, probs)) in [(&mut pos, &r.pos, dp), (&mut neg, &r.neg, dn)] {
                     table.lse.push(pr.lse);
-                    table.lse_top.push(logsumexp(pr.top.iter().take(NORM_TOP).map(|t| t.0)));
+                    table.lse_top.push(lse_top);
                     table.ids.extend(pr.top.iter().map(|t| t.1));
-                    table.probs.extend(pr.top.iter().map(|t| (t.0 - pr.lse).exp()));
+                    table.probs.extend(probs);
                 }
+            }
+        };
+        #[cfg(feature = "cuda")]
+        let on_gpu = head.device().is_cuda();
+        #[cfg(not(feature = "cuda"))]
+        let on_gpu = false;
+        #[cfg(feature = "cuda")]
+        if on_gpu {
+            let reducer = gpu::GpuReducer::new(&head)?;
+            let g = norm.map(|g| g.to_dtype(DType::F32)).transpose()?;
+            for layer in 0..cfg.n_layers {
+                let dirs = layer_dirs(layer)?;
+                let dirs = match &g {
+                    Some(g) => dirs.broadcast_mul(g)?,
+                    None => dirs,
+                };
+                absorb(reducer.reduce(&dirs, k, &on_rows)?);
+            }
+        }
+        if !on_gpu {
+            let (wu, _, d) = unembedding_values(&head, norm)?;
+            drop(head);
+            let reducer = kernel::Reducer::new(&wu, d);
+            for layer in 0..cfg.n_layers {
+                let dirs: Vec<f32> = layer_dirs(layer)?.flatten_all()?.to_vec1()?;
+                absorb(reducer.reduce(&dirs, k, &on_rows));
             }
         }
         let meta = MapMeta {
