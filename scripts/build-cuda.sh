@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build flash-interp with the `cuda` feature on a machine without a GPU or a system CUDA, from
+# PyPI's CUDA 13 packages, and pack the binary to carry to a GPU machine. Idempotent: each step
+# is skipped when already done. Everything it installs lives in target/cuda/ (git-ignored).
+#
+#   bash scripts/build-cuda.sh           # release build, then target/cuda/flash-interp.xz
+#   bash scripts/build-cuda.sh check     # only `cargo clippy --features cuda` (what CI runs)
+#
+# Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), FLASH_INTERP_PYTHON (default python3).
+# The binary needs, at run time, the driver's libcuda.so.1 and CUDA 13's libcublas.so.13,
+# libcublasLt.so.13, libcudart.so.13 and libcurand.so.10 (scripts/gpu-check.sh finds them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-build}
+C=$PWD/target/cuda
+V=$C/venv
+R=$C/root
+mkdir -p "$C"
+
+# 1. The CUDA 13 toolchain from PyPI (the cu12 wheels ship no nvcc). Only the compiler and the
+#    headers are needed to check; the libraries only to link.
+pkgs="nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-nvrtc"
+[ "$mode" = check ] || pkgs="$pkgs nvidia-cublas nvidia-curand"
+if [ ! -x "$V/bin/pip" ]; then
+    "${FLASH_INTERP_PYTHON:-python3}" -m venv "$V"
+fi
+stamp=$C/.installed-$(echo "$pkgs" | tr ' ' '+')
+if [ ! -e "$stamp" ]; then
+    "$V/bin/pip" install -q --disable-pip-version-check $pkgs
+    touch "$stamp"
+fi
+N=$(echo "$V"/lib/python3.*/site-packages/nvidia/cu13)
+[ -x "$N/bin/nvcc" ] || { echo "build-cuda: no nvcc in $N" >&2; exit 1; }
+
+# 2. A CUDA root the build scripts understand: nvcc finds ../nvvm/bin/cicc relative to the nvcc it
+#    was called as, so bin/ holds links, not copies.
+mkdir -p "$R/bin" "$R/lib64"
+for f in "$N"/bin/*; do ln -sfn "$f" "$R/bin/$(basename "$f")"; done
+ln -sfn "$N/nvvm" "$R/nvvm"
+ln -sfn "$N/include" "$R/include"
+for lib in cublas cublasLt cudart curand nvrtc; do
+    so=$(ls "$N"/lib/lib$lib.so.* 2>/dev/null | head -1 || true)
+    [ -n "$so" ] && ln -sfn "$so" "$R/lib64/lib$lib.so"
+done
+
+# 3. libcuda.so is the driver's and is in no wheel: link against a stub with the same soname that
+#    defines every driver function cudarc declares (the GPU machine's real one is loaded at run
+#    time). cudarc's source is in the registry once cargo has fetched it.
+if [ ! -e "$R/lib64/libcuda.so" ]; then
+    cargo fetch -q
+    sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | head -1)
+    grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$sys" | awk '{print "void "$4"(void){}"}' | sort -u > "$C/libcuda-stub.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$R/lib64/libcuda.so" "$C/libcuda-stub.c"
+fi
+
+# nvcc 13.5 is newer than the newest CUDA cudarc 0.19.10 knows (13.4): tell it 13.4.
+export PATH="$R/bin:$PATH" CUDA_ROOT="$R" CUDA_HOME="$R" CUDA_PATH="$R" CUDARC_CUDA_VERSION=13040
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export LIBRARY_PATH="$R/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}"
+
+if [ "$mode" = check ]; then
+    # Separate target dir: the cuda feature rebuilds candle and would evict the CPU build's artifacts.
+    cargo clippy --release -p flash-interp --features cuda --all-targets --target-dir "$C/target" -- -D warnings
+    exit 0
+fi
+
+cargo build --release -p flash-interp --features cuda --target-dir "$C/target"
+strip -o "$C/flash-interp" "$C/target/release/flash-interp"
+xz -T0 -6 -c "$C/flash-interp" > "$C/flash-interp.xz.tmp" && mv "$C/flash-interp.xz.tmp" "$C/flash-interp.xz"
+ls -l "$C/flash-interp" "$C/flash-interp.xz"
+echo "build-cuda: target/cuda/flash-interp.xz (carry it: run(carry=[\"target/cuda/flash-interp.xz\"]))"
