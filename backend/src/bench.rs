@@ -30,6 +30,9 @@ fn time_map(cli: &Cli, cache: &Path, no_amx: bool) -> Result<f64> {
 }
 
 pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    if cli.device != "cpu" {
+        return run_device(cli, a);
+    }
     let engine = load(cli)?;
     let tmp = std::env::temp_dir().join(format!("flash-interp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -110,6 +113,73 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `bench --device cuda`: the map on the device with the model loaded there (timed twice: the
+/// first build includes loading the kernels and cuBLAS's set-up), against the PyTorch peer
+/// (`scripts/peer_map_gpu.py`) on the same device, weights and dtype; plus search latency.
+fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    let path = super::model_path(cli)?;
+    anyhow::ensure!(path.is_dir(), "the device peer reads a Hugging Face directory (e.g. from `flash-interp synth`), not {}", path.display());
+    let engine = load(cli)?;
+    let build = || -> Result<(map::NeuronMap, f64)> {
+        let t = Instant::now();
+        let m = map::NeuronMap::build(&*engine.model, View::Up, false, "bench", &engine.weights_desc(), &|_, _| {})?;
+        Ok((m, t.elapsed().as_secs_f64()))
+    };
+    eprintln!("timing our map on {} ({})...", cli.device, engine.weights_desc());
+    let (_, first) = build()?;
+    let (m, ours) = build()?;
+    let dtype = match engine.weights_desc().as_str() {
+        "f32" if std::env::var("FLASH_INTERP_TF32").is_ok_and(|v| v == "1") => "tf32".to_owned(),
+        d => d.to_owned(),
+    };
+    eprintln!("timing the PyTorch peer ({dtype})...");
+    let out = Command::new(std::env::var_os("FLASH_INTERP_PYTHON").unwrap_or_else(|| "python3".into()))
+        .arg(&a.device_peer)
+        .arg("--model")
+        .arg(&path)
+        .args(["--device", &cli.device, "--dtype", &dtype, "--json"])
+        .output()
+        .with_context(|| format!("running {}", a.device_peer.display()))?;
+    let peer = if out.status.success() {
+        Some(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?)
+    } else {
+        eprintln!("  PyTorch peer failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        None
+    };
+    let token = m.top(shared::Polarity::Pos, 0, 0).0[0];
+    let mut times = Vec::new();
+    for i in 0..21 {
+        let t = Instant::now();
+        analysis::search(&engine, &m, &[token], 20)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let peer_secs = peer.as_ref().and_then(|p| p["seconds"].as_f64());
+    let r = serde_json::json!({
+        "device": cli.device,
+        "weights": engine.weights_desc(),
+        "neurons": m.n_neurons(),
+        "vocab": m.meta.vocab,
+        "map_seconds": ours,
+        "map_seconds_first": first,
+        "peer": peer,
+        "ratio_peer_over_ours": peer_secs.map(|p| p / ours),
+        "search_ms_median": times[times.len() / 2],
+    });
+    if cli.json {
+        return print_json(&r);
+    }
+    println!("neuron map of {} ({} neurons) on {}:", engine.info.name, m.n_neurons(), cli.device);
+    println!("  flash-interp ({})  {ours:>7.3}s (first build {first:.3}s)", engine.weights_desc());
+    if let Some(p) = peer_secs {
+        println!("  PyTorch peer ({dtype})  {p:>7.3}s   ours is {:.2}x faster", p / ours);
+    }
+    println!("search (one token, map in memory): median {:.1} ms", times[times.len() / 2]);
+    Ok(())
+}
+
 fn ours_secs(r: &serde_json::Value) -> f64 {
     r["map_seconds"].as_f64().unwrap_or(f64::NAN)
 }
@@ -183,8 +253,35 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
             None
         }
     } else {
-        eprintln!("  llama.cpp peer skipped: it needs a GGUF file");
-        None
+        // A Hugging Face directory: transformers' generate on the same device, dtype and tokens.
+        eprintln!("timing HF transformers...");
+        let dtype = engine.weight_mode().compute_dtype();
+        let out = Command::new(&a.python)
+            .arg(&a.hf_peer)
+            .arg("--model")
+            .arg(&path)
+            .args(["--device", &cli.device, "--dtype", &format!("{dtype:?}").to_lowercase(), "--json"])
+            .args(["--prompt-ids", &ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","), "--max-new-tokens", &a.tokens.to_string()])
+            .output()
+            .with_context(|| format!("running {}", a.hf_peer.display()))?;
+        if out.status.success() {
+            Some(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?)
+        } else {
+            eprintln!("  transformers peer skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+            None
+        }
+    };
+    // A 16-value clamp sweep of the last layer's first neuron, for our first greedy token.
+    let sweep_seconds = match our_tokens.first() {
+        Some(&target) => {
+            let layer = engine.config().n_layers - 1;
+            let values = shared::linspace(-8.0, 8.0, 16);
+            engine.sweep(&ids, layer, 0, target, &values[..2], &flash_interp::Cancel::default())?;
+            let t = Instant::now();
+            engine.sweep(&ids, layer, 0, target, &values, &flash_interp::Cancel::default())?;
+            Some(t.elapsed().as_secs_f64())
+        }
+        None => None,
     };
     let ratio = |k: &str| peer.as_ref().and_then(|p| p[k].as_f64()).map(|theirs| ours_of(&ours, k) / theirs);
     let same = peer.as_ref().and_then(|p| serde_json::from_value::<Vec<u32>>(p["tokens"].clone()).ok()).map(|t| common_prefix(&t, &our_tokens));
@@ -199,12 +296,23 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         "ratio_overall": ratio("tokens_per_second"),
         "ratio_peak_rss": peer.as_ref().and_then(|p| p["peak_rss_bytes"].as_f64()).zip(our_rss).map(|(t, o)| o as f64 / t),
         "greedy_tokens_in_common": same,
+        "sweep_16_values_seconds": sweep_seconds,
     });
     if cli.json {
         return print_json(&r);
     }
     let mb = |b: Option<f64>| b.map_or("?".into(), |b| format!("{:.0} MB", b / 1e6));
-    println!("greedy generation of {} tokens after {} prompt tokens, {threads} threads, {}:", a.tokens, ids.len(), engine.info.name);
+    let peer_name = if path.is_dir() { "transformers" } else { "llama.cpp" };
+    if let Some(s) = sweep_seconds {
+        println!("a 16-value clamp sweep: {s:.3}s");
+    }
+    println!(
+        "greedy generation of {} tokens after {} prompt tokens on {}, {threads} threads, {}:",
+        a.tokens,
+        ids.len(),
+        cli.device,
+        engine.info.name
+    );
     println!(
         "  flash-interp ({:<9})  decode {:>6.1} tok/s   prefill {:>6.3}s   peak RSS {}",
         engine.weight_mode().name(),
@@ -214,13 +322,14 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     );
     if let Some(p) = &peer {
         println!(
-            "  llama.cpp               decode {:>6.1} tok/s   prefill {:>6.3}s   peak RSS {}",
+            "  {:<23} decode {:>6.1} tok/s   prefill {:>6.3}s   peak RSS {}",
+            peer_name,
             p["decode_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
             p["prefill_seconds"].as_f64().unwrap_or(f64::NAN),
             mb(p["peak_rss_bytes"].as_f64())
         );
         println!(
-            "  ours / llama.cpp: decode {:.2}x, overall {:.2}x, peak RSS {:.2}x; the first {} greedy tokens agree",
+            "  ours / {peer_name}: decode {:.2}x, overall {:.2}x, peak RSS {:.2}x; the first {} greedy tokens agree",
             r["ratio_decode"].as_f64().unwrap_or(f64::NAN),
             r["ratio_overall"].as_f64().unwrap_or(f64::NAN),
             r["ratio_peak_rss"].as_f64().unwrap_or(f64::NAN),

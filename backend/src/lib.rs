@@ -8,6 +8,7 @@ pub mod analysis;
 pub mod cancel;
 pub mod card;
 pub mod chat;
+pub mod devcheck;
 pub mod engine;
 pub mod error;
 pub mod fetch;

@@ -105,6 +105,20 @@ enum Cmd {
     /// hardware and benchmarks at scale without a download): llama-3.1-8b, llama-3.2-1b,
     /// gemma-3-270m, smollm2-135m.
     Synth(SynthArgs),
+    /// Check a device against the CPU on the same models and weights: the neuron map (with and
+    /// without the final norm), concept search, a clamp sweep and greedy tokens, each within a
+    /// stated tolerance. Without --model: tiny synthetic Llama and Gemma models. One JSON
+    /// report; exit status 1 when something is out of tolerance.
+    DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(Args)]
+struct DeviceCheckArgs {
+    /// Also check a seeded random-weight model of this shape (see `synth`), with --synth-layers.
+    #[arg(long)]
+    synth: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    synth_layers: usize,
 }
 
 #[derive(Args)]
@@ -280,6 +294,9 @@ struct BenchArgs {
     /// Rows per matmul chunk for the peers (numpy is much slower with whole layers).
     #[arg(long, default_value_t = 128)]
     peer_chunk: usize,
+    /// The peer on a GPU (`--device cuda`): PyTorch on the same device, reading the model's directory.
+    #[arg(long, default_value = "scripts/peer_map_gpu.py")]
+    device_peer: PathBuf,
 }
 
 #[derive(Args)]
@@ -296,7 +313,10 @@ struct BenchGenerateArgs {
     /// The peer script.
     #[arg(long, default_value = "scripts/peer_generate.py")]
     peer: PathBuf,
-    /// The Python that has llama-cpp-python.
+    /// The peer for a Hugging Face directory (transformers, on the same device).
+    #[arg(long, default_value = "scripts/peer_generate_hf.py")]
+    hf_peer: PathBuf,
+    /// The Python that has llama-cpp-python (or torch and transformers).
     #[arg(long, env = "FLASH_INTERP_PYTHON", default_value = "python3")]
     python: PathBuf,
 }
@@ -488,6 +508,58 @@ fn load_options(cli: &Cli) -> Result<LoadOptions> {
     Ok(LoadOptions { device, mode, ..Default::default() })
 }
 
+/// `device-check`: every model (the --model given, else tiny synthetic ones, plus a synthetic
+/// real shape when asked) in each weight dtype (the --weights given, else f32 and bf16).
+fn device_check(cli: &Cli, a: &DeviceCheckArgs) -> Result<()> {
+    use flash_interp::synthetic::{write_hf_dir, TinySpec};
+    let opts = load_options(cli)?;
+    let tmp = tempfile::tempdir()?;
+    let mut models = vec![];
+    match &cli.model {
+        Some(p) => models.push(fetch::resolve(p)?),
+        None => {
+            let specs = [
+                ("tiny-llama", TinySpec { scale: 3.0, ..Default::default() }),
+                ("tiny-llama-untied", TinySpec { scale: 3.0, tied: false, n_layers: 2, d_ff: 300, ..Default::default() }),
+                ("tiny-gemma3", TinySpec { scale: 3.0, gemma3: true, n_layers: 4, ..Default::default() }),
+            ];
+            for (name, spec) in specs {
+                let dir = tmp.path().join(name);
+                write_hf_dir(&spec, &dir)?;
+                models.push(dir);
+            }
+        }
+    }
+    if let Some(shape) = &a.synth {
+        let s = flash_interp::synth::shape(shape)?;
+        let dir = tmp.path().join(shape);
+        let pb = spinner(&format!("writing a random {shape} with {} layers", a.synth_layers));
+        flash_interp::synth::write(&s, a.synth_layers, safetensors::Dtype::BF16, 0, &dir, &|_, _| {})?;
+        pb.finish_and_clear();
+        models.push(dir);
+    }
+    let modes = match opts.mode {
+        WeightMode::Auto => vec![WeightMode::Dense(DType::F32), WeightMode::Dense(DType::BF16)],
+        m => vec![m],
+    };
+    let mut reports = vec![];
+    for m in &models {
+        for &mode in &modes {
+            let pb = spinner(&format!("{} in {}", m.display(), mode.desc()));
+            let r = flash_interp::devcheck::check_model(m, &opts.device, mode)?;
+            pb.finish_and_clear();
+            eprintln!("{}: {} on {}: {}", r.model, r.weights, r.device, if r.pass { "pass" } else { "OUT OF TOLERANCE" });
+            reports.push(r);
+        }
+    }
+    let pass = reports.iter().all(|r| r.pass);
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "pass": pass, "models": reports }))?);
+    if !pass {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn model_path(cli: &Cli) -> Result<PathBuf> {
     Ok(match &cli.model {
         Some(p) => fetch::resolve(p)?,
@@ -521,6 +593,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.cmd {
+        Cmd::DeviceCheck(a) => device_check(cli, a),
         Cmd::Synth(a) => {
             let shape = flash_interp::synth::shape(&a.shape)?;
             let layers = a.layers.unwrap_or(shape.n_layers);

@@ -1,0 +1,234 @@
+//! `flash-interp device-check`: the same model, with the same weights, on the CPU and on another
+//! device (a CUDA GPU), compared piece by piece: the neuron map (with and without the final
+//! norm), concept search, a clamp sweep and greedy tokens. The CPU is the reference; the report
+//! says how far the device is from it and whether that is within the stated tolerances.
+//!
+//! Tolerances (see [`Tolerance::for_dtype`]). Both sides hold the weights in the same dtype, so
+//! the map's products are the same numbers and only the summation order differs:
+//! - **map**: logsumexps to a relative 1e-5 (f32) / 1e-4 (bf16, f16); the k-th largest logit of
+//!   every neuron to 1e-4 × max(1, |logit|) (f32) / 1e-3 (bf16, f16; with the final norm folded
+//!   in, 2e-2, because the device rounds the normed directions to bf16 once where the CPU keeps
+//!   f32). Top token ids are equal except **near-ties**: where ids differ, the CPU's logits of
+//!   the two tokens must be within twice that value tolerance.
+//! - **search**: the same strongest neuron, unless the CPU's first two scores are within 1e-3.
+//! - **sweep**: p(target) within 1e-4 (f32) / 2e-2 (bf16, f16), absolute.
+//! - **greedy tokens**: identical in f32; in bf16/f16 activations are rounded at every op in a
+//!   different order on each side, so the answers may part after a while: the first 4 tokens
+//!   must agree, and the common prefix is reported.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+use shared::{Polarity, SamplingParams, View};
+
+use crate::cancel::Cancel;
+use crate::engine::{Engine, LoadOptions};
+use crate::error::Result;
+use crate::map::NeuronMap;
+use crate::model::{Intervention, WeightMode};
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Tolerance {
+    pub lse_rel: f64,
+    pub value_rel: f64,
+    pub value_rel_final_norm: f64,
+    pub search_tie: f64,
+    pub sweep_abs: f64,
+    pub greedy_prefix: usize,
+}
+
+impl Tolerance {
+    pub fn for_dtype(dtype: DType) -> Self {
+        if dtype == DType::F32 {
+            Self { lse_rel: 1e-5, value_rel: 1e-4, value_rel_final_norm: 1e-4, search_tie: 1e-3, sweep_abs: 1e-4, greedy_prefix: usize::MAX }
+        } else {
+            Self { lse_rel: 1e-4, value_rel: 1e-3, value_rel_final_norm: 2e-2, search_tie: 1e-3, sweep_abs: 2e-2, greedy_prefix: 4 }
+        }
+    }
+}
+
+/// How two maps of the same model differ.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MapAgreement {
+    pub final_norm: bool,
+    pub neurons: usize,
+    pub seconds_cpu: f64,
+    pub seconds_device: f64,
+    /// Largest |Δ lse| / max(1, |lse|) over neurons and polarities.
+    pub lse_max_rel_err: f64,
+    /// Largest |Δ logit| / max(1, |logit|) at the same rank of the top k.
+    pub value_max_rel_err: f64,
+    /// Top-k positions whose token ids differ, of all positions.
+    pub id_mismatches: usize,
+    pub positions: usize,
+    /// Mismatches that are not near-ties (should be 0).
+    pub unexplained: usize,
+    /// Largest relative error of the logits' standard deviation.
+    pub std_max_rel_err: f64,
+    pub pass: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCheck {
+    pub model: String,
+    pub weights: String,
+    pub device: String,
+    pub tolerance: Tolerance,
+    pub maps: Vec<MapAgreement>,
+    pub search_token: String,
+    pub search_top_cpu: (usize, usize, Polarity),
+    pub search_top_device: (usize, usize, Polarity),
+    pub search_pass: bool,
+    pub sweep_max_abs_err: f64,
+    pub sweep_pass: bool,
+    pub greedy_cpu: Vec<u32>,
+    pub greedy_device: Vec<u32>,
+    pub greedy_common_prefix: usize,
+    pub greedy_pass: bool,
+    pub pass: bool,
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1.0)
+}
+
+/// Compare two maps of the same model (`cpu` the reference) under `value_tol`.
+pub fn compare_maps(cpu: &NeuronMap, dev: &NeuronMap, tol: &Tolerance, value_tol: f64) -> MapAgreement {
+    let (n, k) = (cpu.n_neurons(), cpu.meta.k);
+    let mut a = MapAgreement { final_norm: cpu.meta.final_norm, neurons: n, ..Default::default() };
+    for p in [Polarity::Pos, Polarity::Neg] {
+        let (tc, td) = (cpu.table(p), dev.table(p));
+        for i in 0..n {
+            a.lse_max_rel_err = a.lse_max_rel_err.max(rel(td.lse[i] as f64, tc.lse[i] as f64));
+            let logits = |t: &crate::map::PolarityTable, lse: f32| -> Vec<f64> {
+                t.probs[i * k..(i + 1) * k].iter().map(|&q| q.ln() as f64 + lse as f64).collect()
+            };
+            let (lc, ld) = (logits(tc, tc.lse[i]), logits(td, td.lse[i]));
+            let (ic, id) = (&tc.ids[i * k..(i + 1) * k], &td.ids[i * k..(i + 1) * k]);
+            for j in 0..k {
+                a.positions += 1;
+                a.value_max_rel_err = a.value_max_rel_err.max(rel(ld[j], lc[j]));
+                if ic[j] != id[j] {
+                    a.id_mismatches += 1;
+                    // The CPU's logit of the device's token: known when it is in the CPU's top k,
+                    // else at most the CPU's k-th.
+                    let other = ic.iter().position(|&t| t == id[j]).map(|r| lc[r]).unwrap_or(lc[k - 1]);
+                    if (lc[j] - other).abs() > 2.0 * value_tol * lc[j].abs().max(1.0) {
+                        a.unexplained += 1;
+                    }
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        a.std_max_rel_err =
+            a.std_max_rel_err.max((dev.moments.std[i] as f64 - cpu.moments.std[i] as f64).abs() / (cpu.moments.std[i] as f64).max(1e-6));
+    }
+    a.pass = a.unexplained == 0 && a.lse_max_rel_err <= tol.lse_rel && a.value_max_rel_err <= value_tol && a.std_max_rel_err <= 10.0 * value_tol;
+    a
+}
+
+/// Run the whole comparison on one model file or directory.
+pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<ModelCheck> {
+    let cpu = Engine::load(path, &LoadOptions { device: Device::Cpu, mode, ..Default::default() })?;
+    let dev = Engine::load(path, &LoadOptions { device: device.clone(), mode, ..Default::default() })?;
+    let dtype = dev.weight_mode().compute_dtype();
+    let tol = Tolerance::for_dtype(dtype);
+    let mut maps = vec![];
+    let mut built = vec![];
+    for final_norm in [false, true] {
+        let build = |e: &Engine| -> Result<(NeuronMap, f64)> {
+            let t = std::time::Instant::now();
+            let m = NeuronMap::build(&*e.model, View::Up, final_norm, "device-check", &e.weights_desc(), &|_, _| {})?;
+            Ok((m, t.elapsed().as_secs_f64()))
+        };
+        let ((mc, sc), (md, sd)) = (build(&cpu)?, build(&dev)?);
+        let value_tol = if final_norm { tol.value_rel_final_norm } else { tol.value_rel };
+        let mut a = compare_maps(&mc, &md, &tol, value_tol);
+        (a.seconds_cpu, a.seconds_device) = (sc, sd);
+        maps.push(a);
+        built.push((mc, md));
+    }
+
+    // Search for the token the CPU's strongest up neuron of the last layer is about.
+    let (mc, md) = &built[0];
+    let last = mc.meta.n_layers - 1;
+    let token = mc.top(Polarity::Pos, last, 0).0[0];
+    let search = |e: &Engine, m: &NeuronMap| crate::analysis::search(e, m, &[token], 2);
+    let (sc, sd) = (search(&cpu, mc)?, search(&dev, md)?);
+    let key = |h: &shared::SearchHit| (h.layer, h.neuron, h.polarity);
+    let search_pass =
+        key(&sc.top[0]) == key(&sd.top[0]) || sc.top.get(1).is_some_and(|h| rel(h.score as f64, sc.top[0].score as f64) <= tol.search_tie);
+
+    // A sweep of that neuron and greedy tokens, from one prompt.
+    let ids = cpu.tok.encode_prompt("the dog and the cat")?;
+    let hit = &sc.top[0];
+    let values: Vec<f32> = (-4..=4).map(|v| v as f32 * 2.0).collect();
+    let cancel = Cancel::default();
+    let (wc, wd) =
+        (cpu.sweep(&ids, hit.layer, hit.neuron, token, &values, &cancel)?, dev.sweep(&ids, hit.layer, hit.neuron, token, &values, &cancel)?);
+    let sweep_max_abs_err = std::iter::once((wc.baseline, wd.baseline))
+        .chain(wc.probs.iter().copied().zip(wd.probs.iter().copied()))
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
+    let params = SamplingParams { temperature: 0.0, top_p: None, seed: 0, max_new_tokens: 16 };
+    let greedy = |e: &Engine| -> Result<Vec<u32>> {
+        Ok(e.generate(&ids, &[Intervention::none()], &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens)
+    };
+    let (gc, gd) = (greedy(&cpu)?, greedy(&dev)?);
+    let prefix = gc.iter().zip(&gd).take_while(|(a, b)| a == b).count();
+    let greedy_pass = if tol.greedy_prefix == usize::MAX { gc == gd } else { prefix >= tol.greedy_prefix.min(gc.len()) };
+    let sweep_pass = sweep_max_abs_err <= tol.sweep_abs;
+    let pass = maps.iter().all(|m| m.pass) && search_pass && sweep_pass && greedy_pass;
+    Ok(ModelCheck {
+        model: path.display().to_string(),
+        weights: dev.weights_desc(),
+        device: format!("{device:?}"),
+        tolerance: tol,
+        maps,
+        search_token: cpu.tok.token_text(token),
+        search_top_cpu: key(&sc.top[0]),
+        search_top_device: key(&sd.top[0]),
+        search_pass,
+        sweep_max_abs_err,
+        sweep_pass,
+        greedy_cpu: gc,
+        greedy_device: gd,
+        greedy_common_prefix: prefix,
+        greedy_pass,
+        pass,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{write_hf_dir, TinySpec};
+
+    /// On the CPU against itself everything agrees exactly; a map with one neuron's top tokens
+    /// swapped beyond a tie is caught.
+    #[test]
+    fn cpu_against_itself_passes_and_a_wrong_map_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        write_hf_dir(&TinySpec { scale: 3.0, ..Default::default() }, dir.path()).unwrap();
+        let r = check_model(dir.path(), &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
+        assert!(r.pass, "{r:#?}");
+        assert_eq!(r.maps[0].lse_max_rel_err, 0.0);
+        assert_eq!(r.greedy_cpu, r.greedy_device);
+        assert!(!r.greedy_cpu.is_empty());
+
+        let e = Engine::load(dir.path(), &LoadOptions::default()).unwrap();
+        let m = NeuronMap::build(&*e.model, View::Up, false, "t", "f32", &|_, _| {}).unwrap();
+        let mut bad = m.clone();
+        let k = m.meta.k;
+        bad.pos.ids.swap(0, k - 1);
+        let tol = Tolerance::for_dtype(DType::F32);
+        let a = compare_maps(&m, &bad, &tol, tol.value_rel);
+        assert_eq!(a.id_mismatches, 2);
+        assert!(a.unexplained > 0 && !a.pass, "{a:?}");
+        let mut off = m.clone();
+        off.neg.lse[3] += 0.01;
+        assert!(!compare_maps(&m, &off, &tol, tol.value_rel).pass);
+    }
+}
