@@ -214,6 +214,21 @@ fn time_ours(engine: &flash_interp::Engine, ids: &[u32], n: usize) -> Result<(Ge
     Ok((timing, toks))
 }
 
+/// Tokens/s of `streams` steer streams in one batch: each a normal and a steered row (the last
+/// layer's first neuron clamped to 5), `n` sampled tokens per row (temperature 0.7, seed per
+/// stream; a row that samples the end of text stops there).
+fn time_streams(engine: &flash_interp::Engine, ids: &[u32], n: usize, streams: usize) -> Result<f64> {
+    use flash_interp::model::{Clamp, Intervention};
+    let steer = Intervention { clamps: vec![Clamp { layer: engine.config().n_layers - 1, neuron: 0, value: 5.0 }] };
+    let variants: Vec<Intervention> = (0..streams).flat_map(|_| [Intervention::none(), steer.clone()]).collect();
+    let seeds: Vec<u64> = (0..streams as u64).flat_map(|s| [s, s]).collect();
+    let params = shared::SamplingParams { temperature: 0.7, top_p: None, seed: 0, max_new_tokens: n };
+    let start = Instant::now();
+    let out = engine.generate_rows(ids, &variants, &seeds, &params, true, &flash_interp::Cancel::default(), &mut |_, _, _| true)?;
+    let tokens: usize = out.iter().map(|o| o.tokens.len()).sum();
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Peak resident memory of this process so far (VmHWM), in bytes.
 fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -283,6 +298,15 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         }
         None => None,
     };
+    // Concurrent steer streams in one batch against one stream.
+    let streams = if a.streams > 0 {
+        eprintln!("timing 1 and {} steer streams...", a.streams);
+        let one = time_streams(&engine, &ids, a.tokens, 1)?;
+        let many = time_streams(&engine, &ids, a.tokens, a.streams)?;
+        Some(serde_json::json!({ "streams": a.streams, "one_tokens_per_second": one, "batch_tokens_per_second": many, "ratio": many / one }))
+    } else {
+        None
+    };
     let ratio = |k: &str| peer.as_ref().and_then(|p| p[k].as_f64()).map(|theirs| ours_of(&ours, k) / theirs);
     let same = peer.as_ref().and_then(|p| serde_json::from_value::<Vec<u32>>(p["tokens"].clone()).ok()).map(|t| common_prefix(&t, &our_tokens));
     let r = serde_json::json!({
@@ -297,6 +321,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         "ratio_peak_rss": peer.as_ref().and_then(|p| p["peak_rss_bytes"].as_f64()).zip(our_rss).map(|(t, o)| o as f64 / t),
         "greedy_tokens_in_common": same,
         "sweep_16_values_seconds": sweep_seconds,
+        "steer_streams": streams,
     });
     if cli.json {
         return print_json(&r);
@@ -305,6 +330,15 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     let peer_name = if path.is_dir() { "transformers" } else { "llama.cpp" };
     if let Some(s) = sweep_seconds {
         println!("a 16-value clamp sweep: {s:.3}s");
+    }
+    if let Some(s) = &streams {
+        println!(
+            "steer streams (normal + steered rows, sampled): 1 stream {:.1} tok/s, {} in one batch {:.1} tok/s ({:.2}x)",
+            s["one_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
+            a.streams,
+            s["batch_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
+            s["ratio"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     println!(
         "greedy generation of {} tokens after {} prompt tokens on {}, {threads} threads, {}:",

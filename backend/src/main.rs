@@ -313,6 +313,10 @@ struct BenchGenerateArgs {
     /// The peer script.
     #[arg(long, default_value = "scripts/peer_generate.py")]
     peer: PathBuf,
+    /// Also time this many concurrent steer streams (a normal and a steered row each) in one
+    /// batch against one stream (0: skip).
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
     /// The peer for a Hugging Face directory (transformers, on the same device).
     #[arg(long, default_value = "scripts/peer_generate_hf.py")]
     hf_peer: PathBuf,

@@ -43,10 +43,10 @@ fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
         assert_eq!(exact.dequantize().unwrap().to_vec2::<f32>().unwrap(), reference_w.to_vec2::<f32>().unwrap(), "{dtype:?}");
         assert_eq!(exact.rows_f32(&[5, 0, 36]).unwrap().to_vec2::<f32>().unwrap()[2], reference_w.to_vec2::<f32>().unwrap()[36]);
         assert!(exact.rows_f32(&[37]).is_err());
-        // One and three rows of activations (the kernels), sixteen (dequantized slabs through
-        // candle's matmul).
-        for (b, t) in [(1, 1), (1, 3), (2, 8)] {
-            assert_eq!(b * t >= flash_interp::model::exact::SLAB_ROWS, b * t == 16);
+        // One, three and sixteen rows of activations (the kernels: one row, then tiles of up to
+        // eight), twenty-four (dequantized slabs through candle's matmul).
+        for (b, t) in [(1, 1), (1, 3), (2, 8), (3, 8)] {
+            assert_eq!(b * t >= flash_interp::model::exact::SLAB_ROWS, b * t == 24);
             let x = Tensor::randn(0f32, 1.0, (b, t, cols), &dev).unwrap();
             let want = x.broadcast_matmul(&reference_w.t().unwrap()).unwrap();
             for &isa in &isas {
@@ -55,6 +55,16 @@ fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
                 // Sums of 512 products of size ~1 (results ~20): only the summation order differs.
                 let diff = max_abs_diff(&got, &want);
                 assert!(diff < 2e-4, "{dtype:?} {} t={t}: {diff}", isa.name());
+            }
+        }
+        // In a batch on the kernels, each row's result is bit for bit what it is alone: a
+        // token's numbers do not depend on the batch it is generated in.
+        let x = Tensor::randn(0f32, 1.0, (13, cols), &dev).unwrap();
+        for &isa in &isas {
+            let batch = exact.forward_with(&x, isa).unwrap().to_vec2::<f32>().unwrap();
+            for (i, row) in batch.iter().enumerate() {
+                let alone = exact.forward_with(&x.narrow(0, i, 1).unwrap(), isa).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(row, &alone[0], "{dtype:?} {} row {i}", isa.name());
             }
         }
         // A weight whose blocks the kernel does not know is refused, not misread.

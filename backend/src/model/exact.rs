@@ -6,9 +6,12 @@
 //!
 //! One token (decoding) runs fused kernels for Q4_0, Q4_1, Q5_0 and Q8_0 that never write the
 //! dequantized weights anywhere; other block types (the K-quants, ...) go one block at a time
-//! through candle's own `to_float` into a buffer that stays in L1. Two or three rows of
-//! activations dequantize one weight row at a time and dot it with each; from [`SLAB_ROWS`] rows
-//! on (prompts, batches), slabs of the weight are dequantized into candle's f32 matmul. The same
+//! through candle's own `to_float` into a buffer that stays in L1. A few rows of activations (a
+//! batch of generated tokens, up to [`SLAB_ROWS`]) run the same fused kernels with each block
+//! dequantized once for up to [`TILE`] rows at a time, each row accumulated exactly as one row
+//! alone is (so a row's result does not depend on its batch); the other block types dequantize
+//! one weight row at a time and dot it with each. From [`SLAB_ROWS`] rows on (prompts), slabs of
+//! the weight are dequantized into candle's f32 matmul. The same
 //! Rust is compiled for AVX-512, AVX2+FMA and plain x86-64 (or any other target), and the best the
 //! CPU has is picked at run time.
 
@@ -248,7 +251,12 @@ impl ExactLinear {
 }
 
 /// From this many rows of activations on, [`ExactLinear::forward_slabs`]; below, the kernels.
-pub const SLAB_ROWS: usize = 4;
+/// A batch of generated tokens (at most `2 × MAX_SAMPLES` = 16 rows) stays on the kernels.
+pub const SLAB_ROWS: usize = 17;
+
+/// Activation rows one pass of the fused multi-row kernel accumulates (2 × TILE accumulators of
+/// 16 lanes: 16 of AVX-512's 32 registers).
+pub const TILE: usize = 8;
 
 struct Op(Arc<ExactLinear>, Isa);
 
@@ -311,11 +319,20 @@ fn rows_body<const FMA: bool>(job: &Job, r0: usize, out: &mut [f32]) {
         }
         return;
     }
+    match w.dtype {
+        GgmlDType::Q4_0 => return rows_multi::<Q4_0, FMA>(job, r0, out),
+        GgmlDType::Q4_1 => return rows_multi::<Q4_1, FMA>(job, r0, out),
+        GgmlDType::Q5_0 => return rows_multi::<Q5_0, FMA>(job, r0, out),
+        GgmlDType::Q8_0 => return rows_multi::<Q8_0, FMA>(job, r0, out),
+        _ => {}
+    }
     let mut buf = vec![0f32; cols];
     for (i, o) in out.chunks_mut(t).enumerate() {
         dequantize_row(w.dtype, w.row(r0 + i), &mut buf);
+        let bs = w.dtype.block_size();
         for (k, o) in o.iter_mut().enumerate() {
-            *o = dot::<FMA>(&buf, &job.x[k * cols..(k + 1) * cols]);
+            // Block by block, as `dot_any` sums one row alone.
+            *o = buf.chunks_exact(bs).zip(job.x[k * cols..(k + 1) * cols].chunks_exact(bs)).fold(0f32, |total, (wb, xb)| total + dot::<FMA>(wb, xb));
         }
     }
 }
@@ -326,6 +343,56 @@ fn rows_fused<B: Block, const FMA: bool>(w: &ExactLinear, r0: usize, x: &[f32], 
     let table: &[f32; 65536] = &F16;
     for (i, o) in out.iter_mut().enumerate() {
         *o = B::dot::<FMA>(w.row(r0 + i), x, table);
+    }
+}
+
+/// Rows `r0..` · each of the `t` activation rows, into `out` (`[rows, t]`): tiles of up to
+/// [`TILE`] activation rows, each block of the weight row dequantized once per tile.
+#[inline(always)]
+fn rows_multi<B: Block, const FMA: bool>(job: &Job, r0: usize, out: &mut [f32]) {
+    let t = job.t;
+    let mut k0 = 0;
+    while k0 < t {
+        let n = (t - k0).min(TILE);
+        if n == TILE {
+            tile::<B, FMA, TILE>(job, r0, k0, TILE, out);
+        } else {
+            tile::<B, FMA, TILE>(job, r0, k0, n, out);
+        }
+        k0 += n;
+    }
+}
+
+/// Activation rows `k0..k0 + N` against weight rows `r0..`: for each weight block, its 32
+/// weights (two halves of 16, exactly as [`Block::dot`] makes them) go into every row's two
+/// accumulators, in [`Block::dot`]'s order, so each result is bit for bit the one-row kernel's.
+#[inline(always)]
+fn tile<B: Block, const FMA: bool, const N: usize>(job: &Job, r0: usize, k0: usize, n: usize, out: &mut [f32]) {
+    let (w, t, cols) = (job.w, job.t, job.w.cols);
+    let table: &[f32; 65536] = &F16;
+    let x = &job.x[k0 * cols..(k0 + n) * cols];
+    for (i, o) in out.chunks_mut(t).enumerate() {
+        let mut a0 = [[0f32; 16]; N];
+        let mut a1 = [[0f32; 16]; N];
+        for (b, blk) in w.row(r0 + i).chunks_exact(B::BYTES).enumerate() {
+            let (w0, w1) = B::weights(blk, table);
+            for k in 0..n {
+                let xb = &x[k * cols + b * 32..k * cols + b * 32 + 32];
+                madd16::<FMA>(&mut a0[k], &w0, xb[..16].try_into().unwrap());
+                madd16::<FMA>(&mut a1[k], &w1, xb[16..].try_into().unwrap());
+            }
+        }
+        for k in 0..n {
+            o[k0 + k] = finish(a0[k], a1[k]);
+        }
+    }
+}
+
+/// `acc += w · x`, 16 lanes.
+#[inline(always)]
+fn madd16<const FMA: bool>(acc: &mut [f32; 16], w: &[f32; 16], x: &[f32; 16]) {
+    for j in 0..16 {
+        acc[j] = madd::<FMA>(w[j], x[j], acc[j]);
     }
 }
 
@@ -341,7 +408,11 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// A block type of 32 weights whose rows dot with f32 activations in registers. Each weight is
 /// what candle's `to_float` makes of it; only the accumulation order differs.
 trait Block {
+    /// Bytes of one block of 32 weights.
+    const BYTES: usize;
     fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32;
+    /// One block's weights, the first 16 and the last 16, as [`Block::dot`] computes them.
+    fn weights(blk: &[u8], f16: &[f32; 65536]) -> ([f32; 16], [f32; 16]);
 }
 
 struct Q4_0;
@@ -359,6 +430,18 @@ fn finish(mut a: [f32; 16], b: [f32; 16]) -> f32 {
 }
 
 impl Block for Q4_0 {
+    const BYTES: usize = 18;
+    #[inline(always)]
+    fn weights(blk: &[u8], f16: &[f32; 65536]) -> ([f32; 16], [f32; 16]) {
+        let d = f16_at(f16, blk[0], blk[1]);
+        let qs: &[u8; 16] = blk[2..18].try_into().unwrap();
+        let (mut w0, mut w1) = ([0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            w0[j] = ((qs[j] & 0x0F) as i16 - 8) as f32 * d;
+            w1[j] = ((qs[j] >> 4) as i16 - 8) as f32 * d;
+        }
+        (w0, w1)
+    }
     /// 18-byte blocks: d, 16 bytes of nibbles; `w = (q - 8)·d`.
     #[inline(always)]
     fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
@@ -376,6 +459,18 @@ impl Block for Q4_0 {
 }
 
 impl Block for Q4_1 {
+    const BYTES: usize = 20;
+    #[inline(always)]
+    fn weights(blk: &[u8], f16: &[f32; 65536]) -> ([f32; 16], [f32; 16]) {
+        let (d, m) = (f16_at(f16, blk[0], blk[1]), f16_at(f16, blk[2], blk[3]));
+        let qs: &[u8; 16] = blk[4..20].try_into().unwrap();
+        let (mut w0, mut w1) = ([0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            w0[j] = (qs[j] & 0x0F) as f32 * d + m;
+            w1[j] = (qs[j] >> 4) as f32 * d + m;
+        }
+        (w0, w1)
+    }
     /// 20-byte blocks: d, m, 16 bytes of nibbles; `w = q·d + m`.
     #[inline(always)]
     fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
@@ -393,6 +488,21 @@ impl Block for Q4_1 {
 }
 
 impl Block for Q5_0 {
+    const BYTES: usize = 22;
+    #[inline(always)]
+    fn weights(blk: &[u8], f16: &[f32; 65536]) -> ([f32; 16], [f32; 16]) {
+        let d = f16_at(f16, blk[0], blk[1]);
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let qs: &[u8; 16] = blk[6..22].try_into().unwrap();
+        let (mut w0, mut w1) = ([0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            let h0 = (((qh >> j) << 4) & 0x10) as u8;
+            let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+            w0[j] = (((qs[j] & 0x0F) | h0) as i32 - 16) as f32 * d;
+            w1[j] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
+        }
+        (w0, w1)
+    }
     /// 22-byte blocks: d, 32 high bits, 16 bytes of nibbles; `w = (q - 16)·d`.
     #[inline(always)]
     fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
@@ -413,6 +523,18 @@ impl Block for Q5_0 {
 }
 
 impl Block for Q8_0 {
+    const BYTES: usize = 34;
+    #[inline(always)]
+    fn weights(blk: &[u8], f16: &[f32; 65536]) -> ([f32; 16], [f32; 16]) {
+        let d = f16_at(f16, blk[0], blk[1]);
+        let qs: &[u8; 32] = blk[2..34].try_into().unwrap();
+        let (mut w0, mut w1) = ([0f32; 16], [0f32; 16]);
+        for j in 0..16 {
+            w0[j] = qs[j] as i8 as f32 * d;
+            w1[j] = qs[j + 16] as i8 as f32 * d;
+        }
+        (w0, w1)
+    }
     /// 34-byte blocks: d, 32 signed bytes; `w = q·d`.
     #[inline(always)]
     fn dot<const FMA: bool>(row: &[u8], x: &[f32], f16: &[f32; 65536]) -> f32 {
