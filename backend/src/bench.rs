@@ -19,6 +19,9 @@ fn time_map(cli: &Cli, cache: &Path, no_amx: bool) -> Result<f64> {
     if let Some(m) = &cli.model {
         cmd.arg("--model").arg(m);
     }
+    // The same device and weights as this process (whose map the cache check expects).
+    let weights = clap::ValueEnum::to_possible_value(&cli.weights).context("weights name")?;
+    cmd.args(["--device", &cli.device, "--weights", weights.get_name()]);
     cmd.args(["--json", "map", "--rebuild"]).env("FLASH_INTERP_CACHE", cache);
     if no_amx {
         cmd.env("FLASH_INTERP_NO_AMX", "1");
@@ -50,7 +53,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
         let mut peers = serde_json::Map::new();
         for p in &a.peers {
             eprintln!("timing the {p} peer...");
-            let out = Command::new("python3")
+            let out = Command::new(std::env::var_os("FLASH_INTERP_PYTHON").unwrap_or_else(|| "python3".into()))
                 .arg(&a.peer)
                 .args(["--dir"])
                 .arg(&tmp)
@@ -67,7 +70,11 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
         }
         // Search latency with the map in memory (median of 20).
         let (m, _) = engine.map(View::Up, false, &|_, _| {})?;
-        let ids: Vec<u32> = [" dog", " cat", " Paris"].iter().filter_map(|t| engine.tok.single_token(t).ok()).collect();
+        let mut ids: Vec<u32> = [" dog", " cat", " Paris"].iter().filter_map(|t| engine.tok.single_token(t).ok()).collect();
+        if ids.is_empty() {
+            // A vocabulary without them (a synthetic model): what the first neuron is about.
+            ids.push(m.top(shared::Polarity::Pos, 0, 0).0[0]);
+        }
         let mut times = Vec::new();
         for i in 0..21 {
             let t = Instant::now();
@@ -137,7 +144,7 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
         .arg(&a.device_peer)
         .arg("--model")
         .arg(&path)
-        .args(["--device", &cli.device, "--dtype", &dtype, "--json"])
+        .args(["--device", &cli.device, "--dtype", &dtype, "--moments", "--json"])
         .output()
         .with_context(|| format!("running {}", a.device_peer.display()))?;
     let peer = if out.status.success() {
