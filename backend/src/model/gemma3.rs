@@ -150,7 +150,7 @@ impl LanguageModel for Gemma3 {
         blocks + self.shell.bytes()
     }
 
-    fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
+    fn run(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let sh = &self.shell;
         let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let narrow = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> { Ok((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?)) };

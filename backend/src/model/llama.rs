@@ -144,7 +144,7 @@ impl LanguageModel for Llama {
         blocks + self.shell.bytes()
     }
 
-    fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
+    fn run(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let sh = &self.shell;
         let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let cos = self.cos.narrow(0, offset, t)?;
