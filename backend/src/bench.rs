@@ -53,20 +53,11 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
         let mut peers = serde_json::Map::new();
         for p in &a.peers {
             eprintln!("timing the {p} peer...");
-            let out = Command::new(std::env::var_os("FLASH_INTERP_PYTHON").unwrap_or_else(|| "python3".into()))
-                .arg(&a.peer)
-                .args(["--dir"])
-                .arg(&tmp)
-                .args(["--backend", p, "--json", "--chunk", &a.peer_chunk.to_string()])
-                .output()
-                .with_context(|| format!("running {}", a.peer.display()))?;
-            if !out.status.success() {
-                eprintln!("  {p} peer skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
-                continue;
+            let mut cmd = Command::new(python());
+            cmd.arg(&a.peer).args(["--dir"]).arg(&tmp).args(["--backend", p, "--json", "--chunk", &a.peer_chunk.to_string()]);
+            if let Some(v) = run_peer(&mut cmd, p, &a.peer)? {
+                peers.insert(p.clone(), v);
             }
-            let line = String::from_utf8_lossy(&out.stdout);
-            let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))?;
-            peers.insert(p.clone(), v);
         }
         // Search latency with the map in memory (median of 20).
         let (m, _) = engine.map(View::Up, false, &|_, _| {})?;
@@ -75,15 +66,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
             // A vocabulary without them (a synthetic model): what the first neuron is about.
             ids.push(m.top(shared::Polarity::Pos, 0, 0).0[0]);
         }
-        let mut times = Vec::new();
-        for i in 0..21 {
-            let t = Instant::now();
-            analysis::search(&engine, &m, &ids[i % ids.len()..=i % ids.len()], 20)?;
-            if i > 0 {
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-        times.sort_by(f64::total_cmp);
+        let search_ms = search_ms_median(&engine, &m, &ids)?;
         let load_start = Instant::now();
         let path = map::cache_path(&tmp.join("cache"), &engine.info.name, engine.fingerprint()?, View::Up, false);
         map::cache::load(&path, &engine.map_meta(View::Up, false)?)?;
@@ -95,7 +78,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> Result<()> {
             "map_backend": map::kernel::backend_name(),
             "map_seconds_f32_path": ours_f32,
             "peers": peers,
-            "search_ms_median": times[times.len() / 2],
+            "search_ms_median": search_ms,
             "cache_load_seconds": cache_load,
         }))
     })();
@@ -140,29 +123,10 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
         d => d.to_owned(),
     };
     eprintln!("timing the PyTorch peer ({dtype})...");
-    let out = Command::new(std::env::var_os("FLASH_INTERP_PYTHON").unwrap_or_else(|| "python3".into()))
-        .arg(&a.device_peer)
-        .arg("--model")
-        .arg(&path)
-        .args(["--device", &cli.device, "--dtype", &dtype, "--moments", "--json"])
-        .output()
-        .with_context(|| format!("running {}", a.device_peer.display()))?;
-    let peer = if out.status.success() {
-        Some(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?)
-    } else {
-        eprintln!("  PyTorch peer failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        None
-    };
-    let token = m.top(shared::Polarity::Pos, 0, 0).0[0];
-    let mut times = Vec::new();
-    for i in 0..21 {
-        let t = Instant::now();
-        analysis::search(&engine, &m, &[token], 20)?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
-    times.sort_by(f64::total_cmp);
+    let mut cmd = Command::new(python());
+    cmd.arg(&a.device_peer).arg("--model").arg(&path).args(["--device", &cli.device, "--dtype", &dtype, "--moments", "--json"]);
+    let peer = run_peer(&mut cmd, "PyTorch", &a.device_peer)?;
+    let search_ms = search_ms_median(&engine, &m, &[m.top(shared::Polarity::Pos, 0, 0).0[0]])?;
     let peer_secs = peer.as_ref().and_then(|p| p["seconds"].as_f64());
     let r = serde_json::json!({
         "device": cli.device,
@@ -173,7 +137,7 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
         "map_seconds_first": first,
         "peer": peer,
         "ratio_peer_over_ours": peer_secs.map(|p| p / ours),
-        "search_ms_median": times[times.len() / 2],
+        "search_ms_median": search_ms,
     });
     if cli.json {
         return print_json(&r);
@@ -183,8 +147,39 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
     if let Some(p) = peer_secs {
         println!("  PyTorch peer ({dtype})  {p:>7.3}s   ours is {:.2}x faster", p / ours);
     }
-    println!("search (one token, map in memory): median {:.1} ms", times[times.len() / 2]);
+    println!("search (one token, map in memory): median {search_ms:.1} ms");
     Ok(())
+}
+
+/// The Python that runs the peers: `$FLASH_INTERP_PYTHON`, else `python3`.
+fn python() -> std::ffi::OsString {
+    std::env::var_os("FLASH_INTERP_PYTHON").unwrap_or_else(|| "python3".into())
+}
+
+/// Run a peer script and parse the JSON line its output ends with; `None` (its error on stderr)
+/// when it fails, so the rest of the benchmark still reports.
+fn run_peer(cmd: &mut Command, name: &str, script: &Path) -> Result<Option<serde_json::Value>> {
+    let out = cmd.output().with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        eprintln!("  {name} peer skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?))
+}
+
+/// Search latency with the map in memory: the median of 20 searches (after one untimed), one
+/// token of `ids` at a time in turn.
+fn search_ms_median(engine: &flash_interp::Engine, m: &map::NeuronMap, ids: &[u32]) -> Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..21 {
+        let t = Instant::now();
+        analysis::search(engine, m, &ids[i % ids.len()..=i % ids.len()], 20)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 fn ours_secs(r: &serde_json::Value) -> f64 {
@@ -260,38 +255,24 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     let our_rss = peak_rss();
     let peer = if path.extension().is_some_and(|e| e == "gguf") {
         eprintln!("timing llama.cpp...");
-        let out = Command::new(&a.python)
-            .arg(&a.peer)
+        let mut cmd = Command::new(&a.python);
+        cmd.arg(&a.peer)
             .arg("--model")
             .arg(&path)
             .args(["--tokens-json", &serde_json::to_string(&ids)?, "--new", &a.tokens.to_string(), "--runs", &a.runs.max(1).to_string()])
-            .args(["--threads", &threads.to_string()])
-            .output()
-            .with_context(|| format!("running {}", a.peer.display()))?;
-        if out.status.success() {
-            Some(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?)
-        } else {
-            eprintln!("  llama.cpp peer skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
-            None
-        }
+            .args(["--threads", &threads.to_string()]);
+        run_peer(&mut cmd, "llama.cpp", &a.peer)?
     } else {
         // A Hugging Face directory: transformers' generate on the same device, dtype and tokens.
         eprintln!("timing HF transformers...");
         let dtype = engine.weight_mode().compute_dtype();
-        let out = Command::new(&a.python)
-            .arg(&a.hf_peer)
+        let mut cmd = Command::new(&a.python);
+        cmd.arg(&a.hf_peer)
             .arg("--model")
             .arg(&path)
             .args(["--device", &cli.device, "--dtype", &format!("{dtype:?}").to_lowercase(), "--json"])
-            .args(["--prompt-ids", &ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","), "--max-new-tokens", &a.tokens.to_string()])
-            .output()
-            .with_context(|| format!("running {}", a.hf_peer.display()))?;
-        if out.status.success() {
-            Some(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))?)
-        } else {
-            eprintln!("  transformers peer skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
-            None
-        }
+            .args(["--prompt-ids", &ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","), "--max-new-tokens", &a.tokens.to_string()]);
+        run_peer(&mut cmd, "transformers", &a.hf_peer)?
     };
     // A 16-value clamp sweep of the last layer's first neuron, for our first greedy token.
     let sweep_seconds = match our_tokens.first() {
