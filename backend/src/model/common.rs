@@ -315,13 +315,16 @@ pub(crate) fn rope_tables(inv: Vec<f32>, max_seq_len: usize, dtype: DType, devic
 
 /// Scaled dot-product attention over `[b, heads, t, head_dim]` queries and the cached keys and
 /// values (`[b, kv_heads, total, head_dim]`, repeated to the query heads), with an additive mask;
-/// scores soft-capped (`cap · tanh(s / cap)`) first when asked (Gemma 2).
-#[allow(clippy::too_many_arguments)]
+/// scores soft-capped (`cap · tanh(s / cap)`) first when asked (Gemma 2). A few query positions
+/// (decoding) in f32 on the CPU take the fused kernel of [`super::attention`].
 ///
 /// Grouped-query attention without copying the keys and values: the `n_rep` query heads that
 /// share a key/value head are stacked as rows of one matrix (`[b, kv_heads, n_rep * t, d]`), so
 /// `k` and `v` (`[b, kv_heads, len, d]`, possibly views of a longer cache) are read in place.
 pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, softcap: Option<f32>, mask: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = super::attention::attend(q, k, v, n_rep, scale, softcap, mask)? {
+        return Ok(y);
+    }
     let (b, h, t, d) = q.dims4()?;
     let (kv_heads, len) = (h / n_rep, k.dim(2)?);
     let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, d))?;
@@ -527,7 +530,8 @@ mod kv_tests {
     #[test]
     fn grouped_attention_without_copies_equals_repeating_the_heads() {
         let dev = Device::Cpu;
-        let (b, h, kvh, t, len, d) = (2, 6, 2, 3, 7, 4);
+        // More query positions than the fused kernel takes: this is the general path.
+        let (b, h, kvh, t, len, d) = (2, 6, 2, super::super::attention::MAX_QUERIES + 1, 9, 4);
         let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
         let (k, v) = (Tensor::randn(0f32, 1.0, (b, kvh, len, d), &dev).unwrap(), Tensor::randn(0f32, 1.0, (b, kvh, len, d), &dev).unwrap());
         let mask = window_mask(t, len - t, None, DType::F32, &dev).unwrap();

@@ -1,5 +1,6 @@
 //! The model: configuration, weight sources, and one forward pass per family (`llama.rs`,
 //! `gemma3.rs`), each with interventions (neuron clamps) at the input of down_proj.
+pub mod attention;
 pub mod common;
 pub mod config;
 pub mod exact;
