@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use rayon::prelude::*;
 use shared::limits::MAX_CLAMPS;
 use shared::{
     ClampSpec, Completion, GenerateRequest, GenerateResponse, NextTokenRequest, NextTokenResponse, PromptSpec, SamplingParams, StopReason,
@@ -171,6 +172,9 @@ pub struct SweepResult {
     pub natural_value: f32,
     pub probs: Vec<f32>,
 }
+
+/// A row's sampled token, and its hover unless the token ends the row.
+type Sampled = (u32, Option<TokenStep>);
 
 impl Engine {
     /// Load a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
@@ -524,21 +528,34 @@ impl Engine {
         let mut streams: Vec<crate::tokenizer::TextStream> = vec![Default::default(); n];
         let eos = &self.tok.eos_ids;
         for step in 0..params.max_new_tokens {
+            // Each running row samples its token and computes what its hover shows (two passes
+            // over the vocabulary each): in parallel, as the rows are independent.
+            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let sampled: Vec<Option<Result<Sampled>>> = samplers
+                .par_iter_mut()
+                .zip(rows.par_iter())
+                .zip(stop.par_iter())
+                .map(|((sampler, row), stopped)| {
+                    stopped.is_none().then(|| {
+                        let tok = sampler.sample(row)?;
+                        Ok((tok, (!eos.contains(&tok)).then(|| self.step(row, tok))))
+                    })
+                })
+                .collect();
             let mut next = Vec::with_capacity(n);
-            for r in 0..n {
-                if stop[r].is_some() {
+            for (r, sampled) in sampled.into_iter().enumerate() {
+                let Some(sampled) = sampled else {
                     next.push(*seqs[r].last().unwrap_or(&0));
                     continue;
-                }
-                let row = logits.i(r)?.to_vec1::<f32>()?;
-                let tok = samplers[r].sample(&row)?;
+                };
+                let (tok, token_step) = sampled?;
                 next.push(tok);
-                if eos.contains(&tok) {
+                let Some(token_step) = token_step else {
                     stop[r] = Some(StopReason::Eos);
                     continue;
-                }
+                };
                 gen[r].push(tok);
-                steps[r].push(self.step(&row, tok));
+                steps[r].push(token_step);
                 // Empty while a partial UTF-8 character waits for its last byte.
                 let delta = self.tok.decode_step(&mut streams[r], &gen[r])?;
                 if !delta.is_empty() {

@@ -1,11 +1,13 @@
-//! Attention for a few query positions (decoding) on the CPU, fused: for each query head, the
-//! scores against its key/value head's cache, the soft cap, the mask, the softmax and the
-//! weighted sum of the values, read in place from the cache (any strides) without a matrix
-//! product call. candle's general path (two `gemm` calls, a scale, a softmax and the reshapes
-//! between them, each allocating) spent more on its overheads than on the arithmetic for one
-//! query row against a few hundred keys: a tenth of a decoding step on SmolLM2-135M.
+//! Attention for a few query positions (decoding) on the CPU, fused: for each key/value head, the
+//! scores of the query heads that share it against its cache, the soft cap, the mask, the softmax
+//! and the weighted sum of the values, read in place from the cache (any strides, each key and
+//! value row once for the whole group) without a matrix product call. candle's general path runs
+//! two `gemm` calls, a scale, a softmax and the reshapes between them, each allocating, for one
+//! query row against a few hundred keys; and a batch of steer streams holds a cache per row, which
+//! it then reads once per query head.
 //!
-//! Each (batch row, head) is computed on its own, so a row's result does not depend on its batch.
+//! Each (batch row, key/value head) is computed on its own, so a row's result does not depend on
+//! its batch.
 //! The arithmetic is the general path's up to summation order; the same Rust is compiled for
 //! AVX-512, AVX2+FMA and plain x86-64, as the exact kernels are, and picked at run time.
 
@@ -102,22 +104,22 @@ impl CustomOp3 for Op {
         let job = Job { op: self, q: &q[q0..q1], k, v, kl: strided(kl)?, vl: strided(vl)?, h, t, d, len };
         let mut out = vec![0f32; b * h * t * d];
         let run = |(i, o): (usize, &mut [f32])| {
-            let mut scores = vec![0f32; len];
+            let mut scores = vec![0f32; self.n_rep * t * len];
             // SAFETY: `isa` is what `Isa::detect` found on this CPU.
             unsafe {
                 match self.isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => head_avx512(&job, i, o, &mut scores),
+                    Isa::Avx512 => group_avx512(&job, i, o, &mut scores),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => head_avx2(&job, i, o, &mut scores),
-                    _ => head::<false>(&job, i, o, &mut scores),
+                    Isa::Avx2 => group_avx2(&job, i, o, &mut scores),
+                    _ => group::<false>(&job, i, o, &mut scores),
                 }
             }
         };
-        if b * h > 1 && b * h * t * len * d >= PAR_WORK {
-            out.par_chunks_mut(t * d).enumerate().for_each(run);
+        if b * kvh > 1 && b * h * t * len * d >= PAR_WORK {
+            out.par_chunks_mut(self.n_rep * t * d).enumerate().for_each(run);
         } else {
-            out.chunks_mut(t * d).enumerate().for_each(run);
+            out.chunks_mut(self.n_rep * t * d).enumerate().for_each(run);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
     }
@@ -138,45 +140,55 @@ struct Job<'a> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn head_avx512(job: &Job, i: usize, out: &mut [f32], scores: &mut [f32]) {
-    head::<true>(job, i, out, scores)
+unsafe fn group_avx512(job: &Job, i: usize, out: &mut [f32], scores: &mut [f32]) {
+    group::<true>(job, i, out, scores)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(job: &Job, i: usize, out: &mut [f32], scores: &mut [f32]) {
-    head::<true>(job, i, out, scores)
+unsafe fn group_avx2(job: &Job, i: usize, out: &mut [f32], scores: &mut [f32]) {
+    group::<true>(job, i, out, scores)
 }
 
-/// Head `i` (= batch row × heads + head) for its `t` query positions, into `out` `[t, d]`.
+/// Key/value group `i` (= batch row × key/value heads + group): its `n_rep` query heads × `t`
+/// positions, into `out` `[n_rep, t, d]`. Each key and value row is read once for all of them.
 #[inline(always)]
-fn head<const FMA: bool>(job: &Job, i: usize, out: &mut [f32], scores: &mut [f32]) {
+fn group<const FMA: bool>(job: &Job, i: usize, out: &mut [f32], scores: &mut [f32]) {
     let (op, t, d, len) = (job.op, job.t, job.d, job.len);
-    let (b, g) = (i / job.h, (i % job.h) / op.n_rep);
-    for (p, o) in out.chunks_exact_mut(d).enumerate() {
-        let q = &job.q[(i * t + p) * d..(i * t + p + 1) * d];
-        for (j, s) in scores.iter_mut().enumerate() {
-            let k0 = job.kl.at(b, g, j);
-            let mut x = dot::<FMA>(q, &job.k[k0..k0 + d]) * op.scale;
+    let kvh = job.h / op.n_rep;
+    let (b, g) = (i / kvh, i % kvh);
+    // The group's queries are consecutive: heads g·n_rep.. of row b, each `[t, d]`.
+    let q = &job.q[i * op.n_rep * t * d..(i + 1) * op.n_rep * t * d];
+    for j in 0..len {
+        let k0 = job.kl.at(b, g, j);
+        let key = &job.k[k0..k0 + d];
+        for (r, qr) in q.chunks_exact(d).enumerate() {
+            let mut x = dot::<FMA>(qr, key) * op.scale;
             if let Some(cap) = op.softcap {
                 x = (x / cap).tanh() * cap;
             }
             if let Some(m) = &op.mask {
-                x += m[p * len + j];
+                x += m[(r % t) * len + j];
             }
-            *s = x;
+            scores[r * len + j] = x;
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    }
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
-        for s in scores.iter_mut() {
+        for s in row.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
-        o.fill(0.0);
-        for (j, &s) in scores.iter().enumerate() {
-            let w = s / sum;
-            let v0 = job.vl.at(b, g, j);
-            for (o, &v) in o.iter_mut().zip(&job.v[v0..v0 + d]) {
+        row.iter_mut().for_each(|s| *s /= sum);
+    }
+    out.fill(0.0);
+    for j in 0..len {
+        let v0 = job.vl.at(b, g, j);
+        let value = &job.v[v0..v0 + d];
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            let w = scores[r * len + j];
+            for (o, &v) in o.iter_mut().zip(value) {
                 *o = madd::<FMA>(w, v, *o);
             }
         }
