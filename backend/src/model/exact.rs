@@ -328,7 +328,7 @@ fn rows_body<const FMA: bool, const V512: bool>(job: &Job, r0: usize, out: &mut 
             GgmlDType::Q8_0 => rows_fused::<Q8_0, FMA, false>(w, r0, job.x, out),
             _ => {
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = dot_any::<FMA>(w.dtype, w.row(r0 + i), job.x);
+                    *o = dot_any_v::<FMA, V512>(w.dtype, w.row(r0 + i), job.x);
                 }
             }
         }
@@ -340,6 +340,17 @@ fn rows_body<const FMA: bool, const V512: bool>(job: &Job, r0: usize, out: &mut 
         GgmlDType::Q5_0 => return rows_multi::<Q5_0, FMA, false>(job, r0, out),
         GgmlDType::Q8_0 => return rows_multi::<Q8_0, FMA, false>(job, r0, out),
         _ => {}
+    }
+    #[cfg(target_arch = "x86_64")]
+    if V512 && matches!(w.dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+        // Dequantizing in registers again for each activation row costs less than candle's
+        // dequantization once.
+        for (i, o) in out.chunks_mut(t).enumerate() {
+            for (k, o) in o.iter_mut().enumerate() {
+                *o = dot_any_v::<FMA, V512>(w.dtype, w.row(r0 + i), &job.x[k * cols..(k + 1) * cols]);
+            }
+        }
+        return;
     }
     let mut buf = vec![0f32; cols];
     for (i, o) in out.chunks_mut(t).enumerate() {
@@ -664,6 +675,72 @@ mod avx512 {
         finish(lanes(a0), lanes(a1))
     }
 
+    /// [`super::dot_any`] for Q4_K (super-blocks of 256 weights: f16 `d` and `dmin`, 12 bytes of
+    /// 6-bit scales and mins for 8 sub-blocks of 32, 128 bytes of nibbles, `w = d·sc·q - dmin·m`),
+    /// a table per sub-block; the same weights and order, so bit for bit its result.
+    #[inline(always)]
+    pub unsafe fn dot_q4k(row: &[u8], x: &[f32]) -> f32 {
+        let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        let mut total = 0f32;
+        for (blk, xb) in row.chunks_exact(144).zip(x.chunks_exact(256)) {
+            let dm = scales(blk);
+            let (d, min) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let sc: &[u8; 12] = blk[4..16].try_into().unwrap();
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for g in 0..4 {
+                let qs = blk.as_ptr().add(16 + 32 * g);
+                let (q0, q1) = (
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i)),
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.add(16) as *const __m128i)),
+                );
+                for half in 0..2 {
+                    let (s, m) = super::scale_min_k4(2 * g + half, sc);
+                    let table = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d * s as f32), iota), _mm512_set1_ps(min * m as f32));
+                    let (i0, i1) = if half == 0 { (q0, q1) } else { (_mm512_srli_epi32::<4>(q0), _mm512_srli_epi32::<4>(q1)) };
+                    let xp = xb.as_ptr().add(64 * g + 32 * half);
+                    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i0, table), _mm512_loadu_ps(xp), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(i1, table), _mm512_loadu_ps(xp.add(16)), a1);
+                }
+            }
+            total += finish(lanes(a0), lanes(a1));
+        }
+        total
+    }
+
+    /// [`super::dot_any`] for Q6_K (super-blocks of 256 weights: 128 bytes of low nibbles, 64 of
+    /// high 2-bit pairs, 16 signed 8-bit scales, f16 `d`; `w = (d·sc)·(q - 32)`, in candle's
+    /// layout of two halves of four quarters), computed on 16 lanes of 6-bit values at a time;
+    /// the same weights and order, so bit for bit its result.
+    #[inline(always)]
+    pub unsafe fn dot_q6k(row: &[u8], x: &[f32]) -> f32 {
+        let (low, two, bias) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
+        let load = |p: *const u8| _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let mut total = 0f32;
+        for (blk, xb) in row.chunks_exact(210).zip(x.chunks_exact(256)) {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([blk[208], blk[209]]) as i32)));
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for idx in 0..2 {
+                let (ql, qh, sc) = (blk.as_ptr().add(64 * idx), blk.as_ptr().add(128 + 32 * idx), &blk[192 + 8 * idx..200 + 8 * idx]);
+                for c in 0..4 {
+                    let mut w = [_mm512_setzero_ps(); 2];
+                    for (is, w) in w.iter_mut().enumerate() {
+                        let l = 16 * is;
+                        let lo = load(ql.add(l + 32 * (c % 2)));
+                        let lo = if c >= 2 { _mm512_srli_epi32::<4>(lo) } else { _mm512_and_si512(lo, low) };
+                        let hi = _mm512_and_si512(_mm512_srlv_epi32(load(qh.add(l)), _mm512_set1_epi32(2 * c as i32)), two);
+                        let q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32::<4>(hi)), bias);
+                        *w = _mm512_mul_ps(_mm512_set1_ps(d * sc[is + 2 * c] as i8 as f32), _mm512_cvtepi32_ps(q));
+                    }
+                    let xp = xb.as_ptr().add(128 * idx + 32 * c);
+                    a0 = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp), a0);
+                    a1 = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp.add(16)), a1);
+                }
+            }
+            total += finish(lanes(a0), lanes(a1));
+        }
+        total
+    }
+
     /// [`super::tile`] for `n ≤ TILE` activation rows, bit for bit.
     #[inline(always)]
     pub unsafe fn tile<B: Block>(job: &Job, r0: usize, k0: usize, n: usize, out: &mut [f32]) {
@@ -707,6 +784,16 @@ mod avx512 {
 
 const LANES: usize = 32;
 
+/// Q4_K's 6-bit scale and min of sub-block `j` (candle's `get_scale_min_k4`).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
 /// Sum of `N` (a power of two) lanes, pairwise (the same order on every instruction set).
 #[inline(always)]
 fn hsum<const N: usize>(a: [f32; N]) -> f32 {
@@ -747,6 +834,23 @@ static F16: LazyLock<Box<[f32; 65536]>> = LazyLock::new(|| {
 #[inline(always)]
 fn f16_at(table: &[f32; 65536], lo: u8, hi: u8) -> f32 {
     table[u16::from_le_bytes([lo, hi]) as usize]
+}
+
+/// [`dot_any`], or [`avx512`]'s fused kernel for the block types it has one for (Q4_K, Q6_K).
+#[inline(always)]
+fn dot_any_v<const FMA: bool, const V512: bool>(dtype: GgmlDType, row: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if V512 && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+        // SAFETY: `V512` is only set in code compiled for (and run on) AVX-512.
+        return unsafe {
+            if dtype == GgmlDType::Q4K {
+                avx512::dot_q4k(row, x)
+            } else {
+                avx512::dot_q6k(row, x)
+            }
+        };
+    }
+    dot_any::<FMA>(dtype, row, x)
 }
 
 /// Any other block type: one block at a time through candle's `to_float` into a buffer that
