@@ -44,8 +44,8 @@ fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
         assert_eq!(exact.rows_f32(&[5, 0, 36]).unwrap().to_vec2::<f32>().unwrap()[2], reference_w.to_vec2::<f32>().unwrap()[36]);
         assert!(exact.rows_f32(&[37]).is_err());
         // One, three and sixteen rows of activations (the kernels: one row, then tiles of up to
-        // eight, for the fused block types; the others take slabs from four rows), twenty-four
-        // (dequantized slabs through candle's matmul).
+        // eight, for the fused block types; Q4_K and Q6_K on AVX-512 take slabs from nine rows, the
+        // others from four), twenty-four (dequantized slabs through candle's matmul).
         for (b, t) in [(1, 1), (1, 3), (2, 8), (3, 8)] {
             let fused = exact.slab_rows() == flash_interp::model::exact::SLAB_ROWS;
             assert_eq!(b * t >= exact.slab_rows(), if fused { b * t == 24 } else { b * t >= 16 });
