@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exact::Isa;
+use super::exact::{dot_lanes, madd, Isa};
 use crate::error::Result;
 
 /// Query positions up to which [`attend`] takes the fused path (a decoding step is one).
@@ -195,39 +195,10 @@ fn group<const FMA: bool>(job: &Job, i: usize, out: &mut [f32], scores: &mut [f3
     }
 }
 
-const LANES: usize = 16;
-
-/// `a · b` in 16 lanes, summed pairwise.
+/// `a · b` in 16 lanes (a head dim is a multiple of 16 or small), summed pairwise.
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
-        }
-    }
-    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-        acc[l] = madd::<FMA>(*x, *y, acc[l]);
-    }
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for l in 0..n {
-            acc[l] += acc[l + n];
-        }
-    }
-    acc[0]
-}
-
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
+    dot_lanes::<FMA, 16>(a, b)
 }
 
 #[cfg(test)]

@@ -436,7 +436,7 @@ fn madd16<const FMA: bool>(acc: &mut [f32; 16], w: &[f32; 16], x: &[f32; 16]) {
 }
 
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
@@ -875,11 +875,18 @@ fn hsum<const N: usize>(a: [f32; N]) -> f32 {
 /// `a · b` in 32 lanes, summed pairwise.
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    dot_lanes::<FMA, LANES>(a, b)
+}
+
+/// `a · b` in `L` (a power of two) lanes, summed pairwise: the same order on every instruction
+/// set, and vectorized by the compiler inside a function compiled for one.
+#[inline(always)]
+pub(crate) fn dot_lanes<const FMA: bool, const L: usize>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for j in 0..LANES {
+        for j in 0..L {
             acc[j] = madd::<FMA>(x[j], y[j], acc[j]);
         }
     }
