@@ -47,6 +47,8 @@ import statistics
 import sys
 import time
 
+from peer_torch import DTYPES, device_and_dtype
+
 DEFAULT_PROMPT = "Write a long story about a dog who learns to fly."
 WARMUP_TOKENS = 4
 
@@ -80,7 +82,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "tf32"])
+    p.add_argument("--dtype", default="bf16", choices=DTYPES)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt-ids", help="the prompt's token ids, comma-separated (e.g. 1,2,3)")
     g.add_argument("--prompt", help="the prompt as text (needs the directory's tokenizer)")
@@ -121,21 +123,11 @@ def main():
     except AttributeError:
         pass
 
-    torch.set_grad_enabled(False)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        return fail(2, f"bad --device {args.device}: {e}")
+    setup = device_and_dtype(torch, args.device, args.dtype)
+    if len(setup) == 2:
+        return fail(*setup)
+    device, dtype, _ = setup
     cuda = device.type == "cuda"
-    if cuda:
-        if not torch.cuda.is_available():
-            return fail(4, "--device cuda but torch.cuda.is_available() is False "
-                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "tf32": torch.float32}[args.dtype]
-    torch.set_float32_matmul_precision("high" if args.dtype == "tf32" else "highest")
 
     tokenizer = None
     if prompt_ids is None:

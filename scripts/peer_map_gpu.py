@@ -57,7 +57,7 @@ import re
 import sys
 import time
 
-DTYPES = ("bf16", "f16", "f32", "tf32")
+from peer_torch import DTYPES, device_and_dtype
 
 
 def parse_args():
@@ -169,22 +169,11 @@ def main():
     except ImportError as e:
         return fail(3, f"needs numpy, torch and safetensors ({e}); pip install torch safetensors numpy")
 
-    torch.set_grad_enabled(False)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        return fail(2, f"bad --device {args.device}: {e}")
+    setup = device_and_dtype(torch, args.device, args.dtype)
+    if len(setup) == 2:
+        return fail(*setup)
+    device, dtype, precision = setup
     cuda = device.type == "cuda"
-    if cuda:
-        if not torch.cuda.is_available():
-            return fail(4, "--device cuda but torch.cuda.is_available() is False "
-                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "tf32": torch.float32}[args.dtype]
-    precision = "high" if args.dtype == "tf32" else "highest"
-    torch.set_float32_matmul_precision(precision)
 
     try:
         files = tensor_files(args.model)
