@@ -176,6 +176,36 @@ pub struct SweepResult {
 /// A row's sampled token, and its hover unless the token ends the row.
 type Sampled = (u32, Option<TokenStep>);
 
+/// A generation in progress ([`Engine::start_generation`]): its rows (an intervention and a
+/// sampler each) after the prompt, the cache holding them, and what each row has produced so
+/// far. [`Engine::advance`] moves it a step; [`Engine::generate_rows`] drives one alone, the
+/// [`crate::batch::Batcher`] many side by side in one batch.
+pub struct Generation {
+    pub(crate) variants: Vec<Intervention>,
+    samplers: Vec<Sampler>,
+    pub(crate) cache: Cache,
+    gen: Vec<Vec<u32>>,
+    steps: Vec<Vec<TokenStep>>,
+    /// Steps whose text has not been sent yet (a character still incomplete).
+    unsent: Vec<usize>,
+    /// Sequences fed to the model; a finished row keeps being fed its last token (ignored).
+    seqs: Vec<Vec<u32>>,
+    stop: Vec<Option<StopReason>>,
+    /// The text streamed so far, decoded a window at a time.
+    texts: Vec<String>,
+    streams: Vec<crate::tokenizer::TextStream>,
+    step: usize,
+    max_new: usize,
+    start: Instant,
+}
+
+impl Generation {
+    /// Rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.seqs.len()
+    }
+}
+
 impl Engine {
     /// Load a GGUF file, or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
@@ -502,6 +532,32 @@ impl Engine {
         cancel: &Cancel,
         on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
     ) -> Result<Vec<GenOutput>> {
+        let (mut g, mut logits) = self.start_generation(ids, variants, seeds, params, cancel)?;
+        while let Some(next) = self.advance(&mut g, &logits, on_text)? {
+            let n = next.len();
+            logits = if use_cache {
+                self.model.forward(&Tensor::from_vec(next, (n, 1), self.model.device())?, &mut g.cache, &g.variants, &[])?.logits
+            } else {
+                let t = g.seqs[0].len();
+                let flat: Vec<u32> = g.seqs.iter().flatten().copied().collect();
+                let input = Tensor::from_vec(flat, (n, t), self.model.device())?;
+                self.model.forward(&input, &mut Cache::with_cancel(self.config(), cancel.clone()), &g.variants, &[])?.logits
+            };
+        }
+        self.finish(g, on_text)
+    }
+
+    /// A generation's start: its rows checked, and its prompt run into a fresh cache (once,
+    /// repeated at the first layer where the rows differ). Returns the generation and the logits
+    /// its first tokens are sampled from.
+    pub fn start_generation(
+        &self,
+        ids: &[u32],
+        variants: &[Intervention],
+        seeds: &[u64],
+        params: &SamplingParams,
+        cancel: &Cancel,
+    ) -> Result<(Generation, Tensor)> {
         limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
         limits::check_prompt_tokens(ids.len(), params.max_new_tokens, self.config().max_seq_len)?;
         if variants.is_empty() || variants.len() > 2 * shared::limits::MAX_SAMPLES || seeds.len() != variants.len() {
@@ -511,107 +567,120 @@ impl Engine {
             self.model.validate(iv)?;
         }
         let n = variants.len();
-        let mut samplers: Vec<Sampler> = seeds.iter().map(|&seed| Sampler::new(&SamplingParams { seed, ..params.clone() })).collect();
         let start = Instant::now();
-        let dev = self.model.device();
         let mut cache = Cache::with_cancel(self.config(), cancel.clone());
-        let mut logits = self.model.forward(&self.input(ids)?, &mut cache, variants, &[])?.logits;
-        let mut gen: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut steps: Vec<Vec<TokenStep>> = vec![Vec::new(); n];
-        // Steps whose text has not been sent yet (a character still incomplete).
-        let mut unsent: Vec<usize> = vec![0; n];
-        // Sequences fed to the model; a finished row keeps being fed its last token (ignored).
-        let mut seqs: Vec<Vec<u32>> = vec![ids.to_vec(); n];
-        let mut stop: Vec<Option<StopReason>> = vec![None; n];
-        // The text streamed so far, decoded a window at a time.
-        let mut texts: Vec<String> = vec![String::new(); n];
-        let mut streams: Vec<crate::tokenizer::TextStream> = vec![Default::default(); n];
+        let logits = self.model.forward(&self.input(ids)?, &mut cache, variants, &[])?.logits;
+        let g = Generation {
+            variants: variants.to_vec(),
+            samplers: seeds.iter().map(|&seed| Sampler::new(&SamplingParams { seed, ..params.clone() })).collect(),
+            cache,
+            gen: vec![Vec::new(); n],
+            steps: vec![Vec::new(); n],
+            unsent: vec![0; n],
+            seqs: vec![ids.to_vec(); n],
+            stop: vec![None; n],
+            texts: vec![String::new(); n],
+            streams: vec![Default::default(); n],
+            step: 0,
+            max_new: params.max_new_tokens,
+            start,
+        };
+        Ok((g, logits))
+    }
+
+    /// One step of a generation: each running row samples its next token from `logits`
+    /// (`[rows, vocab]`), streams its text through `on_text` (`false` stops every row) and
+    /// stops at EOS or the length limit. Returns the tokens to feed next (a stopped row repeats
+    /// its last token, ignored), or `None` once every row has stopped.
+    pub fn advance(
+        &self,
+        g: &mut Generation,
+        logits: &Tensor,
+        on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
+    ) -> Result<Option<Vec<u32>>> {
         let eos = &self.tok.eos_ids;
-        for step in 0..params.max_new_tokens {
-            // Each running row samples its token and computes what its hover shows (two passes
-            // over the vocabulary each): in parallel, as the rows are independent.
-            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            let sampled: Vec<Option<Result<Sampled>>> = samplers
-                .par_iter_mut()
-                .zip(rows.par_iter())
-                .zip(stop.par_iter())
-                .map(|((sampler, row), stopped)| {
-                    stopped.is_none().then(|| {
-                        let tok = sampler.sample(row)?;
-                        Ok((tok, (!eos.contains(&tok)).then(|| self.step(row, tok))))
-                    })
+        // Each running row samples its token and computes what its hover shows (two passes
+        // over the vocabulary each): in parallel, as the rows are independent.
+        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let sampled: Vec<Option<Result<Sampled>>> = g
+            .samplers
+            .par_iter_mut()
+            .zip(rows.par_iter())
+            .zip(g.stop.par_iter())
+            .map(|((sampler, row), stopped)| {
+                stopped.is_none().then(|| {
+                    let tok = sampler.sample(row)?;
+                    Ok((tok, (!eos.contains(&tok)).then(|| self.step(row, tok))))
                 })
-                .collect();
-            let mut next = Vec::with_capacity(n);
-            for (r, sampled) in sampled.into_iter().enumerate() {
-                let Some(sampled) = sampled else {
-                    next.push(*seqs[r].last().unwrap_or(&0));
-                    continue;
-                };
-                let (tok, token_step) = sampled?;
-                next.push(tok);
-                let Some(token_step) = token_step else {
-                    stop[r] = Some(StopReason::Eos);
-                    continue;
-                };
-                gen[r].push(tok);
-                steps[r].push(token_step);
-                // Empty while a partial UTF-8 character waits for its last byte.
-                let delta = self.tok.decode_step(&mut streams[r], &gen[r])?;
-                if !delta.is_empty() {
-                    texts[r].push_str(&delta);
-                    if let Some(last) = steps[r].last_mut() {
-                        last.text = delta.clone();
-                    }
-                    let sent = std::mem::replace(&mut unsent[r], steps[r].len());
-                    if !on_text(r, &delta, &steps[r][sent..]) {
-                        stop.iter_mut().for_each(|s| *s = s.or(Some(StopReason::Cancelled)));
-                        break;
-                    }
-                }
-                if step + 1 == params.max_new_tokens {
-                    stop[r] = Some(StopReason::Length);
-                }
-            }
-            if stop.iter().all(Option::is_some) {
-                break;
-            }
-            for (s, &t) in seqs.iter_mut().zip(&next) {
-                s.push(t);
-            }
-            logits = if use_cache {
-                let input = Tensor::from_vec(next, (n, 1), dev)?;
-                self.model.forward(&input, &mut cache, variants, &[])?.logits
-            } else {
-                let t = seqs[0].len();
-                let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
-                let input = Tensor::from_vec(flat, (n, t), dev)?;
-                self.model.forward(&input, &mut Cache::with_cancel(self.config(), cancel.clone()), variants, &[])?.logits
+            })
+            .collect();
+        let n = g.seqs.len();
+        let mut next = Vec::with_capacity(n);
+        for (r, sampled) in sampled.into_iter().enumerate() {
+            let Some(sampled) = sampled else {
+                next.push(*g.seqs[r].last().unwrap_or(&0));
+                continue;
             };
+            let (tok, token_step) = sampled?;
+            next.push(tok);
+            let Some(token_step) = token_step else {
+                g.stop[r] = Some(StopReason::Eos);
+                continue;
+            };
+            g.gen[r].push(tok);
+            g.steps[r].push(token_step);
+            // Empty while a partial UTF-8 character waits for its last byte.
+            let delta = self.tok.decode_step(&mut g.streams[r], &g.gen[r])?;
+            if !delta.is_empty() {
+                g.texts[r].push_str(&delta);
+                if let Some(last) = g.steps[r].last_mut() {
+                    last.text = delta.clone();
+                }
+                let sent = std::mem::replace(&mut g.unsent[r], g.steps[r].len());
+                if !on_text(r, &delta, &g.steps[r][sent..]) {
+                    g.stop.iter_mut().for_each(|s| *s = s.or(Some(StopReason::Cancelled)));
+                    break;
+                }
+            }
+            if g.step + 1 == g.max_new {
+                g.stop[r] = Some(StopReason::Length);
+            }
         }
-        // Whatever was held back (a character cut by the length limit) goes out last, so the
-        // streamed text adds up to the returned text (for tokenizers whose decoding of more
-        // tokens only appends, as byte-level BPE's does; the web app falls back to the returned
-        // text where it would not).
+        g.step += 1;
+        if g.stop.iter().all(Option::is_some) || g.step >= g.max_new {
+            return Ok(None);
+        }
+        for (s, &t) in g.seqs.iter_mut().zip(&next) {
+            s.push(t);
+        }
+        Ok(Some(next))
+    }
+
+    /// A generation's end: each row's whole answer decoded once, and whatever streaming held
+    /// back (a character cut by the length limit) sent last, so the streamed text adds up to the
+    /// returned text (for tokenizers whose decoding of more tokens only appends, as byte-level
+    /// BPE's does; the web app falls back to the returned text where it would not).
+    pub fn finish(&self, mut g: Generation, on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool) -> Result<Vec<GenOutput>> {
+        let n = g.seqs.len();
         for r in 0..n {
             // The answer is the whole sequence decoded once; what streamed is its beginning.
-            let streamed = std::mem::replace(&mut texts[r], self.tok.decode(&gen[r])?).len();
-            if stop[r] != Some(StopReason::Cancelled) && texts[r].len() > streamed && texts[r].is_char_boundary(streamed) {
-                let tail = &texts[r][streamed..];
-                if let Some(last) = steps[r].last_mut() {
+            let streamed = std::mem::replace(&mut g.texts[r], self.tok.decode(&g.gen[r])?).len();
+            if g.stop[r] != Some(StopReason::Cancelled) && g.texts[r].len() > streamed && g.texts[r].is_char_boundary(streamed) {
+                let tail = &g.texts[r][streamed..];
+                if let Some(last) = g.steps[r].last_mut() {
                     last.text.push_str(tail);
                 }
-                on_text(r, tail, &steps[r][unsent[r]..]);
+                on_text(r, tail, &g.steps[r][g.unsent[r]..]);
             }
         }
-        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        let secs = g.start.elapsed().as_secs_f64().max(1e-9);
         Ok((0..n)
             .map(|r| GenOutput {
-                tokens: gen[r].clone(),
-                steps: std::mem::take(&mut steps[r]),
-                text: texts[r].clone(),
-                stop: stop[r].unwrap_or(StopReason::Length),
-                tokens_per_second: gen[r].len() as f64 / secs,
+                tokens_per_second: g.gen[r].len() as f64 / secs,
+                tokens: std::mem::take(&mut g.gen[r]),
+                steps: std::mem::take(&mut g.steps[r]),
+                text: std::mem::take(&mut g.texts[r]),
+                stop: g.stop[r].unwrap_or(StopReason::Length),
             })
             .collect())
     }
@@ -766,7 +835,7 @@ impl Engine {
     /// A generate request's prompt and batch rows: each sample's variants (normal and steered
     /// with `compare`), with the sample's seed and what each row is.
     #[allow(clippy::type_complexity)]
-    fn prepare_generate(&self, req: &GenerateRequest) -> Result<(Vec<u32>, Vec<Intervention>, Vec<u64>, Vec<(usize, Variant)>)> {
+    pub(crate) fn prepare_generate(&self, req: &GenerateRequest) -> Result<(Vec<u32>, Vec<Intervention>, Vec<u64>, Vec<(usize, Variant)>)> {
         let ids = self.prompt_ids(&req.prompt)?;
         let steered = self.intervention(&req.clamps)?;
         if req.compare && steered.is_empty() {
@@ -855,7 +924,7 @@ impl Engine {
     }
 
     /// Turn generation outputs into the shared message type, one variant kind per output.
-    fn completions(outs: Vec<GenOutput>, what: &[(usize, Variant)]) -> Vec<Completion> {
+    pub(crate) fn completions(outs: Vec<GenOutput>, what: &[(usize, Variant)]) -> Vec<Completion> {
         outs.into_iter()
             .zip(what)
             .map(|(o, &(sample, variant))| Completion {

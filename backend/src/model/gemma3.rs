@@ -11,8 +11,8 @@
 //! safetensors source adds the 1.
 
 use super::common::{
-    append_kv, attend, check_forward, linear, rope_tables, run_layers, tensor_bytes, window_mask, Act, Cache, ForwardOutput, Intervention, LayerKv,
-    Linear, Mlp, RmsNorm, Shell,
+    attend_segments, check_forward, check_step, linear, rope_tables, run_layers, run_step_layers, tensor_bytes, window_mask, Act, Cache,
+    ForwardOutput, Intervention, Linear, Mlp, MlpSite, Pos, RmsNorm, Segment, Shell, StepGroup,
 };
 use super::config::{Arch, Config, Gemma3Params};
 use super::weights::{Key, WeightSource};
@@ -55,7 +55,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<LayerKv>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pos: &[Pos], segs: &mut [Segment]) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let q = self.q.forward(x)?.reshape((b, t, self.n_heads, self.head_dim))?.transpose(1, 2)?;
         let k = self.k.forward(x)?.reshape((b, t, self.n_kv_heads, self.head_dim))?.transpose(1, 2)?;
@@ -65,10 +65,8 @@ impl Attention {
             Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             None => (q.contiguous()?, k.contiguous()?),
         };
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = append_kv(kv, k, v)?;
-        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, self.scale, self.softcap, mask)?;
+        let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+        let y = attend_segments(&q, &k, &v, segs, pos, rope, self.n_heads / self.n_kv_heads, self.scale, self.softcap)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
         self.o.forward(&y)
     }
@@ -96,6 +94,15 @@ impl Block {
             post_ffn_norm: RmsNorm::load(src, Key::PostFfnNorm(l), cfg)?,
             global: p.is_global(l),
         })
+    }
+
+    /// One block, with each group's positions on global layers (`global`) and local ones (`local`).
+    fn forward(&self, x: Tensor, global: &[Pos], local: &[Pos], segs: &mut [Segment], mlp: &mut MlpSite) -> Result<Tensor> {
+        let pos = if self.global { global } else { local };
+        let h = self.attn.forward(&self.attn_norm.forward(&x)?, pos, segs)?;
+        let x = (&x + self.post_attn_norm.forward(&h)?)?;
+        let m = mlp.forward(&self.mlp, &self.ffn_norm.forward(&x)?)?;
+        Ok((&x + self.post_ffn_norm.forward(&m)?)?)
     }
 }
 
@@ -127,6 +134,25 @@ impl Gemma3 {
         let embed_scale = Tensor::new(&[(cfg.d_model as f32).sqrt()], device)?.to_dtype(dtype)?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
         Ok(Self { shell, params: params.clone(), embed_scale, blocks, global_rope, local_rope })
     }
+
+    /// Positions `offset..offset + t` on the global layers and on the local ones.
+    fn positions(&self, offset: usize, t: usize) -> Result<(Pos, Pos)> {
+        let sh = &self.shell;
+        let global_mask = if t > 1 { Some(window_mask(t, offset, None, sh.dtype, &sh.device)?) } else { None };
+        // A local layer needs its mask whenever a key can fall out of the window, one token included.
+        let window = self.params.sliding_window;
+        let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
+        Ok((Pos::at(&self.global_rope, offset, t, global_mask)?, Pos::at(&self.local_rope, offset, t, local_mask)?))
+    }
+
+    /// Logits of the last of `t` positions, soft-capped when the model asks for it (Gemma 2).
+    fn logits(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let logits = self.shell.logits(x, t)?;
+        Ok(match self.params.final_logit_softcap {
+            Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+            None => logits,
+        })
+    }
 }
 
 impl LanguageModel for Gemma3 {
@@ -153,30 +179,21 @@ impl LanguageModel for Gemma3 {
     fn run(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let sh = &self.shell;
         let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
-        let narrow = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> { Ok((cos.narrow(0, offset, t)?, sin.narrow(0, offset, t)?)) };
-        let (global_rope, local_rope) = (narrow(&self.global_rope)?, narrow(&self.local_rope)?);
-        let global_mask = if t > 1 { Some(window_mask(t, offset, None, sh.dtype, &sh.device)?) } else { None };
-        // A local layer needs its mask whenever a key can fall out of the window, one token included.
-        let window = self.params.sliding_window;
-        let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
-
-        let x = sh.embed(input)?;
-        let x = (x * self.embed_scale)?;
-        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, kv, mlp| {
-            let block = &self.blocks[l];
-            let ((cos, sin), mask) = if block.global { (&global_rope, &global_mask) } else { (&local_rope, &local_mask) };
-            let h = block.attn.forward(&block.attn_norm.forward(&x)?, cos, sin, mask.as_ref(), kv)?;
-            let x = (&x + block.post_attn_norm.forward(&h)?)?;
-            let m = mlp.forward(&block.mlp, &block.ffn_norm.forward(&x)?)?;
-            Ok((&x + block.post_ffn_norm.forward(&m)?)?)
+        let (global, local) = self.positions(offset, t)?;
+        let x = (sh.embed(input)? * self.embed_scale)?;
+        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, segs, mlp| {
+            self.blocks[l].forward(x, std::slice::from_ref(&global), std::slice::from_ref(&local), segs, mlp)
         })?;
-        let logits = sh.logits(&x, t)?;
-        Ok(ForwardOutput {
-            logits: match self.params.final_logit_softcap {
-                Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
-                None => logits,
-            },
-            mlp_acts: acts,
-        })
+        Ok(ForwardOutput { logits: self.logits(&x, t)?, mlp_acts: acts })
+    }
+
+    fn run_step(&self, groups: &mut [StepGroup]) -> Result<Tensor> {
+        let sh = &self.shell;
+        let (input, rows) = check_step(&sh.cfg, groups, &sh.device)?;
+        let (global, local): (Vec<Pos>, Vec<Pos>) =
+            groups.iter().map(|g| self.positions(g.cache.seq_len(), 1)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        let x = (sh.embed(&input)? * self.embed_scale)?;
+        let x = run_step_layers(x, groups, &rows, |l, x, segs, mlp| self.blocks[l].forward(x, &global, &local, segs, mlp))?;
+        self.logits(&x, 1)
     }
 }

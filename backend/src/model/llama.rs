@@ -10,8 +10,8 @@
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
 
 use super::common::{
-    append_kv, attend, causal_mask, check_forward, linear, rope_tables, run_layers, tensor_bytes, Act, Cache, ForwardOutput, Intervention, LayerKv,
-    Linear, Mlp, RmsNorm, Shell,
+    attend_segments, causal_mask, check_forward, check_step, linear, rope_tables, run_layers, run_step_layers, tensor_bytes, Act, Cache,
+    ForwardOutput, Intervention, Linear, Mlp, MlpSite, Pos, RmsNorm, Segment, Shell, StepGroup,
 };
 use super::config::{Arch, Config};
 use super::weights::{Key, WeightSource};
@@ -63,7 +63,7 @@ impl Attention {
         Ok(if self.interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kv: &mut Option<LayerKv>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pos: &[Pos], segs: &mut [Segment]) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (mut q, mut k, mut v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         if let Some([bq, bk, bv]) = &self.bias {
@@ -75,11 +75,8 @@ impl Attention {
         if let Some((qn, kn)) = &self.qk_norm {
             (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
         }
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
-        let (k, v) = append_kv(kv, k, v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = attend(&q, &k, &v, self.n_heads / self.n_kv_heads, scale, None, mask)?;
+        let y = attend_segments(&q, &k, &v, segs, pos, |x, cos, sin| self.rope(x, cos, sin), self.n_heads / self.n_kv_heads, scale, None)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
         self.o.forward(&y)
     }
@@ -102,6 +99,11 @@ impl Block {
             mlp: Mlp::load(src, l, cfg, Act::Silu)?,
         })
     }
+
+    fn forward(&self, x: Tensor, pos: &[Pos], segs: &mut [Segment], mlp: &mut MlpSite) -> Result<Tensor> {
+        let x = (&x + self.attn.forward(&self.attn_norm.forward(&x)?, pos, segs)?)?;
+        Ok((&x + mlp.forward(&self.mlp, &self.ffn_norm.forward(&x)?)?)?)
+    }
 }
 
 /// A loaded Llama-architecture model. Immutable: share it in an `Arc`.
@@ -109,16 +111,16 @@ impl Block {
 pub struct Llama {
     shell: Shell,
     blocks: Vec<Block>,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables `(cos, sin)`.
+    rope: (Tensor, Tensor),
 }
 
 impl Llama {
     pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
         let shell = Shell::load(src, cfg)?;
         let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg)).collect::<Result<Vec<_>>>()?;
-        let (cos, sin) = rope_tables(cfg.inv_freqs(), cfg.max_seq_len, shell.dtype, &shell.device)?;
-        Ok(Self { shell, blocks, cos, sin })
+        let rope = rope_tables(cfg.inv_freqs(), cfg.max_seq_len, shell.dtype, &shell.device)?;
+        Ok(Self { shell, blocks, rope })
     }
 }
 
@@ -147,17 +149,20 @@ impl LanguageModel for Llama {
     fn run(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let sh = &self.shell;
         let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
         let mask = if t > 1 { Some(causal_mask(t, offset, sh.dtype, &sh.device)?) } else { None };
-
+        let pos = [Pos::at(&self.rope, offset, t, mask)?];
         let x = sh.embed(input)?;
-        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, kv, mlp| {
-            let block = &self.blocks[l];
-            let x = (&x + block.attn.forward(&block.attn_norm.forward(&x)?, &cos, &sin, mask.as_ref(), kv)?)?;
-            Ok((&x + mlp.forward(&block.mlp, &block.ffn_norm.forward(&x)?)?)?)
-        })?;
+        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, segs, mlp| self.blocks[l].forward(x, &pos, segs, mlp))?;
         Ok(ForwardOutput { logits: sh.logits(&x, t)?, mlp_acts: acts })
+    }
+
+    fn run_step(&self, groups: &mut [StepGroup]) -> Result<Tensor> {
+        let sh = &self.shell;
+        let (input, rows) = check_step(&sh.cfg, groups, &sh.device)?;
+        let pos = groups.iter().map(|g| Pos::at(&self.rope, g.cache.seq_len(), 1, None)).collect::<Result<Vec<_>>>()?;
+        let x = sh.embed(&input)?;
+        let x = run_step_layers(x, groups, &rows, |l, x, segs, mlp| self.blocks[l].forward(x, &pos, segs, mlp))?;
+        sh.logits(&x, 1)
     }
 }
 

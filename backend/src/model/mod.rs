@@ -10,7 +10,7 @@ pub mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use common::{all_finite, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Shell};
+pub use common::{all_finite, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Shell, StepGroup};
 pub use config::{Arch, Config};
 pub use gemma3::Gemma3;
 pub use llama::Llama;
@@ -56,6 +56,24 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     /// The family's forward pass (see [`LanguageModel::forward`]).
     fn run(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput>;
 
+    /// The family's decoding step of several groups at once (see [`LanguageModel::step`]).
+    fn run_step(&self, groups: &mut [StepGroup]) -> Result<Tensor>;
+
+    /// One decoding step of several independent groups of rows (several requests) as one batch:
+    /// each group feeds one token per row and has its own cache, positions and interventions.
+    /// The matrix products run once over every group's rows; RoPE, the cache and attention run
+    /// per group. Returns the logits `[rows, vocab]` (f32), the groups' rows in order; each row
+    /// is what [`LanguageModel::forward`] on that group alone gives, up to summation order.
+    /// Logits are not checked for finiteness: one group's overflow is that group's error, and
+    /// cancellation is checked between steps by the caller.
+    fn step(&self, groups: &mut [StepGroup]) -> Result<Tensor> {
+        if self.device().is_cpu() && rayon::current_thread_index().is_none() {
+            rayon::scope(|_| self.run_step(groups))
+        } else {
+            self.run_step(groups)
+        }
+    }
+
     /// [`LanguageModel::forward`] without the check that every row's logits are finite: for
     /// callers that judge each row on its own (a batch of many clamps where one extreme value may
     /// overflow).
@@ -88,10 +106,15 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     fn forward(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
         let out = self.forward_rows(input, cache, rows, record)?;
         if !all_finite(&out.logits)? {
-            return Err(Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into()));
+            return Err(non_finite());
         }
         Ok(out)
     }
+}
+
+/// The error of logits that are not finite.
+pub(crate) fn non_finite() -> Error {
+    Error::NonFinite("the model's output is not a finite number for this input (an overflow: try smaller clamp values)".into())
 }
 
 /// Load the forward pass of `cfg.arch` over `src`.

@@ -1,0 +1,200 @@
+//! Generations of concurrent requests in one batch. A [`Batcher`] owns one thread per model that
+//! runs every generation in progress side by side: each decoding step feeds all their rows through
+//! the model at once ([`LanguageModel::step`]: the weights are read once for every row, which is
+//! what a step costs on a CPU), while each request keeps its own cache, positions, interventions,
+//! samplers, stop conditions and stream. Requests join between steps (their prompt runs on its
+//! own first) and leave when they finish, fail or are cancelled, freeing what they held.
+//!
+//! What bounds the batch is the caller's: the server admits a request's rows into a fixed number
+//! of seats and hands the batch a worker permit ([`Job::hold`], [`Job::worker`]).
+//!
+//! [`LanguageModel::step`]: crate::model::LanguageModel::step
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+use shared::{GenerateRequest, GenerateResponse, SamplingParams, TokenStep, Variant};
+
+use crate::cancel::Cancel;
+use crate::engine::{Engine, GenOutput, Generation};
+use crate::error::{Error, Result};
+use crate::model::{all_finite, Intervention, StepGroup};
+
+/// Called with a row's new text and the tokens it comes from; `false` stops the job.
+pub type OnText = Box<dyn FnMut(usize, &str, &[TokenStep]) -> bool + Send>;
+/// Called once with the job's outputs (one per row) or its error.
+pub type Done = Box<dyn FnOnce(Result<Vec<GenOutput>>) + Send>;
+
+/// One generation handed to a [`Batcher`]: what [`Engine::generate_rows`] takes, with callbacks.
+pub struct Job {
+    pub ids: Vec<u32>,
+    pub variants: Vec<Intervention>,
+    pub seeds: Vec<u64>,
+    pub params: SamplingParams,
+    /// Checked between steps: a cancelled job leaves the batch before the next one.
+    pub cancel: Cancel,
+    pub on_text: OnText,
+    pub done: Done,
+    /// Whatever the job holds while it runs (the server's seats in the batch): dropped with it.
+    pub hold: Option<Box<dyn Send>>,
+    /// A worker permit. The batch keeps one while any job runs (the first that comes while it
+    /// holds none) and drops the others at once.
+    pub worker: Option<Box<dyn Send>>,
+}
+
+impl Job {
+    /// A `shared::GenerateRequest` as a job (validated: everything it can fail on before it
+    /// runs). `on_text(sample, variant, text, steps)` streams; `done` gets the response.
+    pub fn request(
+        engine: &Engine,
+        req: &GenerateRequest,
+        cancel: Cancel,
+        mut on_text: impl FnMut(usize, Variant, &str, &[TokenStep]) -> bool + Send + 'static,
+        done: impl FnOnce(Result<GenerateResponse>) + Send + 'static,
+    ) -> Result<Self> {
+        let (ids, variants, seeds, what) = engine.prepare_generate(req)?;
+        let what = Arc::new(what);
+        let w = what.clone();
+        let prompt_tokens = ids.len();
+        Ok(Job {
+            ids,
+            variants,
+            seeds,
+            params: req.sampling.clone(),
+            cancel,
+            on_text: Box::new(move |r, text, steps| on_text(w[r].0, w[r].1, text, steps)),
+            done: Box::new(move |outs| done(outs.map(|outs| GenerateResponse { prompt_tokens, completions: Engine::completions(outs, &what) }))),
+            hold: None,
+            worker: None,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.variants.len()
+    }
+}
+
+/// A job in the batch: its generation and the tokens or logits of its next step.
+struct Live {
+    job: Job,
+    gen: Generation,
+    logits: Tensor,
+    next: Vec<u32>,
+}
+
+/// The batch of one model's generations, run on its own thread (see the module's docs).
+pub struct Batcher {
+    tx: Sender<Job>,
+    rows: Arc<AtomicUsize>,
+}
+
+impl Batcher {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let (tx, rx) = channel();
+        let rows = Arc::new(AtomicUsize::new(0));
+        let r = rows.clone();
+        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &rx, &r)).expect("spawning the batch thread");
+        Self { tx, rows }
+    }
+
+    /// Add a job to the batch; it starts before the next step. Its `done` is always called.
+    pub fn submit(&self, job: Job) {
+        if let Err(e) = self.tx.send(job) {
+            (e.0.done)(Err(Error::Io(std::io::Error::other("the batch thread has stopped"))));
+        }
+    }
+
+    /// Rows running in the batch now.
+    pub fn rows(&self) -> usize {
+        self.rows.load(Ordering::Relaxed)
+    }
+}
+
+/// The batch thread: until every sender is gone, start the jobs that came, sample every job's
+/// rows, let finished ones go, and run one step of all the others together.
+fn run(engine: &Engine, rx: &Receiver<Job>, rows: &AtomicUsize) {
+    let mut live: Vec<Live> = Vec::new();
+    let mut worker: Option<Box<dyn Send>> = None;
+    loop {
+        let mut came = Vec::new();
+        if live.is_empty() {
+            worker = None;
+            match rx.recv() {
+                Ok(job) => came.push(job),
+                Err(_) => return,
+            }
+        }
+        came.extend(rx.try_iter());
+        for mut job in came {
+            if worker.is_none() {
+                worker = job.worker.take();
+            }
+            job.worker = None;
+            match engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel) {
+                Ok((gen, logits)) => live.push(Live { job, gen, logits, next: Vec::new() }),
+                Err(e) => (job.done)(Err(e)),
+            }
+        }
+        // Every job samples its rows (in parallel: they are independent) and streams.
+        let advanced: Vec<Result<Option<Vec<u32>>>> =
+            live.par_iter_mut().map(|l| engine.advance(&mut l.gen, &l.logits, &mut *l.job.on_text)).collect();
+        let mut kept = Vec::with_capacity(live.len());
+        for (mut l, advanced) in live.drain(..).zip(advanced) {
+            match advanced {
+                Ok(Some(next)) if !l.job.cancel.is_cancelled() => {
+                    l.next = next;
+                    kept.push(l);
+                }
+                Ok(Some(_)) => (l.job.done)(Err(Error::Cancelled)),
+                Ok(None) => {
+                    let outs = engine.finish(l.gen, &mut *l.job.on_text);
+                    (l.job.done)(outs)
+                }
+                Err(e) => (l.job.done)(Err(e)),
+            }
+        }
+        live = kept;
+        rows.store(live.iter().map(|l| l.gen.rows()).sum(), Ordering::Relaxed);
+        if live.is_empty() {
+            continue;
+        }
+        match step(engine, &mut live) {
+            Ok(()) => {}
+            Err(e) => {
+                // A failure of the whole step (not of one job's numbers) ends every job in it.
+                let message = e.to_string();
+                tracing::error!("batch step failed: {message}");
+                for l in live.drain(..) {
+                    (l.job.done)(Err(Error::Io(std::io::Error::other(message.clone()))));
+                }
+            }
+        }
+    }
+}
+
+/// One step of every live job together; each job's logits are its rows of the result. A job
+/// whose logits are not finite (an overflowing clamp) fails alone.
+fn step(engine: &Engine, live: &mut Vec<Live>) -> Result<()> {
+    let logits = {
+        let mut groups: Vec<StepGroup> =
+            live.iter_mut().map(|l| StepGroup { tokens: &l.next, cache: &mut l.gen.cache, rows: &l.gen.variants }).collect();
+        engine.model.step(&mut groups)?
+    };
+    let mut at = 0;
+    let mut kept = Vec::with_capacity(live.len());
+    for mut l in live.drain(..) {
+        let n = l.next.len();
+        l.logits = logits.narrow(0, at, n)?;
+        at += n;
+        if all_finite(&l.logits)? {
+            kept.push(l);
+        } else {
+            (l.job.done)(Err(crate::model::non_finite()));
+        }
+    }
+    *live = kept;
+    Ok(())
+}
