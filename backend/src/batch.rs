@@ -6,13 +6,15 @@
 //! own first) and leave when they finish, fail or are cancelled, freeing what they held.
 //!
 //! What bounds the batch is the caller's: the server admits a request's rows into a fixed number
-//! of seats and hands the batch a worker permit ([`Job::hold`], [`Job::worker`]).
+//! of seats ([`Job::hold`]), and the batch holds one worker permit for as long as it has jobs
+//! ([`Batcher::join`]): the first request brings it, later ones join under it, and the last one
+//! to leave gives it back.
 //!
 //! [`LanguageModel::step`]: crate::model::LanguageModel::step
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -38,11 +40,9 @@ pub struct Job {
     pub cancel: Cancel,
     pub on_text: OnText,
     pub done: Done,
-    /// Whatever the job holds while it runs (the server's seats in the batch): dropped with it.
+    /// Whatever the job holds while it runs (the server's seats in the batch, its [`Member`]
+    /// place): dropped with it, however it ends.
     pub hold: Option<Box<dyn Send>>,
-    /// A worker permit. The batch keeps one while any job runs (the first that comes while it
-    /// holds none) and drops the others at once.
-    pub worker: Option<Box<dyn Send>>,
 }
 
 impl Job {
@@ -68,7 +68,6 @@ impl Job {
             on_text: Box::new(move |r, text, steps| on_text(w[r].0, w[r].1, text, steps)),
             done: Box::new(move |outs| done(outs.map(|outs| GenerateResponse { prompt_tokens, completions: Engine::completions(outs, &what) }))),
             hold: None,
-            worker: None,
         })
     }
 
@@ -88,16 +87,80 @@ struct Live {
 /// The batch of one model's generations, run on its own thread (see the module's docs).
 pub struct Batcher {
     tx: Sender<Job>,
-    rows: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+    slot: Arc<Mutex<Slot>>,
+}
+
+/// The batch's worker permit and the jobs it runs under it.
+#[derive(Default)]
+struct Slot {
+    worker: Option<Box<dyn Send>>,
+    jobs: usize,
+}
+
+/// A job's place under the batch's worker permit ([`Batcher::join`]); the last one dropped gives
+/// the permit back.
+pub struct Member(Arc<Mutex<Slot>>);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let worker = {
+            let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            slot.jobs -= 1;
+            if slot.jobs == 0 {
+                slot.worker.take()
+            } else {
+                None
+            }
+        };
+        drop(worker);
+    }
+}
+
+/// What the batch thread has done, for metrics and tests.
+#[derive(Default)]
+struct Stats {
+    /// Rows running now.
+    rows: AtomicUsize,
+    /// Decoding steps run, and the jobs they carried (summed over steps).
+    steps: AtomicU64,
+    job_steps: AtomicU64,
 }
 
 impl Batcher {
     pub fn new(engine: Arc<Engine>) -> Self {
         let (tx, rx) = channel();
-        let rows = Arc::new(AtomicUsize::new(0));
-        let r = rows.clone();
-        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &rx, &r)).expect("spawning the batch thread");
-        Self { tx, rows }
+        let stats = Arc::new(Stats::default());
+        let s = stats.clone();
+        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &rx, &s)).expect("spawning the batch thread");
+        Self { tx, stats, slot: Arc::default() }
+    }
+
+    /// A place for one more job under the batch's worker permit, if the batch holds one now
+    /// (it keeps it while the place lives); `None`: bring one with [`Batcher::join_with`].
+    pub fn join(&self) -> Option<Member> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.worker.is_some().then(|| {
+            slot.jobs += 1;
+            Member(self.slot.clone())
+        })
+    }
+
+    /// A place for one more job, bringing a worker permit: the batch keeps it if it holds none
+    /// (another request may have brought one meanwhile), else it is given back at once.
+    pub fn join_with(&self, worker: Box<dyn Send>) -> Member {
+        let spare = {
+            let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.jobs += 1;
+            if slot.worker.is_none() {
+                slot.worker = Some(worker);
+                None
+            } else {
+                Some(worker)
+            }
+        };
+        drop(spare);
+        Member(self.slot.clone())
     }
 
     /// Add a job to the batch; it starts before the next step. Its `done` is always called.
@@ -109,30 +172,30 @@ impl Batcher {
 
     /// Rows running in the batch now.
     pub fn rows(&self) -> usize {
-        self.rows.load(Ordering::Relaxed)
+        self.stats.rows.load(Ordering::Relaxed)
+    }
+
+    /// Decoding steps run so far, and the jobs they carried summed over the steps (more than
+    /// the steps when requests shared them).
+    pub fn steps(&self) -> (u64, u64) {
+        (self.stats.steps.load(Ordering::Relaxed), self.stats.job_steps.load(Ordering::Relaxed))
     }
 }
 
 /// The batch thread: until every sender is gone, start the jobs that came, sample every job's
 /// rows, let finished ones go, and run one step of all the others together.
-fn run(engine: &Engine, rx: &Receiver<Job>, rows: &AtomicUsize) {
+fn run(engine: &Engine, rx: &Receiver<Job>, stats: &Stats) {
     let mut live: Vec<Live> = Vec::new();
-    let mut worker: Option<Box<dyn Send>> = None;
     loop {
         let mut came = Vec::new();
         if live.is_empty() {
-            worker = None;
             match rx.recv() {
                 Ok(job) => came.push(job),
                 Err(_) => return,
             }
         }
         came.extend(rx.try_iter());
-        for mut job in came {
-            if worker.is_none() {
-                worker = job.worker.take();
-            }
-            job.worker = None;
+        for job in came {
             match engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel) {
                 Ok((gen, logits)) => live.push(Live { job, gen, logits, next: Vec::new() }),
                 Err(e) => (job.done)(Err(e)),
@@ -157,10 +220,12 @@ fn run(engine: &Engine, rx: &Receiver<Job>, rows: &AtomicUsize) {
             }
         }
         live = kept;
-        rows.store(live.iter().map(|l| l.gen.rows()).sum(), Ordering::Relaxed);
+        stats.rows.store(live.iter().map(|l| l.gen.rows()).sum(), Ordering::Relaxed);
         if live.is_empty() {
             continue;
         }
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.job_steps.fetch_add(live.len() as u64, Ordering::Relaxed);
         match step(engine, &mut live) {
             Ok(()) => {}
             Err(e) => {

@@ -164,6 +164,11 @@ struct ServeArgs {
     /// Requests that may wait for a worker; more get 503 with Retry-After.
     #[arg(long, env = "FLASH_INTERP_QUEUE", default_value_t = 8)]
     queue: usize,
+    /// Rows (samples × variants) each model's generation batch runs at once: concurrent
+    /// generations share each decoding step; one whose rows do not fit waits in the queue.
+    /// At least 16 (one request's most).
+    #[arg(long, env = "FLASH_INTERP_BATCH_ROWS", default_value_t = 32)]
+    batch_rows: usize,
     /// Expensive requests (search, sweep, next-token, generate) per minute per client IP; 0 = off.
     #[arg(long, env = "FLASH_INTERP_RATE_LIMIT", default_value_t = 0)]
     rate_limit: u32,
@@ -994,6 +999,7 @@ fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     }
     let config = ServerConfig {
         workers: a.workers,
+        batch_rows: a.batch_rows,
         queue: a.queue,
         rate_limit_per_minute: (a.rate_limit > 0).then_some(a.rate_limit),
         dist: a.dist.clone(),

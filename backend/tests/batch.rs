@@ -146,7 +146,6 @@ fn submit(b: &Batcher, r: &Req, cancel: Cancel, stop_after: Option<usize>) -> mp
             let _ = tx.send((out, streamed));
         }),
         hold: None,
-        worker: None,
     });
     rx
 }
@@ -173,6 +172,8 @@ fn concurrent_requests_in_one_batch_generate_what_each_generates_alone() {
                 assert_eq!(text, g.text, "{name}: the streamed text adds up to the answer");
             }
         }
+        let (steps, job_steps) = b.steps();
+        assert!(job_steps > steps, "{name}: the requests never shared a step ({steps} steps, {job_steps} job-steps)");
         // A later request after the batch emptied runs too.
         let again = submit(&b, &rs[1], Cancel::default(), None).recv_timeout(Duration::from_secs(60)).unwrap().0.unwrap();
         assert_eq!(again[0].tokens, alone(&e, &rs[1])[0].tokens);
@@ -207,8 +208,7 @@ fn a_cancelled_request_leaves_the_batch_and_frees_what_it_held_while_the_others_
         done: Box::new(move |out| {
             let _ = done_tx.send(matches!(out, Err(Error::Cancelled)));
         }),
-        hold: Some(Box::new(held.clone())),
-        worker: Some(Box::new(worker.clone())),
+        hold: Some(Box::new((held.clone(), b.join_with(Box::new(worker.clone()))))),
     });
     // One that stops itself by refusing its stream (a departed client) after 3 pieces.
     let refused = submit(&b, &rs[2], Cancel::default(), Some(3));
@@ -235,4 +235,22 @@ fn a_cancelled_request_leaves_the_batch_and_frees_what_it_held_while_the_others_
     }
     assert_eq!((Arc::strong_count(&held), Arc::strong_count(&worker)), (1, 1));
     assert_eq!(b.rows(), 0);
+}
+
+#[test]
+fn the_batch_holds_one_worker_permit_while_it_has_jobs() {
+    let (_dir, e) = engine(TinySpec::default());
+    let b = Batcher::new(e);
+    let (w1, w2) = (Arc::new(()), Arc::new(()));
+    assert!(b.join().is_none(), "an idle batch holds no worker: the first request brings one");
+    let first = b.join_with(Box::new(w1.clone()));
+    let second = b.join().expect("later requests join under the held permit");
+    // A permit brought while one is held (two requests that both found the batch idle) goes back at once.
+    let third = b.join_with(Box::new(w2.clone()));
+    assert_eq!((Arc::strong_count(&w1), Arc::strong_count(&w2)), (2, 1));
+    drop((first, third));
+    assert_eq!(Arc::strong_count(&w1), 2, "held while a job is in the batch");
+    drop(second);
+    assert_eq!(Arc::strong_count(&w1), 1, "given back by the last job to leave");
+    assert!(b.join().is_none());
 }

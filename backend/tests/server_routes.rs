@@ -562,3 +562,53 @@ async fn wrong_methods_are_405_and_tiny_scores_stay_numbers() {
     let r: SearchResponse = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)));
     assert!(r.layers.iter().flat_map(|l| &l.scores).all(|x| x.is_finite()));
 }
+
+#[actix_web::test]
+async fn concurrent_generations_share_the_batch_and_each_gets_its_own_answer() {
+    let f = warm_fixture(ServerConfig { workers: 1, queue: 0, ..Default::default() });
+    let app = app!(f);
+    let e = f.state.models[0].engine.clone();
+    let req = |text: &str, clamps: Vec<ClampSpec>, seed: u64, samples: usize, stream: bool| GenerateRequest {
+        prompt: PromptSpec { text: text.into(), chat: None, messages: None },
+        compare: !clamps.is_empty(),
+        clamps,
+        sampling: SamplingParams { max_new_tokens: 24, temperature: 0.8, seed, ..Default::default() },
+        stream,
+        samples,
+    };
+    let reqs = [
+        req("hi there", vec![ClampSpec { layer: 1, neuron: 3, value: 9.0 }], 1, 2, false),
+        req("the cat sat", vec![], 2, 1, true),
+        req("a", vec![ClampSpec { layer: 0, neuron: 7, value: -5.0 }], 3, 3, false),
+        req("once upon a time", vec![], 4, 4, true),
+    ];
+    let calls =
+        reqs.iter().map(|r| test::call_and_read_body(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(r).to_request()));
+    let bodies = futures_util::future::join_all(calls).await;
+    for (r, body) in reqs.iter().zip(bodies) {
+        let text = String::from_utf8_lossy(&body);
+        let got: GenerateResponse = if r.stream {
+            serde_json::from_str(text.split("event: done\ndata: ").nth(1).expect("done event").trim()).unwrap()
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        let alone = e.generate_request(r, &flash_interp::Cancel::default(), &mut |_, _, _, _| true).unwrap();
+        let ids = |g: &GenerateResponse| g.completions.iter().map(|c| (c.sample, c.variant, c.token_ids.clone(), c.text.clone())).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(&alone), "{:?}", r.prompt.text);
+    }
+    let (steps, job_steps) = f.state.models[0].batch.steps();
+    assert!(job_steps > steps, "the requests never shared a step ({steps} steps, {job_steps} job-steps)");
+    // With one worker and no queue, requests still join the running batch: the seats bound it.
+    // All seats taken and no queue: 503, and nothing runs.
+    // (A new seed: an identical request would be answered from the result cache.)
+    let fresh = req("hi there", vec![], 99, 1, false);
+    let seats = f.state.seats.acquire_many(32).await.unwrap();
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&fresh).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(f.state.models[0].batch.steps().0, steps);
+    drop(seats);
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&fresh).to_request()).await;
+    assert!(resp.status().is_success());
+    let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    assert!(String::from_utf8_lossy(&metrics).contains("flash_interp_batch_rows 0"));
+}

@@ -20,6 +20,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::batch::Batcher;
 use crate::engine::Engine;
 pub use error::ServerError;
 
@@ -30,6 +31,10 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Requests allowed to wait for a worker; beyond that the answer is 503 with Retry-After.
     pub queue: usize,
+    /// Rows (samples × variants) each model's generation batch runs at once: concurrent
+    /// generations share one decoding step; a request whose rows do not fit waits in the queue.
+    /// At least one request's most (`2 × MAX_SAMPLES`).
+    pub batch_rows: usize,
     /// Expensive requests per minute per client IP; None: no limit (local use).
     pub rate_limit_per_minute: Option<u32>,
     /// The built web app (Trunk's dist/).
@@ -61,6 +66,7 @@ impl Default for ServerConfig {
         Self {
             workers: 2,
             queue: 8,
+            batch_rows: 32,
             rate_limit_per_minute: None,
             dist: PathBuf::from("dist"),
             final_norm: false,
@@ -78,6 +84,8 @@ pub struct Served {
     pub engine: Arc<Engine>,
     /// (token text, id), sorted by text.
     pub vocab: Vec<(String, u32)>,
+    /// The model's generations in progress, run as one batch.
+    pub batch: Batcher,
 }
 
 /// The bounded generation queue: `workers` permits, at most `queue` waiters.
@@ -100,7 +108,11 @@ impl WorkQueue {
     }
     /// A worker permit, waiting in the queue if there is room; `Busy` when there is none.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ServerError> {
-        if let Ok(p) = self.sem.clone().try_acquire_owned() {
+        self.acquire_many(1).await
+    }
+    /// `n` permits at once (a generation's rows in the batch), waiting as [`WorkQueue::acquire`].
+    pub async fn acquire_many(&self, n: u32) -> Result<OwnedSemaphorePermit, ServerError> {
+        if let Ok(p) = self.sem.clone().try_acquire_many_owned(n) {
             return Ok(p);
         }
         /// Leaves the queue when dropped, also if the waiting request is dropped mid-wait.
@@ -115,7 +127,7 @@ impl WorkQueue {
             return Err(ServerError::Busy);
         }
         let _in_queue = InQueue(&self.waiting);
-        self.sem.clone().acquire_owned().await.map_err(|e| ServerError::Internal(e.to_string()))
+        self.sem.clone().acquire_many_owned(n).await.map_err(|e| ServerError::Internal(e.to_string()))
     }
 }
 
@@ -126,6 +138,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub running: IntGauge,
     pub tokens: IntCounter,
+    /// Rows running in the models' generation batches (read when metrics are asked for).
+    pub batch_rows: IntGauge,
     pub builds: maps::BuildGauges,
     /// Requests whose client went away while they waited or ran (their work was stopped).
     pub abandoned: IntCounter,
@@ -139,6 +153,7 @@ impl Metrics {
         let queue_depth = IntGauge::new("flash_interp_queue_depth", "Requests waiting for a worker").unwrap();
         let running = IntGauge::new("flash_interp_generations_running", "Generations and sweeps running").unwrap();
         let tokens = IntCounter::new("flash_interp_tokens_generated_total", "Tokens generated").unwrap();
+        let batch_rows = IntGauge::new("flash_interp_batch_rows", "Rows (samples x variants) running in the generation batches").unwrap();
         let builds = maps::BuildGauges {
             pending: IntGauge::new("flash_interp_map_builds_pending", "Neuron-map builds queued or running").unwrap(),
             running: IntGauge::new("flash_interp_map_builds_running", "Neuron-map builds running (each holds a worker)").unwrap(),
@@ -149,12 +164,13 @@ impl Metrics {
             .unwrap(),
         };
         let abandoned = IntCounter::new("flash_interp_requests_abandoned_total", "Requests stopped because their client went away").unwrap();
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(queue_depth.clone()),
             Box::new(running.clone()),
             Box::new(tokens.clone()),
+            Box::new(batch_rows.clone()),
             Box::new(builds.pending.clone()),
             Box::new(builds.running.clone()),
             Box::new(builds.progress.clone()),
@@ -163,7 +179,7 @@ impl Metrics {
         for c in collectors {
             registry.register(c).unwrap();
         }
-        Self { registry, requests, latency, queue_depth, running, tokens, builds, abandoned }
+        Self { registry, requests, latency, queue_depth, running, tokens, batch_rows, builds, abandoned }
     }
 }
 
@@ -204,6 +220,8 @@ pub struct AppState {
     pub models: Vec<Served>,
     pub config: ServerConfig,
     pub queue: WorkQueue,
+    /// Seats in the generation batches: a generation takes one per row while it runs.
+    pub seats: WorkQueue,
     pub limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     pub metrics: Metrics,
     pub cache: ResultCache,
@@ -228,14 +246,17 @@ impl AppState {
             }
             let mut vocab: Vec<(String, u32)> = (0..engine.tok.vocab_size() as u32).map(|i| (engine.tok.token_text(i), i)).collect();
             vocab.sort();
-            models.push(Served { id, engine, vocab });
+            let batch = Batcher::new(engine.clone());
+            models.push(Served { id, engine, vocab, batch });
         }
         let limiter = config.rate_limit_per_minute.and_then(NonZeroU32::new).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
         let queue = WorkQueue::new(config.workers, config.queue);
+        let seats = WorkQueue::new(config.batch_rows.max(2 * shared::limits::MAX_SAMPLES), config.queue);
         let metrics = Metrics::new();
         Arc::new(Self {
             builds: maps::MapBuilds::new(queue.semaphore(), metrics.builds.clone()),
             queue,
+            seats,
             cache: ResultCache::new(config.cache_bytes),
             models,
             limiter,

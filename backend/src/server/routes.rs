@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use shared::*;
 use utoipa::OpenApi;
 
-use super::{conn, AppState, ServerError};
+use super::{conn, AppState, Served, ServerError};
 use crate::analysis;
+use crate::batch::Job;
 use crate::cancel::Cancel;
 
 type Res = Result<HttpResponse, ServerError>;
@@ -518,13 +519,16 @@ async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usi
 /// A worker, held while a request's model work runs: its queue permit, and one count in the
 /// `generations_running` gauge, both given back when it is dropped (however the work ends).
 struct Worker {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    running: prometheus::IntGauge,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    running: Running,
 }
 
-impl Drop for Worker {
+/// One count in the `generations_running` gauge, taken back when dropped.
+struct Running(prometheus::IntGauge);
+
+impl Drop for Running {
     fn drop(&mut self) {
-        self.running.dec();
+        self.0.dec();
     }
 }
 
@@ -533,7 +537,7 @@ async fn admit(state: &AppState, req: &HttpRequest) -> Result<Worker, ServerErro
     tokio::select! {
         permit = state.queue.acquire() => permit.map(|p| {
             state.metrics.running.inc();
-            Worker { _permit: p, running: state.metrics.running.clone() }
+            Worker { permit: p, running: Running(state.metrics.running.clone()) }
         }),
         () = conn::client_gone(req) => {
             state.metrics.abandoned.inc();
@@ -609,47 +613,51 @@ fn sse(event: &str, data: &impl Serialize) -> Bytes {
 async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<GenerateRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
-    let engine = m.engine.clone();
     let body = body.into_inner();
-    // Fail fast on bad input or too much work, before taking a worker or starting a stream.
-    state.check_work(engine.generate_work(&body)?)?;
+    // Fail fast on bad input or too much work, before taking a seat or starting a stream.
+    state.check_work(m.engine.generate_work(&body)?)?;
     if !body.stream {
-        let st = state.clone();
         let k = key("generate", &m.id, &body);
-        let work = queued(&state, &req, move |c| {
-            engine.generate_request(&body, c, &mut |_, _, _, _| {
+        let st = state.clone();
+        let work = async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let on_text = move |_: usize, _: Variant, _: &str, _: &[TokenStep]| {
                 st.metrics.tokens.inc();
                 true
-            })
-        });
-        return cached(&state, k, work).await;
-    }
-    let worker = admit(&state, &req).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-    let st = state.clone();
-    let cancel = Cancel::default();
-    let c = cancel.clone();
-    std::thread::spawn(move || {
-        let _worker = worker;
-        // Once the client has gone, actix drops the response stream: the cancel guard in it
-        // stops the model at its next layer, and sends fail so no more tokens are produced.
-        let r = engine.generate_request(&body, &c, &mut |sample, variant, text, steps| {
-            st.metrics.tokens.inc();
-            tx.blocking_send(sse("token", &TokenEvent { sample, variant, text: text.to_owned(), steps: steps.to_vec() })).is_ok()
-        });
-        let last = match r {
-            Ok(resp) => Some(sse("done", &resp)),
-            Err(crate::Error::Cancelled) => None,
-            Err(e) => {
-                let e = ServerError::from(e);
-                Some(sse("error", &ApiError::new(e.code(), e.public_message())))
+            };
+            let _guard = batched(&state, &req, m, &body, on_text, move |r| drop(tx.send(r))).await?;
+            tokio::select! {
+                r = rx => Ok(r.map_err(|_| ServerError::Internal("the generation batch dropped a request".into()))??),
+                () = conn::client_gone(&req) => {
+                    state.metrics.abandoned.inc();
+                    Err(ServerError::ClientGone)
+                }
             }
         };
-        if let Some(last) = last {
-            let _ = tx.blocking_send(last);
-        }
-    });
-    let guard = CancelOnDrop(cancel);
+        return cached(&state, k, work).await;
+    }
+    // The stream's channel is unbounded so that a slow reader never holds up the batch; what
+    // it can hold is bounded by the request's own size (its rows × max_new_tokens).
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let (st, last) = (state.clone(), tx.clone());
+    // Once the client has gone, actix drops the response stream: the cancel guard in it takes
+    // the job out of the batch before the next step, and sends fail so no more text is made.
+    let on_text = move |sample, variant, text: &str, steps: &[TokenStep]| {
+        st.metrics.tokens.inc();
+        tx.send(sse("token", &TokenEvent { sample, variant, text: text.to_owned(), steps: steps.to_vec() })).is_ok()
+    };
+    let done = move |r: crate::Result<GenerateResponse>| {
+        let event = match r {
+            Ok(resp) => sse("done", &resp),
+            Err(crate::Error::Cancelled) => return,
+            Err(e) => {
+                let e = ServerError::from(e);
+                sse("error", &ApiError::new(e.code(), e.public_message()))
+            }
+        };
+        let _ = last.send(event);
+    };
+    let guard = batched(&state, &req, m, &body, on_text, done).await?;
     let stream =
         futures_util::stream::unfold(
             (rx, guard),
@@ -660,6 +668,42 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(stream))
+}
+
+/// A generation into its model's batch: seats for its rows (waiting in the bounded queue while
+/// the batch is full), a place under the batch's worker permit (a permit from the worker queue
+/// when the batch holds none), then the job. `done` gets its response or error. Dropping the
+/// returned guard cancels the job: it leaves the batch before the next step and frees its seats.
+async fn batched(
+    state: &Data<AppState>,
+    req: &HttpRequest,
+    m: &Served,
+    body: &GenerateRequest,
+    on_text: impl FnMut(usize, Variant, &str, &[TokenStep]) -> bool + Send + 'static,
+    done: impl FnOnce(crate::Result<GenerateResponse>) + Send + 'static,
+) -> Result<CancelOnDrop, ServerError> {
+    let cancel = Cancel::default();
+    let mut job = Job::request(&m.engine, body, cancel.clone(), on_text, done)?;
+    let seats = tokio::select! {
+        seats = state.seats.acquire_many(job.rows() as u32) => seats?,
+        () = conn::client_gone(req) => {
+            state.metrics.abandoned.inc();
+            return Err(ServerError::ClientGone);
+        }
+    };
+    let (member, running) = match m.batch.join() {
+        Some(member) => {
+            state.metrics.running.inc();
+            (member, Running(state.metrics.running.clone()))
+        }
+        None => {
+            let Worker { permit, running } = admit(state, req).await?;
+            (m.batch.join_with(Box::new(permit)), running)
+        }
+    };
+    job.hold = Some(Box::new((seats, member, running)));
+    m.batch.submit(job);
+    Ok(CancelOnDrop(cancel))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -688,7 +732,8 @@ async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>
 }
 
 async fn metrics(state: Data<AppState>) -> HttpResponse {
-    state.metrics.queue_depth.set(state.queue.waiting() as i64);
+    state.metrics.queue_depth.set((state.queue.waiting() + state.seats.waiting()) as i64);
+    state.metrics.batch_rows.set(state.models.iter().map(|m| m.batch.rows()).sum::<usize>() as i64);
     let text = prometheus::TextEncoder::new().encode_to_string(&state.metrics.registry.gather()).unwrap_or_default();
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text)
 }
