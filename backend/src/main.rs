@@ -165,8 +165,8 @@ struct ServeArgs {
     #[arg(long, env = "FLASH_INTERP_QUEUE", default_value_t = 8)]
     queue: usize,
     /// Rows (samples × variants) each model's generation batch runs at once: concurrent
-    /// generations share each decoding step; one whose rows do not fit waits in the queue.
-    /// At least 16 (one request's most).
+    /// generations share each decoding step; one whose rows do not fit waits in the queue, and
+    /// one with more rows than this is refused (413).
     #[arg(long, env = "FLASH_INTERP_BATCH_ROWS", default_value_t = 32)]
     batch_rows: usize,
     /// Expensive requests (search, sweep, next-token, generate) per minute per client IP; 0 = off.

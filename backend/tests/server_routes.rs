@@ -612,3 +612,24 @@ async fn concurrent_generations_share_the_batch_and_each_gets_its_own_answer() {
     let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
     assert!(String::from_utf8_lossy(&metrics).contains("flash_interp_batch_rows 0"));
 }
+
+#[actix_web::test]
+async fn a_generation_larger_than_the_batch_is_refused_before_it_runs() {
+    let f = fixture(ServerConfig { batch_rows: 2, ..Default::default() });
+    let app = app!(f);
+    let gen = |samples| GenerateRequest {
+        prompt: PromptSpec { text: "hi".into(), chat: None, messages: None },
+        clamps: vec![ClampSpec { layer: 1, neuron: 3, value: 9.0 }],
+        sampling: SamplingParams { max_new_tokens: 2, ..Default::default() },
+        compare: true,
+        stream: true,
+        samples,
+    };
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(gen(2)).to_request()).await;
+    let (status, e) = error_of(resp).await;
+    assert_eq!((status, e.code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "over_budget"), "{}", e.message);
+    assert!(e.message.contains("4 rows") && e.message.contains("2 rows"), "{}", e.message);
+    assert_eq!(f.state.models[0].batch.steps(), (0, 0));
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(gen(1)).to_request()).await;
+    assert!(resp.status().is_success());
+}

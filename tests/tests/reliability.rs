@@ -240,7 +240,8 @@ async fn every_bad_input_class_is_a_clear_4xx_and_valid_extremes_work() {
 #[actix_web::test]
 async fn more_requests_than_workers_get_200_or_503_and_none_hangs() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let base = spawn_server(vec![engine()], ServerConfig { workers: 1, queue: 2, ..Default::default() });
+    // Two rows of generation batch (two of these requests), one worker, two queue places.
+    let base = spawn_server(vec![engine()], ServerConfig { workers: 1, queue: 2, batch_rows: 2, ..Default::default() });
     let url = format!("{base}/api/models/{MODEL}/generate");
     let start = Instant::now();
     let answers = futures_util::future::join_all((0..10u64).map(|seed| {
@@ -258,18 +259,19 @@ async fn more_requests_than_workers_get_200_or_503_and_none_hangs() {
     let ok = answers.iter().filter(|a| a.0 == 200).count();
     let busy = answers.iter().filter(|a| a.0 == 503 && a.1).count();
     assert_eq!(ok + busy, answers.len(), "{answers:?}");
-    assert!(ok >= 1 && busy >= 1, "one worker and two queue places: some wait, some are refused: {answers:?}");
+    assert!(ok >= 1 && busy >= 1, "two batch rows and two queue places: some wait, some are refused: {answers:?}");
 }
 
 #[actix_web::test]
 async fn a_client_that_leaves_frees_its_queue_place_and_its_worker() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let base = spawn_server(vec![engine()], ServerConfig { workers: 1, queue: 1, ..Default::default() });
+    // The generation batch has room for one long generation's two rows.
+    let base = spawn_server(vec![engine()], ServerConfig { workers: 1, queue: 1, batch_rows: 2, ..Default::default() });
     let (c, port) = (client(), port_of(&base));
     let path = format!("/api/models/{MODEL}/generate");
     let long = serde_json::to_string(&long_gen(false)).unwrap();
     let small = serde_json::to_string(&gen("Hi!", 3, vec![], false, false)).unwrap();
-    // A holds the worker, B waits in the queue, C finds it full.
+    // A fills the batch (and holds the worker), B waits in the queue, C finds it full.
     let a = raw(port, "POST", &path, &long);
     assert!(until_metric(&c, &base, "flash_interp_generations_running", 1.0, Duration::from_secs(10)).await.is_some());
     let b = raw(port, "POST", &path, &serde_json::to_string(&gen("Hello there.", 3, vec![], false, false)).unwrap());

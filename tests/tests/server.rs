@@ -101,7 +101,8 @@ async fn serves_the_api_the_app_and_streams_two_different_answers() {
 
 #[actix_web::test]
 async fn a_full_queue_answers_503_and_a_disconnected_stream_frees_its_worker() {
-    let base = spawn_server(vec![engine()], ServerConfig { workers: 1, queue: 0, ..Default::default() });
+    // Room in the generation batch for one row, and no queue.
+    let base = spawn_server(vec![engine()], ServerConfig { workers: 1, queue: 0, batch_rows: 1, ..Default::default() });
     let c = client();
     let url = format!("{base}/api/models/{MODEL}/generate");
     // A long generation that cannot stop early: the clamp makes the model repeat itself.

@@ -33,7 +33,7 @@ pub struct ServerConfig {
     pub queue: usize,
     /// Rows (samples × variants) each model's generation batch runs at once: concurrent
     /// generations share one decoding step; a request whose rows do not fit waits in the queue.
-    /// At least one request's most (`2 × MAX_SAMPLES`).
+    /// A request with more rows than this is refused (413 `over_budget`).
     pub batch_rows: usize,
     /// Expensive requests per minute per client IP; None: no limit (local use).
     pub rate_limit_per_minute: Option<u32>,
@@ -251,7 +251,7 @@ impl AppState {
         }
         let limiter = config.rate_limit_per_minute.and_then(NonZeroU32::new).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
         let queue = WorkQueue::new(config.workers, config.queue);
-        let seats = WorkQueue::new(config.batch_rows.max(2 * shared::limits::MAX_SAMPLES), config.queue);
+        let seats = WorkQueue::new(config.batch_rows.max(1), config.queue);
         let metrics = Metrics::new();
         Arc::new(Self {
             builds: maps::MapBuilds::new(queue.semaphore(), metrics.builds.clone()),

@@ -684,6 +684,11 @@ async fn batched(
 ) -> Result<CancelOnDrop, ServerError> {
     let cancel = Cancel::default();
     let mut job = Job::request(&m.engine, body, cancel.clone(), on_text, done)?;
+    let most = state.config.batch_rows.max(1);
+    if job.rows() > most {
+        let e = format!("{} rows (samples × variants) exceed this server's generation batch of {most} rows", job.rows());
+        return Err(crate::Error::OverBudget(e).into());
+    }
     let seats = tokio::select! {
         seats = state.seats.acquire_many(job.rows() as u32) => seats?,
         () = conn::client_gone(req) => {
