@@ -74,6 +74,14 @@ impl Job {
     pub fn rows(&self) -> usize {
         self.variants.len()
     }
+
+    /// The job's end: what it held is given back first (so a client that has its answer finds
+    /// its seats free), then `done` gets the outcome.
+    fn end(self, out: Result<Vec<GenOutput>>) {
+        let Job { done, hold, .. } = self;
+        drop(hold);
+        done(out)
+    }
 }
 
 /// A job in the batch: its generation and the tokens or logits of its next step.
@@ -166,7 +174,7 @@ impl Batcher {
     /// Add a job to the batch; it starts before the next step. Its `done` is always called.
     pub fn submit(&self, job: Job) {
         if let Err(e) = self.tx.send(job) {
-            (e.0.done)(Err(Error::Io(std::io::Error::other("the batch thread has stopped"))));
+            e.0.end(Err(Error::Io(std::io::Error::other("the batch thread has stopped"))));
         }
     }
 
@@ -183,61 +191,76 @@ impl Batcher {
 }
 
 /// The batch thread: until every sender is gone, start the jobs that came, sample every job's
-/// rows, let finished ones go, and run one step of all the others together.
+/// rows, let finished ones go, and run one step of all the others together. A panic (a bug)
+/// ends the jobs of that step with an internal error, not the thread.
 fn run(engine: &Engine, rx: &Receiver<Job>, stats: &Stats) {
     let mut live: Vec<Live> = Vec::new();
     loop {
-        let mut came = Vec::new();
-        if live.is_empty() {
-            match rx.recv() {
-                Ok(job) => came.push(job),
-                Err(_) => return,
-            }
-        }
-        came.extend(rx.try_iter());
-        for job in came {
-            match engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel) {
-                Ok((gen, logits)) => live.push(Live { job, gen, logits, next: Vec::new() }),
-                Err(e) => (job.done)(Err(e)),
-            }
-        }
-        // Every job samples its rows (in parallel: they are independent) and streams.
-        let advanced: Vec<Result<Option<Vec<u32>>>> =
-            live.par_iter_mut().map(|l| engine.advance(&mut l.gen, &l.logits, &mut *l.job.on_text)).collect();
-        let mut kept = Vec::with_capacity(live.len());
-        for (mut l, advanced) in live.drain(..).zip(advanced) {
-            match advanced {
-                Ok(Some(next)) if !l.job.cancel.is_cancelled() => {
-                    l.next = next;
-                    kept.push(l);
-                }
-                Ok(Some(_)) => (l.job.done)(Err(Error::Cancelled)),
-                Ok(None) => {
-                    let outs = engine.finish(l.gen, &mut *l.job.on_text);
-                    (l.job.done)(outs)
-                }
-                Err(e) => (l.job.done)(Err(e)),
-            }
-        }
-        live = kept;
-        stats.rows.store(live.iter().map(|l| l.gen.rows()).sum(), Ordering::Relaxed);
-        if live.is_empty() {
-            continue;
-        }
-        stats.steps.fetch_add(1, Ordering::Relaxed);
-        stats.job_steps.fetch_add(live.len() as u64, Ordering::Relaxed);
-        match step(engine, &mut live) {
-            Ok(()) => {}
-            Err(e) => {
-                // A failure of the whole step (not of one job's numbers) ends every job in it.
-                let message = e.to_string();
-                tracing::error!("batch step failed: {message}");
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| iteration(engine, rx, stats, &mut live))) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                tracing::error!("a generation batch step panicked; its jobs end with an internal error");
                 for l in live.drain(..) {
-                    (l.job.done)(Err(Error::Io(std::io::Error::other(message.clone()))));
+                    l.job.end(Err(Error::Io(std::io::Error::other("the generation batch failed"))));
                 }
             }
         }
     }
+}
+
+/// One turn of the batch thread; `false` once every sender is gone.
+fn iteration(engine: &Engine, rx: &Receiver<Job>, stats: &Stats, live: &mut Vec<Live>) -> bool {
+    let mut came = Vec::new();
+    if live.is_empty() {
+        match rx.recv() {
+            Ok(job) => came.push(job),
+            Err(_) => return false,
+        }
+    }
+    came.extend(rx.try_iter());
+    for job in came {
+        match engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel) {
+            Ok((gen, logits)) => live.push(Live { job, gen, logits, next: Vec::new() }),
+            Err(e) => job.end(Err(e)),
+        }
+    }
+    // Every job samples its rows (in parallel: they are independent) and streams.
+    let advanced: Vec<Result<Option<Vec<u32>>>> = live.par_iter_mut().map(|l| engine.advance(&mut l.gen, &l.logits, &mut *l.job.on_text)).collect();
+    let mut kept = Vec::with_capacity(live.len());
+    for (mut l, advanced) in live.drain(..).zip(advanced) {
+        match advanced {
+            Ok(Some(next)) if !l.job.cancel.is_cancelled() => {
+                l.next = next;
+                kept.push(l);
+            }
+            Ok(Some(_)) => l.job.end(Err(Error::Cancelled)),
+            Ok(None) => {
+                let outs = engine.finish(l.gen, &mut *l.job.on_text);
+                l.job.end(outs)
+            }
+            Err(e) => l.job.end(Err(e)),
+        }
+    }
+    *live = kept;
+    stats.rows.store(live.iter().map(|l| l.gen.rows()).sum(), Ordering::Relaxed);
+    if live.is_empty() {
+        return true;
+    }
+    stats.steps.fetch_add(1, Ordering::Relaxed);
+    stats.job_steps.fetch_add(live.len() as u64, Ordering::Relaxed);
+    match step(engine, live) {
+        Ok(()) => {}
+        Err(e) => {
+            // A failure of the whole step (not of one job's numbers) ends every job in it.
+            let message = e.to_string();
+            tracing::error!("batch step failed: {message}");
+            for l in live.drain(..) {
+                l.job.end(Err(Error::Io(std::io::Error::other(message.clone()))));
+            }
+        }
+    }
+    true
 }
 
 /// One step of every live job together; each job's logits are its rows of the result. A job
@@ -257,7 +280,7 @@ fn step(engine: &Engine, live: &mut Vec<Live>) -> Result<()> {
         if all_finite(&l.logits)? {
             kept.push(l);
         } else {
-            (l.job.done)(Err(crate::model::non_finite()));
+            l.job.end(Err(crate::model::non_finite()));
         }
     }
     *live = kept;

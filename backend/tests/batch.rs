@@ -254,3 +254,26 @@ fn the_batch_holds_one_worker_permit_while_it_has_jobs() {
     assert_eq!(Arc::strong_count(&w1), 1, "given back by the last job to leave");
     assert!(b.join().is_none());
 }
+
+#[test]
+fn a_panicking_job_ends_its_step_with_an_error_and_the_batch_goes_on() {
+    let (_dir, e) = engine(TinySpec { scale: 2.0, ..Default::default() });
+    let b = Batcher::new(e.clone());
+    let rs = reqs();
+    let (tx, rx) = mpsc::channel();
+    b.submit(Job {
+        ids: rs[0].ids.clone(),
+        variants: rs[0].variants.clone(),
+        seeds: rs[0].seeds.clone(),
+        params: rs[0].params.clone(),
+        cancel: Cancel::default(),
+        on_text: Box::new(|_, _, _| panic!("a bug in a stream callback")),
+        done: Box::new(move |out| {
+            let _ = tx.send(out.is_err());
+        }),
+        hold: None,
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), "the job ends with an error");
+    let after = submit(&b, &rs[1], Cancel::default(), None).recv_timeout(Duration::from_secs(60)).unwrap().0.unwrap();
+    assert_eq!(after[0].tokens, alone(&e, &rs[1])[0].tokens, "the batch thread still runs");
+}
