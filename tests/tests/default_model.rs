@@ -261,3 +261,53 @@ fn streamed_text_adds_up_to_the_decoded_text() {
     assert_eq!(streamed, e.tok.decode(&ids).unwrap());
     assert_eq!(streamed, text);
 }
+
+#[test]
+fn concurrent_requests_in_the_servers_batch_answer_as_they_do_alone() {
+    use flash_interp::batch::{Batcher, Job};
+    use flash_interp::model::Clamp;
+    let e = std::sync::Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap());
+    let b = Batcher::new(e.clone());
+    let chat = |t: &str| e.prompt_ids(&PromptSpec { text: t.into(), chat: None, messages: None }).unwrap();
+    let steer = Intervention { clamps: vec![Clamp { layer: 29, neuron: 808, value: 40.0 }] };
+    let sampled = SamplingParams { temperature: 0.8, seed: 7, max_new_tokens: 20, ..Default::default() };
+    let reqs = [
+        (chat("What is the capital of France?"), vec![Intervention::none()], SamplingParams { max_new_tokens: 30, ..Default::default() }),
+        (chat("Tell me about your favourite animal."), vec![Intervention::none(), steer], sampled.clone()),
+        (chat("Name a colour."), vec![Intervention::none(); 3], sampled),
+    ];
+    let rxs: Vec<_> = reqs
+        .iter()
+        .map(|(ids, variants, params)| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            b.submit(Job {
+                ids: ids.clone(),
+                variants: variants.clone(),
+                seeds: (0..variants.len() as u64).map(|s| params.seed + s / 2).collect(),
+                params: params.clone(),
+                cancel: Cancel::default(),
+                on_text: Box::new(|_, _, _| true),
+                done: Box::new(move |out| {
+                    let _ = tx.send(out.unwrap());
+                }),
+                hold: None,
+            });
+            rx
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for ((ids, variants, params), rx) in reqs.iter().zip(rxs) {
+        let got = rx.recv_timeout(std::time::Duration::from_secs(120)).unwrap();
+        let seeds: Vec<u64> = (0..variants.len() as u64).map(|s| params.seed + s / 2).collect();
+        let alone = e.generate_rows(ids, variants, &seeds, params, true, &Cancel::default(), &mut |_, _, _| true).unwrap();
+        // Up to 16 rows, each row's products are bit for bit those of the row alone.
+        for (g, a) in got.iter().zip(&alone) {
+            assert_eq!(g.tokens, a.tokens, "{:?} vs {:?}", g.text, a.text);
+        }
+        answers.push(got);
+    }
+    assert!(answers[0][0].text.contains("Paris"), "{:?}", answers[0][0].text);
+    assert_ne!(answers[1][0].text, answers[1][1].text, "the clamp steers its own row only");
+    let (steps, job_steps) = b.steps();
+    assert!(job_steps > steps, "the requests never shared a step");
+}
