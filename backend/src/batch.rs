@@ -2,8 +2,9 @@
 //! runs every generation in progress side by side: each decoding step feeds all their rows through
 //! the model at once ([`LanguageModel::step`]: the weights are read once for every row, which is
 //! what a step costs on a CPU), while each request keeps its own cache, positions, interventions,
-//! samplers, stop conditions and stream. Requests join between steps (their prompt runs on its
-//! own first) and leave when they finish, fail or are cancelled, freeing what they held.
+//! samplers, stop conditions and stream. Requests join between steps (their prompt runs first, on
+//! a thread of its own beside the batch's steps, so that a long prompt does not stall the answers
+//! streaming meanwhile) and leave when they finish, fail or are cancelled, freeing what they held.
 //!
 //! What bounds the batch is the caller's: the server admits a request's rows into a fixed number
 //! of seats ([`Job::hold`]), and the batch holds one worker permit for as long as it has jobs
@@ -92,9 +93,29 @@ struct Live {
     next: Vec<u32>,
 }
 
+/// What reaches the batch thread.
+enum Msg {
+    /// A new job. Its prompt runs on a thread of its own, beside the batch's steps, so that a
+    /// long prompt does not hold up the answers streaming meanwhile.
+    Job(Job),
+    /// A job whose prompt has run: it joins the batch before the next step.
+    Ready(Box<(Job, Result<(Generation, Tensor)>)>),
+    /// The batcher is gone: the thread ends once its jobs have.
+    Close,
+}
+
+/// The batch thread's state.
+#[derive(Default)]
+struct State {
+    live: Vec<Live>,
+    /// Jobs whose prompt is running.
+    starting: usize,
+    closing: bool,
+}
+
 /// The batch of one model's generations, run on its own thread (see the module's docs).
 pub struct Batcher {
-    tx: Sender<Job>,
+    tx: Sender<Msg>,
     stats: Arc<Stats>,
     slot: Arc<Mutex<Slot>>,
 }
@@ -139,8 +160,8 @@ impl Batcher {
     pub fn new(engine: Arc<Engine>) -> Self {
         let (tx, rx) = channel();
         let stats = Arc::new(Stats::default());
-        let s = stats.clone();
-        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &rx, &s)).expect("spawning the batch thread");
+        let (s, t) = (stats.clone(), tx.clone());
+        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &t, &rx, &s)).expect("spawning the batch thread");
         Self { tx, stats, slot: Arc::default() }
     }
 
@@ -173,8 +194,10 @@ impl Batcher {
 
     /// Add a job to the batch; it starts before the next step. Its `done` is always called.
     pub fn submit(&self, job: Job) {
-        if let Err(e) = self.tx.send(job) {
-            e.0.end(Err(Error::Io(std::io::Error::other("the batch thread has stopped"))));
+        if let Err(e) = self.tx.send(Msg::Job(job)) {
+            if let Msg::Job(job) = e.0 {
+                job.end(Err(Error::Io(std::io::Error::other("the batch thread has stopped"))));
+            }
         }
     }
 
@@ -190,40 +213,81 @@ impl Batcher {
     }
 }
 
-/// The batch thread: until every sender is gone, start the jobs that came, sample every job's
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Close);
+    }
+}
+
+/// The error of a bug (a panic) inside the batch.
+fn failed() -> Error {
+    Error::Io(std::io::Error::other("the generation batch failed"))
+}
+
+/// The batch thread: until the batcher is gone, start the jobs that came, sample every job's
 /// rows, let finished ones go, and run one step of all the others together. A panic (a bug)
 /// ends the jobs of that step with an internal error, not the thread.
-fn run(engine: &Engine, rx: &Receiver<Job>, stats: &Stats) {
-    let mut live: Vec<Live> = Vec::new();
+fn run(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats) {
+    let mut state = State::default();
     loop {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| iteration(engine, rx, stats, &mut live))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| iteration(engine, tx, rx, stats, &mut state))) {
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => {
                 tracing::error!("a generation batch step panicked; its jobs end with an internal error");
-                for l in live.drain(..) {
-                    l.job.end(Err(Error::Io(std::io::Error::other("the generation batch failed"))));
+                for l in state.live.drain(..) {
+                    l.job.end(Err(failed()));
                 }
             }
         }
     }
 }
 
-/// One turn of the batch thread; `false` once every sender is gone.
-fn iteration(engine: &Engine, rx: &Receiver<Job>, stats: &Stats, live: &mut Vec<Live>) -> bool {
+/// Run a job's prompt on a thread of its own; it comes back as [`Msg::Ready`].
+fn start(engine: &Arc<Engine>, tx: &Sender<Msg>, job: Job) {
+    let (engine, tx) = (engine.clone(), tx.clone());
+    std::thread::spawn(move || {
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel)
+        }));
+        let _ = tx.send(Msg::Ready(Box::new((job, started.unwrap_or_else(|_| Err(failed()))))));
+    });
+}
+
+/// One turn of the batch thread; `false` once the batcher is gone and every job has ended.
+fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats, state: &mut State) -> bool {
     let mut came = Vec::new();
-    if live.is_empty() {
+    if state.live.is_empty() {
+        if state.closing && state.starting == 0 {
+            return false;
+        }
         match rx.recv() {
-            Ok(job) => came.push(job),
+            Ok(msg) => came.push(msg),
             Err(_) => return false,
         }
     }
     came.extend(rx.try_iter());
-    for job in came {
-        match engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel) {
-            Ok((gen, logits)) => live.push(Live { job, gen, logits, next: Vec::new() }),
-            Err(e) => job.end(Err(e)),
+    for msg in came {
+        match msg {
+            Msg::Job(job) => {
+                state.starting += 1;
+                start(engine, tx, job);
+            }
+            Msg::Ready(ready) => {
+                let (job, started) = *ready;
+                state.starting -= 1;
+                match started {
+                    Ok(_) if job.cancel.is_cancelled() => job.end(Err(Error::Cancelled)),
+                    Ok((gen, logits)) => state.live.push(Live { job, gen, logits, next: Vec::new() }),
+                    Err(e) => job.end(Err(e)),
+                }
+            }
+            Msg::Close => state.closing = true,
         }
+    }
+    let live = &mut state.live;
+    if live.is_empty() {
+        return true;
     }
     // Every job samples its rows (in parallel: they are independent) and streams.
     let advanced: Vec<Result<Option<Vec<u32>>>> = live.par_iter_mut().map(|l| engine.advance(&mut l.gen, &l.logits, &mut *l.job.on_text)).collect();

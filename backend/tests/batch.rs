@@ -277,3 +277,14 @@ fn a_panicking_job_ends_its_step_with_an_error_and_the_batch_goes_on() {
     let after = submit(&b, &rs[1], Cancel::default(), None).recv_timeout(Duration::from_secs(60)).unwrap().0.unwrap();
     assert_eq!(after[0].tokens, alone(&e, &rs[1])[0].tokens, "the batch thread still runs");
 }
+
+#[test]
+fn a_dropped_batcher_finishes_its_jobs_before_its_thread_ends() {
+    let (_dir, e) = engine(TinySpec { scale: 2.0, ..Default::default() });
+    let b = Batcher::new(e.clone());
+    let rs = reqs();
+    let rx = submit(&b, &rs[2], Cancel::default(), None);
+    drop(b);
+    let got = rx.recv_timeout(Duration::from_secs(60)).unwrap().0.unwrap();
+    assert_eq!(got.iter().map(|g| &g.tokens).collect::<Vec<_>>(), alone(&e, &rs[2]).iter().map(|g| &g.tokens).collect::<Vec<_>>());
+}
