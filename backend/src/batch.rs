@@ -196,7 +196,7 @@ impl Batcher {
     pub fn submit(&self, job: Job) {
         if let Err(e) = self.tx.send(Msg::Job(job)) {
             if let Msg::Job(job) = e.0 {
-                job.end(Err(Error::Io(std::io::Error::other("the batch thread has stopped"))));
+                job.end(Err(internal("the batch thread has stopped")));
             }
         }
     }
@@ -219,9 +219,9 @@ impl Drop for Batcher {
     }
 }
 
-/// The error of a bug (a panic) inside the batch.
-fn failed() -> Error {
-    Error::Io(std::io::Error::other("the generation batch failed"))
+/// An internal error of the batch (answered only as "internal error").
+fn internal(message: impl Into<String>) -> Error {
+    Error::Io(std::io::Error::other(message.into()))
 }
 
 /// The batch thread: until the batcher is gone, start the jobs that came, sample every job's
@@ -236,7 +236,7 @@ fn run(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats
             Err(_) => {
                 tracing::error!("a generation batch step panicked; its jobs end with an internal error");
                 for l in state.live.drain(..) {
-                    l.job.end(Err(failed()));
+                    l.job.end(Err(internal("the generation batch failed")));
                 }
             }
         }
@@ -250,7 +250,7 @@ fn start(engine: &Arc<Engine>, tx: &Sender<Msg>, job: Job) {
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel)
         }));
-        let _ = tx.send(Msg::Ready(Box::new((job, started.unwrap_or_else(|_| Err(failed()))))));
+        let _ = tx.send(Msg::Ready(Box::new((job, started.unwrap_or_else(|_| Err(internal("the generation batch failed")))))));
     });
 }
 
@@ -320,7 +320,7 @@ fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: 
             let message = e.to_string();
             tracing::error!("batch step failed: {message}");
             for l in live.drain(..) {
-                l.job.end(Err(Error::Io(std::io::Error::other(message.clone()))));
+                l.job.end(Err(internal(message.clone())));
             }
         }
     }

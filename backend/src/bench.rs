@@ -221,15 +221,20 @@ fn time_ours(engine: &flash_interp::Engine, ids: &[u32], n: usize) -> Result<(Ge
 /// layer's first neuron clamped to 5), `n` sampled tokens per row (temperature 0.7, seed per
 /// stream; a row that samples the end of text stops there).
 fn time_streams(engine: &flash_interp::Engine, ids: &[u32], n: usize, streams: usize) -> Result<f64> {
-    use flash_interp::model::{Clamp, Intervention};
-    let steer = Intervention { clamps: vec![Clamp { layer: engine.config().n_layers - 1, neuron: 0, value: 5.0 }] };
-    let variants: Vec<Intervention> = (0..streams).flat_map(|_| [Intervention::none(), steer.clone()]).collect();
-    let seeds: Vec<u64> = (0..streams as u64).flat_map(|s| [s, s]).collect();
-    let params = shared::SamplingParams { temperature: 0.7, top_p: None, seed: 0, max_new_tokens: n };
+    let (variants, seeds): (Vec<_>, Vec<_>) = (0..streams as u64).flat_map(|s| steer_stream(engine, s, n).0.into_iter().zip([s, s])).unzip();
+    let params = steer_stream(engine, 0, n).1;
     let start = Instant::now();
     let out = engine.generate_rows(ids, &variants, &seeds, &params, true, &flash_interp::Cancel::default(), &mut |_, _, _| true)?;
     let tokens: usize = out.iter().map(|o| o.tokens.len()).sum();
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Steer stream `s` of the benchmarks: a normal and a steered row (the last layer's first neuron
+/// clamped to 5), and its sampling (temperature 0.7, seed `s`, `n` tokens).
+fn steer_stream(engine: &flash_interp::Engine, s: u64, n: usize) -> ([flash_interp::model::Intervention; 2], shared::SamplingParams) {
+    use flash_interp::model::{Clamp, Intervention};
+    let steer = Intervention { clamps: vec![Clamp { layer: engine.config().n_layers - 1, neuron: 0, value: 5.0 }] };
+    ([Intervention::none(), steer], shared::SamplingParams { temperature: 0.7, top_p: None, seed: s, max_new_tokens: n })
 }
 
 /// Tokens/s of `requests` steer requests at once through a [`Batcher`] (the server's path:
@@ -239,18 +244,17 @@ fn time_streams(engine: &flash_interp::Engine, ids: &[u32], n: usize, streams: u
 /// [`Batcher`]: flash_interp::batch::Batcher
 fn time_requests(engine: &Arc<flash_interp::Engine>, ids: &[u32], n: usize, requests: usize) -> Result<f64> {
     use flash_interp::batch::{Batcher, Job};
-    use flash_interp::model::{Clamp, Intervention};
-    let steer = Intervention { clamps: vec![Clamp { layer: engine.config().n_layers - 1, neuron: 0, value: 5.0 }] };
     let batch = Batcher::new(engine.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let start = Instant::now();
     for r in 0..requests as u64 {
         let tx = tx.clone();
+        let (variants, params) = steer_stream(engine, r, n);
         batch.submit(Job {
             ids: ids.to_vec(),
-            variants: vec![Intervention::none(), steer.clone()],
+            variants: variants.to_vec(),
             seeds: vec![r, r],
-            params: shared::SamplingParams { temperature: 0.7, top_p: None, seed: r, max_new_tokens: n },
+            params,
             cancel: flash_interp::Cancel::default(),
             on_text: Box::new(|_, _, _| true),
             done: Box::new(move |out| drop(tx.send(out.map(|o| o.iter().map(|o| o.tokens.len()).sum::<usize>())))),

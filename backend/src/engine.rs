@@ -647,7 +647,7 @@ impl Engine {
             }
         }
         g.step += 1;
-        if g.stop.iter().all(Option::is_some) || g.step >= g.max_new {
+        if g.stop.iter().all(Option::is_some) {
             return Ok(None);
         }
         for (s, &t) in g.seqs.iter_mut().zip(&next) {

@@ -225,10 +225,16 @@ pub(crate) fn check_forward(cfg: &Config, input: &Tensor, cache: &Cache, rows: &
         validate(cfg, iv)?;
     }
     let offset = cache.seq_len;
+    check_context(cfg, offset, t)?;
+    Ok((b_in, t, rows.len().max(1), offset))
+}
+
+/// Room in the model's context for `t` more tokens after `offset`.
+fn check_context(cfg: &Config, offset: usize, t: usize) -> Result<()> {
     if offset + t > cfg.max_seq_len {
         return Err(Error::TooLarge(format!("{} tokens exceed the model's context of {} tokens", offset + t, cfg.max_seq_len)));
     }
-    Ok((b_in, t, rows.len().max(1), offset))
+    Ok(())
 }
 
 /// Check an intervention against the model's shape.
@@ -334,9 +340,7 @@ pub(crate) fn check_step(cfg: &Config, groups: &[StepGroup], device: &Device) ->
         if g.rows.len() != 1 && g.rows.len() != n {
             return Err(Error::bad(format!("{} interventions for a group of {n} rows", g.rows.len())));
         }
-        if g.cache.seq_len + 1 > cfg.max_seq_len {
-            return Err(Error::TooLarge(format!("{} tokens exceed the model's context of {} tokens", g.cache.seq_len + 1, cfg.max_seq_len)));
-        }
+        check_context(cfg, g.cache.seq_len, 1)?;
         for iv in g.rows {
             validate(cfg, iv)?;
         }

@@ -67,11 +67,7 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     /// Logits are not checked for finiteness: one group's overflow is that group's error, and
     /// cancellation is checked between steps by the caller.
     fn step(&self, groups: &mut [StepGroup]) -> Result<Tensor> {
-        if self.device().is_cpu() && rayon::current_thread_index().is_none() {
-            rayon::scope(|_| self.run_step(groups))
-        } else {
-            self.run_step(groups)
-        }
+        on_pool(self.device(), || self.run_step(groups))
     }
 
     /// [`LanguageModel::forward`] without the check that every row's logits are finite: for
@@ -84,11 +80,7 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     /// otherwise compete for the cores with the pool's threads spinning for work (a quarter of
     /// one token's time on 2 cores).
     fn forward_rows(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput> {
-        if self.device().is_cpu() && rayon::current_thread_index().is_none() {
-            rayon::scope(|_| self.run(input, cache, rows, record))
-        } else {
-            self.run(input, cache, rows, record)
-        }
+        on_pool(self.device(), || self.run(input, cache, rows, record))
     }
 
     /// Check an intervention against the model's shape.
@@ -109,6 +101,16 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
             return Err(non_finite());
         }
         Ok(out)
+    }
+}
+
+/// Run a model pass on a thread of rayon's pool when it runs on the CPU from outside the pool
+/// (see [`LanguageModel::forward_rows`]).
+fn on_pool<T: Send>(device: &Device, pass: impl FnOnce() -> T + Send) -> T {
+    if device.is_cpu() && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| pass())
+    } else {
+        pass()
     }
 }
 
