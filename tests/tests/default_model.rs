@@ -13,8 +13,11 @@ fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| {
         let mut e = Engine::load(&default_model(), &LoadOptions::default()).expect("load default model");
-        // A private cache, so the test builds the map rather than trusting an earlier run's.
-        e.cache_dir = std::env::temp_dir().join(format!("flash-interp-test-cache-{}", std::process::id()));
+        // A private cache, emptied first, so the test builds the map rather than trusting an
+        // earlier run's; it lives under target/ at a fixed path, so runs do not pile up copies.
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("default-model-map-cache");
+        let _ = std::fs::remove_dir_all(&dir);
+        e.cache_dir = dir;
         e
     })
 }
