@@ -8,7 +8,8 @@
 # Steps (each bounded by a timeout; a failed step is recorded and the next one still runs):
 #   1. the machine: GPU, driver, CUDA libraries (found and put on LD_LIBRARY_PATH), Python;
 #   2. correctness: `device-check`: tiny synthetic models, and a 2-layer SmolLM2-shaped one, on
-#      the CPU and on the GPU in the same binary: map, search, sweep, greedy tokens, f32 and bf16;
+#      the CPU and on the GPU in the same binary: map, search, sweep, greedy tokens, three greedy
+#      requests at once through the server's batch on the GPU, f32 and bf16;
 #   3. speed, on a random-weight Llama-3.1-8B-shaped model written to this machine's disk:
 #      (a) our full map (`bench --device cuda`: 458,752 neurons, model resident) against
 #          (b) the PyTorch peer (scripts/peer_map_gpu.py) on the same GPU, weights and dtype;
@@ -113,7 +114,7 @@ for st in sorted(glob.glob(os.path.join(steps, "*.status"))):
 dc = js("device-check")
 if dc and "models" in dc:
     report["device_check"] = {"pass": dc["pass"], "models": [
-        {k: m[k] for k in ("model", "weights", "pass", "search_pass", "sweep_max_abs_err", "greedy_common_prefix")} |
+        {k: m[k] for k in ("model", "weights", "pass", "search_pass", "sweep_max_abs_err", "greedy_common_prefix", "batch_common_prefix", "batch_jobs_per_step", "batch_pass")} |
         {"maps": [{k: a[k] for k in ("final_norm", "pass", "lse_max_rel_err", "value_max_rel_err", "id_mismatches", "unexplained", "seconds_cpu", "seconds_device")} for a in m["maps"]]}
         for m in dc["models"]]}
 report["bench_map"] = js("bench-map")

@@ -220,7 +220,7 @@ impl Drop for Batcher {
 }
 
 /// An internal error of the batch (answered only as "internal error").
-fn internal(message: impl Into<String>) -> Error {
+pub(crate) fn internal(message: impl Into<String>) -> Error {
     Error::Io(std::io::Error::other(message.into()))
 }
 

@@ -86,6 +86,12 @@ pub struct ModelCheck {
     pub greedy_device: Vec<u32>,
     pub greedy_common_prefix: usize,
     pub greedy_pass: bool,
+    /// Three greedy requests at once through the server's batch on the device (different prompt
+    /// lengths, the last with the sweep's neuron clamped), each against the CPU's answer to it
+    /// alone: the common prefix of each, and how many jobs the shared steps carried on average.
+    pub batch_common_prefix: Vec<usize>,
+    pub batch_jobs_per_step: f64,
+    pub batch_pass: bool,
     pub pass: bool,
 }
 
@@ -178,9 +184,26 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     };
     let (gc, gd) = (greedy(&cpu)?, greedy(&dev)?);
     let prefix = gc.iter().zip(&gd).take_while(|(a, b)| a == b).count();
-    let greedy_pass = if tol.greedy_prefix == usize::MAX { gc == gd } else { prefix >= tol.greedy_prefix.min(gc.len()) };
+    let agrees =
+        |c: &[u32], d: &[u32], prefix: usize| if tol.greedy_prefix == usize::MAX { c == d } else { prefix >= tol.greedy_prefix.min(c.len()) };
+    let greedy_pass = agrees(&gc, &gd, prefix);
     let sweep_pass = sweep_max_abs_err <= tol.sweep_abs;
-    let pass = maps.iter().all(|m| m.pass) && search_pass && sweep_pass && greedy_pass;
+
+    // The server's batch on the device: each request against the CPU's answer to it alone.
+    let clamp = Intervention { clamps: vec![crate::model::Clamp { layer: hit.layer, neuron: hit.neuron, value: 4.0 }] };
+    let requests = [("the dog and the cat", Intervention::none()), ("a", Intervention::none()), ("once upon a time there was a", clamp)];
+    let dev = std::sync::Arc::new(dev);
+    let (device_answers, batch_jobs_per_step) = batched(&dev, &requests, &params)?;
+    let mut batch_common_prefix = vec![];
+    let mut batch_pass = true;
+    for ((text, row), d) in requests.iter().zip(&device_answers) {
+        let ids = cpu.tok.encode_prompt(text)?;
+        let c = cpu.generate(&ids, std::slice::from_ref(row), &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens;
+        let p = c.iter().zip(d).take_while(|(a, b)| a == b).count();
+        batch_pass &= agrees(&c, d, p);
+        batch_common_prefix.push(p);
+    }
+    let pass = maps.iter().all(|m| m.pass) && search_pass && sweep_pass && greedy_pass && batch_pass;
     Ok(ModelCheck {
         model: path.display().to_string(),
         weights: dev.weights_desc(),
@@ -197,8 +220,41 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         greedy_device: gd,
         greedy_common_prefix: prefix,
         greedy_pass,
+        batch_common_prefix,
+        batch_jobs_per_step,
+        batch_pass,
         pass,
     })
+}
+
+/// `requests` (a prompt and a row's intervention each) submitted at once to a [`Batcher`] on
+/// `engine`'s device: each one's greedy tokens, and the jobs per shared step.
+///
+/// [`Batcher`]: crate::batch::Batcher
+fn batched(engine: &std::sync::Arc<Engine>, requests: &[(&str, Intervention)], params: &SamplingParams) -> Result<(Vec<Vec<u32>>, f64)> {
+    use crate::batch::{Batcher, Job};
+    let batch = Batcher::new(engine.clone());
+    let mut answers = vec![];
+    for (text, row) in requests {
+        let (tx, rx) = std::sync::mpsc::channel();
+        batch.submit(Job {
+            ids: engine.tok.encode_prompt(text)?,
+            variants: vec![row.clone()],
+            seeds: vec![0],
+            params: params.clone(),
+            cancel: Cancel::default(),
+            on_text: Box::new(|_, _, _| true),
+            done: Box::new(move |out| drop(tx.send(out))),
+            hold: None,
+        });
+        answers.push(rx);
+    }
+    let tokens = answers
+        .into_iter()
+        .map(|rx| Ok(rx.recv().map_err(|_| crate::batch::internal("the batch stopped"))??.remove(0).tokens))
+        .collect::<Result<Vec<_>>>()?;
+    let (steps, job_steps) = batch.steps();
+    Ok((tokens, job_steps as f64 / steps.max(1) as f64))
 }
 
 #[cfg(test)]
@@ -217,6 +273,8 @@ mod tests {
         assert_eq!(r.maps[0].lse_max_rel_err, 0.0);
         assert_eq!(r.greedy_cpu, r.greedy_device);
         assert!(!r.greedy_cpu.is_empty());
+        // The batch on the "device" answers each request as the CPU does alone.
+        assert!(r.batch_pass && r.batch_common_prefix.iter().all(|&p| p > 0), "{r:#?}");
 
         let e = Engine::load(dir.path(), &LoadOptions::default()).unwrap();
         let m = NeuronMap::build(&*e.model, View::Up, false, "t", "f32", &|_, _| {}).unwrap();
