@@ -283,22 +283,39 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     eprintln!("timing ours ({} weights, {threads} threads)...", engine.weight_mode().name());
     time_ours(&engine, &ids, 8)?; // warm-up
-    let mut ours = Vec::new();
-    for _ in 0..a.runs.max(1) {
+                                  // On a GGUF, our runs and llama.cpp's alternate (one of each per round, the peer a fresh
+                                  // process each time), so that this machine's drift in speed between minutes falls on both
+                                  // sides alike; the ratios are the medians of the rounds' own ratios.
+    let gguf = path.extension().is_some_and(|e| e == "gguf");
+    let (mut ours, mut rounds) = (Vec::new(), Vec::new());
+    let mut peer_ok = gguf;
+    for round in 0..a.runs.max(1) {
         ours.push(time_ours(&engine, &ids, a.tokens)?);
+        if peer_ok {
+            eprintln!("timing llama.cpp (round {} of {})...", round + 1, a.runs.max(1));
+            let mut cmd = Command::new(&a.python);
+            cmd.arg(&a.peer)
+                .arg("--model")
+                .arg(&path)
+                .args(["--tokens-json", &serde_json::to_string(&ids)?, "--new", &a.tokens.to_string(), "--runs", "1"])
+                .args(["--threads", &threads.to_string()]);
+            match run_peer(&mut cmd, "llama.cpp", &a.peer)? {
+                Some(p) => rounds.push(p),
+                None => peer_ok = false,
+            }
+        }
     }
+    let paired = |k: &str| {
+        let mut r: Vec<f64> = ours.iter().zip(&rounds).filter_map(|((o, _), p)| Some(ours_of(o, k) / p[k].as_f64()?)).collect();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 2).copied()
+    };
+    let paired_ratios = (paired("decode_tokens_per_second"), paired("tokens_per_second"));
     ours.sort_by(|x, y| x.0.decode_tokens_per_second.total_cmp(&y.0.decode_tokens_per_second));
     let (ours, our_tokens) = ours.swap_remove(ours.len() / 2);
     let our_rss = peak_rss();
-    let peer = if path.extension().is_some_and(|e| e == "gguf") {
-        eprintln!("timing llama.cpp...");
-        let mut cmd = Command::new(&a.python);
-        cmd.arg(&a.peer)
-            .arg("--model")
-            .arg(&path)
-            .args(["--tokens-json", &serde_json::to_string(&ids)?, "--new", &a.tokens.to_string(), "--runs", &a.runs.max(1).to_string()])
-            .args(["--threads", &threads.to_string()]);
-        run_peer(&mut cmd, "llama.cpp", &a.peer)?
+    let peer = if gguf {
+        median_peer(rounds)
     } else {
         // A Hugging Face directory: transformers' generate on the same device, dtype and tokens.
         eprintln!("timing HF transformers...");
@@ -337,7 +354,10 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     } else {
         None
     };
-    let ratio = |k: &str| peer.as_ref().and_then(|p| p[k].as_f64()).map(|theirs| ours_of(&ours, k) / theirs);
+    let ratio = |k: &str| match (k, paired_ratios) {
+        ("decode_tokens_per_second", (Some(r), _)) | ("tokens_per_second", (_, Some(r))) => Some(r),
+        _ => peer.as_ref().and_then(|p| p[k].as_f64()).map(|theirs| ours_of(&ours, k) / theirs),
+    };
     let same = peer.as_ref().and_then(|p| serde_json::from_value::<Vec<u32>>(p["tokens"].clone()).ok()).map(|t| common_prefix(&t, &our_tokens));
     let r = serde_json::json!({
         "model": engine.info.name,
@@ -399,14 +419,36 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
             mb(p["peak_rss_bytes"].as_f64())
         );
         println!(
-            "  ours / {peer_name}: decode {:.2}x, overall {:.2}x, peak RSS {:.2}x; the first {} greedy tokens agree",
+            "  ours / {peer_name}: decode {:.2}x, overall {:.2}x, peak RSS {:.2}x; the first {} greedy tokens agree{}",
             r["ratio_decode"].as_f64().unwrap_or(f64::NAN),
             r["ratio_overall"].as_f64().unwrap_or(f64::NAN),
             r["ratio_peak_rss"].as_f64().unwrap_or(f64::NAN),
-            same.unwrap_or(0)
+            same.unwrap_or(0),
+            p["rounds"].as_u64().map_or(String::new(), |n| format!(" (ratios: the median of {n} interleaved rounds)"))
         );
     }
     Ok(())
+}
+
+/// The peer's rounds as one result: its median run by decode tokens/s (the tokens it chose), with
+/// the median prefill time and overall tokens/s, and the largest peak memory of its processes.
+fn median_peer(mut rounds: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+    let median = |rounds: &[serde_json::Value], k: &str| {
+        let mut v: Vec<f64> = rounds.iter().filter_map(|p| p[k].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let prefill = median(&rounds, "prefill_seconds");
+    let overall = median(&rounds, "tokens_per_second");
+    let rss = rounds.iter().filter_map(|p| p["peak_rss_bytes"].as_f64()).fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
+    let n = rounds.len();
+    rounds.sort_by(|x, y| x["decode_tokens_per_second"].as_f64().unwrap_or(0.0).total_cmp(&y["decode_tokens_per_second"].as_f64().unwrap_or(0.0)));
+    let mut p = rounds.into_iter().nth(n / 2)?;
+    p["prefill_seconds"] = prefill.into();
+    p["tokens_per_second"] = overall.into();
+    p["peak_rss_bytes"] = rss.into();
+    p["rounds"] = n.into();
+    Some(p)
 }
 
 fn ours_of(t: &GenTiming, key: &str) -> f64 {
