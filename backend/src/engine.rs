@@ -569,7 +569,26 @@ impl Engine {
         let n = variants.len();
         let start = Instant::now();
         let mut cache = Cache::with_cancel(self.config(), cancel.clone());
-        let logits = self.model.forward(&self.input(ids)?, &mut cache, variants, &[])?.logits;
+        // Rows with the same intervention have the same prompt: each distinct intervention runs
+        // it once, and its rows get copies of that row's cache and logits (8 samples of a
+        // normal and a steered answer are 2 prompts' work, not 16).
+        let mut distinct: Vec<Intervention> = Vec::new();
+        let index: Vec<u32> = variants
+            .iter()
+            .map(|iv| {
+                let i = distinct.iter().position(|d| d == iv).unwrap_or_else(|| {
+                    distinct.push(iv.clone());
+                    distinct.len() - 1
+                });
+                i as u32
+            })
+            .collect();
+        let mut logits = self.model.forward(&self.input(ids)?, &mut cache, &distinct, &[])?.logits;
+        if distinct.len() < n {
+            let index = Tensor::new(index, logits.device())?;
+            cache.select_rows(&index)?;
+            logits = logits.index_select(&index, 0)?;
+        }
         let g = Generation {
             variants: variants.to_vec(),
             samplers: seeds.iter().map(|&seed| Sampler::new(&SamplingParams { seed, ..params.clone() })).collect(),

@@ -33,6 +33,16 @@ impl Cache {
     pub fn seq_len(&self) -> usize {
         self.seq_len
     }
+
+    /// Row `index[i]` of every layer's keys and values as row `i` (`index`: u32 on the cache's
+    /// device): rows that share a prompt get copies of the one row that ran it.
+    pub fn select_rows(&mut self, index: &Tensor) -> Result<()> {
+        for c in self.kvs.iter_mut().flatten() {
+            c.k = c.k.index_select(index, 0)?;
+            c.v = c.v.index_select(index, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Force neuron `neuron` of MLP layer `layer` to `value` at every position.
