@@ -341,15 +341,26 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         None => None,
     };
     // Concurrent steer streams in one batch against one stream.
+    // In rounds too (one stream, the streams in one batch, the same as separate requests), the
+    // ratios being the medians of the rounds' own.
     let streams = if a.streams > 0 {
-        eprintln!("timing 1 and {} steer streams...", a.streams);
-        let one = time_streams(&engine, &ids, a.tokens, 1)?;
-        let many = time_streams(&engine, &ids, a.tokens, a.streams)?;
-        // The same streams as separate requests sharing the server's batch.
-        let apart = time_requests(&engine, &ids, a.tokens, a.streams)?;
+        let (mut one, mut many, mut apart) = (vec![], vec![], vec![]);
+        for round in 0..a.runs.max(1) {
+            eprintln!("timing 1 and {} steer streams (round {} of {})...", a.streams, round + 1, a.runs.max(1));
+            one.push(time_streams(&engine, &ids, a.tokens, 1)?);
+            many.push(time_streams(&engine, &ids, a.tokens, a.streams)?);
+            // The same streams as separate requests sharing the server's batch.
+            apart.push(time_requests(&engine, &ids, a.tokens, a.streams)?);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let ratios = |xs: &[f64]| median(xs.iter().zip(&one).map(|(x, o)| x / o).collect());
         Some(serde_json::json!({
-            "streams": a.streams, "one_tokens_per_second": one, "batch_tokens_per_second": many, "ratio": many / one,
-            "requests_tokens_per_second": apart, "requests_ratio": apart / one,
+            "streams": a.streams, "rounds": one.len(), "ratio": ratios(&many), "requests_ratio": ratios(&apart),
+            "one_tokens_per_second": median(one.clone()), "batch_tokens_per_second": median(many),
+            "requests_tokens_per_second": median(apart),
         }))
     } else {
         None
@@ -383,7 +394,8 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     }
     if let Some(s) = &streams {
         println!(
-            "steer streams (normal + steered rows, sampled): 1 stream {:.1} tok/s, {} in one batch {:.1} tok/s ({:.2}x)",
+            "steer streams (normal + steered rows, sampled; medians of {} rounds): 1 stream {:.1} tok/s, {} in one batch {:.1} tok/s ({:.2}x)",
+            s["rounds"],
             s["one_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
             a.streams,
             s["batch_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
