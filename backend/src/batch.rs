@@ -25,6 +25,7 @@ use crate::cancel::Cancel;
 use crate::engine::{Engine, GenOutput, Generation};
 use crate::error::{Error, Result};
 use crate::model::{all_finite, Intervention, StepGroup};
+use crate::prompt_cache::{self, PromptCache};
 
 /// Called with a row's new text and the tokens it comes from; `false` stops the job.
 pub type OnText = Box<dyn FnMut(usize, &str, &[TokenStep]) -> bool + Send>;
@@ -118,6 +119,8 @@ pub struct Batcher {
     tx: Sender<Msg>,
     stats: Arc<Stats>,
     slot: Arc<Mutex<Slot>>,
+    /// The prompts its jobs ran, kept for later jobs of the same prompt.
+    prompts: Arc<PromptCache>,
 }
 
 /// The batch's worker permit and the jobs it runs under it.
@@ -157,12 +160,24 @@ struct Stats {
 }
 
 impl Batcher {
+    /// A batch for `engine`'s model, keeping up to [`prompt_cache::DEFAULT_BYTES`] of prompts.
     pub fn new(engine: Arc<Engine>) -> Self {
+        Self::with_prompt_cache(engine, prompt_cache::DEFAULT_BYTES)
+    }
+
+    /// A batch keeping up to `bytes` of prompts already run (0: none).
+    pub fn with_prompt_cache(engine: Arc<Engine>, bytes: usize) -> Self {
         let (tx, rx) = channel();
         let stats = Arc::new(Stats::default());
-        let (s, t) = (stats.clone(), tx.clone());
-        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &t, &rx, &s)).expect("spawning the batch thread");
-        Self { tx, stats, slot: Arc::default() }
+        let prompts = Arc::new(PromptCache::new(bytes));
+        let (s, t, p) = (stats.clone(), tx.clone(), prompts.clone());
+        std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &t, &rx, &s, &p)).expect("spawning the batch thread");
+        Self { tx, stats, slot: Arc::default(), prompts }
+    }
+
+    /// The prompts kept for later jobs.
+    pub fn prompts(&self) -> &PromptCache {
+        &self.prompts
     }
 
     /// A place for one more job under the batch's worker permit, if the batch holds one now
@@ -227,10 +242,10 @@ pub(crate) fn internal(message: impl Into<String>) -> Error {
 /// The batch thread: until the batcher is gone, start the jobs that came, sample every job's
 /// rows, let finished ones go, and run one step of all the others together. A panic (a bug)
 /// ends the jobs of that step with an internal error, not the thread.
-fn run(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats) {
+fn run(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats, prompts: &Arc<PromptCache>) {
     let mut state = State::default();
     loop {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| iteration(engine, tx, rx, stats, &mut state))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| iteration(engine, tx, rx, stats, prompts, &mut state))) {
             Ok(true) => {}
             Ok(false) => return,
             Err(_) => {
@@ -244,18 +259,18 @@ fn run(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats
 }
 
 /// Run a job's prompt on a thread of its own; it comes back as [`Msg::Ready`].
-fn start(engine: &Arc<Engine>, tx: &Sender<Msg>, job: Job) {
-    let (engine, tx) = (engine.clone(), tx.clone());
+fn start(engine: &Arc<Engine>, tx: &Sender<Msg>, prompts: &Arc<PromptCache>, job: Job) {
+    let (engine, tx, prompts) = (engine.clone(), tx.clone(), prompts.clone());
     std::thread::spawn(move || {
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel)
+            engine.start_generation(&job.ids, &job.variants, &job.seeds, &job.params, &job.cancel, Some(&prompts))
         }));
         let _ = tx.send(Msg::Ready(Box::new((job, started.unwrap_or_else(|_| Err(internal("the generation batch failed")))))));
     });
 }
 
 /// One turn of the batch thread; `false` once the batcher is gone and every job has ended.
-fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats, state: &mut State) -> bool {
+fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats, prompts: &Arc<PromptCache>, state: &mut State) -> bool {
     let mut came = Vec::new();
     if state.live.is_empty() {
         if state.closing && state.starting == 0 {
@@ -271,7 +286,7 @@ fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: 
         match msg {
             Msg::Job(job) => {
                 state.starting += 1;
-                start(engine, tx, job);
+                start(engine, tx, prompts, job);
             }
             Msg::Ready(ready) => {
                 let (job, started) = *ready;

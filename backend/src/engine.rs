@@ -23,6 +23,7 @@ use crate::map::{self, NeuronMap};
 use crate::model::config::Gemma3Params;
 use crate::model::config::RopeScaling;
 use crate::model::{Arch, Cache, Clamp, Config, GgufSource, Intervention, Key, LanguageModel, SafetensorsSource, WeightMode, WeightSource};
+use crate::prompt_cache::{Entry, PromptCache};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tok;
 
@@ -532,7 +533,7 @@ impl Engine {
         cancel: &Cancel,
         on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
     ) -> Result<Vec<GenOutput>> {
-        let (mut g, mut logits) = self.start_generation(ids, variants, seeds, params, cancel)?;
+        let (mut g, mut logits) = self.start_generation(ids, variants, seeds, params, cancel, None)?;
         while let Some(next) = self.advance(&mut g, &logits, on_text)? {
             let n = next.len();
             logits = if use_cache {
@@ -547,9 +548,11 @@ impl Engine {
         self.finish(g, on_text)
     }
 
-    /// A generation's start: its rows checked, and its prompt run into a fresh cache (once,
-    /// repeated at the first layer where the rows differ). Returns the generation and the logits
-    /// its first tokens are sampled from.
+    /// A generation's start: its rows checked, and its prompt run into a fresh cache (once per
+    /// distinct intervention, and that once only from the first layer where they differ). With
+    /// `prompts`, a prompt whose every intervention's run is kept there starts from copies of those
+    /// runs instead, and a prompt that runs is kept. Returns the generation and the logits its
+    /// first tokens are sampled from.
     pub fn start_generation(
         &self,
         ids: &[u32],
@@ -557,6 +560,7 @@ impl Engine {
         seeds: &[u64],
         params: &SamplingParams,
         cancel: &Cancel,
+        prompts: Option<&PromptCache>,
     ) -> Result<(Generation, Tensor)> {
         limits::check_sampling(params.temperature, params.top_p, params.max_new_tokens)?;
         limits::check_prompt_tokens(ids.len(), params.max_new_tokens, self.config().max_seq_len)?;
@@ -568,7 +572,6 @@ impl Engine {
         }
         let n = variants.len();
         let start = Instant::now();
-        let mut cache = Cache::with_cancel(self.config(), cancel.clone());
         // Rows with the same intervention have the same prompt: each distinct intervention runs
         // it once, and its rows get copies of that row's cache and logits (8 samples of a
         // normal and a steered answer are 2 prompts' work, not 16).
@@ -583,7 +586,24 @@ impl Engine {
                 i as u32
             })
             .collect();
-        let mut logits = self.model.forward(&self.input(ids)?, &mut cache, &distinct, &[])?.logits;
+        let (mut cache, mut logits) = match prompts.and_then(|p| p.get_all(ids, &distinct)) {
+            // Every distinct intervention's run of this prompt is kept: start from copies.
+            Some(kept) => {
+                let rows: Vec<&[Option<(Tensor, Tensor)>]> = kept.iter().map(|e| e.kvs.as_slice()).collect();
+                let cache = Cache::from_rows(self.config(), cancel.clone(), &rows, ids.len())?;
+                (cache, Tensor::cat(&kept.iter().map(|e| &e.logits).collect::<Vec<_>>(), 0)?)
+            }
+            None => {
+                let mut cache = Cache::with_cancel(self.config(), cancel.clone());
+                let logits = self.model.forward(&self.input(ids)?, &mut cache, &distinct, &[])?.logits;
+                if let Some(p) = prompts {
+                    for (row, iv) in distinct.iter().enumerate() {
+                        p.put(ids, iv, Entry::of_row(&cache, &logits, row)?);
+                    }
+                }
+                (cache, logits)
+            }
+        };
         if distinct.len() < n {
             let index = Tensor::new(index, logits.device())?;
             cache.select_rows(&index)?;

@@ -17,6 +17,7 @@ pub mod gallery;
 pub mod limits;
 pub mod map;
 pub mod model;
+pub mod prompt_cache;
 pub mod sampling;
 pub mod server;
 pub mod synth;

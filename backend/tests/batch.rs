@@ -106,6 +106,7 @@ fn a_step_refuses_a_group_whose_cache_does_not_hold_its_rows() {
 }
 
 /// A request as the batcher and `generate_rows` both take it.
+#[derive(Clone)]
 struct Req {
     ids: Vec<u32>,
     variants: Vec<Intervention>,
@@ -287,4 +288,60 @@ fn a_dropped_batcher_finishes_its_jobs_before_its_thread_ends() {
     drop(b);
     let got = rx.recv_timeout(Duration::from_secs(60)).unwrap().0.unwrap();
     assert_eq!(got.iter().map(|g| &g.tokens).collect::<Vec<_>>(), alone(&e, &rs[2]).iter().map(|g| &g.tokens).collect::<Vec<_>>());
+}
+
+/// A prompt already run is kept: a later job of the same prompt and interventions (other seeds)
+/// starts from copies of those runs and answers what it answers alone, on both families (Gemma's
+/// prompt past its window) and on exact kernels; another clamp runs its prompt; the bytes kept
+/// stay within the budget, the least recently used going first; a batch that keeps nothing
+/// answers the same.
+#[test]
+fn a_kept_prompt_starts_a_later_job_that_answers_what_it_answers_alone() {
+    let p = |seed| SamplingParams { temperature: 0.9, top_p: None, seed, max_new_tokens: 20 };
+    let ids = vec![1, 40, 77, 263, 5, 120, 99, 200, 31];
+    let (plain, clamped) = (Intervention::none(), steer(1, 20, 8.0));
+    let first = Req {
+        ids: ids.clone(),
+        variants: vec![plain.clone(), clamped.clone(), plain.clone(), clamped.clone()],
+        seeds: vec![1, 1, 2, 2],
+        params: p(1),
+    };
+    let later = Req { seeds: vec![7, 7, 8, 8], params: p(7), ..first.clone() };
+    let run = |b: &Batcher, r: &Req| submit(b, r, Cancel::default(), None).recv_timeout(Duration::from_secs(60)).unwrap().0.unwrap();
+    let same = |got: &[GenOutput], want: &[GenOutput], what: &str| {
+        for (row, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!((&g.tokens, &g.text, g.stop), (&w.tokens, &w.text, w.stop), "{what}, row {row}");
+        }
+    };
+    for (name, spec) in specs() {
+        let (_dir, e) = engine(spec);
+        let b = Batcher::new(e.clone());
+        same(&run(&b, &first), &alone(&e, &first), name);
+        assert_eq!(b.prompts().stats(), (0, 1), "{name}: the first job runs its prompt");
+        let kept = b.prompts().bytes();
+        assert!(kept > 0 && kept <= flash_interp::prompt_cache::DEFAULT_BYTES, "{name}: {kept} bytes");
+        let got = run(&b, &later);
+        assert_eq!(b.prompts().stats(), (2, 1), "{name}: the later job starts from both kept runs");
+        same(&got, &alone(&e, &later), name);
+        assert_ne!(got[0].tokens, run(&b, &first)[0].tokens, "{name}: other seeds, other samples");
+        // Another clamp on the same prompt runs it (and answers as alone).
+        let other = Req { variants: vec![steer(2, 5, -3.0)], seeds: vec![3], ..first.clone() };
+        same(&run(&b, &other), &alone(&e, &other), name);
+        assert_eq!(b.prompts().stats().1, 2, "{name}");
+
+        // A budget of one run: the next prompt's run pushes it out, and it runs again.
+        let one = Req { variants: vec![plain.clone()], seeds: vec![4], ..first.clone() };
+        let b = Batcher::with_prompt_cache(e.clone(), kept / 2);
+        run(&b, &one);
+        assert_eq!(b.prompts().bytes(), kept / 2, "{name}: one run is half of the pair's bytes");
+        let shorter = Req { ids: ids[..6].to_vec(), ..one.clone() };
+        run(&b, &shorter);
+        assert!(b.prompts().bytes() <= kept / 2, "{name}");
+        same(&run(&b, &one), &alone(&e, &one), name);
+        assert_eq!(b.prompts().stats(), (0, 3), "{name}: the evicted prompt ran again");
+        // Keeping nothing, the same answers.
+        let b = Batcher::with_prompt_cache(e.clone(), 0);
+        same(&run(&b, &later), &alone(&e, &later), name);
+        assert_eq!((b.prompts().bytes(), b.prompts().stats().0), (0, 0), "{name}");
+    }
 }

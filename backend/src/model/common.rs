@@ -43,6 +43,43 @@ impl Cache {
         }
         Ok(())
     }
+
+    /// Row `row`'s keys and values of each layer, `[1, kv_heads, seq_len, head_dim]`: copies of
+    /// the filled positions, sharing nothing with this cache.
+    pub(crate) fn row_copy(&self, row: usize) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let t = t.narrow(0, row, 1)?;
+            Ok(if t.is_contiguous() { t.copy()? } else { t.contiguous()? })
+        };
+        self.kvs
+            .iter()
+            .map(|kv| {
+                kv.as_ref()
+                    .map(|c| -> Result<_> {
+                        let (k, v) = c.view()?;
+                        Ok((copy(&k)?, copy(&v)?))
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// A cache of `seq_len` positions whose row `i` is `rows[i]` (each as [`Cache::row_copy`]
+    /// gives it), in new buffers.
+    pub(crate) fn from_rows(cfg: &Config, cancel: Cancel, rows: &[&[Option<(Tensor, Tensor)>]], seq_len: usize) -> Result<Self> {
+        let mut cache = Self::with_cancel(cfg, cancel);
+        for (l, kv) in cache.kvs.iter_mut().enumerate() {
+            let parts: Option<Vec<_>> = rows.iter().map(|r| r.get(l).and_then(|x| x.as_ref())).collect();
+            if let Some(parts) = parts {
+                let ks: Vec<&Tensor> = parts.iter().map(|(k, _)| k).collect();
+                let vs: Vec<&Tensor> = parts.iter().map(|(_, v)| v).collect();
+                let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+                *kv = Some(LayerKv { len: k.dim(2)?, k, v });
+            }
+        }
+        cache.seq_len = seq_len;
+        Ok(cache)
+    }
 }
 
 /// Force neuron `neuron` of MLP layer `layer` to `value` at every position.

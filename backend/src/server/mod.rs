@@ -140,6 +140,9 @@ pub struct Metrics {
     pub tokens: IntCounter,
     /// Rows running in the models' generation batches (read when metrics are asked for).
     pub batch_rows: IntGauge,
+    /// The batches' kept prompts: runs reused so far, and bytes kept now (read when asked for).
+    pub prompt_hits: IntGauge,
+    pub prompt_bytes: IntGauge,
     pub builds: maps::BuildGauges,
     /// Requests whose client went away while they waited or ran (their work was stopped).
     pub abandoned: IntCounter,
@@ -154,6 +157,9 @@ impl Metrics {
         let running = IntGauge::new("flash_interp_generations_running", "Generations and sweeps running").unwrap();
         let tokens = IntCounter::new("flash_interp_tokens_generated_total", "Tokens generated").unwrap();
         let batch_rows = IntGauge::new("flash_interp_batch_rows", "Rows (samples x variants) running in the generation batches").unwrap();
+        let prompt_hits =
+            IntGauge::new("flash_interp_prompt_cache_hits", "Prompt runs (one per intervention) reused from the kept prompts so far").unwrap();
+        let prompt_bytes = IntGauge::new("flash_interp_prompt_cache_bytes", "Bytes of prompt runs kept for reuse").unwrap();
         let builds = maps::BuildGauges {
             pending: IntGauge::new("flash_interp_map_builds_pending", "Neuron-map builds queued or running").unwrap(),
             running: IntGauge::new("flash_interp_map_builds_running", "Neuron-map builds running (each holds a worker)").unwrap(),
@@ -164,13 +170,15 @@ impl Metrics {
             .unwrap(),
         };
         let abandoned = IntCounter::new("flash_interp_requests_abandoned_total", "Requests stopped because their client went away").unwrap();
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(queue_depth.clone()),
             Box::new(running.clone()),
             Box::new(tokens.clone()),
             Box::new(batch_rows.clone()),
+            Box::new(prompt_hits.clone()),
+            Box::new(prompt_bytes.clone()),
             Box::new(builds.pending.clone()),
             Box::new(builds.running.clone()),
             Box::new(builds.progress.clone()),
@@ -179,7 +187,7 @@ impl Metrics {
         for c in collectors {
             registry.register(c).unwrap();
         }
-        Self { registry, requests, latency, queue_depth, running, tokens, batch_rows, builds, abandoned }
+        Self { registry, requests, latency, queue_depth, running, tokens, batch_rows, prompt_hits, prompt_bytes, builds, abandoned }
     }
 }
 

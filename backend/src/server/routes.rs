@@ -739,6 +739,8 @@ async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>
 async fn metrics(state: Data<AppState>) -> HttpResponse {
     state.metrics.queue_depth.set((state.queue.waiting() + state.seats.waiting()) as i64);
     state.metrics.batch_rows.set(state.models.iter().map(|m| m.batch.rows()).sum::<usize>() as i64);
+    state.metrics.prompt_hits.set(state.models.iter().map(|m| m.batch.prompts().stats().0).sum::<u64>() as i64);
+    state.metrics.prompt_bytes.set(state.models.iter().map(|m| m.batch.prompts().bytes()).sum::<usize>() as i64);
     let text = prometheus::TextEncoder::new().encode_to_string(&state.metrics.registry.gather()).unwrap_or_default();
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text)
 }
