@@ -121,6 +121,8 @@ pub struct Batcher {
     slot: Arc<Mutex<Slot>>,
     /// The prompts its jobs ran, kept for later jobs of the same prompt.
     prompts: Arc<PromptCache>,
+    /// Told when the batch takes a worker permit (see [`Batcher::worker_gained`]).
+    gained: tokio::sync::Notify,
 }
 
 /// The batch's worker permit and the jobs it runs under it.
@@ -172,7 +174,7 @@ impl Batcher {
         let prompts = Arc::new(PromptCache::new(bytes));
         let (s, t, p) = (stats.clone(), tx.clone(), prompts.clone());
         std::thread::Builder::new().name("batcher".into()).spawn(move || run(&engine, &t, &rx, &s, &p)).expect("spawning the batch thread");
-        Self { tx, stats, slot: Arc::default(), prompts }
+        Self { tx, stats, slot: Arc::default(), prompts, gained: tokio::sync::Notify::new() }
     }
 
     /// The prompts kept for later jobs.
@@ -203,8 +205,18 @@ impl Batcher {
                 Some(worker)
             }
         };
+        if spare.is_none() {
+            self.gained.notify_waiters();
+        }
         drop(spare);
         Member(self.slot.clone())
+    }
+
+    /// Completes when the batch next takes a worker permit ([`Batcher::join_with`]): a request
+    /// waiting for a permit of its own can [`Batcher::join`] instead. Enable it (or poll it once)
+    /// before looking with `join`, so that a permit taken in between is not missed.
+    pub fn worker_gained(&self) -> tokio::sync::futures::Notified<'_> {
+        self.gained.notified()
     }
 
     /// Add a job to the batch; it starts before the next step. Its `done` is always called.

@@ -633,3 +633,41 @@ async fn a_generation_larger_than_the_batch_is_refused_before_it_runs() {
     let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(gen(1)).to_request()).await;
     assert!(resp.status().is_success());
 }
+
+/// Two generations waiting for the only worker (a sweep has it): when it frees, one brings it
+/// into the batch and the other joins under it at once, rather than waiting for a second worker
+/// until the first has finished.
+#[actix_web::test]
+async fn a_generation_waiting_for_a_worker_joins_the_batch_that_takes_one() {
+    let f = warm_fixture(ServerConfig { workers: 1, queue: 4, ..Default::default() });
+    let app = app!(f);
+    let e = f.state.models[0].engine.clone();
+    let req = |text: &str, seed: u64, n: usize| GenerateRequest {
+        prompt: PromptSpec { text: text.into(), chat: None, messages: None },
+        compare: false,
+        clamps: vec![],
+        sampling: SamplingParams { max_new_tokens: n, temperature: 0.8, seed, ..Default::default() },
+        stream: false,
+        samples: 1,
+    };
+    let reqs = [req("the cat sat", 1, 200), req("hi there", 2, 200)];
+    let held = f.state.queue.acquire().await.unwrap();
+    let calls =
+        reqs.iter().map(|r| test::call_and_read_body(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(r).to_request()));
+    let release = async {
+        // Both are waiting for the worker before it frees.
+        while f.state.queue.waiting() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        drop(held);
+    };
+    let (bodies, ()) = futures_util::future::join(futures_util::future::join_all(calls), release).await;
+    for (r, body) in reqs.iter().zip(bodies) {
+        let got: GenerateResponse = serde_json::from_slice(&body).unwrap();
+        let alone = e.generate_request(r, &flash_interp::Cancel::default(), &mut |_, _, _, _| true).unwrap();
+        assert_eq!(got.completions[0].token_ids, alone.completions[0].token_ids);
+    }
+    let (steps, job_steps) = f.state.models[0].batch.steps();
+    assert!(job_steps > steps, "the second request waited for the first to finish ({steps} steps, {job_steps} job-steps)");
+    assert_eq!(f.state.queue.waiting(), 0);
+}

@@ -696,14 +696,23 @@ async fn batched(
             return Err(ServerError::ClientGone);
         }
     };
-    let (member, running) = match m.batch.join() {
-        Some(member) => {
+    let (member, running) = loop {
+        // Listening before looking, so that a worker the batch takes in between is not missed.
+        let gained = m.batch.worker_gained();
+        tokio::pin!(gained);
+        gained.as_mut().enable();
+        if let Some(member) = m.batch.join() {
             state.metrics.running.inc();
-            (member, Running(state.metrics.running.clone()))
+            break (member, Running(state.metrics.running.clone()));
         }
-        None => {
-            let Worker { permit, running } = admit(state, req).await?;
-            (m.batch.join_with(Box::new(permit)), running)
+        // The batch holds no worker: bring one from the worker queue, unless another request
+        // brings one first (then join under it rather than wait for a second one).
+        tokio::select! {
+            worker = admit(state, req) => {
+                let Worker { permit, running } = worker?;
+                break (m.batch.join_with(Box::new(permit)), running);
+            }
+            () = &mut gained => {}
         }
     };
     job.hold = Some(Box::new((seats, member, running)));
