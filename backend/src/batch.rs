@@ -362,16 +362,20 @@ fn step(engine: &Engine, live: &mut Vec<Live>) -> Result<()> {
             live.iter_mut().map(|l| StepGroup { tokens: &l.next, cache: &mut l.gen.cache, rows: &l.gen.variants }).collect();
         engine.model.step(&mut groups)?
     };
+    // Each job is kept or ended here, whatever happens to the others: none is dropped unended.
     let mut at = 0;
     let mut kept = Vec::with_capacity(live.len());
     for mut l in live.drain(..) {
         let n = l.next.len();
-        l.logits = logits.narrow(0, at, n)?;
+        let rows = logits.narrow(0, at, n).map_err(Error::from).and_then(|t| Ok((all_finite(&t)?, t)));
         at += n;
-        if all_finite(&l.logits)? {
-            kept.push(l);
-        } else {
-            l.job.end(Err(crate::model::non_finite()));
+        match rows {
+            Ok((true, t)) => {
+                l.logits = t;
+                kept.push(l);
+            }
+            Ok((false, _)) => l.job.end(Err(crate::model::non_finite())),
+            Err(e) => l.job.end(Err(internal(e.to_string()))),
         }
     }
     *live = kept;
