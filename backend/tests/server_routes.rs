@@ -602,10 +602,13 @@ async fn concurrent_generations_share_the_batch_and_each_gets_its_own_answer() {
     // All seats taken and no queue: 503, and nothing runs.
     // (A new seed: an identical request would be answered from the result cache.)
     let fresh = req("hi there", vec![], 99, 1, false);
-    let seats = f.state.seats.acquire_many(32).await.unwrap();
+    let seats = f.state.models[0].seats.acquire_many(32).await.unwrap();
     let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&fresh).to_request()).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(f.state.models[0].batch.steps().0, steps);
+    // Each model has its own batch and seats: another model's generation still runs.
+    let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/tuned/generate").set_json(&fresh).to_request()).await;
+    assert!(resp.status().is_success(), "{}", resp.status());
     drop(seats);
     let resp = test::call_service(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(&fresh).to_request()).await;
     assert!(resp.status().is_success());

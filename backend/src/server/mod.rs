@@ -86,6 +86,8 @@ pub struct Served {
     pub vocab: Vec<(String, u32)>,
     /// The model's generations in progress, run as one batch.
     pub batch: Batcher,
+    /// Seats in that batch: a generation takes one per row while it runs.
+    pub seats: WorkQueue,
 }
 
 /// The bounded generation queue: `workers` permits, at most `queue` waiters.
@@ -228,8 +230,6 @@ pub struct AppState {
     pub models: Vec<Served>,
     pub config: ServerConfig,
     pub queue: WorkQueue,
-    /// Seats in the generation batches: a generation takes one per row while it runs.
-    pub seats: WorkQueue,
     pub limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     pub metrics: Metrics,
     pub cache: ResultCache,
@@ -255,16 +255,15 @@ impl AppState {
             let mut vocab: Vec<(String, u32)> = (0..engine.tok.vocab_size() as u32).map(|i| (engine.tok.token_text(i), i)).collect();
             vocab.sort();
             let batch = Batcher::new(engine.clone());
-            models.push(Served { id, engine, vocab, batch });
+            let seats = WorkQueue::new(config.batch_rows.max(1), config.queue);
+            models.push(Served { id, engine, vocab, batch, seats });
         }
         let limiter = config.rate_limit_per_minute.and_then(NonZeroU32::new).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
         let queue = WorkQueue::new(config.workers, config.queue);
-        let seats = WorkQueue::new(config.batch_rows.max(1), config.queue);
         let metrics = Metrics::new();
         Arc::new(Self {
             builds: maps::MapBuilds::new(queue.semaphore(), metrics.builds.clone()),
             queue,
-            seats,
             cache: ResultCache::new(config.cache_bytes),
             models,
             limiter,

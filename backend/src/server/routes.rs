@@ -690,7 +690,7 @@ async fn batched(
         return Err(crate::Error::OverBudget(e).into());
     }
     let seats = tokio::select! {
-        seats = state.seats.acquire_many(job.rows() as u32) => seats?,
+        seats = m.seats.acquire_many(job.rows() as u32) => seats?,
         () = conn::client_gone(req) => {
             state.metrics.abandoned.inc();
             return Err(ServerError::ClientGone);
@@ -746,7 +746,7 @@ async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>
 }
 
 async fn metrics(state: Data<AppState>) -> HttpResponse {
-    state.metrics.queue_depth.set((state.queue.waiting() + state.seats.waiting()) as i64);
+    state.metrics.queue_depth.set((state.queue.waiting() + state.models.iter().map(|m| m.seats.waiting()).sum::<usize>()) as i64);
     state.metrics.batch_rows.set(state.models.iter().map(|m| m.batch.rows()).sum::<usize>() as i64);
     state.metrics.prompt_hits.set(state.models.iter().map(|m| m.batch.prompts().stats().0).sum::<u64>() as i64);
     state.metrics.prompt_bytes.set(state.models.iter().map(|m| m.batch.prompts().bytes()).sum::<usize>() as i64);
