@@ -586,29 +586,31 @@ impl Engine {
                 i as u32
             })
             .collect();
-        let (mut cache, mut logits) = match prompts.and_then(|p| p.get_all(ids, &distinct)) {
-            // Every distinct intervention's run of this prompt is kept: start from copies.
+        let (cache, logits) = match prompts.and_then(|p| p.get_all(ids, &distinct)) {
+            // Every distinct intervention's run of this prompt is kept: each row starts from a
+            // copy of its intervention's.
             Some(kept) => {
-                let rows: Vec<&[Option<(Tensor, Tensor)>]> = kept.iter().map(|e| e.kvs.as_slice()).collect();
-                let cache = Cache::from_rows(self.config(), cancel.clone(), &rows, ids.len())?;
-                (cache, Tensor::cat(&kept.iter().map(|e| &e.logits).collect::<Vec<_>>(), 0)?)
+                let rows: Vec<&Entry> = index.iter().map(|&i| &*kept[i as usize]).collect();
+                let kvs: Vec<&[Option<(Tensor, Tensor)>]> = rows.iter().map(|e| e.kvs.as_slice()).collect();
+                let cache = Cache::from_rows(self.config(), cancel.clone(), &kvs, ids.len())?;
+                (cache, Tensor::cat(&rows.iter().map(|e| &e.logits).collect::<Vec<_>>(), 0)?)
             }
             None => {
                 let mut cache = Cache::with_cancel(self.config(), cancel.clone());
-                let logits = self.model.forward(&self.input(ids)?, &mut cache, &distinct, &[])?.logits;
+                let mut logits = self.model.forward(&self.input(ids)?, &mut cache, &distinct, &[])?.logits;
                 if let Some(p) = prompts {
                     for (row, iv) in distinct.iter().enumerate() {
                         p.put(ids, iv, Entry::of_row(&cache, &logits, row)?);
                     }
                 }
+                if distinct.len() < n {
+                    let index = Tensor::new(index, logits.device())?;
+                    cache.select_rows(&index)?;
+                    logits = logits.index_select(&index, 0)?;
+                }
                 (cache, logits)
             }
         };
-        if distinct.len() < n {
-            let index = Tensor::new(index, logits.device())?;
-            cache.select_rows(&index)?;
-            logits = logits.index_select(&index, 0)?;
-        }
         let g = Generation {
             variants: variants.to_vec(),
             samplers: seeds.iter().map(|&seed| Sampler::new(&SamplingParams { seed, ..params.clone() })).collect(),

@@ -47,10 +47,7 @@ impl Cache {
     /// Row `row`'s keys and values of each layer, `[1, kv_heads, seq_len, head_dim]`: copies of
     /// the filled positions, sharing nothing with this cache.
     pub(crate) fn row_copy(&self, row: usize) -> Result<Vec<Option<(Tensor, Tensor)>>> {
-        let copy = |t: &Tensor| -> Result<Tensor> {
-            let t = t.narrow(0, row, 1)?;
-            Ok(if t.is_contiguous() { t.copy()? } else { t.contiguous()? })
-        };
+        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, row, 1)?.force_contiguous()?) };
         self.kvs
             .iter()
             .map(|kv| {
