@@ -86,6 +86,19 @@ impl Job {
     }
 }
 
+/// A job leaves the batch: its rows stop counting as running before it ends (so that whoever
+/// has its answer sees them gone), then it ends with `out`.
+fn leave(stats: &Stats, rows: usize, job: Job, out: Result<Vec<GenOutput>>) {
+    stats.rows.fetch_sub(rows, Ordering::Relaxed);
+    job.end(out)
+}
+
+impl Live {
+    fn end(self, stats: &Stats, out: Result<Vec<GenOutput>>) {
+        leave(stats, self.gen.rows(), self.job, out)
+    }
+}
+
 /// A job in the batch: its generation and the tokens or logits of its next step.
 struct Live {
     job: Job,
@@ -263,8 +276,10 @@ fn run(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: &Stats
             Err(_) => {
                 tracing::error!("a generation batch step panicked; its jobs end with an internal error");
                 for l in state.live.drain(..) {
-                    l.job.end(Err(internal("the generation batch failed")));
+                    l.end(stats, Err(internal("the generation batch failed")));
                 }
+                // Jobs the panic dropped mid-way are not counted either.
+                stats.rows.store(0, Ordering::Relaxed);
             }
         }
     }
@@ -305,7 +320,10 @@ fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: 
                 state.starting -= 1;
                 match started {
                     Ok(_) if job.cancel.is_cancelled() => job.end(Err(Error::Cancelled)),
-                    Ok((gen, logits)) => state.live.push(Live { job, gen, logits, next: Vec::new() }),
+                    Ok((gen, logits)) => {
+                        stats.rows.fetch_add(gen.rows(), Ordering::Relaxed);
+                        state.live.push(Live { job, gen, logits, next: Vec::new() })
+                    }
                     Err(e) => job.end(Err(e)),
                 }
             }
@@ -325,29 +343,29 @@ fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: 
                 l.next = next;
                 kept.push(l);
             }
-            Ok(Some(_)) => l.job.end(Err(Error::Cancelled)),
+            Ok(Some(_)) => l.end(stats, Err(Error::Cancelled)),
             Ok(None) => {
-                let outs = engine.finish(l.gen, &mut *l.job.on_text);
-                l.job.end(outs)
+                let (rows, mut job) = (l.gen.rows(), l.job);
+                let outs = engine.finish(l.gen, &mut *job.on_text);
+                leave(stats, rows, job, outs)
             }
-            Err(e) => l.job.end(Err(e)),
+            Err(e) => l.end(stats, Err(e)),
         }
     }
     *live = kept;
-    stats.rows.store(live.iter().map(|l| l.gen.rows()).sum(), Ordering::Relaxed);
     if live.is_empty() {
         return true;
     }
     stats.steps.fetch_add(1, Ordering::Relaxed);
     stats.job_steps.fetch_add(live.len() as u64, Ordering::Relaxed);
-    match step(engine, live) {
+    match step(engine, stats, live) {
         Ok(()) => {}
         Err(e) => {
             // A failure of the whole step (not of one job's numbers) ends every job in it.
             let message = e.to_string();
             tracing::error!("batch step failed: {message}");
             for l in live.drain(..) {
-                l.job.end(Err(internal(message.clone())));
+                l.end(stats, Err(internal(message.clone())));
             }
         }
     }
@@ -356,7 +374,7 @@ fn iteration(engine: &Arc<Engine>, tx: &Sender<Msg>, rx: &Receiver<Msg>, stats: 
 
 /// One step of every live job together; each job's logits are its rows of the result. A job
 /// whose logits are not finite (an overflowing clamp) fails alone.
-fn step(engine: &Engine, live: &mut Vec<Live>) -> Result<()> {
+fn step(engine: &Engine, stats: &Stats, live: &mut Vec<Live>) -> Result<()> {
     let logits = {
         let mut groups: Vec<StepGroup> =
             live.iter_mut().map(|l| StepGroup { tokens: &l.next, cache: &mut l.gen.cache, rows: &l.gen.variants }).collect();
@@ -374,8 +392,8 @@ fn step(engine: &Engine, live: &mut Vec<Live>) -> Result<()> {
                 l.logits = t;
                 kept.push(l);
             }
-            Ok((false, _)) => l.job.end(Err(crate::model::non_finite())),
-            Err(e) => l.job.end(Err(internal(e.to_string()))),
+            Ok((false, _)) => l.end(stats, Err(crate::model::non_finite())),
+            Err(e) => l.end(stats, Err(internal(e.to_string()))),
         }
     }
     *live = kept;
