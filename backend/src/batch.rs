@@ -73,6 +73,14 @@ impl Job {
         })
     }
 
+    /// A job that streams nothing, is never cancelled from outside and holds nothing (for
+    /// benchmarks and checks): its outputs come through the returned [`Outcome`].
+    pub fn plain(ids: Vec<u32>, variants: Vec<Intervention>, seeds: Vec<u64>, params: SamplingParams) -> (Self, Outcome) {
+        let (tx, rx) = channel();
+        let done: Done = Box::new(move |out| drop(tx.send(out)));
+        (Self { ids, variants, seeds, params, cancel: Cancel::default(), on_text: Box::new(|_, _, _| true), done, hold: None }, Outcome(rx))
+    }
+
     pub fn rows(&self) -> usize {
         self.variants.len()
     }
@@ -83,6 +91,16 @@ impl Job {
         let Job { done, hold, .. } = self;
         drop(hold);
         done(out)
+    }
+}
+
+/// The outputs of a [`Job::plain`], once it ends.
+pub struct Outcome(Receiver<Result<Vec<GenOutput>>>);
+
+impl Outcome {
+    /// Wait for the job's outputs (one per row) or its error.
+    pub fn wait(self) -> Result<Vec<GenOutput>> {
+        self.0.recv().map_err(|_| internal("the batch stopped"))?
     }
 }
 

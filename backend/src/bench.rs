@@ -179,8 +179,7 @@ fn search_ms_median(engine: &flash_interp::Engine, m: &map::NeuronMap, ids: &[u3
             times.push(t.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(median(times).unwrap_or(f64::NAN))
 }
 
 fn ours_secs(r: &serde_json::Value) -> f64 {
@@ -245,25 +244,18 @@ fn steer_stream(engine: &flash_interp::Engine, s: u64, n: usize) -> ([flash_inte
 fn time_requests(engine: &Arc<flash_interp::Engine>, ids: &[u32], n: usize, requests: usize) -> Result<f64> {
     use flash_interp::batch::{Batcher, Job};
     let batch = Batcher::new(engine.clone());
-    let (tx, rx) = std::sync::mpsc::channel();
     let start = Instant::now();
-    for r in 0..requests as u64 {
-        let tx = tx.clone();
-        let (variants, params) = steer_stream(engine, r, n);
-        batch.submit(Job {
-            ids: ids.to_vec(),
-            variants: variants.to_vec(),
-            seeds: vec![r, r],
-            params,
-            cancel: flash_interp::Cancel::default(),
-            on_text: Box::new(|_, _, _| true),
-            done: Box::new(move |out| drop(tx.send(out.map(|o| o.iter().map(|o| o.tokens.len()).sum::<usize>())))),
-            hold: None,
-        });
-    }
+    let outcomes: Vec<_> = (0..requests as u64)
+        .map(|r| {
+            let (variants, params) = steer_stream(engine, r, n);
+            let (job, outcome) = Job::plain(ids.to_vec(), variants.to_vec(), vec![r, r], params);
+            batch.submit(job);
+            outcome
+        })
+        .collect();
     let mut tokens = 0;
-    for _ in 0..requests {
-        tokens += rx.recv().map_err(|_| flash_interp::Error::bad("the batch stopped"))??;
+    for o in outcomes {
+        tokens += o.wait()?.iter().map(|o| o.tokens.len()).sum::<usize>();
     }
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
@@ -283,9 +275,10 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     eprintln!("timing ours ({} weights, {threads} threads)...", engine.weight_mode().name());
     time_ours(&engine, &ids, 8)?; // warm-up
-                                  // On a GGUF, our runs and llama.cpp's alternate (one of each per round, the peer a fresh
-                                  // process each time), so that this machine's drift in speed between minutes falls on both
-                                  // sides alike; the ratios are the medians of the rounds' own ratios.
+
+    // On a GGUF, our runs and llama.cpp's alternate (one of each per round, the peer a fresh
+    // process each time), so that this machine's drift in speed between minutes falls on both
+    // sides alike; the ratios are the medians of the rounds' own ratios.
     let gguf = path.extension().is_some_and(|e| e == "gguf");
     let (mut ours, mut rounds) = (Vec::new(), Vec::new());
     let mut peer_ok = gguf;
@@ -305,11 +298,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
             }
         }
     }
-    let paired = |k: &str| {
-        let mut r: Vec<f64> = ours.iter().zip(&rounds).filter_map(|((o, _), p)| Some(ours_of(o, k) / p[k].as_f64()?)).collect();
-        r.sort_by(f64::total_cmp);
-        r.get(r.len() / 2).copied()
-    };
+    let paired = |k: &str| median(ours.iter().zip(&rounds).filter_map(|((o, _), p)| Some(ours_of(o, k) / p[k].as_f64()?)).collect());
     let paired_ratios = (paired("decode_tokens_per_second"), paired("tokens_per_second"));
     ours.sort_by(|x, y| x.0.decode_tokens_per_second.total_cmp(&y.0.decode_tokens_per_second));
     let (ours, our_tokens) = ours.swap_remove(ours.len() / 2);
@@ -352,10 +341,6 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
             // The same streams as separate requests sharing the server's batch.
             apart.push(time_requests(&engine, &ids, a.tokens, a.streams)?);
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let ratios = |xs: &[f64]| median(xs.iter().zip(&one).map(|(x, o)| x / o).collect());
         Some(serde_json::json!({
             "streams": a.streams, "rounds": one.len(), "ratio": ratios(&many), "requests_ratio": ratios(&apart),
@@ -445,13 +430,8 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
 /// The peer's rounds as one result: its median run by decode tokens/s (the tokens it chose), with
 /// the median prefill time and overall tokens/s, and the largest peak memory of its processes.
 fn median_peer(mut rounds: Vec<serde_json::Value>) -> Option<serde_json::Value> {
-    let median = |rounds: &[serde_json::Value], k: &str| {
-        let mut v: Vec<f64> = rounds.iter().filter_map(|p| p[k].as_f64()).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
-    };
-    let prefill = median(&rounds, "prefill_seconds");
-    let overall = median(&rounds, "tokens_per_second");
+    let of = |k: &str| median(rounds.iter().filter_map(|p| p[k].as_f64()).collect());
+    let (prefill, overall) = (of("prefill_seconds"), of("tokens_per_second"));
     let rss = rounds.iter().filter_map(|p| p["peak_rss_bytes"].as_f64()).fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
     let n = rounds.len();
     rounds.sort_by(|x, y| x["decode_tokens_per_second"].as_f64().unwrap_or(0.0).total_cmp(&y["decode_tokens_per_second"].as_f64().unwrap_or(0.0)));
@@ -461,6 +441,12 @@ fn median_peer(mut rounds: Vec<serde_json::Value>) -> Option<serde_json::Value> 
     p["peak_rss_bytes"] = rss.into();
     p["rounds"] = n.into();
     Some(p)
+}
+
+/// The middle value (the upper one of an even count); `None` for none.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 fn ours_of(t: &GenTiming, key: &str) -> f64 {

@@ -236,23 +236,11 @@ fn batched(engine: &std::sync::Arc<Engine>, requests: &[(&str, Intervention)], p
     let batch = Batcher::new(engine.clone());
     let mut answers = vec![];
     for (text, row) in requests {
-        let (tx, rx) = std::sync::mpsc::channel();
-        batch.submit(Job {
-            ids: engine.tok.encode_prompt(text)?,
-            variants: vec![row.clone()],
-            seeds: vec![0],
-            params: params.clone(),
-            cancel: Cancel::default(),
-            on_text: Box::new(|_, _, _| true),
-            done: Box::new(move |out| drop(tx.send(out))),
-            hold: None,
-        });
-        answers.push(rx);
+        let (job, outcome) = Job::plain(engine.tok.encode_prompt(text)?, vec![row.clone()], vec![0], params.clone());
+        batch.submit(job);
+        answers.push(outcome);
     }
-    let tokens = answers
-        .into_iter()
-        .map(|rx| Ok(rx.recv().map_err(|_| crate::batch::internal("the batch stopped"))??.remove(0).tokens))
-        .collect::<Result<Vec<_>>>()?;
+    let tokens = answers.into_iter().map(|o| Ok(o.wait()?.remove(0).tokens)).collect::<Result<Vec<_>>>()?;
     let (steps, job_steps) = batch.steps();
     Ok((tokens, job_steps as f64 / steps.max(1) as f64))
 }
