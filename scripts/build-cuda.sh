@@ -17,10 +17,16 @@ V=$C/venv
 R=$C/root
 mkdir -p "$C"
 
-# 1. The CUDA 13 toolchain from PyPI (the cu12 wheels ship no nvcc). Only the compiler and the
+# 1. The CUDA 13.0 toolchain from PyPI (the cu12 wheels ship no nvcc). Only the compiler and the
 #    headers are needed to check; the libraries only to link.
-pkgs="nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-nvrtc"
-[ "$mode" = check ] || pkgs="$pkgs nvidia-cublas nvidia-curand"
+#    Pinned to 13.0, the CUDA of the GPU machines' driver (580): the kernels are embedded as PTX
+#    and JIT-compiled by the driver at run time, and a driver rejects PTX newer than its own CUDA
+#    (nvcc 13.5 writes `.version 9.5`; driver 580 reads up to 9.0: CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
+#    nvcc's compiler proper (cicc) and headers come in nvidia-nvvm and nvidia-cuda-crt: pin them too.
+pkgs="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96"
+pkgs="$pkgs nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88"
+[ "$mode" = check ] || pkgs="$pkgs nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35"
+ptx_max=9.0
 if [ ! -x "$V/bin/pip" ]; then
     "${FLASH_INTERP_PYTHON:-python3}" -m venv "$V"
 fi
@@ -31,6 +37,7 @@ if [ ! -e "$stamp" ]; then
 fi
 N=$(echo "$V"/lib/python3.*/site-packages/nvidia/cu13)
 [ -x "$N/bin/nvcc" ] || { echo "build-cuda: no nvcc in $N" >&2; exit 1; }
+"$N/bin/nvcc" --version | grep -q 'release 13\.0' || { echo "build-cuda: $N/bin/nvcc is not CUDA 13.0" >&2; exit 1; }
 
 # 2. A CUDA root the build scripts understand: nvcc finds ../nvvm/bin/cicc relative to the nvcc it
 #    was called as, so bin/ holds links, not copies.
@@ -53,8 +60,7 @@ if [ ! -e "$R/lib64/libcuda.so" ]; then
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$R/lib64/libcuda.so" "$C/libcuda-stub.c"
 fi
 
-# nvcc 13.5 is newer than the newest CUDA cudarc 0.19.10 knows (13.4): tell it 13.4.
-export PATH="$R/bin:$PATH" CUDA_ROOT="$R" CUDA_HOME="$R" CUDA_PATH="$R" CUDARC_CUDA_VERSION=13040
+export PATH="$R/bin:$PATH" CUDA_ROOT="$R" CUDA_HOME="$R" CUDA_PATH="$R" CUDARC_CUDA_VERSION=13000
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH="$R/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
@@ -65,6 +71,11 @@ if [ "$mode" = check ]; then
 fi
 
 cargo build --release -p flash-interp --features cuda --target-dir "$C/target"
+# Every PTX the binary embeds (candle's kernels and ours) must be one the driver can read.
+for ptx in $(find "$C/target/release/build" -name '*.ptx'); do
+    v=$(grep -m1 -oE '^\.version [0-9.]+' "$ptx" | cut -d' ' -f2)
+    awk -v v="$v" -v m="$ptx_max" 'BEGIN { exit !(v + 0 <= m + 0) }' || { echo "build-cuda: $ptx is PTX $v, newer than $ptx_max" >&2; exit 1; }
+done
 strip -o "$C/flash-interp" "$C/target/release/flash-interp"
 xz -T0 -6 -c "$C/flash-interp" > "$C/flash-interp.xz.tmp" && mv "$C/flash-interp.xz.tmp" "$C/flash-interp.xz"
 ls -l "$C/flash-interp" "$C/flash-interp.xz"
