@@ -54,13 +54,14 @@ impl GpuReducer {
         self.wu.dtype()
     }
 
-    /// Reduce every row of `dirs` (`[n, d]` on the same device; converted to the unembedding's
-    /// dtype), keeping the top `k` of each polarity.
-    pub fn reduce(&self, dirs: &Tensor, k: usize, on_rows: &(dyn Fn(usize) + Sync)) -> Result<Vec<NeuronReduction>> {
-        let (n, d) = dirs.dims2()?;
+    /// Reduce every row of the directions, given as the sum of `parts` (each `[n, d]` on the
+    /// same device, converted to the unembedding's dtype; see [`super::split_directions`]),
+    /// keeping the top `k` of each polarity. The parts' logits are summed in f32 by cuBLAS.
+    pub fn reduce(&self, parts: &[Tensor], k: usize, on_rows: &(dyn Fn(usize) + Sync)) -> Result<Vec<NeuronReduction>> {
+        let (n, d) = parts[0].dims2()?;
         assert_eq!(d, self.d);
         assert!(k >= 1 && k <= self.vocab.min(MAX_K), "k = {k}");
-        let dirs = dirs.to_dtype(self.wu.dtype())?.contiguous()?;
+        let parts = parts.iter().map(|p| Ok(p.to_dtype(self.wu.dtype())?.contiguous()?)).collect::<Result<Vec<_>>>()?;
         let chunk = (CHUNK_BYTES / (4 * self.vocab)).clamp(1, n.max(1));
         let func = self.dev.get_or_load_custom_func("map_reduce_rows", "flash_interp_map", PTX)?;
         // SAFETY: every element is written by the product before the kernel reads it.
@@ -69,7 +70,9 @@ impl GpuReducer {
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(chunk) {
             let rows = chunk.min(n - start);
-            self.logits(&dirs.narrow(0, start, rows)?, &mut logits, rows)?;
+            for (i, part) in parts.iter().enumerate() {
+                self.logits(&part.narrow(0, start, rows)?, &mut logits, rows, i > 0)?;
+            }
             let mut lse = self.dev.alloc_zeros::<f32>(rows * 2)?;
             let mut mom = self.dev.alloc_zeros::<f64>(rows * 4)?;
             let mut top_val = self.dev.alloc_zeros::<f32>(rows * 2 * k)?;
@@ -100,9 +103,10 @@ impl GpuReducer {
         Ok(out)
     }
 
-    /// `out[r, v] = dirs[r] · wu[v]` for the `rows` rows of `dirs`, f32, row-major `[rows, vocab]`.
-    /// Column-major, that is `outᵀ = W_Uᵀ-as-stored · dirsᵀ`: m = vocab, n = rows, k = d.
-    fn logits(&self, dirs: &Tensor, out: &mut CudaSlice<f32>, rows: usize) -> Result<()> {
+    /// `out[r, v] = dirs[r] · wu[v]` (`+=` when `accumulate`) for the `rows` rows of `dirs`, f32,
+    /// row-major `[rows, vocab]`. Column-major, that is `outᵀ = W_Uᵀ-as-stored · dirsᵀ`:
+    /// m = vocab, n = rows, k = d.
+    fn logits(&self, dirs: &Tensor, out: &mut CudaSlice<f32>, rows: usize, accumulate: bool) -> Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::sys::{cublasComputeType_t as C, cudaDataType_t as T};
         let stream = self.dev.cuda_stream();
         let blas = self.dev.cublas_handle();
@@ -115,7 +119,7 @@ impl GpuReducer {
             _ if tf32() => (T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F_FAST_TF32, 4),
             _ => (T::CUDA_R_32F, C::CUBLAS_COMPUTE_32F, 4),
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
         let (m, n, kd) = (self.vocab as i32, rows as i32, self.d as i32);
         let (c, _record) = out.device_ptr_mut(&stream);
         let (offset_a, offset_b) = ((wu_l.start_offset() * size) as u64, (di_l.start_offset() * size) as u64);
