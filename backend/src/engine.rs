@@ -42,6 +42,32 @@ impl Default for LoadOptions {
     }
 }
 
+/// CUDA device `ordinal`, with one stream that every thread's work goes to.
+///
+/// candle's `Device::new_cuda` queues each host thread's work on that thread's own default
+/// stream, and those streams are not ordered with one another. The server hands tensors from
+/// thread to thread (a prompt's KV cache from its worker to the batch's thread; rows freed on
+/// another thread than the one that wrote them), so with per-thread streams a kernel could
+/// read a cache another thread's kernels have not finished writing. On one stream, the order
+/// the host queues work in is the order it runs in, and a hand-off between threads (a channel,
+/// a lock) orders the queueing. cudarc's per-use event tracking, which orders several streams,
+/// is then of no use and costs an event record per kernel argument: it is turned off.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda_with_stream(ordinal)?;
+    // SAFETY: every tensor of this device is queued on its one stream (candle's ops, cuBLAS and
+    // cuRAND are bound to it, and `map::gpu` uses `cuda_stream()`), so no slice needs events to
+    // order its uses across streams.
+    unsafe { device.as_cuda_device()?.cuda_stream().context().disable_event_tracking() };
+    Ok(device)
+}
+
+/// Without the `cuda` feature: candle's error saying so.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    Ok(Device::new_cuda(ordinal)?)
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     /// Short name, from the file or directory name.

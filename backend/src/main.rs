@@ -502,7 +502,7 @@ fn load_options(cli: &Cli) -> Result<LoadOptions> {
         "cpu" => Device::Cpu,
         d if d == "cuda" || d.starts_with("cuda:") => {
             let n = d.strip_prefix("cuda:").map(|n| n.parse()).transpose().context("cuda device number")?.unwrap_or(0);
-            Device::new_cuda(n).context("opening the CUDA device (is this a `--features cuda` build?)")?
+            flash_interp::engine::cuda_device(n).context("opening the CUDA device (is this a `--features cuda` build?)")?
         }
         d => bail!("unknown device {d:?}: use cpu, cuda or cuda:N"),
     };
