@@ -551,17 +551,30 @@ fn device_check(cli: &Cli, a: &DeviceCheckArgs) -> Result<()> {
         WeightMode::Auto => vec![WeightMode::Dense(DType::F32), WeightMode::Dense(DType::BF16)],
         m => vec![m],
     };
-    let mut reports = vec![];
+    // A model whose check fails with an error (an operation the device lacks, say) is reported
+    // as such, and the other models are still checked.
+    let (mut reports, mut pass) = (vec![], true);
     for m in &models {
         for &mode in &modes {
             let pb = spinner(&format!("{} in {}", m.display(), mode.desc()));
-            let r = flash_interp::devcheck::check_model(m, &opts.device, mode)?;
+            let r = flash_interp::devcheck::check_model(m, &opts.device, mode);
             pb.finish_and_clear();
-            eprintln!("{}: {} on {}: {}", r.model, r.weights, r.device, if r.pass { "pass" } else { "OUT OF TOLERANCE" });
-            reports.push(r);
+            match r {
+                Ok(r) => {
+                    eprintln!("{}: {} on {}: {}", r.model, r.weights, r.device, if r.pass { "pass" } else { "OUT OF TOLERANCE" });
+                    pass &= r.pass;
+                    reports.push(serde_json::to_value(&r)?);
+                }
+                Err(e) => {
+                    eprintln!("{}: {} on {:?}: ERROR {e:#}", m.display(), mode.desc(), opts.device);
+                    pass = false;
+                    reports.push(
+                        serde_json::json!({ "model": m.display().to_string(), "weights": mode.desc(), "error": format!("{e:#}"), "pass": false }),
+                    );
+                }
+            }
         }
     }
-    let pass = reports.iter().all(|r| r.pass);
     println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "pass": pass, "models": reports }))?);
     if !pass {
         std::process::exit(1);

@@ -1,0 +1,92 @@
+"""The report of scripts/gpu-check.sh, from the steps' outputs so far: run after every step, so
+that a run cut short still leaves a report of what it did.
+
+    python3 scripts/gpu_check_report.py OUT STEPS LAYERS MODEL_DIR
+"""
+import glob
+import json
+import os
+import struct
+import sys
+
+out, steps, layers, model = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+final = os.environ.get("GPU_CHECK_FINAL") == "1"
+def read(name, kind):
+    try:
+        with open(os.path.join(steps, f"{name}.{kind}")) as f:
+            return f.read()
+    except OSError:
+        return None
+def js(name):
+    text = read(name, "out")
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        try:
+            return json.loads(text.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"unparsed": text[-2000:]}
+report = {"gpu": (read("gpu", "txt") or "").strip(), "model": model, "layers": layers, "steps": {}}
+for st in sorted(glob.glob(os.path.join(steps, "*.status"))):
+    name = os.path.basename(st)[:-len(".status")]
+    report["steps"][name] = json.load(open(st))
+    if report["steps"][name]["rc"] != 0:
+        report["steps"][name]["stderr_tail"] = (read(name, "err") or "")[-1500:]
+dc = js("device-check")
+if dc and "models" in dc:
+    keys = ("model", "weights", "pass", "error", "search_pass", "sweep_max_abs_err", "greedy_common_prefix", "batch_common_prefix",
+            "batch_jobs_per_step", "batch_pass")
+    map_keys = ("final_norm", "pass", "lse_max_rel_err", "value_max_rel_err", "id_mismatches", "unexplained", "seconds_cpu", "seconds_device")
+    report["device_check"] = {"pass": dc.get("pass"), "models": [
+        {k: m[k] for k in keys if k in m} | {"maps": [{k: a.get(k) for k in map_keys} for a in m.get("maps", [])]}
+        for m in dc["models"]]}
+report["bench_map"] = js("bench-map")
+report["bench_generate"] = js("bench-generate")
+report["map_command"] = js("map-command")
+# The bandwidth bound of greedy decoding: every weight read once per token. Asked of PyTorch
+# once, at the end (importing it takes seconds); the datasheet's figure before that.
+bw = None
+if final:
+    try:
+        import torch
+        p = torch.cuda.get_device_properties(0)
+        if getattr(p, "memory_clock_rate", 0) and getattr(p, "memory_bus_width", 0):
+            bw = 2 * p.memory_clock_rate * 1e3 * p.memory_bus_width / 8
+        report["torch"] = torch.__version__
+        report["hbm_bytes_per_second"] = bw
+    except Exception as e:  # noqa: BLE001
+        report["torch_error"] = str(e)
+if bw is None:
+    name = report["gpu"].lower()
+    bw = 4.8e12 if "h200" in name else 3.35e12 if "h100" in name else None
+    report["hbm_bytes_per_second"] = bw
+# Bytes one decoded token reads: every weight but the embedding (one row of it), unless it is
+# tied to the LM head.
+sizes = {}
+for f in glob.glob(model + "/*.safetensors"):
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        for name, t in json.loads(fh.read(n)).items():
+            if name != "__metadata__":
+                sizes[name] = t["data_offsets"][1] - t["data_offsets"][0]
+weights = sum(sizes.values())
+if "lm_head.weight" in sizes:
+    weights -= sizes.get("model.embed_tokens.weight", 0)
+report["weight_bytes_per_token"] = weights
+bg = report["bench_generate"] or {}
+ours = ((bg.get("ours") or {}).get("timing") or {}).get("decode_tokens_per_second")
+if bw and weights and ours:
+    bound = bw / weights
+    report["decode_bound_tokens_per_second"] = bound
+    report["decode_fraction_of_bound"] = ours / bound
+with open(os.path.join(out, "gpu-check.json.tmp"), "w") as f:
+    json.dump(report, f, indent=1)
+os.replace(os.path.join(out, "gpu-check.json.tmp"), os.path.join(out, "gpu-check.json"))
+if not final:
+    sys.exit(0)
+print(json.dumps({k: report.get(k) for k in ("gpu", "device_check", "decode_fraction_of_bound")}, indent=1)[:6000])
+bm = report.get("bench_map") or {}
+print("map seconds:", bm.get("map_seconds"), "peer/ours:", bm.get("ratio_peer_over_ours"))
+print("generate:", {k: bg.get(k) for k in ("ratio_decode", "sweep_16_values_seconds")})
