@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::limits;
 use crate::map::{self, NeuronMap};
 use crate::model::config::Gemma3Params;
-use crate::model::config::RopeScaling;
+use crate::model::config::HfConfig;
 use crate::model::{Arch, Cache, Clamp, Config, GgufSource, Intervention, Key, LanguageModel, SafetensorsSource, WeightMode, WeightSource};
 use crate::prompt_cache::{Entry, PromptCache};
 use crate::sampling::Sampler;
@@ -340,17 +340,8 @@ impl Engine {
             }
         };
         let gemma = family.gemma().is_some();
-        let lc: candle_transformers::models::llama::LlamaConfig =
-            serde_json::from_value(json.clone()).map_err(|e| Error::model(dir.join("config.json"), e))?;
-        let rope_scaling = lc.rope_scaling.as_ref().and_then(|s| match s.rope_type {
-            candle_transformers::models::llama::Llama3RopeType::Llama3 => Some(RopeScaling {
-                factor: s.factor,
-                low_freq_factor: s.low_freq_factor,
-                high_freq_factor: s.high_freq_factor,
-                original_max_position_embeddings: s.original_max_position_embeddings,
-            }),
-            _ => None,
-        });
+        let lc: HfConfig = serde_json::from_value(json.clone()).map_err(|e| Error::model(dir.join("config.json"), e))?;
+        let rope_scaling = lc.llama3_rope_scaling();
         let src = SafetensorsSource::open(dir, &opts.device, opts.mode, gemma)?;
         // A sliding window (Mistral's; Qwen's when `use_sliding_window`) never matters within a
         // context no longer than the window.
@@ -374,11 +365,7 @@ impl Engine {
             // Gemma ties its head unless told otherwise.
             tied_embeddings: lc.tie_word_embeddings.unwrap_or(gemma) || !src.has(Key::Output),
         };
-        let eos: Vec<u32> = match &lc.eos_token_id {
-            Some(candle_transformers::models::llama::LlamaEosToks::Single(e)) => vec![*e],
-            Some(candle_transformers::models::llama::LlamaEosToks::Multiple(v)) => v.clone(),
-            None => vec![],
-        };
+        let eos = lc.eos_ids();
         let tok = Tok::from_hf_dir(dir, &eos)?;
         let tc: serde_json::Value =
             std::fs::read(dir.join("tokenizer_config.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(serde_json::Value::Null);

@@ -104,7 +104,8 @@ async fn start_with(engines: Vec<Arc<Engine>>, models: tempfile::TempDir) -> Ses
                      format!("--user-data-dir={}", profile.path().display()), "--window-size=1200,900"]
         }),
     );
-    let c = ClientBuilder::rustls().expect("rustls").capabilities(caps).connect(&url).await.expect("connect to chromedriver");
+    let http = hyper_util::client::legacy::connect::HttpConnector::new();
+    let c = ClientBuilder::new(http).capabilities(caps).connect(&url).await.expect("connect to chromedriver");
     Session { base, c, _driver: driver, _profile: profile, _models: models }
 }
 

@@ -180,3 +180,140 @@ impl Config {
         f
     }
 }
+
+/// The fields of a Hugging Face `config.json` that the Llama family shares, with the same names,
+/// defaults and strictness as candle-transformers' `LlamaConfig` (which the tests load the same
+/// directories with): a missing `rope_theta` is 10,000, a missing `num_key_value_heads` is the
+/// number of heads, an unknown `rope_scaling.rope_type` is an error. Kept here so that the
+/// program does not compile all of candle-transformers for one struct.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HfConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    pub eos_token_id: Option<EosTokens>,
+    pub rope_scaling: Option<HfRopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: Option<bool>,
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+
+impl HfConfig {
+    pub fn num_key_value_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Llama 3's frequency scaling, if the config asks for it.
+    pub fn llama3_rope_scaling(&self) -> Option<RopeScaling> {
+        self.rope_scaling.as_ref().filter(|s| s.rope_type == HfRopeType::Llama3).map(|s| RopeScaling {
+            factor: s.factor,
+            low_freq_factor: s.low_freq_factor,
+            high_freq_factor: s.high_freq_factor,
+            original_max_position_embeddings: s.original_max_position_embeddings,
+        })
+    }
+
+    /// The end-of-sequence ids, one or several.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(EosTokens::Single(e)) => vec![*e],
+            Some(EosTokens::Multiple(v)) => v.clone(),
+            None => vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HfRopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+    pub rope_type: HfRopeType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+pub enum HfRopeType {
+    #[serde(rename = "llama3")]
+    Llama3,
+    #[serde(rename = "default")]
+    Default,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum EosTokens {
+    Single(u32),
+    Multiple(Vec<u32>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_transformers::models::llama::{Llama3RopeType, LlamaConfig, LlamaEosToks};
+
+    /// Every config both read the same, and every config one refuses the other refuses.
+    #[test]
+    fn hf_config_reads_config_json_as_candle_transformers_does() {
+        let base = serde_json::json!({
+            "hidden_size": 64, "intermediate_size": 96, "vocab_size": 300, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 512,
+        });
+        let with = |extra: serde_json::Value| {
+            let mut v = base.clone();
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let scaling = |t: &str| {
+            serde_json::json!({"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_type": t}})
+        };
+        let cases = [
+            base.clone(),
+            with(serde_json::json!({"num_key_value_heads": 2, "rope_theta": 500000.0, "tie_word_embeddings": true, "eos_token_id": 7})),
+            with(serde_json::json!({"eos_token_id": [7, 9], "tie_word_embeddings": false, "rope_scaling": null})),
+            with(scaling("llama3")),
+            with(scaling("default")),
+            with(scaling("yarn")),
+            with(serde_json::json!({"rope_scaling": {"factor": 2.0, "type": "linear"}})),
+            with(serde_json::json!({"eos_token_id": "</s>"})),
+            serde_json::json!({"hidden_size": 64}),
+        ];
+        for case in cases {
+            let (ours, theirs) = (serde_json::from_value::<HfConfig>(case.clone()), serde_json::from_value::<LlamaConfig>(case.clone()));
+            assert_eq!(ours.is_ok(), theirs.is_ok(), "{case}: {ours:?} vs {theirs:?}");
+            let (Ok(o), Ok(t)) = (ours, theirs) else { continue };
+            let t_eos = match &t.eos_token_id {
+                Some(LlamaEosToks::Single(e)) => vec![*e],
+                Some(LlamaEosToks::Multiple(v)) => v.clone(),
+                None => vec![],
+            };
+            let t_scaling = t
+                .rope_scaling
+                .as_ref()
+                .filter(|s| matches!(s.rope_type, Llama3RopeType::Llama3))
+                .map(|s| (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings));
+            let o_scaling = o.llama3_rope_scaling().map(|s| (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings));
+            assert_eq!(
+                (o.hidden_size, o.intermediate_size, o.vocab_size, o.num_hidden_layers, o.num_attention_heads, o.num_key_value_heads()),
+                (t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads()),
+                "{case}"
+            );
+            assert_eq!(
+                (o.rms_norm_eps, o.rope_theta, o.max_position_embeddings, o.tie_word_embeddings),
+                (t.rms_norm_eps, t.rope_theta, t.max_position_embeddings, t.tie_word_embeddings),
+                "{case}"
+            );
+            assert_eq!((o.eos_ids(), o_scaling), (t_eos, t_scaling), "{case}");
+        }
+    }
+}
