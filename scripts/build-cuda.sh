@@ -77,9 +77,9 @@ if [ "$mode" = check ]; then
     # candle-kernels compiles two things: PTX (every kernel the binary embeds and the driver loads,
     # compiled here for real and version-checked below) and libmoe.a, SASS of its MoE and quantized
     # matmul kernels that only a linked binary needs. A check links nothing, and that library is
-    # 14 of nvcc's 15 CPU-minutes (timed file by file here), so the nvcc candle's build script calls (it reads
-    # $NVCC) writes empty objects for it; everything else goes to the real nvcc. The full build
-    # below compiles all of it.
+    # 14 of nvcc's 15 CPU-minutes (timed file by file here), so the nvcc that candle's build
+    # script calls (it reads $NVCC) writes empty objects for it; everything else goes to the real
+    # nvcc. The full build below compiles all of it.
     K=$C/check-nvcc
     mkdir -p "$K/bin"
     ln -sfn "$N/include" "$K/include"
