@@ -132,9 +132,25 @@ impl SearchResult {
     }
 }
 
-/// Tokens of one decoded direction, top `n` of a polarity, with normalised scores.
-fn decode(engine: &Engine, wu: &Tensor, w: &Tensor, polarity: Polarity, n: usize) -> Result<Vec<TokenScore>> {
-    let logits: Vec<f32> = (wu.matmul(&w.unsqueeze(1)?)?.squeeze(1)? * polarity.sign() as f64)?.to_vec1()?;
+/// The logits of directions `dirs` (`[c, d]`, f32, on the model's device) through the
+/// unembedding, `[c][vocab]`, with the final norm's weight folded into the directions when
+/// asked (W_U diag(g) w = W_U (g ⊙ w)). The product runs on the model's device, with the head
+/// converted to f32 there: the unembedding never goes to the host and back (2 GB of f32 for
+/// Llama 3.1 8B), only the `c` rows of logits come back.
+fn head_logits(engine: &Engine, dirs: &Tensor, final_norm: bool) -> Result<Vec<Vec<f32>>> {
+    let head = engine.model.lm_head_weight()?.to_dtype(DType::F32)?;
+    let dirs = match final_norm {
+        true => dirs.broadcast_mul(&engine.model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?,
+        false => dirs.clone(),
+    };
+    Ok(dirs.matmul(&head.t()?)?.to_vec2()?)
+}
+
+/// Tokens of one decoded direction (its `logits` through the unembedding), top `n` of a
+/// polarity, with normalised scores.
+fn decode(engine: &Engine, logits: &[f32], polarity: Polarity, n: usize) -> Result<Vec<TokenScore>> {
+    let sign = polarity.sign();
+    let logits: Vec<f32> = logits.iter().map(|&l| l * sign).collect();
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
     let lse = m + z.ln() as f32;
@@ -208,18 +224,20 @@ fn up_norms(engine: &Engine) -> Result<&[f32]> {
 /// statistics, and the most similar neurons (cosine of up rows, all layers).
 pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: bool, n_tokens: usize) -> Result<NeuronDetail> {
     crate::limits::check_layer_neuron(layer, neuron, engine.config())?;
-    let wu = map::unembedding(&*engine.model, final_norm)?;
+    // The neuron's direction in each view, [3, d], decoded in one product on the device.
+    let rows = View::ALL.iter().map(|&view| Ok(map::directions(&*engine.model, view, layer)?.i(neuron)?)).collect::<Result<Vec<_>>>()?;
+    let logits = head_logits(engine, &Tensor::stack(&rows, 0)?, final_norm)?;
     let mut views = Vec::new();
-    for view in View::ALL {
-        let w = map::directions(&*engine.model, view, layer)?.i(neuron)?;
+    for (&view, logits) in View::ALL.iter().zip(&logits) {
         for polarity in [Polarity::Pos, Polarity::Neg] {
-            views.push(ViewTokens { view, polarity, tokens: decode(engine, &wu, &w, polarity, n_tokens)? });
+            views.push(ViewTokens { view, polarity, tokens: decode(engine, logits, polarity, n_tokens)? });
         }
     }
     let i = layer * engine.config().d_ff + neuron;
     let activation = activation_stats(engine)?[i];
     let norms = up_norms(engine)?;
-    let this = (map::directions(&*engine.model, View::Up, layer)?.i(neuron)? / norms[i] as f64)?.unsqueeze(1)?;
+    let up = View::ALL.iter().position(|&v| v == View::Up).expect("the up view");
+    let this = (&rows[up] / norms[i] as f64)?.unsqueeze(1)?;
     let dots: Vec<f32> = per_layer(engine, View::Up, |up| Ok(up.matmul(&this)?.squeeze(1)?))?.to_vec1()?;
     let cos: Vec<f32> = dots.iter().zip(norms).map(|(d, n)| d / n).collect();
     let abs: Vec<f32> = cos.iter().enumerate().map(|(j, c)| if j == i { -1.0 } else { c.abs() }).collect();

@@ -12,6 +12,10 @@
 //!   ids are equal except **near-ties**: where ids differ, the CPU's logits of
 //!   the two tokens must be within twice that value tolerance.
 //! - **search**: the same strongest neuron, unless the CPU's first two scores are within 1e-3.
+//! - **neuron detail** (the search's neuron, final norm folded in, top 10 of every view and
+//!   polarity): log-probabilities at the same rank within the map's value tolerance, relative
+//!   to max(1, |log p|); ids equal except near-ties (the device's token is the CPU's neighbour
+//!   within twice that).
 //! - **sweep**: p(target) within 1e-4 (f32) / 2e-2 (bf16, f16), absolute.
 //! - **greedy tokens**: identical in f32; in bf16/f16 activations are rounded at every op in a
 //!   different order on each side, so the answers may part after a while: the first 4 tokens
@@ -86,6 +90,11 @@ pub struct ModelCheck {
     pub greedy_device: Vec<u32>,
     pub greedy_common_prefix: usize,
     pub greedy_pass: bool,
+    /// The neuron detail of the search's neuron: the largest log-probability error at the same
+    /// rank, and how many differing ids are not near-ties.
+    pub detail_max_logprob_err: f64,
+    pub detail_unexplained: usize,
+    pub detail_pass: bool,
     /// Three greedy requests at once through the server's batch on the device (different prompt
     /// lengths, the last with the sweep's neuron clamped), each against the CPU's answer to it
     /// alone: the common prefix of each, and how many jobs the shared steps carried on average.
@@ -188,6 +197,23 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     let greedy_pass = agrees(&gc, &gd, prefix);
     let sweep_pass = sweep_max_abs_err <= tol.sweep_abs;
 
+    // That neuron's detail: every view's top tokens, decoded on each side's device.
+    let detail = |e: &Engine| crate::analysis::neuron_detail(e, hit.layer, hit.neuron, true, 10);
+    let (dc, dd) = (detail(&cpu)?, detail(&dev)?);
+    let (mut detail_max_logprob_err, mut detail_unexplained) = (0f64, 0usize);
+    let lp = |t: &shared::TokenScore| (t.prob as f64).ln();
+    for (vc, vd) in dc.views.iter().zip(&dd.views) {
+        for (r, (c, d)) in vc.tokens.iter().zip(&vd.tokens).enumerate() {
+            let scale = lp(c).abs().max(1.0);
+            detail_max_logprob_err = detail_max_logprob_err.max((lp(d) - lp(c)).abs() / scale);
+            let neighbour = |s: usize| vc.tokens.get(s).is_some_and(|n| n.id == d.id && (lp(n) - lp(c)).abs() <= 2.0 * tol.value_rel * scale);
+            if c.id != d.id && !(r > 0 && neighbour(r - 1)) && !neighbour(r + 1) {
+                detail_unexplained += 1;
+            }
+        }
+    }
+    let detail_pass = detail_unexplained == 0 && detail_max_logprob_err <= tol.value_rel && dc.views.len() == dd.views.len();
+
     // The server's batch on the device: each request against the CPU's answer to it alone.
     let clamp = Intervention { clamps: vec![crate::model::Clamp { layer: hit.layer, neuron: hit.neuron, value: 4.0 }] };
     let requests = [("the dog and the cat", Intervention::none()), ("a", Intervention::none()), ("once upon a time there was a", clamp)];
@@ -202,7 +228,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         batch_pass &= agrees(&c, d, p);
         batch_common_prefix.push(p);
     }
-    let pass = maps.iter().all(|m| m.pass) && search_pass && sweep_pass && greedy_pass && batch_pass;
+    let pass = maps.iter().all(|m| m.pass) && search_pass && sweep_pass && greedy_pass && detail_pass && batch_pass;
     Ok(ModelCheck {
         model: path.display().to_string(),
         weights: dev.weights_desc(),
@@ -219,6 +245,9 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         greedy_device: gd,
         greedy_common_prefix: prefix,
         greedy_pass,
+        detail_max_logprob_err,
+        detail_unexplained,
+        detail_pass,
         batch_common_prefix,
         batch_jobs_per_step,
         batch_pass,
@@ -259,6 +288,7 @@ mod tests {
         assert!(r.pass, "{r:#?}");
         assert_eq!(r.maps[0].lse_max_rel_err, 0.0);
         assert_eq!(r.greedy_cpu, r.greedy_device);
+        assert!(r.detail_pass && r.detail_max_logprob_err == 0.0 && r.detail_unexplained == 0, "{r:#?}");
         assert!(!r.greedy_cpu.is_empty());
         // The batch on the "device" answers each request as the CPU does alone.
         assert!(r.batch_pass && r.batch_common_prefix.iter().all(|&p| p > 0), "{r:#?}");

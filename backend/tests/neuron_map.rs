@@ -231,6 +231,22 @@ fn neuron_detail_agrees_with_the_map_and_brute_force() {
     assert_eq!(d.classes[0].class, analysis::classify(&m)[i]);
     assert!(analysis::neuron_detail(&t.engine, 3, 0, false, 10).is_err());
     assert!(analysis::neuron_detail(&t.engine, 0, 64, false, 10).is_err());
+
+    // Every view and polarity, with and without the final norm (folded into the direction on
+    // the model's device, where the map folds it into its f32 copy of W_U): the map's top
+    // tokens, in order, with its probabilities.
+    for final_norm in [false, true] {
+        let d = analysis::neuron_detail(&t.engine, l, n, final_norm, 10).unwrap();
+        for v in &d.views {
+            let m = build(&t.engine, v.view, final_norm);
+            let (ids, probs) = m.top(v.polarity, l, n);
+            let got: Vec<u32> = v.tokens.iter().map(|t| t.id).collect();
+            assert_eq!(got, ids[..10].to_vec(), "{:?} {:?} final_norm {final_norm}", v.view, v.polarity);
+            for (t, &p) in v.tokens.iter().zip(probs) {
+                assert!((t.prob - p).abs() <= 1e-5 * p.max(1e-3), "{:?} {:?}: {} vs {p}", v.view, v.polarity, t.prob);
+            }
+        }
+    }
 }
 
 #[test]

@@ -70,7 +70,7 @@ fn gemma_map_search_and_sweep_find_and_steer_a_dog_neuron() {
     assert!(hit.top_tokens.iter().filter(|t| t.to_lowercase().contains("dog")).count() >= 2, "{hit:?}");
     // Which sign steers toward " dog" is what the neuron writes: where its down column puts
     // " dog" among all tokens (computed here from the weights, not from a map).
-    let down = e.model.mlp_weights(hit.layer).unwrap().2.to_dtype(DType::F32).unwrap().i((.., hit.neuron)).unwrap();
+    let down = e.model.mlp(hit.layer).down.dense().unwrap().to_dtype(DType::F32).unwrap().i((.., hit.neuron)).unwrap();
     let logits: Vec<f32> = e
         .model
         .lm_head_weight()

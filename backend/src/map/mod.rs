@@ -303,16 +303,15 @@ fn as_directions(view: View, w: Tensor) -> Result<Tensor> {
 }
 
 /// The decoded direction of every neuron of `layer` in `view`, `[d_ff, d]`, f32, contiguous.
+/// Only that view's weight is made dense (dequantized, for a quantized model).
 pub fn directions(model: &dyn LanguageModel, view: View, layer: usize) -> Result<Tensor> {
-    let (gate, up, down) = model.mlp_weights(layer)?;
-    as_directions(
-        view,
-        match view {
-            View::Up => up,
-            View::Gate => gate,
-            View::Down => down,
-        },
-    )
+    let mlp = model.mlp(layer);
+    let w = match view {
+        View::Up => &mlp.up,
+        View::Gate => &mlp.gate,
+        View::Down => &mlp.down,
+    };
+    as_directions(view, w.dense()?)
 }
 
 /// A tensor's values as one f32 vector, converted from the storage in place (no f32 tensor in

@@ -655,11 +655,6 @@ impl Mlp {
         Ok((g * self.up.forward(x)?)?)
     }
 
-    /// gate `[d_ff, d_model]`, up `[d_ff, d_model]`, down `[d_model, d_ff]`, dense.
-    pub(crate) fn dense(&self) -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((self.gate.dense()?, self.up.dense()?, self.down.dense()?))
-    }
-
     pub(crate) fn bytes(&self) -> usize {
         [&self.gate, &self.up, &self.down].into_iter().map(Linear::bytes).sum()
     }

@@ -44,11 +44,6 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     fn final_norm_weight(&self) -> &Tensor {
         &self.shell().norm.weight
     }
-    /// MLP weights of one layer as dense tensors: gate `[d_ff, d_model]`, up `[d_ff, d_model]`,
-    /// down `[d_model, d_ff]`.
-    fn mlp_weights(&self, layer: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        self.mlp(layer).dense()
-    }
     /// Bytes of every weight a forward pass reads, as held in memory (the token embedding is
     /// only indexed, unless it is also the tied LM head).
     fn weight_bytes(&self) -> usize;
