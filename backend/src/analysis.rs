@@ -87,10 +87,7 @@ pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: 
     }
     let wu = engine.model.lm_head_weight()?;
     let ids = Tensor::new(tokens, wu.device())?;
-    let mut u = wu.index_select(&ids, 0)?.to_dtype(DType::F32)?; // [T, d]
-    if map.meta.final_norm {
-        u = u.broadcast_mul(&engine.model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?;
-    }
+    let u = fold_final_norm(engine, &wu.index_select(&ids, 0)?.to_dtype(DType::F32)?, map.meta.final_norm)?; // [T, d]
     let ut = u.t()?;
     let logits: Vec<Vec<f32>> = per_layer(engine, map.meta.view, |dirs| Ok(dirs.matmul(&ut)?))?.to_vec2()?; // [N, T]
     let ln_top = (NORM_TOP as f32).ln();
@@ -139,11 +136,16 @@ impl SearchResult {
 /// Llama 3.1 8B), only the `c` rows of logits come back.
 fn head_logits(engine: &Engine, dirs: &Tensor, final_norm: bool) -> Result<Vec<Vec<f32>>> {
     let head = engine.model.lm_head_weight()?.to_dtype(DType::F32)?;
-    let dirs = match final_norm {
-        true => dirs.broadcast_mul(&engine.model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?,
-        false => dirs.clone(),
-    };
-    Ok(dirs.matmul(&head.t()?)?.to_vec2()?)
+    Ok(fold_final_norm(engine, dirs, final_norm)?.matmul(&head.t()?)?.to_vec2()?)
+}
+
+/// Rows `x` (`[r, d]`, f32) times the final norm's weight when it is folded in: what search
+/// and detail multiply with the head, so that no request folds it into W_U itself.
+fn fold_final_norm(engine: &Engine, x: &Tensor, final_norm: bool) -> Result<Tensor> {
+    Ok(match final_norm {
+        true => x.broadcast_mul(&engine.model.final_norm_weight().to_dtype(DType::F32)?.unsqueeze(0)?)?,
+        false => x.clone(),
+    })
 }
 
 /// Tokens of one decoded direction (its `logits` through the unembedding), top `n` of a
