@@ -85,11 +85,9 @@ pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: 
     if tokens.is_empty() {
         return Err(Error::bad("a concept needs at least one token"));
     }
-    let wu = engine.model.lm_head_weight()?;
-    let ids = Tensor::new(tokens, wu.device())?;
-    let u = fold_final_norm(engine, &wu.index_select(&ids, 0)?.to_dtype(DType::F32)?, map.meta.final_norm)?; // [T, d]
-    let ut = u.t()?;
-    let logits: Vec<Vec<f32>> = per_layer(engine, map.meta.view, |dirs| Ok(dirs.matmul(&ut)?))?.to_vec2()?; // [N, T]
+    let u = fold_final_norm(engine, &engine.model.lm_head().rows(tokens)?.to_dtype(DType::F32)?, map.meta.final_norm)?; // [T, d]
+    let layers = (0..engine.config().n_layers).map(|l| map::project(&*engine.model, map.meta.view, l, &u)).collect::<Result<Vec<_>>>()?;
+    let logits: Vec<Vec<f32>> = Tensor::cat(&layers, 1)?.t()?.to_vec2()?; // [N, T]
     let ln_top = (NORM_TOP as f32).ln();
     let n = map.n_neurons();
     let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
@@ -131,12 +129,12 @@ impl SearchResult {
 
 /// The logits of directions `dirs` (`[c, d]`, f32, on the model's device) through the
 /// unembedding, `[c][vocab]`, with the final norm's weight folded into the directions when
-/// asked (W_U diag(g) w = W_U (g ⊙ w)). The product runs on the model's device, with the head
-/// converted to f32 there: the unembedding never goes to the host and back (2 GB of f32 for
-/// Llama 3.1 8B), only the `c` rows of logits come back.
+/// asked (W_U diag(g) w = W_U (g ⊙ w)). The product runs on the model's device, with a dense
+/// head converted to f32 there (a head held as quantized blocks multiplies them in place): the
+/// unembedding never goes to the host and back (2 GB of f32 for Llama 3.1 8B), only the `c`
+/// rows of logits come back.
 fn head_logits(engine: &Engine, dirs: &Tensor, final_norm: bool) -> Result<Vec<Vec<f32>>> {
-    let head = engine.model.lm_head_weight()?.to_dtype(DType::F32)?;
-    Ok(fold_final_norm(engine, dirs, final_norm)?.matmul(&head.t()?)?.to_vec2()?)
+    Ok(engine.model.lm_head().forward_f32(&fold_final_norm(engine, dirs, final_norm)?)?.to_vec2()?)
 }
 
 /// Rows `x` (`[r, d]`, f32) times the final norm's weight when it is folded in: what search
@@ -227,7 +225,7 @@ fn up_norms(engine: &Engine) -> Result<&[f32]> {
 pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: bool, n_tokens: usize) -> Result<NeuronDetail> {
     crate::limits::check_layer_neuron(layer, neuron, engine.config())?;
     // The neuron's direction in each view, [3, d], decoded in one product on the device.
-    let rows = View::ALL.iter().map(|&view| Ok(map::directions(&*engine.model, view, layer)?.i(neuron)?)).collect::<Result<Vec<_>>>()?;
+    let rows = View::ALL.iter().map(|&view| map::direction(&*engine.model, view, layer, neuron)).collect::<Result<Vec<_>>>()?;
     let logits = head_logits(engine, &Tensor::stack(&rows, 0)?, final_norm)?;
     let mut views = Vec::new();
     for (&view, logits) in View::ALL.iter().zip(&logits) {
@@ -239,8 +237,9 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
     let activation = activation_stats(engine)?[i];
     let norms = up_norms(engine)?;
     let up = View::ALL.iter().position(|&v| v == View::Up).expect("the up view");
-    let this = (&rows[up] / norms[i] as f64)?.unsqueeze(1)?;
-    let dots: Vec<f32> = per_layer(engine, View::Up, |up| Ok(up.matmul(&this)?.squeeze(1)?))?.to_vec1()?;
+    let this = (&rows[up] / norms[i] as f64)?.unsqueeze(0)?;
+    let dots = (0..engine.config().n_layers).map(|l| map::project(&*engine.model, View::Up, l, &this)).collect::<Result<Vec<_>>>()?;
+    let dots: Vec<f32> = Tensor::cat(&dots, 1)?.squeeze(0)?.to_vec1()?;
     let cos: Vec<f32> = dots.iter().zip(norms).map(|(d, n)| d / n).collect();
     let abs: Vec<f32> = cos.iter().enumerate().map(|(j, c)| if j == i { -1.0 } else { c.abs() }).collect();
     let d_ff = engine.config().d_ff;

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::model::exact::{ExactLinear, Isa};
-use flash_interp::model::{Cache, Intervention, WeightMode};
+use flash_interp::model::{Cache, Intervention, Linear, WeightMode};
 use flash_interp::synthetic::{self, TinySpec};
 
 const TYPES: [GgmlDType; 10] = [
@@ -43,6 +43,29 @@ fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
         assert_eq!(exact.dequantize().unwrap().to_vec2::<f32>().unwrap(), reference_w.to_vec2::<f32>().unwrap(), "{dtype:?}");
         assert_eq!(exact.rows_f32(&[5, 0, 36]).unwrap().to_vec2::<f32>().unwrap()[2], reference_w.to_vec2::<f32>().unwrap()[36]);
         assert!(exact.rows_f32(&[37]).is_err());
+        // One neuron's row or column (block by block) and a product with one vector, as a
+        // `Linear`, against the same weight held dense.
+        let (held, dense) = (Linear::Exact(exact.clone()), Linear::Candle(QMatMul::Tensor(reference_w.clone())));
+        for j in [0, 31, 32, 255, 256, 511] {
+            assert_eq!(held.column(j).unwrap().to_vec1::<f32>().unwrap(), dense.column(j).unwrap().to_vec1::<f32>().unwrap(), "{dtype:?} column {j}");
+        }
+        for i in [0, 17, 36] {
+            assert_eq!(held.row(i).unwrap().to_vec1::<f32>().unwrap(), dense.row(i).unwrap().to_vec1::<f32>().unwrap(), "{dtype:?} row {i}");
+        }
+        assert!(held.column(512).is_err() && held.row(37).is_err());
+        assert_eq!(held.rows(&[36, 2]).unwrap().to_vec2::<f32>().unwrap(), dense.rows(&[36, 2]).unwrap().to_vec2::<f32>().unwrap());
+        // A few vectors against every row (x · Wᵀ) and every column (x · W), in place.
+        for n in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &dev).unwrap();
+            let diff = max_abs_diff(&held.forward_f32(&x).unwrap(), &dense.forward_f32(&x).unwrap());
+            assert!(diff < 2e-4, "{dtype:?} x·Wᵀ n={n}: {diff}");
+            let x = Tensor::randn(0f32, 1.0, (n, rows), &dev).unwrap();
+            let (got, want) = (held.forward_t_f32(&x).unwrap(), dense.forward_t_f32(&x).unwrap());
+            assert_eq!(got.dims(), &[n, cols]);
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-4, "{dtype:?} x·W n={n}: {diff}");
+        }
+        assert!(held.forward_t_f32(&Tensor::zeros((1, cols), candle_core::DType::F32, &dev).unwrap()).is_err());
         // One, three and sixteen rows of activations (the kernels: one row, then tiles of up to
         // eight, for the fused block types; Q4_K and Q6_K on AVX-512 take slabs from nine rows, the
         // others from four), twenty-four (dequantized slabs through candle's matmul).

@@ -91,6 +91,32 @@ fn map_equals_brute_force_softmax_for_every_view() {
     }
 }
 
+/// Every view, with and without the final norm, of f32 weights and of Q8_0 blocks held exact
+/// (multiplied in place, never made dense): the brute-force softmax's scores.
+#[test]
+fn search_of_every_view_and_weight_mode_is_the_normalised_probability() {
+    let tokens = [40u32, 263];
+    for spec in [TinySpec::default(), TinySpec { q8: true, ..Default::default() }] {
+        let t = tiny(&spec, "tiny");
+        for view in View::ALL {
+            for final_norm in [false, true] {
+                let r = analysis::search(&t.engine, &build(&t.engine, view, final_norm), &tokens, 5).unwrap();
+                for (i, logits) in brute_logits(&t.engine, view, final_norm).iter().enumerate() {
+                    for (p, got) in [(1.0, r.pos[i]), (-1.0, r.neg[i])] {
+                        let norm = brute_normalised(logits, p);
+                        let want: f64 = tokens.iter().map(|&t| norm[t as usize]).sum();
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4 * want.max(1.0),
+                            "q8 {} {view:?} norm {final_norm} neuron {i}: {got} vs {want}",
+                            spec.q8
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn search_scores_are_the_normalised_probability() {
     let t = tiny(&TinySpec::default(), "tiny");
@@ -196,7 +222,19 @@ fn cache_round_trips_and_corrupt_caches_are_rebuilt() {
 
 #[test]
 fn neuron_detail_agrees_with_the_map_and_brute_force() {
-    let t = tiny(&TinySpec::default(), "tiny");
+    neuron_detail_case(&TinySpec::default());
+}
+
+/// The same with Q8_0 weights, held as quantized blocks (`exact`): one neuron's rows and column
+/// are dequantized alone and the similarity scan multiplies the blocks in place.
+#[test]
+fn neuron_detail_of_quantized_weights_agrees_with_the_map_and_brute_force() {
+    neuron_detail_case(&TinySpec { q8: true, ..Default::default() });
+}
+
+fn neuron_detail_case(spec: &TinySpec) {
+    let t = tiny(spec, "tiny");
+    assert_eq!(t.engine.weight_mode() == flash_interp::model::WeightMode::Exact, spec.q8);
     let m = build(&t.engine, View::Up, false);
     let (l, n) = (2, 11);
     let d = analysis::neuron_detail(&t.engine, l, n, false, 10).unwrap();

@@ -314,6 +314,30 @@ pub fn directions(model: &dyn LanguageModel, view: View, layer: usize) -> Result
     as_directions(view, w.dense()?)
 }
 
+/// The decoded direction of one neuron in `view`, `[d]`, f32: row `neuron` of
+/// [`directions`], but only that neuron's weights are made dense.
+pub fn direction(model: &dyn LanguageModel, view: View, layer: usize, neuron: usize) -> Result<Tensor> {
+    let mlp = model.mlp(layer);
+    let v = match view {
+        View::Up => mlp.up.row(neuron)?,
+        View::Gate => mlp.gate.row(neuron)?,
+        View::Down => mlp.down.column(neuron)?,
+    };
+    Ok(v.to_dtype(DType::F32)?.contiguous()?)
+}
+
+/// Every neuron of `layer` in `view` against each row of `u` (`[n, d]`, f32): `u · dirsᵀ`,
+/// `[n, d_ff]`, what [`directions`] would give, but a layer held as quantized blocks is
+/// multiplied in place instead of being made dense.
+pub fn project(model: &dyn LanguageModel, view: View, layer: usize, u: &Tensor) -> Result<Tensor> {
+    let mlp = model.mlp(layer);
+    match view {
+        View::Up => mlp.up.forward_f32(u),
+        View::Gate => mlp.gate.forward_f32(u),
+        View::Down => mlp.down.forward_t_f32(u),
+    }
+}
+
 /// A tensor's values as one f32 vector, converted from the storage in place (no f32 tensor in
 /// between) when the tensor is a contiguous CPU tensor.
 fn f32_values(t: &Tensor) -> Result<Vec<f32>> {

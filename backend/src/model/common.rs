@@ -204,6 +204,52 @@ impl Linear {
         })
     }
 
+    /// Rows `ids` of the weight, `[ids.len(), in]`: `dense()`'s rows, but of quantized blocks
+    /// held exact only those rows are dequantized.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Exact(w) => w.rows_f32(ids)?,
+            other => {
+                let w = other.dense()?;
+                w.index_select(&Tensor::new(ids, w.device())?, 0)?
+            }
+        })
+    }
+
+    /// Row `i` of the weight, `[in]` (see [`Linear::rows`]).
+    pub fn row(&self, i: usize) -> Result<Tensor> {
+        Ok(self.rows(&[i as u32])?.squeeze(0)?)
+    }
+
+    /// Column `j` of the weight, `[out]`: `dense().i((.., j))`, but of quantized blocks held
+    /// exact only the block of each row that holds column `j` is dequantized.
+    pub fn column(&self, j: usize) -> Result<Tensor> {
+        use candle_core::IndexOp;
+        Ok(match self {
+            Linear::Exact(w) => w.column_f32(j)?,
+            other => other.dense()?.i((.., j))?,
+        })
+    }
+
+    /// `x · Wᵀ` in f32 for a few rows `x` `[n, in]`, `[n, out]`: quantized blocks held exact
+    /// multiply in place (no dense copy of the weight); any other weight as `dense()` in f32.
+    /// The same numbers either way, up to summation order.
+    pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        Ok(match self {
+            Linear::Exact(w) => w.forward(&x)?,
+            other => x.matmul(&other.dense()?.to_dtype(DType::F32)?.t()?)?,
+        })
+    }
+
+    /// `x · W` in f32 for a few rows `x` `[n, out]`, `[n, in]` (see [`Linear::forward_f32`]).
+    pub fn forward_t_f32(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Exact(w) => w.forward_t(x)?,
+            other => x.to_dtype(DType::F32)?.matmul(&other.dense()?.to_dtype(DType::F32)?)?,
+        })
+    }
+
     /// Bytes the weight takes in memory.
     pub fn bytes(&self) -> usize {
         match self {

@@ -174,6 +174,57 @@ impl ExactLinear {
         Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
     }
 
+    /// Column `c` of the weight, dequantized, `[rows]`: of each row only the block that holds
+    /// column `c` is dequantized (a down projection's neuron, without the rest of the layer).
+    pub fn column_f32(&self, c: usize) -> Result<Tensor> {
+        if c >= self.cols {
+            return Err(fail(format!("column {c} of a {}-column weight", self.cols)));
+        }
+        let (bs, ts) = (self.dtype.block_size(), self.dtype.type_size());
+        let (block, k) = (c / bs, c % bs);
+        let mut buf = vec![0f32; bs];
+        let out: Vec<f32> = (0..self.rows)
+            .map(|r| {
+                dequantize_row(self.dtype, &self.row(r)[block * ts..(block + 1) * ts], &mut buf);
+                buf[k]
+            })
+            .collect();
+        Ok(Tensor::from_vec(out, self.rows, &Device::Cpu)?)
+    }
+
+    /// `x · W` for a few rows `x` `[n, rows]`, `[n, cols]` in f32 (a down projection's neurons
+    /// against some vectors): each weight row is dequantized into a small buffer and added,
+    /// scaled, to every output row; tasks take runs of rows and their sums are added at the end.
+    /// No dense copy of the weight is made.
+    pub fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, r) = x.dims2()?;
+        if r != self.rows {
+            return Err(fail(format!("x · W needs {} columns of x, got {r}", self.rows)));
+        }
+        let xv: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let cols = self.cols;
+        let run = self.rows.div_ceil(rayon::current_num_threads()).max(64);
+        let sum = (0..self.rows.div_ceil(run))
+            .into_par_iter()
+            .map(|t| {
+                let (mut acc, mut buf) = (vec![0f32; n * cols], vec![0f32; cols]);
+                for row in t * run..((t + 1) * run).min(self.rows) {
+                    dequantize_row(self.dtype, self.row(row), &mut buf);
+                    for (k, out) in acc.chunks_mut(cols).enumerate() {
+                        let a = xv[k * self.rows + row];
+                        out.iter_mut().zip(&buf).for_each(|(o, w)| *o += a * w);
+                    }
+                }
+                acc
+            })
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            })
+            .unwrap_or_else(|| vec![0f32; n * cols]);
+        Ok(Tensor::from_vec(sum, (n, cols), &Device::Cpu)?)
+    }
+
     /// `x · Wᵀ` for `x` of shape `[..., cols]` (any float dtype; computed in f32).
     pub fn forward(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         self.forward_with(x, Isa::detect())

@@ -36,6 +36,10 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     fn dtype(&self) -> DType {
         self.shell().dtype
     }
+    /// The unembedding `W_U` `[vocab, d_model]` as it is held.
+    fn lm_head(&self) -> &Linear {
+        &self.shell().lm_head
+    }
     /// The unembedding `W_U` as a dense `[vocab, d_model]` tensor.
     fn lm_head_weight(&self) -> Result<Tensor> {
         self.shell().lm_head.dense()
