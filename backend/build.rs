@@ -1,9 +1,37 @@
+//! The source the binary is built from, for `--version` (FLASH_INTERP_VERSION: the crate's
+//! version, the commit, and "-dirty" when the backend's or `shared`'s files differ from it), so
+//! that a report made elsewhere (the GPU check) says which source it ran.
+//!
 //! With the `cuda` feature: compile the map's reduction kernel (kernels/map.cu) to PTX with nvcc,
 //! for the architecture in CUDA_COMPUTE_CAP (default 80; scripts/build-cuda.sh sets 90). The PTX
 //! is embedded in the binary and loaded by the driver at run time (src/map/gpu.rs).
 use std::{env, path::PathBuf, process::Command};
 
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok().filter(|o| o.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn source_version() {
+    let source = match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(commit) => {
+            let dirty = git(&["status", "--porcelain", "--", ".", "../shared", "../Cargo.lock"]).is_some_and(|s| !s.is_empty());
+            format!("{commit}{}", if dirty { "-dirty" } else { "" })
+        }
+        None => "unknown commit".into(),
+    };
+    println!("cargo:rustc-env=FLASH_INTERP_VERSION={} ({source})", env::var("CARGO_PKG_VERSION").unwrap());
+    // Rerun on a commit or checkout, and on any change to the sources (which rebuilds the crate
+    // anyway). Only paths that exist: a missing one would rerun this on every build.
+    let git_dir = git(&["rev-parse", "--git-dir"]).map(PathBuf::from);
+    let watched = git_dir.iter().flat_map(|d| [d.join("HEAD"), d.join("index")]).chain(["src", "kernels", "../shared/src"].map(PathBuf::from));
+    for p in watched.filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+}
+
 fn main() {
+    source_version();
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels/map.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");

@@ -41,9 +41,10 @@ t0=$(date +%s)
 log() { echo "[gpu-check +$(($(date +%s) - t0))s] $*" | tee -a "$OUT/log.txt" >&2; }
 
 # The report so far, and every step's files in one archive.
+# (The archive is written beside and renamed, so that a run cut short never leaves half of one.)
 report() {
-    "$PY" scripts/gpu_check_report.py "$OUT" "$S" "$LAYERS" "$M" || log "report: failed"
-    tar -czf "$OUT/steps.tar.gz" -C "$W" steps 2> /dev/null
+    timeout -k 5 60 "$PY" scripts/gpu_check_report.py "$OUT" "$S" "$LAYERS" "$M" || log "report: failed"
+    tar -czf "$W/steps.tar.gz.part" -C "$W" steps 2> /dev/null && mv "$W/steps.tar.gz.part" "$OUT/steps.tar.gz"
 }
 
 # step NAME LIMIT CMD...: stdout to NAME.out, stderr to NAME.err, status and seconds to
@@ -63,7 +64,7 @@ step() {
     log "$name (limit ${limit}s): $*"
     local s e rc
     s=$(date +%s.%N)
-    timeout "$limit" "$@" > "$S/$name.out" 2> "$S/$name.err"
+    timeout -k 10 "$limit" "$@" > "$S/$name.out" 2> "$S/$name.err"
     rc=$?
     e=$(date +%s.%N)
     awk -v rc="$rc" -v s="$s" -v e="$e" -v l="$limit" 'BEGIN { printf "{\"rc\": %d, \"seconds\": %.3f, \"limit\": %d}\n", rc, e - s, l }' > "$S/$name.status"
@@ -79,12 +80,25 @@ nvidia-smi > "$S/nvidia-smi.txt" 2>&1
 log "GPU: $(cat "$S/gpu.txt")"
 # The CUDA 13 libraries the binary links. The driver's libcuda.so.1 is the loader's to find
 # (a copy under a cuda-compat folder would not match the driver); the rest come with PyTorch's
-# nvidia-* packages, wherever they are installed.
+# nvidia-* packages. Looked for where they usually are first (PyTorch's own, preferred, so that
+# the binary and the peers load the same cuBLAS; then /usr/local/cuda and the loader cache), and
+# only what is still missing by a search of the whole disk (which can take a minute).
+LIBS="libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10 libnvrtc.so.13"
+nv=$(timeout 30 "$PY" -c 'import nvidia; print(" ".join(list(nvidia.__path__)))' 2> /dev/null)
+found=$(for d in $nv; do ls -d "$d"/*/lib 2> /dev/null; done | while read -r d; do ls "$d"/lib*.so.* 2> /dev/null; done
+    ls /usr/local/cuda*/lib64/lib*.so.* /usr/local/cuda*/targets/*/lib/lib*.so.* 2> /dev/null
+    ldconfig -p 2> /dev/null | awk '{ print $NF }')
+missing=""
+for lib in $LIBS; do echo "$found" | grep -q "/$lib" || missing="$missing $lib"; done
+if [ -n "$missing" ]; then
+    log "  searching the disk for:$missing"
+    found="$found
+$(timeout 90 find / \( -path /proc -o -path /sys -o -path /dev -o -path '*/compat' \) -prune -o \
+        \( -name 'libcublas.so.13*' -o -name 'libcublasLt.so.13*' -o -name 'libcudart.so.13*' -o -name 'libcurand.so.10*' \
+        -o -name 'libnvrtc.so.13*' \) -print 2> /dev/null)"
+fi
 libdirs=""
-found=$(timeout 90 find / \( -path /proc -o -path /sys -o -path /dev -o -path '*/compat' \) -prune -o \
-    \( -name 'libcublas.so.13*' -o -name 'libcublasLt.so.13*' -o -name 'libcudart.so.13*' -o -name 'libcurand.so.10*' \
-    -o -name 'libnvrtc.so.13*' \) -print 2> /dev/null)
-for lib in libcublas.so.13 libcublasLt.so.13 libcudart.so.13 libcurand.so.10 libnvrtc.so.13; do
+for lib in $LIBS; do
     f=$(echo "$found" | grep "/$lib" | head -1)
     log "  $lib: ${f:-MISSING}"
     [ -n "$f" ] && libdirs="$libdirs:$(dirname "$f")"

@@ -28,7 +28,8 @@ def js(name):
             return json.loads(text.strip().splitlines()[-1])
         except (ValueError, IndexError):
             return {"unparsed": text[-2000:]}
-report = {"gpu": (read("gpu", "txt") or "").strip(), "model": model, "layers": layers, "steps": {}}
+report = {"gpu": (read("gpu", "txt") or "").strip(), "binary": (read("version", "out") or "").strip(), "model": model, "layers": layers,
+          "steps": {}}
 for st in sorted(glob.glob(os.path.join(steps, "*.status"))):
     name = os.path.basename(st)[:-len(".status")]
     report["steps"][name] = json.load(open(st))
@@ -36,9 +37,11 @@ for st in sorted(glob.glob(os.path.join(steps, "*.status"))):
         report["steps"][name]["stderr_tail"] = (read(name, "err") or "")[-1500:]
 dc = js("device-check")
 if dc and "models" in dc:
-    keys = ("model", "weights", "pass", "error", "search_pass", "sweep_max_abs_err", "greedy_common_prefix", "detail_pass",
-            "detail_max_logprob_err", "detail_unexplained", "batch_common_prefix", "batch_jobs_per_step", "batch_pass")
-    map_keys = ("final_norm", "pass", "lse_max_rel_err", "value_max_rel_err", "id_mismatches", "unexplained", "seconds_cpu", "seconds_device")
+    keys = ("model", "weights", "pass", "error", "tolerance", "search_pass", "search_top_cpu", "search_top_device", "sweep_pass",
+            "sweep_max_abs_err", "greedy_pass", "greedy_common_prefix", "detail_pass", "detail_max_logprob_err", "detail_unexplained",
+            "batch_common_prefix", "batch_jobs_per_step", "batch_pass")
+    map_keys = ("final_norm", "pass", "lse_max_rel_err", "value_max_rel_err", "std_max_rel_err", "id_mismatches", "unexplained",
+                "seconds_cpu", "seconds_device")
     report["device_check"] = {"pass": dc.get("pass"), "models": [
         {k: m[k] for k in keys if k in m} | {"maps": [{k: a.get(k) for k in map_keys} for a in m.get("maps", [])]}
         for m in dc["models"]]}

@@ -314,7 +314,8 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
             .arg("--model")
             .arg(&path)
             .args(["--device", &cli.device, "--dtype", &format!("{dtype:?}").to_lowercase(), "--json"])
-            .args(["--prompt-ids", &ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","), "--max-new-tokens", &a.tokens.to_string()]);
+            .args(["--prompt-ids", &ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","), "--max-new-tokens", &a.tokens.to_string()])
+            .args(["--runs", &a.runs.max(1).to_string()]); // as many timed runs as ours
         run_peer(&mut cmd, "transformers", &a.hf_peer)?
     };
     // A 16-value clamp sweep of the last layer's first neuron, for our first greedy token.

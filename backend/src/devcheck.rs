@@ -104,8 +104,17 @@ pub struct ModelCheck {
     pub pass: bool,
 }
 
+/// Relative error; a NaN on either side is an infinite error (f64::max would drop a NaN, and
+/// a NaN must fail the check).
 fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1.0)
+    let e = (a - b).abs() / b.abs().max(1.0);
+    if e.is_nan() && a != b {
+        f64::INFINITY
+    } else if e.is_nan() {
+        0.0
+    } else {
+        e
+    }
 }
 
 /// Compare two maps of the same model (`cpu` the reference) under `value_tol`.
@@ -129,7 +138,8 @@ pub fn compare_maps(cpu: &NeuronMap, dev: &NeuronMap, tol: &Tolerance, value_tol
                     // The CPU's logit of the device's token: known when it is in the CPU's top k,
                     // else at most the CPU's k-th.
                     let other = ic.iter().position(|&t| t == id[j]).map(|r| lc[r]).unwrap_or(lc[k - 1]);
-                    if (lc[j] - other).abs() > 2.0 * value_tol * lc[j].abs().max(1.0) {
+                    let gap = (lc[j] - other).abs();
+                    if gap.is_nan() || gap > 2.0 * value_tol * lc[j].abs().max(1.0) {
                         a.unexplained += 1;
                     }
                 }
@@ -137,8 +147,8 @@ pub fn compare_maps(cpu: &NeuronMap, dev: &NeuronMap, tol: &Tolerance, value_tol
         }
     }
     for i in 0..n {
-        a.std_max_rel_err =
-            a.std_max_rel_err.max((dev.moments.std[i] as f64 - cpu.moments.std[i] as f64).abs() / (cpu.moments.std[i] as f64).max(1e-6));
+        let e = (dev.moments.std[i] as f64 - cpu.moments.std[i] as f64).abs() / (cpu.moments.std[i] as f64).max(1e-6);
+        a.std_max_rel_err = if e.is_nan() { f64::INFINITY } else { a.std_max_rel_err.max(e) };
     }
     a.pass = a.unexplained == 0 && a.lse_max_rel_err <= tol.lse_rel && a.value_max_rel_err <= value_tol && a.std_max_rel_err <= 10.0 * value_tol;
     a

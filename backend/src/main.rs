@@ -24,7 +24,7 @@ use shared::{
 };
 
 #[derive(Parser)]
-#[command(name = "flash-interp", version, about = "Find and steer feature neurons of Llama-style language models")]
+#[command(name = "flash-interp", version = env!("FLASH_INTERP_VERSION"), about = "Find and steer feature neurons of Llama-style language models")]
 struct Cli {
     /// Model: a GGUF file, a Hugging Face directory (config.json, *.safetensors, tokenizer.json), or
     /// a known model's name (smollm2-135m-instruct, gemma-3-270m: fetched into models/ on first use).
