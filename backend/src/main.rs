@@ -190,7 +190,9 @@ struct ServeArgs {
     #[arg(long, env = "FLASH_INTERP_BODY_TIMEOUT", default_value_t = 10)]
     body_timeout: u64,
     /// Rate-limit by the client address a reverse proxy appends to X-Forwarded-For (its last
-    /// entry) instead of the connection's address. Only behind a proxy that is the sole way in.
+    /// entry) instead of the connection's address, and take link previews' site address from
+    /// its Forwarded / X-Forwarded-Host / -Proto headers. Only behind a proxy that is the sole
+    /// way in.
     #[arg(long, env = "FLASH_INTERP_TRUST_X_FORWARDED_FOR")]
     trust_x_forwarded_for: bool,
 }

@@ -89,6 +89,35 @@ async fn models_tokens_and_meta_endpoints() {
     for p in ["/api/models", "/api/models/{model}/search", "/api/models/{model}/generate", "/api/models/{model}/gallery", "/api/compare"] {
         assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
     }
+    // Every parameter is documented where it is read: `{name}` in the path, the rest in the
+    // query string, where only what the server cannot do without is required.
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let name = p["name"].as_str().unwrap();
+                let want = if path.contains(&format!("{{{name}}}")) { "path" } else { "query" };
+                assert_eq!(p["in"], want, "{method} {path}: {name}");
+            }
+        }
+    }
+    let required = |path: &str, name: &str| {
+        let ps = doc["paths"][path]["get"]["parameters"].as_array().unwrap();
+        ps.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{path} lacks {name}"))["required"].as_bool().unwrap_or(false)
+    };
+    assert!(required("/api/models/{model}/search", "tokens") && !required("/api/models/{model}/search", "phrase"));
+    assert!(required("/api/models/{model}/tokens", "q") && !required("/api/models/{model}/classes", "top"));
+    // The errors a request can meet are documented for its endpoint.
+    let documented = |path: &str, method: &str, status: u16| doc["paths"][path][method]["responses"][status.to_string()].is_object();
+    for (path, method, status) in [
+        ("/api/models/{model}/next-token", "post", 413),
+        ("/api/models/{model}/next-token", "post", 422),
+        ("/api/models/{model}/sweep", "post", 422),
+        ("/api/models/{model}/generate", "post", 413),
+        ("/api/models/{model}/tokens", "get", 400),
+        ("/api/models/{model}/neurons/{layer}/{index}", "get", 404),
+    ] {
+        assert!(documented(path, method, status), "{method} {path} does not document {status}");
+    }
     let resp = test::call_service(&app, test::TestRequest::get().uri("/healthz").to_request()).await;
     assert!(resp.status().is_success());
     let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
@@ -164,9 +193,32 @@ async fn permalinks_unfurl_with_their_own_title_and_card_tags() {
     // The card reads `q` as the page does: a whitespace-only alternative is no token.
     let body = html(test::call_and_read_body(&app, page("/?q=%20the,%20,&model=base")).await);
     assert!(body.contains("/api/models/base/search/card.png?tokens=+the&amp;view=up\""), "{body}");
-    // A link whose settings do not read gets no image rather than a broken one.
-    let body = html(test::call_and_read_body(&app, page("/?q=%20the&view=sideways")).await);
-    assert!(!body.contains("og:image"), "{body}");
+    // A link whose settings do not read, or whose concept the model does not have (the card
+    // would be a 422), gets no image rather than a broken one.
+    for uri in ["/?q=%20the&view=sideways", "/?q=notasingletokenatall", "/?q=,,,"] {
+        let body = html(test::call_and_read_body(&app, page(uri)).await);
+        assert!(!body.contains("og:image") && body.contains("content=\"summary\""), "{uri}: {body}");
+    }
+    // The page's address is its path and query on this site, whatever the request line or a
+    // client's X-Forwarded-Host says (the server is not behind a trusted proxy here); a Host
+    // that is not a host name gives way to the server's own.
+    let req = test::TestRequest::get()
+        .uri("http://evil.example/neuron/2/5")
+        .insert_header(("Host", "demo.example"))
+        .insert_header(("X-Forwarded-Host", "evil.example"))
+        .insert_header(("X-Forwarded-Proto", "javascript"));
+    let body = html(test::call_and_read_body(&app, req.to_request()).await);
+    assert!(body.contains("<meta property=\"og:url\" content=\"http://demo.example/neuron/2/5\" />"), "{body}");
+    assert!(!body.contains("evil") && !body.contains("javascript"), "{body}");
+    let body = html(test::call_and_read_body(&app, test::TestRequest::get().uri("/steer").insert_header(("Host", "a\"b")).to_request()).await);
+    assert!(body.contains("content=\"http://localhost:8080/steer\""), "{body}");
+    // A long permalink's title and description are cut to what a card shows; control
+    // characters become spaces.
+    let many: Vec<String> = (0..400).map(|i| format!("1:{i}:3")).collect();
+    let body = html(test::call_and_read_body(&app, page(&format!("/steer?prompt=a%10b&clamps={}", many.join(",")))).await);
+    let title = body.split("<title>").nth(1).and_then(|t| t.split("</title>").next()).unwrap();
+    assert_eq!(title.chars().count(), flash_interp::server::preview::TITLE_CHARS, "{title}");
+    assert!(title.ends_with('…') && !body.contains('\u{10}') && body.contains("“a b”"), "{body}");
     for (uri, status) in [
         ("/api/models/base/neurons/3/0/card.png", StatusCode::BAD_REQUEST),
         ("/api/models/nope/neurons/0/0/card.png", StatusCode::NOT_FOUND),

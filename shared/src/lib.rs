@@ -169,6 +169,7 @@ pub struct SamplingParams {
     #[serde(default = "default_seed")]
     pub seed: u64,
     #[serde(default = "default_max_new")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub max_new_tokens: usize,
 }
 
@@ -204,6 +205,7 @@ pub struct GenerateRequest {
     /// Independent samples, generated together as one batch: sample `i` samples with seed
     /// `seed + i` (the same answers as separate requests with those seeds). 1 to 8.
     #[serde(default = "one_sample")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 8))]
     pub samples: usize,
 }
 

@@ -49,8 +49,10 @@ pub struct ServerConfig {
     /// Time a client has to send its whole request body.
     pub body_timeout: Duration,
     /// Key the rate limiter by the last address in `X-Forwarded-For` (the one a reverse proxy in
-    /// front of this server appended) instead of the connection's peer. Only for a server that
-    /// is reachable through that proxy alone: otherwise any client can pick its own key.
+    /// front of this server appended) instead of the connection's peer, and link previews' site
+    /// address from its Forwarded / X-Forwarded-Host / -Proto headers instead of the Host
+    /// header. Only for a server that is reachable through that proxy alone: otherwise any
+    /// client can pick its own key and address.
     pub trust_forwarded_for: bool,
 }
 

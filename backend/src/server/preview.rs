@@ -18,6 +18,10 @@ pub struct Preview {
     pub image: Option<String>,
 }
 
+/// The longest title and description a preview carries, in characters.
+pub const TITLE_CHARS: usize = 120;
+pub const DESCRIPTION_CHARS: usize = 300;
+
 const DEFAULT_DESCRIPTION: &str =
     "Find and steer feature neurons in language models: every MLP neuron decoded through the unembedding, searched by concept, and clamped to prove it.";
 
@@ -96,7 +100,8 @@ pub fn for_page(state: &AppState, path: &str, query: &str) -> Preview {
 }
 
 /// The concept card of a search permalink, when its view's map is ready (the card's own request
-/// must not wait for a build) and the link's settings read right.
+/// must not wait for a build), the link's settings read right and its concept is one the model
+/// has (else the card's own request would fail, and the preview show a broken image).
 fn concept_card(state: &AppState, m: &super::Served, q: &HashMap<String, String>) -> Option<String> {
     let view = match q.get("view") {
         Some(v) => v.parse::<View>().ok()?,
@@ -113,6 +118,7 @@ fn concept_card(state: &AppState, m: &super::Served, q: &HashMap<String, String>
     // The page's own reading of `q`: whitespace-only alternatives are dropped, as it drops them.
     let text = q.get("q")?;
     let tokens = if phrase.is_some() { text.clone() } else { text.split(',').filter(|t| !t.trim().is_empty()).collect::<Vec<_>>().join(",") };
+    crate::analysis::ConceptIds::resolve(&m.engine, &super::routes::concept_of(&tokens, phrase.is_some())).ok()?;
     let card = super::routes::SearchCardQuery { tokens, phrase, view: Some(view), polarity };
     Some(format!("/api/models/{}/search/card.png?{}", m.id, serde_urlencoded::to_string(&card).ok()?))
 }
@@ -139,8 +145,11 @@ pub fn escape(s: &str) -> String {
 
 /// `index.html` with its title and description replaced by the page's, and the Open Graph and
 /// Twitter card tags added. `origin` is the site's scheme and host, `url` the page's address.
+/// Title and description are cut to what a card shows (a permalink's parameters can be long),
+/// and control characters in them become spaces.
 pub fn inject(html: &str, p: &Preview, origin: &str, url: &str) -> String {
-    let (t, d, u) = (escape(&p.title), escape(&p.description), escape(&format!("{origin}{url}")));
+    let clean = |s: &str, n: usize| crate::card::shorten(&s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>(), n);
+    let (t, d, u) = (escape(&clean(&p.title, TITLE_CHARS)), escape(&clean(&p.description, DESCRIPTION_CHARS)), escape(&format!("{origin}{url}")));
     let image = match &p.image {
         Some(path) => {
             let src = escape(&format!("{origin}{path}"));

@@ -180,9 +180,8 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
         Ok(html) => {
             // The page's own title and link-preview tags, so a shared permalink unfurls.
             let p = super::preview::for_page(&state, req.path(), req.query_string());
-            let info = req.connection_info();
-            let origin = format!("{}://{}", info.scheme(), info.host());
-            let html = super::preview::inject(&html, &p, &origin, &req.uri().to_string());
+            let url = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let html = super::preview::inject(&html, &p, &origin(&state, &req), url);
             HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(html)
         }
         Err(_) => HttpResponse::Ok().content_type("text/html; charset=utf-8").insert_header((header::CACHE_CONTROL, "no-cache")).body(
@@ -190,6 +189,21 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
              <a href=\"/api/openapi.json\">/api/openapi.json</a>). The web app is not built: see the README.</p>",
         ),
     })
+}
+
+/// The site's scheme and host, for the absolute addresses of link previews: what the client
+/// asked for (its Host header), or with `trust_forwarded_for` what the proxy in front says
+/// (Forwarded / X-Forwarded-Host / -Proto). A Host that is not a plain host[:port] is replaced
+/// by the server's own name.
+fn origin(state: &AppState, req: &HttpRequest) -> String {
+    if state.config.trust_forwarded_for {
+        let info = req.connection_info();
+        return format!("{}://{}", info.scheme(), info.host());
+    }
+    let plain = |h: &&str| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(plain).map(str::to_owned);
+    let cfg = req.app_config();
+    format!("{}://{}", if cfg.secure() { "https" } else { "http" }, host.unwrap_or_else(|| cfg.host().to_owned()))
 }
 
 /// The address the rate limiter keys by: the connection's peer, or with `trust_forwarded_for`
@@ -245,6 +259,21 @@ async fn cached<T: Serialize>(state: &AppState, key: String, work: impl std::fut
     Ok(resp)
 }
 
+/// A link-preview card: from the result cache, or drawn by `queued(..)` work (so that cards
+/// wait their turn with the rest of the model work and stop when their client leaves), cached,
+/// and answered as a PNG that proxies may keep for a day.
+async fn cached_png(state: &AppState, key: String, work: impl std::future::Future<Output = Result<Vec<u8>, ServerError>>) -> Res {
+    let png = match state.cache.get(&key) {
+        Some(body) => body.to_vec(),
+        None => {
+            let png = work.await?;
+            state.cache.put(key, png.clone());
+            png
+        }
+    };
+    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
+}
+
 fn key<T: Serialize>(endpoint: &str, model: &str, v: &T) -> String {
     format!("{endpoint}|{model}|{}", serde_json::to_string(v).unwrap_or_default())
 }
@@ -276,6 +305,7 @@ async fn models(state: Data<AppState>) -> HttpResponse {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TokensQuery {
     /// The text to tokenize, and the prefix to suggest single tokens for.
@@ -283,7 +313,7 @@ struct TokensQuery {
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/tokens", params(("model" = String, Path), TokensQuery),
-    responses((status = 200, body = TokenizeResponse), (status = 404, body = ApiError)))]
+    responses((status = 200, body = TokenizeResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError)))]
 async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery>) -> Res {
     let m = state.model(&model)?;
     if q.q.chars().count() > 256 {
@@ -305,6 +335,7 @@ async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery
 }
 
 #[derive(Deserialize, Serialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SearchQuery {
     /// Comma-separated single tokens, e.g. ` dog, dogs` (URL-encoded; spaces matter); or with
@@ -324,7 +355,7 @@ struct SearchQuery {
 }
 
 /// A search query's concept: one phrase, or comma-separated alternatives.
-fn concept_of(tokens: &str, phrase: bool) -> Concept {
+pub(crate) fn concept_of(tokens: &str, phrase: bool) -> Concept {
     if phrase {
         Concept::Phrase(tokens.to_owned())
     } else {
@@ -344,7 +375,7 @@ fn round3(x: f32) -> f32 {
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/search", params(("model" = String, Path), SearchQuery),
-    responses((status = 200, body = SearchResponse), (status = 400, body = ApiError), (status = 422, body = ApiError)))]
+    responses((status = 200, body = SearchResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -383,6 +414,7 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
 
 /// The query of a concept card: a search's, without `top`.
 #[derive(Deserialize, Serialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SearchCardQuery {
     /// As for the search.
@@ -394,7 +426,7 @@ pub(crate) struct SearchCardQuery {
 
 #[utoipa::path(get, path = "/api/models/{model}/search/card.png", params(("model" = String, Path), SearchCardQuery),
     responses((status = 200, description = "a 1200 x 630 PNG of every neuron's score for the concept, layer by layer, for link previews", content_type = "image/png"),
-        (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+        (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchCardQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -403,28 +435,32 @@ async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String
     let ids = analysis::ConceptIds::resolve(&m.engine, &concept)?.ids;
     let (engine, view, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), q.polarity);
     let map = state.map(m, view)?;
-    let png = blocking(move || {
-        let r = analysis::search_concept(&engine, &map, &ids, phrase, 3, only)?;
-        let layers = r.signed_layers(engine.config().d_ff);
-        let marks: Vec<(usize, usize, String)> = r.top.iter().map(|h| (h.layer, h.neuron, format!("{}:{}", h.layer, h.neuron))).collect();
-        let words: Vec<String> = ids.iter().map(|&t| engine.tok.token_text(t)).collect();
-        let title = if phrase {
-            format!("“{}”", words.concat().trim())
-        } else {
-            format!("“{}”", words.iter().map(|w| w.trim()).collect::<Vec<_>>().join(", "))
-        };
-        let strongest = r.top.first().map(|h| format!(" · strongest {}:{} ({:.2})", h.layer, h.neuron, h.score)).unwrap_or_default();
-        let subtitle = format!("{} · {} view{strongest}", engine.info.name, view.as_str());
-        crate::card::layers_png(&title, &subtitle, &layers, &marks)
-    })
-    .await?;
-    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
+    let k = key("search-card", &m.id, &(&ids, phrase, view, only));
+    cached_png(
+        &state,
+        k,
+        queued(&state, &req, move |_| {
+            let r = analysis::search_concept(&engine, &map, &ids, phrase, 3, only)?;
+            let layers = r.signed_layers(engine.config().d_ff);
+            let marks: Vec<(usize, usize, String)> = r.top.iter().map(|h| (h.layer, h.neuron, format!("{}:{}", h.layer, h.neuron))).collect();
+            let words: Vec<String> = ids.iter().map(|&t| engine.tok.token_text(t)).collect();
+            let title = if phrase {
+                format!("“{}”", words.concat().trim())
+            } else {
+                format!("“{}”", words.iter().map(|w| w.trim()).collect::<Vec<_>>().join(", "))
+            };
+            let strongest = r.top.first().map(|h| format!(" · strongest {}:{} ({:.2})", h.layer, h.neuron, h.score)).unwrap_or_default();
+            let subtitle = format!("{} · {} view{strongest}", engine.info.name, view.as_str());
+            crate::card::layers_png(&title, &subtitle, &layers, &marks)
+        }),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}/card.png",
     params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path)),
     responses((status = 200, description = "a 1200 x 630 PNG of the neuron's top tokens (up view, its more peaked polarity), for link previews", content_type = "image/png"),
-        (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+        (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn neuron_card(req: HttpRequest, state: Data<AppState>, path: Path<(String, usize, usize)>) -> Res {
     check_rate(&state, &req)?;
     let (model, layer, index) = path.into_inner();
@@ -432,21 +468,26 @@ async fn neuron_card(req: HttpRequest, state: Data<AppState>, path: Path<(String
     crate::limits::check_layer_neuron(layer, index, m.engine.config())?;
     let map = state.map(m, View::Up)?;
     let engine = m.engine.clone();
-    let png = blocking(move || {
-        let i = map.index(layer, index);
-        let polarity = map.peaked_polarity(layer, index);
-        let (ids, probs) = map.top(polarity, layer, index);
-        let mean_top = map.log_mean_top(polarity, i);
-        let bars: Vec<(String, f32)> = ids.iter().zip(probs).take(10).map(|(&t, &p)| (engine.tok.token_text(t), (p.ln() - mean_top).exp())).collect();
-        let pol = if polarity == Polarity::Pos { "pos" } else { "neg" };
-        let subtitle = format!("{} · up view, {pol} · p / mean top-100 p", engine.info.name);
-        crate::card::bars_png(&format!("Neuron {layer}:{index}"), &subtitle, &bars)
-    })
-    .await?;
-    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
+    cached_png(
+        &state,
+        key("neuron-card", &m.id, &(layer, index)),
+        queued(&state, &req, move |_| {
+            let i = map.index(layer, index);
+            let polarity = map.peaked_polarity(layer, index);
+            let (ids, probs) = map.top(polarity, layer, index);
+            let mean_top = map.log_mean_top(polarity, i);
+            let bars: Vec<(String, f32)> =
+                ids.iter().zip(probs).take(10).map(|(&t, &p)| (engine.tok.token_text(t), (p.ln() - mean_top).exp())).collect();
+            let pol = if polarity == Polarity::Pos { "pos" } else { "neg" };
+            let subtitle = format!("{} · up view, {pol} · p / mean top-100 p", engine.info.name);
+            crate::card::bars_png(&format!("Neuron {layer}:{index}"), &subtitle, &bars)
+        }),
+    )
+    .await
 }
 
 #[derive(Deserialize, Serialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ClassesQuery {
     /// down (default: what a neuron writes, the view the classes are defined on), up or gate.
@@ -458,7 +499,7 @@ struct ClassesQuery {
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/classes", params(("model" = String, Path), ClassesQuery),
-    responses((status = 200, body = ClassesResponse), (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+    responses((status = 200, body = ClassesResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn classes(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<ClassesQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -472,7 +513,7 @@ async fn classes(req: HttpRequest, state: Data<AppState>, model: Path<String>, q
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/gallery", params(("model" = String, Path)),
-    responses((status = 200, body = GalleryResponse), (status = 404, body = ApiError)))]
+    responses((status = 200, body = GalleryResponse), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError)))]
 async fn gallery(req: HttpRequest, state: Data<AppState>, model: Path<String>) -> Res {
     check_rate(&state, &req)?;
     let engine = state.model(&model)?.engine.clone();
@@ -481,7 +522,7 @@ async fn gallery(req: HttpRequest, state: Data<AppState>, model: Path<String>) -
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/verify", params(("model" = String, Path)), request_body = VerifyRequest,
-    responses((status = 200, body = VerifyResponse), (status = 400, body = ApiError), (status = 413, body = ApiError), (status = 503, body = ApiError)))]
+    responses((status = 200, body = VerifyResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn verify(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<VerifyRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -494,6 +535,7 @@ async fn verify(req: HttpRequest, state: Data<AppState>, model: Path<String>, bo
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NeuronQuery {
     /// Tokens per view and polarity (default 20, at most 100).
@@ -502,7 +544,7 @@ struct NeuronQuery {
 
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}",
     params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path), NeuronQuery),
-    responses((status = 200, body = NeuronDetail), (status = 400, body = ApiError)))]
+    responses((status = 200, body = NeuronDetail), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError)))]
 async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usize, usize)>, q: Query<NeuronQuery>) -> Res {
     check_rate(&state, &req)?;
     let (model, layer, index) = path.into_inner();
@@ -575,7 +617,7 @@ async fn queued<T: Send + 'static>(
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/sweep", params(("model" = String, Path)), request_body = SweepRequest,
-    responses((status = 200, body = SweepResponse), (status = 400, body = ApiError), (status = 503, body = ApiError)))]
+    responses((status = 200, body = SweepResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<SweepRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -585,7 +627,7 @@ async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, bod
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/next-token", params(("model" = String, Path)), request_body = NextTokenRequest,
-    responses((status = 200, body = NextTokenResponse), (status = 400, body = ApiError)))]
+    responses((status = 200, body = NextTokenResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<NextTokenRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -608,8 +650,8 @@ fn sse(event: &str, data: &impl Serialize) -> Bytes {
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/generate", params(("model" = String, Path)), request_body = GenerateRequest,
-    responses((status = 200, description = "GenerateResponse JSON, or with stream: true a text/event-stream of `token` events (TokenEvent) and a final `done` event (GenerateResponse)", body = GenerateResponse),
-        (status = 400, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
+    responses((status = 200, description = "GenerateResponse JSON, or with stream: true a text/event-stream of `token` events (TokenEvent) and a final `done` event (GenerateResponse), or an `error` event (ApiError) if the generation fails after the stream began", body = GenerateResponse),
+        (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<GenerateRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -721,6 +763,7 @@ async fn batched(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct CompareQuery {
     /// First model id (e.g. the base model).
@@ -732,7 +775,7 @@ struct CompareQuery {
 }
 
 #[utoipa::path(get, path = "/api/compare", params(CompareQuery),
-    responses((status = 200, body = CompareResponse), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+    responses((status = 200, body = CompareResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
 async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>) -> Res {
     check_rate(&state, &req)?;
     let (a, b) = (state.model(&q.a)?, state.model(&q.b)?);
