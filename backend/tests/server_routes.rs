@@ -271,6 +271,7 @@ async fn precompressed_assets_are_served_by_accept_encoding_and_revalidate() {
     assert_eq!(out, raw);
     let resp = test::call_service(&app, get("identity", None)).await;
     assert!(resp.headers().get("content-encoding").is_none());
+    assert_eq!(resp.headers().get("vary").unwrap(), "Accept-Encoding", "a cache must not give this copy to a client that takes br");
     assert_eq!(test::read_body(resp).await, raw);
     // A cached copy is revalidated with its ETag: 304, no body.
     let resp = test::call_service(&app, get("br", Some(&etag))).await;

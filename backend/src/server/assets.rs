@@ -84,23 +84,23 @@ fn compress(path: &Path) -> std::io::Result<Asset> {
 }
 
 /// Which encoding to send for an `Accept-Encoding` header: brotli, else gzip, else none. A
-/// coding listed with `q=0` is refused.
+/// coding listed with `q=0` is refused; `*` stands for every coding not listed (RFC 9110
+/// 12.5.3); names and `q` are case-insensitive.
 pub fn pick(accept: &str) -> Option<&'static str> {
-    let ok = |name: &str| {
-        accept.split(',').any(|part| {
+    let entries: Vec<(String, f32)> = accept
+        .split(',')
+        .filter_map(|part| {
             let mut it = part.split(';');
-            let coding = it.next().unwrap_or("").trim();
-            let q = it.find_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok())).unwrap_or(1.0);
-            coding.eq_ignore_ascii_case(name) && q > 0.0
+            let coding = it.next()?.trim().to_ascii_lowercase();
+            let q = it
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())?;
+            (!coding.is_empty()).then_some((coding, q))
         })
-    };
-    if ok("br") {
-        Some("br")
-    } else if ok("gzip") {
-        Some("gzip")
-    } else {
-        None
-    }
+        .collect();
+    let weight = |name: &str| entries.iter().find(|(c, _)| c == name).or_else(|| entries.iter().find(|(c, _)| c == "*")).map(|e| e.1);
+    ["br", "gzip"].into_iter().find(|&name| weight(name).is_some_and(|q| q > 0.0))
 }
 
 #[cfg(test)]
@@ -115,5 +115,12 @@ mod tests {
         assert_eq!(pick("identity"), None);
         assert_eq!(pick(""), None);
         assert_eq!(pick("BR"), Some("br"));
+        assert_eq!(pick("BR;Q=0, gzip"), Some("gzip"));
+        assert_eq!(pick("*"), Some("br"));
+        assert_eq!(pick("*, br;q=0"), Some("gzip"));
+        assert_eq!(pick("gzip;q=0, *;q=0.1"), Some("br"));
+        assert_eq!(pick("identity, *;q=0"), None);
+        assert_eq!(pick("br;q=x, gzip"), Some("gzip"));
+        assert_eq!(pick("br;q=é0"), None);
     }
 }

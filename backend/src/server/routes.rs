@@ -172,6 +172,10 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
             if let Ok(f) = actix_files::NamedFile::open(&file) {
                 let mut resp = f.into_response(&req);
                 resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static(policy));
+                // The same address is sent compressed to clients that accept it.
+                if state.assets.get(rel).is_some() {
+                    resp.headers_mut().insert(header::VARY, header::HeaderValue::from_static("Accept-Encoding"));
+                }
                 return Ok(resp);
             }
         }
