@@ -463,12 +463,21 @@ impl Engine {
     /// models that have one).
     pub fn prompt_ids(&self, p: &PromptSpec) -> Result<Vec<u32>> {
         let chat = p.chat.unwrap_or(self.chat.is_some());
+        let given = p.messages.as_deref().filter(|m| !m.is_empty());
+        if given.is_some() && !chat {
+            return Err(Error::bad("messages are a conversation for the chat template; with chat: false send the prompt as text"));
+        }
         let ids = if chat {
             let tmpl = self.chat.as_ref().ok_or_else(|| Error::bad("this model has no chat template; use a plain prompt"))?;
-            let messages: Vec<Message> = match &p.messages {
-                Some(m) if !m.is_empty() => m.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect(),
-                _ => vec![Message { role: "user".into(), content: p.text.clone() }],
+            let messages: Vec<Message> = match given {
+                Some(m) => m.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect(),
+                None => vec![Message { role: "user".into(), content: p.text.clone() }],
             };
+            // A role is written into the template as it is: anything but these three would be
+            // text the model reads as the template's own control tokens.
+            if let Some(m) = messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str())) {
+                return Err(Error::bad(format!("role {:?} is not one of system, user, assistant", m.role)));
+            }
             for m in &messages {
                 limits::check_prompt_text(&m.content)?;
             }
@@ -488,6 +497,11 @@ impl Engine {
     pub fn intervention(&self, clamps: &[ClampSpec]) -> Result<Intervention> {
         if clamps.len() > MAX_CLAMPS {
             return Err(Error::bad(format!("{} clamps given; at most {MAX_CLAMPS} are allowed", clamps.len())));
+        }
+        for (i, c) in clamps.iter().enumerate() {
+            if clamps[..i].iter().any(|d| (d.layer, d.neuron) == (c.layer, c.neuron)) {
+                return Err(Error::bad(format!("neuron {}:{} is clamped twice; give it one value", c.layer, c.neuron)));
+            }
         }
         let iv = Intervention { clamps: clamps.iter().map(|c| Clamp { layer: c.layer, neuron: c.neuron, value: c.value }).collect() };
         self.model.validate(&iv)?;
