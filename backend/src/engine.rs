@@ -52,13 +52,33 @@ impl Default for LoadOptions {
 /// the host queues work in is the order it runs in, and a hand-off between threads (a channel,
 /// a lock) orders the queueing. cudarc's per-use event tracking, which orders several streams,
 /// is then of no use and costs an event record per kernel argument: it is turned off.
+///
+/// cudarc allocates with `cuMemAllocAsync` from the device's default memory pool, whose release
+/// threshold is 0: each synchronisation (one per decoded token) would give the freed memory
+/// back to the driver and the next token map it again. The pool keeps it instead, as PyTorch's
+/// caching allocator does (the threshold set to the maximum; a failure to set it is logged and
+/// changes nothing else).
 #[cfg(feature = "cuda")]
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
     let device = Device::new_cuda_with_stream(ordinal)?;
+    let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
     // SAFETY: every tensor of this device is queued on its one stream (candle's ops, cuBLAS and
     // cuRAND are bound to it, and `map::gpu` uses `cuda_stream()`), so no slice needs events to
     // order its uses across streams.
-    unsafe { device.as_cuda_device()?.cuda_stream().context().disable_event_tracking() };
+    unsafe { ctx.disable_event_tracking() };
+    if ctx.has_async_alloc() {
+        let mut keep = u64::MAX;
+        // SAFETY: the device is the context's own; the release threshold's value is a cuuint64_t.
+        let set = unsafe {
+            result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
+                result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut keep as *mut u64).cast())
+            })
+        };
+        if let Err(e) = set {
+            tracing::warn!("cuda:{ordinal}: the memory pool's release threshold could not be set ({e}); freed memory goes back to the driver");
+        }
+    }
     Ok(device)
 }
 
