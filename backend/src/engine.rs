@@ -55,9 +55,11 @@ impl Default for LoadOptions {
 ///
 /// cudarc allocates with `cuMemAllocAsync` from the device's default memory pool, whose release
 /// threshold is 0: each synchronisation (one per decoded token) would give the freed memory
-/// back to the driver and the next token map it again. The pool keeps it instead, as PyTorch's
-/// caching allocator does (the threshold set to the maximum; a failure to set it is logged and
-/// changes nothing else).
+/// back to the driver and the next token map it again. The pool keeps up to 4 GiB instead (a
+/// decoding step's activations many times over), as PyTorch's caching allocator keeps what it
+/// freed; more than that (a map build's buffers) still goes back, so that a peer started after
+/// a build (`bench`) finds the memory free. A failure to set it is logged and changes nothing
+/// else.
 #[cfg(feature = "cuda")]
 pub fn cuda_device(ordinal: usize) -> Result<Device> {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -68,7 +70,7 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
     // order its uses across streams.
     unsafe { ctx.disable_event_tracking() };
     if ctx.has_async_alloc() {
-        let mut keep = u64::MAX;
+        let mut keep: u64 = 4 << 30;
         // SAFETY: the device is the context's own; the release threshold's value is a cuuint64_t.
         let set = unsafe {
             result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
@@ -485,7 +487,10 @@ impl Engine {
         let chat = p.chat.unwrap_or(self.chat.is_some());
         let given = p.messages.as_deref().filter(|m| !m.is_empty());
         if given.is_some() && !chat {
-            return Err(Error::bad("messages are a conversation for the chat template; with chat: false send the prompt as text"));
+            return Err(Error::bad(match p.chat {
+                Some(false) => "messages are a conversation for the chat template; with chat: false send the prompt as text",
+                _ => "this model has no chat template; send the prompt as text, without messages",
+            }));
         }
         let ids = if chat {
             let tmpl = self.chat.as_ref().ok_or_else(|| Error::bad("this model has no chat template; use a plain prompt"))?;

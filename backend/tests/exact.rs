@@ -66,6 +66,16 @@ fn every_block_type_and_instruction_set_matches_the_dequantized_f32_product() {
             assert!(diff < 1e-4, "{dtype:?} x·W n={n}: {diff}");
         }
         assert!(held.forward_t_f32(&Tensor::zeros((1, cols), candle_core::DType::F32, &dev).unwrap()).is_err());
+        // Enough rows that four threads each take a run of them and their sums are added.
+        let tall = Tensor::randn(0f32, 1.0, (300, 64), &dev).unwrap();
+        let q = QTensor::quantize(&tall, dtype)
+            .unwrap_or_else(|_| QTensor::quantize(&Tensor::randn(0f32, 1.0, (300, 256), &dev).unwrap(), dtype).unwrap());
+        let (held, dense) = (Linear::Exact(Arc::new(ExactLinear::new(&q).unwrap())), Linear::Candle(QMatMul::Tensor(q.dequantize(&dev).unwrap())));
+        let x = Tensor::randn(0f32, 1.0, (2, 300), &dev).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let got = pool.install(|| held.forward_t_f32(&x).unwrap());
+        let diff = max_abs_diff(&got, &dense.forward_t_f32(&x).unwrap());
+        assert!(diff < 2e-4, "{dtype:?} x·W over 4 threads: {diff}");
         // One, three and sixteen rows of activations (the kernels: one row, then tiles of up to
         // eight, for the fused block types; Q4_K and Q6_K on AVX-512 take slabs from nine rows, the
         // others from four), twenty-four (dequantized slabs through candle's matmul).

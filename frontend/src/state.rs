@@ -449,6 +449,11 @@ impl SteerState {
         if let Some(c) = clamps.iter().find(|c| !c.value.is_finite() || c.value.abs() > limits::MAX_CLAMP_ABS) {
             return Err(format!("clamp {c}: values must be within ±{}", limits::MAX_CLAMP_ABS));
         }
+        for (i, c) in clamps.iter().enumerate() {
+            if clamps[..i].iter().any(|d| (d.layer, d.neuron) == (c.layer, c.neuron)) {
+                return Err(format!("neuron {}:{} is clamped twice; give it one value", c.layer, c.neuron));
+            }
+        }
         if !(1..=MAX_SAMPLES).contains(&self.n) {
             return Err(format!("samples must be between 1 and {MAX_SAMPLES}"));
         }
@@ -807,6 +812,7 @@ mod tests {
             SteerState { clamps: "29:808".into(), ..s.clone() },
             SteerState { clamps: "29:808:5000".into(), ..s.clone() },
             SteerState { clamps: "29:808:NaN".into(), ..s.clone() },
+            SteerState { clamps: "29:808:12,0:0:10,29:808:-3".into(), ..s.clone() },
             SteerState { n: 0, ..s.clone() },
             SteerState { n: MAX_SAMPLES + 1, ..s.clone() },
             SteerState { max: 0, ..s.clone() },

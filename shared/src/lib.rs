@@ -139,6 +139,7 @@ impl std::str::FromStr for ClampSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
+    /// system, user or assistant.
     pub role: String,
     pub content: String,
 }
