@@ -7,13 +7,17 @@
 //! is embedded in the binary and loaded by the driver at run time (src/map/gpu.rs).
 use std::{env, path::PathBuf, process::Command};
 
+/// git's answer (read-only: `--no-optional-locks` keeps `status` from rewriting the index).
 fn git(args: &[&str]) -> Option<String> {
-    let out = Command::new("git").args(args).output().ok().filter(|o| o.status.success())?;
+    let out = Command::new("git").arg("--no-optional-locks").args(args).output().ok().filter(|o| o.status.success())?;
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn source_version() {
-    let source = match git(&["rev-parse", "--short=12", "HEAD"]) {
+    // Only this project's own repository counts (not one it is vendored into).
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
+    let ours = git(&["rev-parse", "--show-toplevel"]).zip(root.canonicalize().ok()).is_some_and(|(top, root)| std::path::Path::new(&top) == root);
+    let source = match git(&["rev-parse", "--short=12", "HEAD"]).filter(|_| ours) {
         Some(commit) => {
             let dirty = git(&["status", "--porcelain", "--", ".", "../shared", "../Cargo.lock"]).is_some_and(|s| !s.is_empty());
             format!("{commit}{}", if dirty { "-dirty" } else { "" })
@@ -21,11 +25,13 @@ fn source_version() {
         None => "unknown commit".into(),
     };
     println!("cargo:rustc-env=FLASH_INTERP_VERSION={} ({source})", env::var("CARGO_PKG_VERSION").unwrap());
-    // Rerun on a commit or checkout, and on any change to the sources (which rebuilds the crate
-    // anyway). Only paths that exist: a missing one would rerun this on every build.
-    let git_dir = git(&["rev-parse", "--git-dir"]).map(PathBuf::from);
-    let watched = git_dir.iter().flat_map(|d| [d.join("HEAD"), d.join("index")]).chain(["src", "kernels", "../shared/src"].map(PathBuf::from));
-    for p in watched.filter(|p| p.exists()) {
+    // Rerun on a commit or checkout (HEAD, the branch it names, packed refs) and on any change to
+    // the sources (which rebuilds the crate anyway). Only paths that exist: a missing one would
+    // rerun this on every build.
+    let git_dir = git(&["rev-parse", "--git-dir"]).map(PathBuf::from).filter(|_| ours);
+    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+    let refs = git_dir.iter().flat_map(|d| [Some(d.join("HEAD")), Some(d.join("packed-refs")), branch.as_ref().map(|b| d.join(b))]).flatten();
+    for p in refs.chain(["src", "kernels", "../shared/src"].map(PathBuf::from)).filter(|p| p.exists()) {
         println!("cargo:rerun-if-changed={}", p.display());
     }
 }

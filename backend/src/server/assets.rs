@@ -24,7 +24,7 @@ pub struct Assets {
 }
 
 /// Files worth compressing: text and WASM over 1 KiB (images and tiny files gain nothing).
-fn worth(path: &Path) -> bool {
+pub(crate) fn worth(path: &Path) -> bool {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     matches!(ext, "js" | "wasm" | "css" | "svg" | "json" | "txt") && std::fs::metadata(path).is_ok_and(|m| m.len() > 1024)
 }

@@ -172,8 +172,9 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
             if let Ok(f) = actix_files::NamedFile::open(&file) {
                 let mut resp = f.into_response(&req);
                 resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static(policy));
-                // The same address is sent compressed to clients that accept it.
-                if state.assets.get(rel).is_some() {
+                // The same address is sent compressed to clients that accept it (or will be, once
+                // the compressed copies are made at start).
+                if super::assets::worth(&file) {
                     resp.headers_mut().insert(header::VARY, header::HeaderValue::from_static("Accept-Encoding"));
                 }
                 return Ok(resp);
@@ -200,14 +201,15 @@ async fn app(req: HttpRequest, state: Data<AppState>) -> Res {
 /// (Forwarded / X-Forwarded-Host / -Proto). A Host that is not a plain host[:port] is replaced
 /// by the server's own name.
 fn origin(state: &AppState, req: &HttpRequest) -> String {
-    if state.config.trust_forwarded_for {
-        let info = req.connection_info();
-        return format!("{}://{}", info.scheme(), info.host());
-    }
     let plain = |h: &&str| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(plain).map(str::to_owned);
     let cfg = req.app_config();
-    format!("{}://{}", if cfg.secure() { "https" } else { "http" }, host.unwrap_or_else(|| cfg.host().to_owned()))
+    let (mut scheme, mut host) = (if cfg.secure() { "https" } else { "http" }, req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+    let info = req.connection_info();
+    if state.config.trust_forwarded_for {
+        scheme = if info.scheme() == "https" { "https" } else { "http" };
+        host = Some(info.host());
+    }
+    format!("{scheme}://{}", host.filter(plain).unwrap_or(cfg.host()))
 }
 
 /// The address the rate limiter keys by: the connection's peer, or with `trust_forwarded_for`
