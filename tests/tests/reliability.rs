@@ -378,6 +378,13 @@ async fn a_map_build_does_not_hold_up_searches_of_a_ready_map() {
     assert!(r.headers().contains_key("retry-after"));
     let e: ApiError = r.json().await.unwrap();
     assert!(e.code == "map_building" && e.message.contains("gate") && e.progress.is_some(), "{e:?}");
+    // The 503 comes back as soon as the build is queued; the builder starts it a moment later.
+    // Wait until the up build has let go of everything (its `pending` ends after its `running`)
+    // and the gate build alone is pending and running, so the loop below times searches against
+    // the gate build and not against nothing.
+    let waited = Duration::from_secs(30);
+    assert!(until_metric(&c, &base, "flash_interp_map_builds_pending", 1.0, waited).await.is_some(), "the gate build was not pending");
+    assert!(until_metric(&c, &base, "flash_interp_map_builds_running", 1.0, waited).await.is_some(), "the gate build did not start");
     // While it builds, searches of the ready up map answer within a second (each a new concept,
     // so none comes from the result cache).
     let mut timed = 0;
