@@ -319,7 +319,7 @@ struct TokensQuery {
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/tokens", params(("model" = String, Path), TokensQuery),
-    responses((status = 200, body = TokenizeResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError)))]
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 413, body = ApiError)))]
 async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery>) -> Res {
     let m = state.model(&model)?;
     if q.q.chars().count() > 256 {
@@ -381,7 +381,7 @@ fn round3(x: f32) -> f32 {
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/search", params(("model" = String, Path), SearchQuery),
-    responses((status = 200, body = SearchResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+    responses((status = 200, body = SearchResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 422, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -432,7 +432,7 @@ pub(crate) struct SearchCardQuery {
 
 #[utoipa::path(get, path = "/api/models/{model}/search/card.png", params(("model" = String, Path), SearchCardQuery),
     responses((status = 200, description = "a 1200 x 630 PNG of every neuron's score for the concept, layer by layer, for link previews", content_type = "image/png"),
-        (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 422, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<SearchCardQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -466,7 +466,7 @@ async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}/card.png",
     params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path)),
     responses((status = 200, description = "a 1200 x 630 PNG of the neuron's top tokens (up view, its more peaked polarity), for link previews", content_type = "image/png"),
-        (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn neuron_card(req: HttpRequest, state: Data<AppState>, path: Path<(String, usize, usize)>) -> Res {
     check_rate(&state, &req)?;
     let (model, layer, index) = path.into_inner();
@@ -505,7 +505,7 @@ struct ClassesQuery {
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/classes", params(("model" = String, Path), ClassesQuery),
-    responses((status = 200, body = ClassesResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+    responses((status = 200, body = ClassesResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn classes(req: HttpRequest, state: Data<AppState>, model: Path<String>, q: Query<ClassesQuery>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -519,7 +519,7 @@ async fn classes(req: HttpRequest, state: Data<AppState>, model: Path<String>, q
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/gallery", params(("model" = String, Path)),
-    responses((status = 200, body = GalleryResponse), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError)))]
+    responses((status = 200, body = GalleryResponse), (status = 404, body = ApiError), (status = 429, body = ApiError)))]
 async fn gallery(req: HttpRequest, state: Data<AppState>, model: Path<String>) -> Res {
     check_rate(&state, &req)?;
     let engine = state.model(&model)?.engine.clone();
@@ -528,7 +528,7 @@ async fn gallery(req: HttpRequest, state: Data<AppState>, model: Path<String>) -
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/verify", params(("model" = String, Path)), request_body = VerifyRequest,
-    responses((status = 200, body = VerifyResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+    responses((status = 200, body = VerifyResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 408, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn verify(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<VerifyRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -550,7 +550,7 @@ struct NeuronQuery {
 
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}",
     params(("model" = String, Path), ("layer" = usize, Path), ("index" = usize, Path), NeuronQuery),
-    responses((status = 200, body = NeuronDetail), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError)))]
+    responses((status = 200, body = NeuronDetail), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 429, body = ApiError)))]
 async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usize, usize)>, q: Query<NeuronQuery>) -> Res {
     check_rate(&state, &req)?;
     let (model, layer, index) = path.into_inner();
@@ -623,7 +623,7 @@ async fn queued<T: Send + 'static>(
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/sweep", params(("model" = String, Path)), request_body = SweepRequest,
-    responses((status = 200, body = SweepResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+    responses((status = 200, body = SweepResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 408, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<SweepRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -633,7 +633,7 @@ async fn sweep(req: HttpRequest, state: Data<AppState>, model: Path<String>, bod
 }
 
 #[utoipa::path(post, path = "/api/models/{model}/next-token", params(("model" = String, Path)), request_body = NextTokenRequest,
-    responses((status = 200, body = NextTokenResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+    responses((status = 200, body = NextTokenResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 408, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<NextTokenRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -657,7 +657,7 @@ fn sse(event: &str, data: &impl Serialize) -> Bytes {
 
 #[utoipa::path(post, path = "/api/models/{model}/generate", params(("model" = String, Path)), request_body = GenerateRequest,
     responses((status = 200, description = "GenerateResponse JSON, or with stream: true a text/event-stream of `token` events (TokenEvent) and a final `done` event (GenerateResponse), or an `error` event (ApiError) if the generation fails after the stream began", body = GenerateResponse),
-        (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 408, description = "the request body was not sent in time", body = ApiError), (status = 413, description = "too large, or more work than one request may ask for", body = ApiError), (status = 422, description = "a token the model does not have, or a value that is not a finite number", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 408, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, body: Json<GenerateRequest>) -> Res {
     check_rate(&state, &req)?;
     let m = state.model(&model)?;
@@ -781,7 +781,7 @@ struct CompareQuery {
 }
 
 #[utoipa::path(get, path = "/api/compare", params(CompareQuery),
-    responses((status = 200, body = CompareResponse), (status = 400, description = "bad input", body = ApiError), (status = 404, description = "unknown model", body = ApiError), (status = 429, description = "rate limited (see Retry-After)", body = ApiError), (status = 503, description = "busy, or the map this needs is still building (see Retry-After; `progress` says how far)", body = ApiError)))]
+    responses((status = 200, body = CompareResponse), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 async fn compare(req: HttpRequest, state: Data<AppState>, q: Query<CompareQuery>) -> Res {
     check_rate(&state, &req)?;
     let (a, b) = (state.model(&q.a)?, state.model(&q.b)?);
@@ -855,9 +855,40 @@ async fn metrics(state: Data<AppState>) -> HttpResponse {
         Polarity,
         Variant,
         StopReason
-    ))
+    )),
+    modifiers(&ErrorDescriptions)
 )]
 pub struct ApiDoc;
+
+/// What each error status means, written once for every endpoint's ApiError responses (the
+/// handlers' `responses(..)` list only the statuses each can return).
+struct ErrorDescriptions;
+
+impl utoipa::Modify for ErrorDescriptions {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let describe = |status: &str| match status {
+            "400" => "bad input",
+            "404" => "unknown model",
+            "408" => "the request body was not sent in time",
+            "413" => "too large, or more work than one request may ask for",
+            "422" => "a token the model does not have, or a value that is not a finite number",
+            "429" => "rate limited (see Retry-After)",
+            "503" => "busy, or the map this needs is still building (see Retry-After; `progress` says how far)",
+            _ => "",
+        };
+        for item in doc.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    if let utoipa::openapi::RefOr::T(r) = response {
+                        if r.description.is_empty() {
+                            r.description = describe(status).to_owned();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
 
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(ApiDoc::openapi())
