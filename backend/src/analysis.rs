@@ -43,6 +43,13 @@ fn per_layer(engine: &Engine, view: View, f: impl Fn(&Tensor) -> Result<Tensor>)
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// Every neuron of every layer in `view` against each row of `u` (`[n, d]`, f32): `[n, N]`,
+/// one layer at a time through [`map::project`] (quantized layers multiplied in place).
+fn project_all(engine: &Engine, view: View, u: &Tensor) -> Result<Tensor> {
+    let parts = (0..engine.config().n_layers).map(|l| map::project(&*engine.model, view, l, u)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
 /// Result of a concept search, per neuron and polarity.
 #[derive(Debug, Clone)]
 pub struct SearchResult {
@@ -86,8 +93,7 @@ pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: 
         return Err(Error::bad("a concept needs at least one token"));
     }
     let u = fold_final_norm(engine, &engine.model.lm_head().rows(tokens)?.to_dtype(DType::F32)?, map.meta.final_norm)?; // [T, d]
-    let layers = (0..engine.config().n_layers).map(|l| map::project(&*engine.model, map.meta.view, l, &u)).collect::<Result<Vec<_>>>()?;
-    let logits: Vec<Vec<f32>> = Tensor::cat(&layers, 1)?.t()?.to_vec2()?; // [N, T]
+    let logits: Vec<Vec<f32>> = project_all(engine, map.meta.view, &u)?.t()?.to_vec2()?; // [N, T]
     let ln_top = (NORM_TOP as f32).ln();
     let n = map.n_neurons();
     let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
@@ -238,8 +244,7 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
     let norms = up_norms(engine)?;
     let up = View::ALL.iter().position(|&v| v == View::Up).expect("the up view");
     let this = (&rows[up] / norms[i] as f64)?.unsqueeze(0)?;
-    let dots = (0..engine.config().n_layers).map(|l| map::project(&*engine.model, View::Up, l, &this)).collect::<Result<Vec<_>>>()?;
-    let dots: Vec<f32> = Tensor::cat(&dots, 1)?.squeeze(0)?.to_vec1()?;
+    let dots: Vec<f32> = project_all(engine, View::Up, &this)?.squeeze(0)?.to_vec1()?;
     let cos: Vec<f32> = dots.iter().zip(norms).map(|(d, n)| d / n).collect();
     let abs: Vec<f32> = cos.iter().enumerate().map(|(j, c)| if j == i { -1.0 } else { c.abs() }).collect();
     let d_ff = engine.config().d_ff;

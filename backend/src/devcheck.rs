@@ -104,14 +104,16 @@ pub struct ModelCheck {
     pub pass: bool,
 }
 
-/// Relative error; a NaN on either side is an infinite error (f64::max would drop a NaN, and
-/// a NaN must fail the check).
+/// Relative error of `a` against `b` (at least 1 in the denominator). Equal values (infinities
+/// included) are no error; a NaN on either side is an infinite one (f64::max would drop a NaN,
+/// and a NaN must fail the check).
 fn rel(a: f64, b: f64) -> f64 {
+    if a == b {
+        return 0.0;
+    }
     let e = (a - b).abs() / b.abs().max(1.0);
-    if e.is_nan() && a != b {
+    if e.is_nan() {
         f64::INFINITY
-    } else if e.is_nan() {
-        0.0
     } else {
         e
     }
@@ -217,10 +219,8 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     for (vc, vd) in dc.views.iter().zip(&dd.views) {
         for (c, d) in vc.tokens.iter().zip(&vd.tokens) {
             let scale = lp(c).abs().max(1.0);
-            // A NaN (a probability that is not one, or both sides' underflowing differently)
-            // must fail, and f64::max would drop it.
-            let err = if lp(d) == lp(c) { 0.0 } else { (lp(d) - lp(c)).abs() / scale };
-            detail_max_logprob_err = if err.is_nan() { f64::INFINITY } else { detail_max_logprob_err.max(err) };
+            // A NaN (a probability that is not one) is an infinite error: it fails.
+            detail_max_logprob_err = detail_max_logprob_err.max(rel(lp(d), lp(c)));
             let near_tie = vc.tokens.iter().any(|n| n.id == d.id && (lp(n) - lp(c)).abs() <= 2.0 * tol.value_rel * scale);
             if c.id != d.id && !near_tie {
                 detail_unexplained += 1;
