@@ -523,10 +523,8 @@ impl Engine {
         if clamps.len() > MAX_CLAMPS {
             return Err(Error::bad(format!("{} clamps given; at most {MAX_CLAMPS} are allowed", clamps.len())));
         }
-        for (i, c) in clamps.iter().enumerate() {
-            if clamps[..i].iter().any(|d| (d.layer, d.neuron) == (c.layer, c.neuron)) {
-                return Err(Error::bad(format!("neuron {}:{} is clamped twice; give it one value", c.layer, c.neuron)));
-            }
+        if let Some(why) = ClampSpec::duplicate(clamps) {
+            return Err(Error::bad(why));
         }
         let iv = Intervention { clamps: clamps.iter().map(|c| Clamp { layer: c.layer, neuron: c.neuron, value: c.value }).collect() };
         self.model.validate(&iv)?;

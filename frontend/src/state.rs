@@ -449,10 +449,8 @@ impl SteerState {
         if let Some(c) = clamps.iter().find(|c| !c.value.is_finite() || c.value.abs() > limits::MAX_CLAMP_ABS) {
             return Err(format!("clamp {c}: values must be within ±{}", limits::MAX_CLAMP_ABS));
         }
-        for (i, c) in clamps.iter().enumerate() {
-            if clamps[..i].iter().any(|d| (d.layer, d.neuron) == (c.layer, c.neuron)) {
-                return Err(format!("neuron {}:{} is clamped twice; give it one value", c.layer, c.neuron));
-            }
+        if let Some(why) = ClampSpec::duplicate(&clamps) {
+            return Err(why);
         }
         if !(1..=MAX_SAMPLES).contains(&self.n) {
             return Err(format!("samples must be between 1 and {MAX_SAMPLES}"));

@@ -114,6 +114,15 @@ pub struct ClampSpec {
     pub value: f32,
 }
 
+impl ClampSpec {
+    /// Why a list of clamps is refused for naming one neuron twice (a request gives each
+    /// neuron one value), or `None`: the check the server makes and the steer page makes first.
+    pub fn duplicate(clamps: &[ClampSpec]) -> Option<String> {
+        let (_, c) = clamps.iter().enumerate().find(|&(i, c)| clamps[..i].iter().any(|d| (d.layer, d.neuron) == (c.layer, c.neuron)))?;
+        Some(format!("neuron {}:{} is clamped twice; give it one value", c.layer, c.neuron))
+    }
+}
+
 impl std::fmt::Display for ClampSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}:{}", self.layer, self.neuron, self.value)
