@@ -207,16 +207,32 @@ impl ResultCache {
     fn new(max_bytes: usize) -> Self {
         Self { lru: Mutex::new(lru::LruCache::unbounded()), bytes: AtomicUsize::new(0), max_bytes }
     }
-    pub fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
         self.lru.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
-    pub fn put(&self, key: String, body: Vec<u8>) {
+
+    /// The body cached under `key`, or else `work`'s (a future: it starts only on a miss), which
+    /// is then cached. Failures are not cached.
+    pub async fn get_or(
+        &self,
+        key: String,
+        work: impl std::future::Future<Output = Result<Vec<u8>, ServerError>>,
+    ) -> Result<Arc<Vec<u8>>, ServerError> {
+        if let Some(body) = self.get(&key) {
+            return Ok(body);
+        }
+        let body = Arc::new(work.await?);
+        self.put(key, body.clone());
+        Ok(body)
+    }
+
+    fn put(&self, key: String, body: Arc<Vec<u8>>) {
         if body.len() > self.max_bytes / 4 {
             return;
         }
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         self.bytes.fetch_add(body.len(), Ordering::Relaxed);
-        if let Some(old) = lru.put(key, Arc::new(body)) {
+        if let Some(old) = lru.put(key, body) {
             self.bytes.fetch_sub(old.len(), Ordering::Relaxed);
         }
         while self.bytes.load(Ordering::Relaxed) > self.max_bytes {
@@ -314,4 +330,42 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener) -> std::io::Resu
         .shutdown_timeout(10)
         .run()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ResultCache, ServerError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[actix_web::test]
+    async fn the_result_cache_runs_work_only_on_a_miss_keeps_no_failures_and_stays_in_its_bytes() {
+        let cache = ResultCache::new(100);
+        let runs = AtomicUsize::new(0);
+        let work = |body: &'static [u8]| {
+            let runs = &runs;
+            async move {
+                runs.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, ServerError>(body.to_vec())
+            }
+        };
+        assert_eq!(*cache.get_or("a".into(), work(b"0123456789")).await.unwrap(), b"0123456789");
+        assert_eq!(*cache.get_or("a".into(), work(b"other")).await.unwrap(), b"0123456789");
+        assert_eq!(runs.load(Ordering::Relaxed), 1, "a hit ran the work");
+        // A failure is answered and not kept: the next request runs the work again.
+        let failed = cache.get_or("b".into(), async { Err(ServerError::Internal("no".into())) }).await;
+        assert!(failed.is_err());
+        assert_eq!(*cache.get_or("b".into(), work(b"b")).await.unwrap(), b"b");
+        assert_eq!(runs.load(Ordering::Relaxed), 2);
+        // A body over a quarter of the budget is answered but not kept.
+        assert_eq!(cache.get_or("big".into(), work(&[7; 30])).await.unwrap().len(), 30);
+        assert!(cache.get("big").is_none());
+        // 11 bytes kept; 90 more go one byte over the budget of 100, and the least recently used
+        // ("b": "a" was used after it) makes room.
+        assert!(cache.get("a").is_some());
+        for (k, body) in [&[1u8; 20][..], &[2; 20], &[3; 25], &[4; 25]].into_iter().enumerate() {
+            cache.get_or(format!("k{k}"), work(body)).await.unwrap();
+        }
+        assert_eq!(cache.bytes.load(Ordering::Relaxed), 100);
+        assert!(cache.get("b").is_none() && cache.get("a").is_some() && cache.get("k0").is_some());
+    }
 }

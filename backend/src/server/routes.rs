@@ -255,29 +255,16 @@ fn json_body(body: &[u8]) -> HttpResponse {
 /// Answer from the result cache, or run `work` (a future: it starts only on a miss), cache and
 /// answer. `work` is `blocking(..)` for light model work, `queued(..)` for expensive work.
 async fn cached<T: Serialize>(state: &AppState, key: String, work: impl std::future::Future<Output = Result<T, ServerError>>) -> Res {
-    if let Some(body) = state.cache.get(&key) {
-        return Ok(json_body(&body));
-    }
-    let v = work.await?;
-    let body = serde_json::to_vec(&v).map_err(|e| ServerError::Internal(e.to_string()))?;
-    let resp = json_body(&body);
-    state.cache.put(key, body);
-    Ok(resp)
+    let json = async { serde_json::to_vec(&work.await?).map_err(|e| ServerError::Internal(e.to_string())) };
+    Ok(json_body(&state.cache.get_or(key, json).await?))
 }
 
 /// A link-preview card: from the result cache, or drawn by `queued(..)` work (so that cards
 /// wait their turn with the rest of the model work and stop when their client leaves), cached,
 /// and answered as a PNG that proxies may keep for a day.
 async fn cached_png(state: &AppState, key: String, work: impl std::future::Future<Output = Result<Vec<u8>, ServerError>>) -> Res {
-    let png = match state.cache.get(&key) {
-        Some(body) => body.to_vec(),
-        None => {
-            let png = work.await?;
-            state.cache.put(key, png.clone());
-            png
-        }
-    };
-    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
+    let png = state.cache.get_or(key, work).await?;
+    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png.to_vec()))
 }
 
 fn key<T: Serialize>(endpoint: &str, model: &str, v: &T) -> String {
