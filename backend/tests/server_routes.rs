@@ -579,13 +579,19 @@ async fn a_map_not_yet_built_is_built_in_the_background_with_progress() {
         assert!(start.elapsed() < std::time::Duration::from_secs(60), "warm_maps did not build every map");
         actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
-    let metrics = String::from_utf8_lossy(&metrics);
-    assert!(
-        metrics.contains("flash_interp_map_builds_pending 0")
-            && metrics.contains("flash_interp_map_build_permille{model=\"small\",view=\"gate\"} 1000"),
-        "{metrics}"
-    );
+    // The builder thread updates its gauges just after a map is ready: poll for them.
+    let start = std::time::Instant::now();
+    loop {
+        let metrics = test::call_and_read_body(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+        let metrics = String::from_utf8_lossy(&metrics);
+        if metrics.contains("flash_interp_map_builds_pending 0")
+            && metrics.contains("flash_interp_map_build_permille{model=\"small\",view=\"gate\"} 1000")
+        {
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the builds' gauges did not settle: {metrics}");
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[actix_web::test]
@@ -631,12 +637,14 @@ async fn concurrent_generations_share_the_batch_and_each_gets_its_own_answer() {
         stream,
         samples,
     };
-    let reqs = [
+    let mut reqs = [
         req("hi there", vec![ClampSpec { layer: 1, neuron: 3, value: 9.0 }], 1, 2, false),
         req("the cat sat", vec![], 2, 1, true),
         req("a", vec![ClampSpec { layer: 0, neuron: 7, value: -5.0 }], 3, 3, false),
         req("once upon a time", vec![], 4, 4, true),
     ];
+    // The first runs long enough that the others join it even when the machine is busy.
+    reqs[0].sampling.max_new_tokens = 120;
     let calls =
         reqs.iter().map(|r| test::call_and_read_body(&app, test::TestRequest::post().uri("/api/models/base/generate").set_json(r).to_request()));
     let bodies = futures_util::future::join_all(calls).await;

@@ -297,8 +297,12 @@ async fn search_plot_neuron_page_and_sweep() {
         // Log axis, in the URL too; reloading restores the same figure.
         c.find(Locator::Css("#sweep-log")).await?.click().await?;
         until(10, "log in the URL", async || Ok(url(c).await?.contains("log=true").then_some(()))).await?;
-        wait(c, "#sweep-plot[data-drawn='1']", 30).await?;
-        assert_eq!(js(c, "return document.getElementById('sweep-plot').layout.yaxis.type").await?, "log");
+        // (Polled: the old, linear figure is still drawn until the page redraws it.)
+        until(30, "a log y axis", async || {
+            Ok((js(c, "const p = document.getElementById('sweep-plot'); return p && p.layout ? p.layout.yaxis.type : ''").await? == "log")
+                .then_some(()))
+        })
+        .await?;
         let permalink = url(c).await?;
         c.goto(&permalink).await?;
         wait(c, "#sweep-plot[data-drawn='1']", 60).await?;
@@ -323,9 +327,10 @@ async fn search_plot_neuron_page_and_sweep() {
 #[actix_web::test]
 async fn steer_page_streams_two_different_answers() {
     run("steer", async |c, base| {
-        let link = format!("{base}/steer?prompt=What+is+your+favourite+animal%3F&clamps=29%3A808%3A12&max=40&word=dog");
+        let link = format!("{base}/steer?prompt=What+is+your+favourite+animal%3F&clamps=29%3A808%3A12&max=96&word=dog");
         c.goto(&link).await?;
-        // Streaming: text shows up before the pair is done.
+        // Streaming: text shows up before the pair is done (96 tokens: seconds of streaming even on
+        // a fast machine, so a poll every ~100 ms sees a partial answer).
         let mut saw_partial = false;
         until(120, "the comparison finishes", async || {
             let Ok(pair) = c.find(Locator::Css("#pair-0")).await else { return Ok(None) };

@@ -318,12 +318,14 @@ async fn a_client_that_leaves_frees_its_queue_place_and_its_worker() {
 
     // A sweep is cancelled the same way.
     let sweep = SweepRequest {
-        // ~50 tokens: within the budget, and long enough to be seen running.
+        // ~50 tokens × 17 rows: within the budget and seconds long, so it is seen running, while
+        // one layer of it (cancellation is checked between layers) stays a small part of
+        // FREED_WITHIN even on a slow machine.
         prompt: PromptSpec { text: "The quick brown fox jumps over the lazy dog. ".repeat(5), chat: Some(false), messages: None },
         layer: 0,
         neuron: 5,
         target: " dog".into(),
-        values: (0..64).map(|i| i as f32).collect(),
+        values: (0..16).map(|i| i as f32).collect(),
     };
     let s = raw(port, "POST", &format!("/api/models/{MODEL}/sweep"), &serde_json::to_string(&sweep).unwrap());
     assert!(until_metric(&c, &base, "flash_interp_generations_running", 1.0, Duration::from_secs(10)).await.is_some());
