@@ -19,11 +19,14 @@
 //! - **sweep**: p(target) within 1e-4 (f32) / 2e-2 (bf16, f16), absolute.
 //! - **greedy tokens**: identical in f32; in bf16/f16 activations are rounded at every op in a
 //!   different order on each side, so the answers may part after a while: the first 4 tokens
-//!   must agree, and the common prefix is reported.
+//!   must agree, and the common prefix is reported. Either way, answers may also part at a
+//!   **near-tie**: where both sides' logits after the common prefix differ by at most 1e-3 (f32)
+//!   / 0.1 (bf16, f16), absolute, and the CPU's logits of the two tokens chosen are within twice
+//!   that difference (the most it can reorder). Where they part is reported.
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, IndexOp};
 use serde::Serialize;
 use shared::{Polarity, SamplingParams, View};
 
@@ -40,14 +43,17 @@ pub struct Tolerance {
     pub search_tie: f64,
     pub sweep_abs: f64,
     pub greedy_prefix: usize,
+    /// The most the two sides' next-token logits may differ where greedy answers part at a
+    /// near-tie (absolute).
+    pub logit_abs: f64,
 }
 
 impl Tolerance {
     pub fn for_dtype(dtype: DType) -> Self {
         if dtype == DType::F32 {
-            Self { lse_rel: 1e-5, value_rel: 1e-4, search_tie: 1e-3, sweep_abs: 1e-4, greedy_prefix: usize::MAX }
+            Self { lse_rel: 1e-5, value_rel: 1e-4, search_tie: 1e-3, sweep_abs: 1e-4, greedy_prefix: usize::MAX, logit_abs: 1e-3 }
         } else {
-            Self { lse_rel: 1e-4, value_rel: 1e-3, search_tie: 1e-3, sweep_abs: 2e-2, greedy_prefix: 4 }
+            Self { lse_rel: 1e-4, value_rel: 1e-3, search_tie: 1e-3, sweep_abs: 2e-2, greedy_prefix: 4, logit_abs: 0.1 }
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct ModelCheck {
     pub greedy_cpu: Vec<u32>,
     pub greedy_device: Vec<u32>,
     pub greedy_common_prefix: usize,
+    /// Where the greedy answers part, if they do.
+    pub greedy_parting: Option<Parting>,
     pub greedy_pass: bool,
     /// The neuron detail of the search's neuron: the largest log-probability error at the same
     /// rank, and how many differing ids are not near-ties.
@@ -99,9 +107,57 @@ pub struct ModelCheck {
     /// lengths, the last with the sweep's neuron clamped), each against the CPU's answer to it
     /// alone: the common prefix of each, and how many jobs the shared steps carried on average.
     pub batch_common_prefix: Vec<usize>,
+    pub batch_partings: Vec<Option<Parting>>,
     pub batch_jobs_per_step: f64,
     pub batch_pass: bool,
     pub pass: bool,
+}
+
+/// Where two greedy answers to the same prompt part: at which generated token, how far apart the
+/// CPU's logits put the two tokens chosen there, and how far the two sides' logits differ there.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Parting {
+    pub at: usize,
+    pub gap: f64,
+    pub logit_err: f64,
+    /// `logit_err` within [`Tolerance::logit_abs`] and `gap` within twice `logit_err`: a
+    /// difference of that size can reorder the two tokens.
+    pub near_tie: bool,
+}
+
+/// Where the greedy answers `c` (CPU) and `d` (device) to `ids` with intervention `row` part;
+/// `None` if they do not. An answer that stops where the other goes on parts at no near-tie.
+fn parting(cpu: &Engine, dev: &Engine, ids: &[u32], row: &Intervention, c: &[u32], d: &[u32], tol: &Tolerance) -> Result<Option<Parting>> {
+    let at = c.iter().zip(d).take_while(|(a, b)| a == b).count();
+    if at == c.len() && at == d.len() {
+        return Ok(None);
+    }
+    let context: Vec<u32> = ids.iter().chain(&c[..at]).copied().collect();
+    let logits = |e: &Engine| -> Result<Vec<f32>> {
+        let mut cache = crate::model::Cache::new(e.config());
+        let out = e.model.forward(&e.input(&context)?, &mut cache, std::slice::from_ref(row), &[])?;
+        Ok(out.logits.i(0)?.to_dtype(DType::F32)?.to_vec1()?)
+    };
+    let (lc, ld) = (logits(cpu)?, logits(dev)?);
+    let logit_err = lc.iter().zip(&ld).map(|(a, b)| abs_err(*a as f64, *b as f64)).fold(0.0, f64::max);
+    let gap = match (c.get(at), d.get(at)) {
+        (Some(&a), Some(&b)) => (lc[a as usize] as f64 - lc[b as usize] as f64).abs(),
+        _ => f64::INFINITY,
+    };
+    Ok(Some(Parting { at, gap, logit_err, near_tie: logit_err <= tol.logit_abs && gap <= 2.0 * logit_err }))
+}
+
+/// |a - b|, with equal values no error and a NaN an infinite one (as in [`rel`]).
+fn abs_err(a: f64, b: f64) -> f64 {
+    if a == b {
+        return 0.0;
+    }
+    let e = (a - b).abs();
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
 }
 
 /// Relative error of `a` against `b` (at least 1 in the denominator). Equal values (infinities
@@ -204,9 +260,12 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     };
     let (gc, gd) = (greedy(&cpu)?, greedy(&dev)?);
     let prefix = gc.iter().zip(&gd).take_while(|(a, b)| a == b).count();
-    let agrees =
-        |c: &[u32], d: &[u32], prefix: usize| if tol.greedy_prefix == usize::MAX { c == d } else { prefix >= tol.greedy_prefix.min(c.len()) };
-    let greedy_pass = agrees(&gc, &gd, prefix);
+    let agrees = |c: &[u32], d: &[u32], prefix: usize, parting: &Option<Parting>| {
+        let enough = if tol.greedy_prefix == usize::MAX { c == d } else { prefix >= tol.greedy_prefix.min(c.len()) };
+        enough || parting.is_some_and(|p| p.near_tie)
+    };
+    let greedy_parting = parting(&cpu, &dev, &ids, &Intervention::none(), &gc, &gd, &tol)?;
+    let greedy_pass = agrees(&gc, &gd, prefix, &greedy_parting);
     let sweep_pass = sweep_max_abs_err <= tol.sweep_abs;
 
     // That neuron's detail: every view's top tokens, decoded on each side's device.
@@ -234,14 +293,16 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     let requests = [("the dog and the cat", Intervention::none()), ("a", Intervention::none()), ("once upon a time there was a", clamp)];
     let dev = std::sync::Arc::new(dev);
     let (device_answers, batch_jobs_per_step) = batched(&dev, &requests, &params)?;
-    let mut batch_common_prefix = vec![];
+    let (mut batch_common_prefix, mut batch_partings) = (vec![], vec![]);
     let mut batch_pass = true;
     for ((text, row), d) in requests.iter().zip(&device_answers) {
         let ids = cpu.tok.encode_prompt(text)?;
         let c = cpu.generate(&ids, std::slice::from_ref(row), &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens;
         let p = c.iter().zip(d).take_while(|(a, b)| a == b).count();
-        batch_pass &= agrees(&c, d, p);
+        let part = parting(&cpu, &dev, &ids, row, &c, d, &tol)?;
+        batch_pass &= agrees(&c, d, p, &part);
         batch_common_prefix.push(p);
+        batch_partings.push(part);
     }
     let pass = maps.iter().all(|m| m.pass) && search_pass && sweep_pass && greedy_pass && detail_pass && batch_pass;
     Ok(ModelCheck {
@@ -259,11 +320,13 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         greedy_cpu: gc,
         greedy_device: gd,
         greedy_common_prefix: prefix,
+        greedy_parting,
         greedy_pass,
         detail_max_logprob_err,
         detail_unexplained,
         detail_pass,
         batch_common_prefix,
+        batch_partings,
         batch_jobs_per_step,
         batch_pass,
         pass,
@@ -309,6 +372,25 @@ mod tests {
         assert!(r.batch_pass && r.batch_common_prefix.iter().all(|&p| p > 0), "{r:#?}");
 
         let e = Engine::load(dir.path(), &LoadOptions::default()).unwrap();
+        // Answers that part: where, and the gap between the two choices in the logits there;
+        // against itself the logits do not differ, so no parting is a near-tie.
+        let tol = Tolerance::for_dtype(DType::F32);
+        let ids = e.tok.encode_prompt("the dog and the cat").unwrap();
+        let none = Intervention::none();
+        let c = r.greedy_cpu.clone();
+        assert_eq!(parting(&e, &e, &ids, &none, &c, &c, &tol).unwrap(), None);
+        let context: Vec<u32> = ids.iter().chain(&c[..2]).copied().collect();
+        let next = e.next_token(&context, &none, 2, &Cancel::default()).unwrap();
+        assert_eq!(next[0].id, c[2]);
+        let mut d = c.clone();
+        d[2] = next[1].id;
+        let p = parting(&e, &e, &ids, &none, &c, &d, &tol).unwrap().unwrap();
+        assert_eq!((p.at, p.logit_err, p.near_tie), (2, 0.0, false), "{p:?}");
+        assert!((p.gap - (next[0].logit - next[1].logit) as f64).abs() < 1e-6 && p.gap > 0.0, "{p:?} {next:?}");
+        // One answer stopping early parts at no near-tie.
+        let p = parting(&e, &e, &ids, &none, &c, &c[..3], &tol).unwrap().unwrap();
+        assert_eq!((p.at, p.gap, p.near_tie), (3, f64::INFINITY, false));
+
         let m = NeuronMap::build(&*e.model, View::Up, false, "t", "f32", &|_, _| {}).unwrap();
         let mut bad = m.clone();
         let k = m.meta.k;

@@ -531,7 +531,7 @@ impl Engine {
         Ok(iv)
     }
 
-    fn input(&self, ids: &[u32]) -> Result<Tensor> {
+    pub(crate) fn input(&self, ids: &[u32]) -> Result<Tensor> {
         Ok(Tensor::new(ids, self.model.device())?.unsqueeze(0)?)
     }
 
