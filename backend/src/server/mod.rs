@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix_web::web::Bytes;
 use actix_web::{web, App, HttpServer};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -198,7 +199,7 @@ impl Metrics {
 /// A bounded in-memory cache of identical deterministic results (search, neuron detail, sweeps,
 /// seeded generations), by total bytes.
 pub struct ResultCache {
-    lru: Mutex<lru::LruCache<String, Arc<Vec<u8>>>>,
+    lru: Mutex<lru::LruCache<String, Bytes>>,
     bytes: AtomicUsize,
     max_bytes: usize,
 }
@@ -207,26 +208,22 @@ impl ResultCache {
     fn new(max_bytes: usize) -> Self {
         Self { lru: Mutex::new(lru::LruCache::unbounded()), bytes: AtomicUsize::new(0), max_bytes }
     }
-    fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, key: &str) -> Option<Bytes> {
         self.lru.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
     /// The body cached under `key`, or else `work`'s (a future: it starts only on a miss), which
     /// is then cached. Failures are not cached.
-    pub async fn get_or(
-        &self,
-        key: String,
-        work: impl std::future::Future<Output = Result<Vec<u8>, ServerError>>,
-    ) -> Result<Arc<Vec<u8>>, ServerError> {
+    pub async fn get_or(&self, key: String, work: impl std::future::Future<Output = Result<Vec<u8>, ServerError>>) -> Result<Bytes, ServerError> {
         if let Some(body) = self.get(&key) {
             return Ok(body);
         }
-        let body = Arc::new(work.await?);
+        let body = Bytes::from(work.await?);
         self.put(key, body.clone());
         Ok(body)
     }
 
-    fn put(&self, key: String, body: Arc<Vec<u8>>) {
+    fn put(&self, key: String, body: Bytes) {
         if body.len() > self.max_bytes / 4 {
             return;
         }
@@ -348,13 +345,13 @@ mod tests {
                 Ok::<_, ServerError>(body.to_vec())
             }
         };
-        assert_eq!(*cache.get_or("a".into(), work(b"0123456789")).await.unwrap(), b"0123456789");
-        assert_eq!(*cache.get_or("a".into(), work(b"other")).await.unwrap(), b"0123456789");
+        assert_eq!(cache.get_or("a".into(), work(b"0123456789")).await.unwrap(), &b"0123456789"[..]);
+        assert_eq!(cache.get_or("a".into(), work(b"other")).await.unwrap(), &b"0123456789"[..]);
         assert_eq!(runs.load(Ordering::Relaxed), 1, "a hit ran the work");
         // A failure is answered and not kept: the next request runs the work again.
         let failed = cache.get_or("b".into(), async { Err(ServerError::Internal("no".into())) }).await;
         assert!(failed.is_err());
-        assert_eq!(*cache.get_or("b".into(), work(b"b")).await.unwrap(), b"b");
+        assert_eq!(cache.get_or("b".into(), work(b"b")).await.unwrap(), &b"b"[..]);
         assert_eq!(runs.load(Ordering::Relaxed), 2);
         // A body over a quarter of the budget is answered but not kept.
         assert_eq!(cache.get_or("big".into(), work(&[7; 30])).await.unwrap().len(), 30);

@@ -248,15 +248,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::Result<T> + Send
     web::block(f).await.map_err(|e| ServerError::Internal(e.to_string()))?.map_err(ServerError::from)
 }
 
-fn json_body(body: &[u8]) -> HttpResponse {
-    HttpResponse::Ok().content_type("application/json").body(body.to_vec())
+fn json_body(body: Bytes) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(body)
 }
 
 /// Answer from the result cache, or run `work` (a future: it starts only on a miss), cache and
 /// answer. `work` is `blocking(..)` for light model work, `queued(..)` for expensive work.
 async fn cached<T: Serialize>(state: &AppState, key: String, work: impl std::future::Future<Output = Result<T, ServerError>>) -> Res {
     let json = async { serde_json::to_vec(&work.await?).map_err(|e| ServerError::Internal(e.to_string())) };
-    Ok(json_body(&state.cache.get_or(key, json).await?))
+    Ok(json_body(state.cache.get_or(key, json).await?))
 }
 
 /// A link-preview card: from the result cache, or drawn by `queued(..)` work (so that cards
@@ -264,7 +264,7 @@ async fn cached<T: Serialize>(state: &AppState, key: String, work: impl std::fut
 /// and answered as a PNG that proxies may keep for a day.
 async fn cached_png(state: &AppState, key: String, work: impl std::future::Future<Output = Result<Vec<u8>, ServerError>>) -> Res {
     let png = state.cache.get_or(key, work).await?;
-    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png.to_vec()))
+    Ok(HttpResponse::Ok().content_type("image/png").insert_header((header::CACHE_CONTROL, "public, max-age=86400")).body(png))
 }
 
 fn key<T: Serialize>(endpoint: &str, model: &str, v: &T) -> String {
