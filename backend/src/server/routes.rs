@@ -204,8 +204,9 @@ fn origin(state: &AppState, req: &HttpRequest) -> String {
     let plain = |h: &&str| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
     let cfg = req.app_config();
     let (mut scheme, mut host) = (if cfg.secure() { "https" } else { "http" }, req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
-    let info = req.connection_info();
+    let info;
     if state.config.trust_forwarded_for {
+        info = req.connection_info();
         scheme = if info.scheme() == "https" { "https" } else { "http" };
         host = Some(info.host());
     }
