@@ -307,7 +307,7 @@ fn specials(vocab: usize) -> ((usize, &'static str), (usize, &'static str)) {
 /// A byte-level BPE tokenizer.json of `vocab` ids: the 256 byte tokens, then filler tokens (no
 /// merges, so text encodes byte by byte and every id decodes), BOS and EOS last.
 fn tokenizer(vocab: usize) -> serde_json::Value {
-    let bytes = crate::synthetic::bytes_to_unicode();
+    let bytes = crate::tokenizer::bytes_to_unicode();
     let (bos, eos) = specials(vocab);
     let mut v = serde_json::Map::new();
     for (i, c) in bytes.iter().enumerate() {

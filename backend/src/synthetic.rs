@@ -101,29 +101,10 @@ impl TinySpec {
     }
 }
 
-/// GPT-2's byte-to-unicode table used by byte-level BPE.
-pub fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut table = vec![' '; 256];
-    for (b, c) in bs.iter().zip(cs) {
-        table[*b as usize] = char::from_u32(c).unwrap();
-    }
-    table
-}
-
 /// The tiny vocabulary: special tokens, the 256 byte tokens, then the merged tokens.
 pub fn vocab() -> Vec<String> {
     let mut v: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
-    v.extend(bytes_to_unicode().into_iter().map(String::from));
+    v.extend(crate::tokenizer::bytes_to_unicode().iter().map(|c| c.to_string()));
     v.extend(MERGES.iter().map(|(a, b)| format!("{a}{b}")));
     v
 }

@@ -168,9 +168,52 @@ impl Tok {
         Ok(String::new())
     }
 
-    /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>").
+    /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>"). A token
+    /// that is part of a character (a byte-level piece such as Ġâ, or a `<0xE2>` byte token) has
+    /// its incomplete bytes written `\xE2`, so different pieces do not all read "�";
+    /// [`Tok::single_token`] reads that form back.
     pub fn token_text(&self, id: u32) -> String {
-        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+        let text = self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
+        if !text.contains('\u{FFFD}') {
+            return text;
+        }
+        self.token_bytes(id).map(|b| escape_bytes(&b)).unwrap_or(text)
+    }
+
+    /// The bytes a token stands for, where its piece says: a byte token (`<0xE2>`), or any piece
+    /// of a byte-level BPE (each character one byte of GPT-2's table). None for others (special
+    /// tokens, SentencePiece pieces), whose decoded text is what they stand for.
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        if let Some(b) = byte_piece(&piece) {
+            return Some(vec![b]);
+        }
+        if !self.byte_level() {
+            return None;
+        }
+        piece.chars().map(|c| bytes_to_unicode().iter().position(|&t| t == c).map(|b| b as u8)).collect()
+    }
+
+    /// Does the tokenizer decode byte-level pieces (GPT-2's table)?
+    fn byte_level(&self) -> bool {
+        use tokenizers::DecoderWrapper;
+        match self.inner.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => true,
+            Some(DecoderWrapper::Sequence(s)) => s.get_decoders().iter().any(|d| matches!(d, DecoderWrapper::ByteLevel(_))),
+            _ => false,
+        }
+    }
+
+    /// The token that stands for exactly `bytes`, if there is one.
+    fn bytes_token(&self, bytes: &[u8]) -> Option<u32> {
+        let id = if self.byte_level() {
+            self.inner.token_to_id(&bytes.iter().map(|&b| bytes_to_unicode()[b as usize]).collect::<String>())
+        } else if let [b] = bytes {
+            self.inner.token_to_id(&format!("<0x{b:02X}>"))
+        } else {
+            None
+        }?;
+        (self.token_bytes(id).as_deref() == Some(bytes)).then_some(id)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -183,6 +226,10 @@ impl Tok {
         let ids = self.encode_raw(text)?;
         if ids.len() == 1 {
             return Ok(ids[0]);
+        }
+        // A piece of a character, written as [`Tok::token_text`] shows it (" \xE2").
+        if let Some(id) = unescape_bytes(text).and_then(|b| self.bytes_token(&b)) {
+            return Ok(id);
         }
         let pieces: Vec<String> = ids.iter().map(|&i| format!("{:?}", self.token_text(i))).collect();
         let base = text.trim();
@@ -205,6 +252,72 @@ impl Tok {
         let hint = if ok.is_empty() { String::new() } else { format!("; single-token variants: {}", ok.join(", ")) };
         Err(Error::UnknownToken(format!("{text:?} is not a single token: it tokenizes as {how}{hint}")))
     }
+}
+
+/// GPT-2's byte-to-unicode table used by byte-level BPE: the character each byte is written as
+/// in the vocabulary.
+pub fn bytes_to_unicode() -> &'static [char] {
+    static TABLE: std::sync::LazyLock<Vec<char>> = std::sync::LazyLock::new(table);
+    &TABLE
+}
+
+fn table() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        table[*b as usize] = char::from_u32(c).unwrap();
+    }
+    table
+}
+
+/// The byte of a SentencePiece byte token (`<0xE2>`).
+fn byte_piece(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    hex_byte(hex)
+}
+
+/// Two hex digits (no sign, which `from_str_radix` would take).
+fn hex_byte(hex: &str) -> Option<u8> {
+    (hex.len() == 2 && hex.bytes().all(|c| c.is_ascii_hexdigit())).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// Bytes as text: whole characters as they are, the bytes of incomplete ones as `\xE2`.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut s = String::new();
+    for chunk in bytes.utf8_chunks() {
+        s.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            s.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    s
+}
+
+/// The bytes of text written by [`escape_bytes`], if it has at least one `\xNN`.
+pub fn unescape_bytes(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    let mut escaped = false;
+    while let Some(c) = rest.chars().next() {
+        if let Some(b) = rest.strip_prefix("\\x").and_then(|h| h.get(..2)).and_then(hex_byte) {
+            out.push(b);
+            rest = &rest[4..];
+            escaped = true;
+        } else {
+            out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    escaped.then_some(out)
 }
 
 /// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the vocabulary and merges, with the

@@ -277,6 +277,31 @@ fn single_token_errors_show_the_tokenization_and_suggest_variants() {
 }
 
 #[test]
+fn every_token_reads_back_as_itself_and_byte_pieces_show_their_bytes() {
+    use flash_interp::tokenizer::{escape_bytes, unescape_bytes};
+    let t = tiny(&TinySpec::default());
+    for e in [load(&t.gguf), load(&t.hf)] {
+        let tok = &e.tok;
+        for id in 0..tok.vocab_size() as u32 {
+            let text = tok.token_text(id);
+            assert!(!text.contains('\u{FFFD}'), "token {id} reads {text:?}");
+            assert_eq!(tok.single_token(&text).unwrap(), id, "token {id} reads {text:?}");
+        }
+        // "é" is the bytes C3 A9: each alone is part of a character, written as its byte.
+        let ids = tok.encode_raw("é").unwrap();
+        assert_eq!(ids.iter().map(|&i| tok.token_text(i)).collect::<Vec<_>>(), ["\\xC3", "\\xA9"]);
+        assert_eq!(tok.decode(&ids).unwrap(), "é", "decoding a sequence is unchanged");
+        let err = tok.single_token("\\xC3\\xA9").unwrap_err().to_string();
+        assert!(err.contains("not a single token"), "no token is both bytes: {err}");
+    }
+    assert_eq!(escape_bytes(b"a\xE2\x80 \xC3\xA9"), "a\\xE2\\x80 é");
+    assert_eq!(unescape_bytes("a\\xE2\\x80 é").unwrap(), b"a\xE2\x80 \xC3\xA9");
+    for plain in ["no escape", "\\x+1", "\\xG0", "\\x4", "tail \\x"] {
+        assert_eq!(unescape_bytes(plain), None, "{plain:?}");
+    }
+}
+
+#[test]
 fn bad_input_gives_clear_errors() {
     let t = tiny(&TinySpec::default());
     let e = load(&t.gguf);

@@ -55,6 +55,21 @@ fn tokenizer_matches_known_ids() {
     for (text, want) in fx["single_tokens"].as_object().unwrap() {
         assert_eq!(tok.single_token(text).unwrap(), ids(want)[0], "{text:?}");
     }
+    // Every token reads as a text that names it alone: pieces of a character (byte-level
+    // pieces such as "âĢ", the bytes E2 80 that begin "…" and "’") show their bytes, not "�"
+    // (one token is the character "�" itself).
+    let mut bytes = 0;
+    for id in 0..tok.vocab_size() as u32 {
+        let text = tok.token_text(id);
+        assert_eq!(tok.single_token(&text).unwrap(), id, "token {id} reads {text:?}");
+        bytes += text.contains("\\x") as usize;
+    }
+    assert!(bytes > 100, "{bytes} tokens are pieces of a character");
+    // A text split inside its characters: the pieces' bytes, put back together, are the text's.
+    let rare = "🦀 at 東京";
+    let pieces: Vec<String> = tok.encode_raw(rare).unwrap().iter().map(|&i| tok.token_text(i)).collect();
+    assert!(pieces.iter().any(|p| p.contains("\\x")), "{pieces:?}");
+    assert_eq!(flash_interp::tokenizer::unescape_bytes(&pieces.concat()).unwrap(), rare.as_bytes(), "{pieces:?}");
     // The chat template from the GGUF metadata renders the exact prompt, and it tokenizes to the
     // known ids (special tokens matched whole).
     let chat = &fx["chat_prompt"];
