@@ -204,6 +204,11 @@ impl Tok {
         }
     }
 
+    /// The token a piece of a character names, written as [`Tok::token_text`] shows it (" \xE2").
+    pub fn escaped_token(&self, text: &str) -> Option<u32> {
+        unescape_bytes(text).and_then(|b| self.bytes_token(&b))
+    }
+
     /// The token that stands for exactly `bytes`, if there is one.
     fn bytes_token(&self, bytes: &[u8]) -> Option<u32> {
         let id = if self.byte_level() {
@@ -227,8 +232,7 @@ impl Tok {
         if ids.len() == 1 {
             return Ok(ids[0]);
         }
-        // A piece of a character, written as [`Tok::token_text`] shows it (" \xE2").
-        if let Some(id) = unescape_bytes(text).and_then(|b| self.bytes_token(&b)) {
+        if let Some(id) = self.escaped_token(text) {
             return Ok(id);
         }
         let pieces: Vec<String> = ids.iter().map(|&i| format!("{:?}", self.token_text(i))).collect();

@@ -73,6 +73,13 @@ async fn models_tokens_and_meta_endpoints() {
     let t: TokenizeResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=th").to_request()).await;
     assert_eq!(t.tokens.len(), 2);
     assert!(t.suggestions.iter().any(|s| s.text == " the") && t.suggestions.iter().all(|s| s.text.trim_start().starts_with("th")));
+    // A byte token is typed as it is shown: `\xC3` is one token, and the prefix suggests byte tokens.
+    let t: TokenizeResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=%5CxC").to_request()).await;
+    assert_eq!(t.tokens.len(), 3, "`\\xC` is no byte: three characters");
+    assert!(t.suggestions.iter().any(|s| s.text == "\\xC3") && t.suggestions.iter().all(|s| s.text.starts_with("\\xC")), "{:?}", t.suggestions);
+    let t: TokenizeResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=%5CxC3").to_request()).await;
+    assert_eq!(t.tokens.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(), ["\\xC3"]);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/nope/tokens?q=a").to_request()).await;
     assert_eq!(error_of(resp).await.1.code, "unknown_model");
     // A random model has no curated gallery; an unknown one is a 404.

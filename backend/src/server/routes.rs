@@ -314,7 +314,12 @@ async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery
         return Err(crate::Error::TooLarge("q is limited to 256 characters".into()).into());
     }
     let tok = &m.engine.tok;
-    let tokens = tok.encode_raw(&q.q)?.into_iter().map(|id| TokenInfo { id, text: tok.token_text(id) }).collect();
+    // A byte piece typed as it is shown (`\xE2\x80`) is that one token, as the searches read it.
+    let ids = match tok.escaped_token(&q.q) {
+        Some(id) => vec![id],
+        None => tok.encode_raw(&q.q)?,
+    };
+    let tokens = ids.into_iter().map(|id| TokenInfo { id, text: tok.token_text(id) }).collect();
     let mut suggestions: Vec<&(String, u32)> = Vec::new();
     if !q.q.is_empty() {
         for prefix in [q.q.clone(), format!(" {}", q.q.trim_start())] {
