@@ -38,12 +38,12 @@ for st in sorted(glob.glob(os.path.join(steps, "*.status"))):
 dc = js("device-check")
 if dc and "models" in dc:
     keys = ("model", "weights", "pass", "error", "tolerance", "search_pass", "search_top_cpu", "search_top_device", "sweep_pass",
-            "sweep_max_abs_err", "greedy_pass", "greedy_common_prefix", "greedy_parting", "detail_pass", "detail_max_logprob_err", "detail_unexplained",
+            "sweep_max_abs_err", "greedy_prompt", "greedy_pass", "greedy_common_prefix", "greedy_parting", "detail_pass", "detail_max_logprob_err", "detail_unexplained",
             "batch_common_prefix", "batch_partings", "batch_jobs_per_step", "batch_pass")
     map_keys = ("final_norm", "pass", "lse_max_rel_err", "value_max_rel_err", "std_max_rel_err", "id_mismatches", "unexplained",
                 "seconds_cpu", "seconds_device")
     report["device_check"] = {"pass": dc.get("pass"), "models": [
-        {k: m[k] for k in keys if k in m} | {"maps": [{k: a.get(k) for k in map_keys} for a in m.get("maps", [])]}
+        {k: m[k] for k in keys if k in m} | {"greedy_tokens": len(m.get("greedy_cpu", []))} | {"maps": [{k: a.get(k) for k in map_keys} for a in m.get("maps", [])]}
         for m in dc["models"]]}
 report["bench_map"] = js("bench-map")
 report["bench_generate"] = js("bench-generate")

@@ -92,6 +92,8 @@ pub struct ModelCheck {
     pub search_pass: bool,
     pub sweep_max_abs_err: f64,
     pub sweep_pass: bool,
+    /// The prompt of the greedy answers compared (see [`GREEDY_PROMPTS`]).
+    pub greedy_prompt: String,
     pub greedy_cpu: Vec<u32>,
     pub greedy_device: Vec<u32>,
     pub greedy_common_prefix: usize,
@@ -112,6 +114,9 @@ pub struct ModelCheck {
     pub batch_pass: bool,
     pub pass: bool,
 }
+
+/// Prompts tried in turn for the greedy answers, until the CPU answers one with 8 tokens or more.
+pub const GREEDY_PROMPTS: [&str; 4] = ["the dog and the cat", "once upon a time there was a", "a", "hello world"];
 
 /// Where two greedy answers to the same prompt part: at which generated token, how far apart the
 /// CPU's logits put the two tokens chosen there, and how far the two sides' logits differ there.
@@ -251,10 +256,24 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         .map(|(a, b)| (a - b).abs() as f64)
         .fold(0.0, f64::max);
     let params = SamplingParams { temperature: 0.0, top_p: None, seed: 0, max_new_tokens: 16 };
-    let greedy = |e: &Engine| -> Result<Vec<u32>> {
-        Ok(e.generate(&ids, &[Intervention::none()], &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens)
+    let greedy = |e: &Engine, ids: &[u32]| -> Result<Vec<u32>> {
+        Ok(e.generate(ids, &[Intervention::none()], &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens)
     };
-    let (gc, gd) = (greedy(&cpu)?, greedy(&dev)?);
+    // The first prompt the CPU answers with at least 8 tokens (a random model may end its
+    // answer at once, which would compare nothing), else the one it answers longest.
+    let mut greedy_prompt = (String::new(), vec![], vec![]);
+    for text in GREEDY_PROMPTS {
+        let ids = cpu.tok.encode_prompt(text)?;
+        let answer = greedy(&cpu, &ids)?;
+        if greedy_prompt.1.is_empty() || answer.len() > greedy_prompt.2.len() {
+            greedy_prompt = (text.to_owned(), ids, answer);
+        }
+        if greedy_prompt.2.len() >= 8 {
+            break;
+        }
+    }
+    let (greedy_prompt, ids, gc) = greedy_prompt;
+    let gd = greedy(&dev, &ids)?;
     // Answers agree if they do not part, part at a near-tie, or (bf16, f16) part late enough.
     let agrees = |c: &[u32], parting: &Option<Parting>| {
         parting.is_none_or(|p| p.near_tie || (tol.greedy_prefix != usize::MAX && p.at >= tol.greedy_prefix.min(c.len())))
@@ -313,6 +332,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         search_pass,
         sweep_max_abs_err,
         sweep_pass,
+        greedy_prompt,
         greedy_cpu: gc,
         greedy_device: gd,
         greedy_common_prefix: prefix,
@@ -371,7 +391,7 @@ mod tests {
         // Answers that part: where, and the gap between the two choices in the logits there;
         // against itself the logits do not differ, so no parting is a near-tie.
         let tol = Tolerance::for_dtype(DType::F32);
-        let ids = e.tok.encode_prompt("the dog and the cat").unwrap();
+        let ids = e.tok.encode_prompt(&r.greedy_prompt).unwrap();
         let none = Intervention::none();
         let c = r.greedy_cpu.clone();
         assert_eq!(parting(&e, &e, &ids, &none, &c, &c, &tol).unwrap(), None);
@@ -398,6 +418,25 @@ mod tests {
         let mut off = m.clone();
         off.neg.lse[3] += 0.01;
         assert!(!compare_maps(&m, &off, &tol, tol.value_rel).pass);
+    }
+
+    /// The untied tiny Llama of `gpu-check` ends its answer to the first prompt at once; the
+    /// check moves on to a prompt it answers, so the greedy comparison still compares tokens.
+    #[test]
+    fn greedy_answers_compared_are_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        write_hf_dir(&TinySpec { scale: 3.0, tied: false, n_layers: 2, d_ff: 300, ..Default::default() }, dir.path()).unwrap();
+        let e = Engine::load(dir.path(), &LoadOptions::default()).unwrap();
+        let params = SamplingParams { temperature: 0.0, top_p: None, seed: 0, max_new_tokens: 16 };
+        let answer = |text: &str| {
+            let ids = e.tok.encode_prompt(text).unwrap();
+            e.generate(&ids, &[Intervention::none()], &params, true, &Cancel::default(), &mut |_, _, _| true).unwrap().remove(0).tokens
+        };
+        assert!(answer(GREEDY_PROMPTS[0]).is_empty(), "the first prompt is answered at once");
+        let r = check_model(dir.path(), &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
+        assert!(r.pass && r.greedy_prompt != GREEDY_PROMPTS[0], "{r:#?}");
+        assert_eq!(r.greedy_cpu, answer(&r.greedy_prompt));
+        assert!(!r.greedy_cpu.is_empty() && r.greedy_cpu == r.greedy_device, "{r:#?}");
     }
 
     /// The GPU's arithmetic for a bf16 map with the final norm, done on the CPU: the directions
