@@ -230,6 +230,8 @@ async fn every_bad_input_class_is_a_clear_4xx_and_valid_extremes_work() {
     let mut r = c.post(&url).send_json(&greedy).await.unwrap();
     let body = String::from_utf8_lossy(&r.body().await.unwrap()).into_owned();
     assert!(body.trim_end().rsplit("\n\n").next().unwrap().starts_with("event: done"), "{body}");
+    // A stream read to its end (and every request above, answered) is not counted as abandoned.
+    assert_eq!(metric(&c, &base, "flash_interp_requests_abandoned_total").await, 0.0);
     // Tiny scores no longer turn into NaN in the search answer (it decodes as numbers).
     let s: SearchResponse = get_when_built(&c, &format!("{base}{api}/search?tokens=%20dog,%20zebra&polarity=neg"), Duration::from_secs(300)).await;
     assert!(s.layers.iter().flat_map(|l| &l.scores).all(|x| x.is_finite()));
@@ -313,8 +315,12 @@ async fn a_client_that_leaves_frees_its_queue_place_and_its_worker() {
     assert!(until_metric(&c, &base, "flash_interp_queue_depth", 1.0, Duration::from_secs(10)).await.is_some());
     drop(s2);
     assert!(until_metric(&c, &base, "flash_interp_queue_depth", 0.0, FREED_WITHIN).await.is_some(), "a departed stream kept its queue place");
+    // Leaving mid-answer counts the stream as abandoned, as a request that leaves before its answer.
+    let abandoned = metric(&c, &base, "flash_interp_requests_abandoned_total").await;
     drop(s1);
     assert!(until_metric(&c, &base, "flash_interp_generations_running", 0.0, FREED_WITHIN).await.is_some(), "a departed stream kept its worker");
+    let t = until_metric(&c, &base, "flash_interp_requests_abandoned_total", abandoned + 1.0, FREED_WITHIN).await;
+    assert!(t.is_some(), "a stream left mid-answer was not counted as abandoned");
 
     // A sweep is cancelled the same way.
     let sweep = SweepRequest {

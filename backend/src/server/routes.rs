@@ -635,12 +635,29 @@ async fn next_token(req: HttpRequest, state: Data<AppState>, model: Path<String>
     cached(&state, key("next", &m.id, &body), queued(&state, &req, move |c| engine.next_token_request(&body, c))).await
 }
 
-/// Cancels a streamed generation when its response stream is dropped (the client went away).
+/// Cancels work when dropped: a request's work once its handler or response stream is dropped.
 struct CancelOnDrop(Cancel);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.cancel();
+    }
+}
+
+/// A streamed generation's hold on its job, kept by the response stream: when actix drops the
+/// stream before it has ended (the client went away), the request counts as abandoned; either
+/// way the job is cancelled (which changes nothing once it is done).
+struct StreamHold {
+    _cancel: CancelOnDrop,
+    /// The counter to count the request in, until the stream has ended.
+    abandoned: Option<prometheus::IntCounter>,
+}
+
+impl Drop for StreamHold {
+    fn drop(&mut self) {
+        if let Some(c) = self.abandoned.take() {
+            c.inc();
+        }
     }
 }
 
@@ -698,12 +715,17 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         };
         let _ = last.send(event);
     };
-    let guard = batched(&state, &req, m, &body, on_text, done).await?;
-    let stream =
-        futures_util::stream::unfold(
-            (rx, guard),
-            |(mut rx, guard)| async move { rx.recv().await.map(|b| (Ok::<_, actix_web::Error>(b), (rx, guard))) },
-        );
+    let hold = StreamHold { _cancel: batched(&state, &req, m, &body, on_text, done).await?, abandoned: Some(state.metrics.abandoned.clone()) };
+    // The stream ends when the job has sent its last event (both senders are gone).
+    let stream = futures_util::stream::unfold((rx, hold), |(mut rx, mut hold)| async move {
+        match rx.recv().await {
+            Some(b) => Some((Ok::<_, actix_web::Error>(b), (rx, hold))),
+            None => {
+                hold.abandoned.take();
+                None
+            }
+        }
+    });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
