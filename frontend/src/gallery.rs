@@ -7,7 +7,7 @@
 use leptos::prelude::*;
 use shared::{GalleryExample, GalleryResponse};
 
-use crate::state::{self, NeuronState, SearchState, SteerState};
+use crate::state::{self, ModelPage, NeuronState, SearchState, SteerState};
 use crate::{api, percent, show_token};
 
 #[component]

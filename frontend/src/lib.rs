@@ -192,6 +192,49 @@ where
     value
 }
 
+/// Go to a page's link with a change made to its state. The model shown is written into the link
+/// (the server's first when the URL names none), so the new link keeps showing it.
+pub fn navigator<S: state::ModelPage + Clone + Default + Send + Sync + PartialEq + 'static>(
+    st: Memo<Result<S, String>>,
+    model: Memo<Option<Result<String, String>>>,
+) -> impl Fn(&dyn Fn(&mut S)) + Clone {
+    let navigate = use_navigate();
+    move |f: &dyn Fn(&mut S)| {
+        let mut s = st.get_untracked().unwrap_or_default();
+        if s.model_mut().is_none() {
+            *s.model_mut() = model.get_untracked().and_then(|m| m.ok());
+        }
+        f(&mut s);
+        navigate(&s.href(), Default::default());
+    }
+}
+
+/// While the server builds a neuron map: its message and percent (the page retries by itself).
+pub fn map_building(message: String, percent: u8) -> AnyView {
+    view! {
+        <p class="loading" id="map-building" role="status">
+            <span class="spinner"></span>{message}" (this page retries by itself) "<progress max="100" value=percent>{format!("{percent}%")}</progress>
+        </p>
+    }
+    .into_any()
+}
+
+/// The "View" select of a page over one map view (up, gate, down).
+#[component]
+pub fn ViewSelect(id: &'static str, current: Signal<shared::View>, on_change: impl FnMut(leptos::ev::Event) + 'static) -> impl IntoView {
+    view! {
+        <label>
+            "View "
+            <select id=id on:change=on_change>
+                {shared::View::ALL
+                    .iter()
+                    .map(|v| view! { <option value=v.as_str() selected=move || current.get() == *v>{v.as_str()}</option> })
+                    .collect_view()}
+            </select>
+        </label>
+    }
+}
+
 /// A loading / error / content switch for a `Result` that may not be there yet.
 pub fn status_view<T: Clone + 'static, V: IntoView + 'static>(
     value: Option<Result<T, String>>,

@@ -111,10 +111,32 @@ impl Default for SearchState {
     }
 }
 
-impl SearchState {
-    pub fn href(&self) -> String {
-        query("/", self)
+/// A page whose URL state names the model it shows (`model=`, the server's first when absent).
+pub trait ModelPage: Serialize + Sized {
+    /// The page's path.
+    const PATH: &'static str;
+    fn model_mut(&mut self) -> &mut Option<String>;
+    /// The page's link: its path and state.
+    fn href(&self) -> String {
+        query(Self::PATH, self)
     }
+}
+
+impl ModelPage for SearchState {
+    const PATH: &'static str = "/";
+    fn model_mut(&mut self) -> &mut Option<String> {
+        &mut self.model
+    }
+}
+
+impl ModelPage for ClassesState {
+    const PATH: &'static str = "/classes";
+    fn model_mut(&mut self) -> &mut Option<String> {
+        &mut self.model
+    }
+}
+
+impl SearchState {
     /// The concept's tokens: commas separate; spaces inside a token are kept (" dog"). A phrase
     /// is one piece, commas and all.
     pub fn tokens(&self) -> Vec<String> {
@@ -523,9 +545,6 @@ impl Default for ClassesState {
 }
 
 impl ClassesState {
-    pub fn href(&self) -> String {
-        query("/classes", self)
-    }
     /// The API URL of this page's classes (the model must be known).
     pub fn api_url(&self, model: &str, top: usize) -> String {
         #[derive(Serialize)]

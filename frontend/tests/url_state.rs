@@ -9,7 +9,7 @@
 
 use frontend::state::{
     complete_with, format_clamps, last_piece, mentions, parse, parse_clamps, query_param, segment, split_tokens, sweep_values, with_model,
-    ClassesState, CompareState, NeuronState, PolarityChoice, SearchState, SteerState,
+    ClassesState, CompareState, ModelPage, NeuronState, PolarityChoice, SearchState, SteerState,
 };
 use proptest::collection::vec;
 use proptest::option;

@@ -12,8 +12,8 @@ use shared::{ClassesResponse, NeuronClass, View};
 
 use crate::chart::{Chart, Click};
 use crate::share::{ApiRequest, ShareBar};
-use crate::state::{self, ClassesState, NeuronState};
-use crate::{api, show_token, status_view, use_search, Models};
+use crate::state::{self, ClassesState, ModelPage, NeuronState};
+use crate::{api, show_token, status_view, use_search, Models, ViewSelect};
 
 /// Neurons of the chosen class listed in the table.
 const LISTED: usize = 30;
@@ -49,15 +49,7 @@ pub fn Classes() -> impl IntoView {
         },
     );
 
-    let navigate = use_navigate();
-    let go = move |f: &dyn Fn(&mut ClassesState)| {
-        let mut s = st.get_untracked().unwrap_or_default();
-        if s.model.is_none() {
-            s.model = model.get_untracked().and_then(|m| m.ok());
-        }
-        f(&mut s);
-        navigate(&s.href(), Default::default());
-    };
+    let go = crate::navigator(st, model);
     let go1 = go.clone();
     let set_view = move |ev: leptos::ev::Event| {
         let v = event_target_value(&ev);
@@ -86,15 +78,7 @@ pub fn Classes() -> impl IntoView {
             "neurons): they split the vocabulary into large groups. The paper reads the down view (what a neuron writes)."
         </p>
         <form class="search" id="classes-form" on:submit=|ev: leptos::ev::SubmitEvent| ev.prevent_default()>
-            <label>
-                "View "
-                <select id="classes-view" on:change=set_view>
-                    {View::ALL
-                        .iter()
-                        .map(|v| view! { <option value=v.as_str() selected=move || cur().view == *v>{v.as_str()}</option> })
-                        .collect_view()}
-                </select>
-            </label>
+            <ViewSelect id="classes-view" current=Signal::derive(move || cur().view) on_change=set_view />
             <label>
                 "Class "
                 <select id="classes-class" on:change=set_class>
@@ -107,12 +91,7 @@ pub fn Classes() -> impl IntoView {
         </form>
         {move || {
             if let (None, Some((message, percent))) = (results.get(), building.get()) {
-                return view! {
-                    <p class="loading" id="map-building" role="status">
-                        <span class="spinner"></span>{message}" (this page retries by itself) "<progress max="100" value=percent>{format!("{percent}%")}</progress>
-                    </p>
-                }
-                .into_any();
+                return crate::map_building(message, percent);
             }
             status_view(results.get(), "Classifying every neuron…", |(m, r)| view! { <ClassesView model=m r=r /> })
         }}

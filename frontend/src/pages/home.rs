@@ -3,7 +3,7 @@
 use leptos::prelude::*;
 use shared::ModelSummary;
 
-use crate::state::{SearchState, SteerState};
+use crate::state::{ModelPage, SearchState, SteerState};
 use crate::{status_view, Models};
 
 #[component]

@@ -13,7 +13,7 @@ use shared::{NeuronDetail, Polarity, SweepResponse, ViewTokens};
 
 use crate::chart::Chart;
 use crate::share::{ApiRequest, CurlButton, ShareBar};
-use crate::state::{self, ClassesState, NeuronState, SearchState, SteerState};
+use crate::state::{self, ClassesState, ModelPage, NeuronState, SearchState, SteerState};
 use crate::{api, show_token, status_view, use_search, Models};
 
 /// Tokens shown per view and polarity.

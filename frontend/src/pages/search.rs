@@ -17,8 +17,8 @@ use shared::{limits, ClampSpec, Polarity, SearchResponse, SweepPoint, TokenizeRe
 use crate::chart::{Chart, Click};
 use crate::gallery::Gallery;
 use crate::share::{self, ApiRequest, CurlButton, ShareBar};
-use crate::state::{self, NeuronState, PolarityChoice, SearchState};
-use crate::{api, show_token, status_view, use_search, Models};
+use crate::state::{self, ModelPage, NeuronState, PolarityChoice, SearchState};
+use crate::{api, show_token, status_view, use_search, Models, ViewSelect};
 
 /// Neurons marked (with hover text and their top tokens) in the plot; the table lists the first 20.
 const MARKED: usize = 50;
@@ -73,15 +73,7 @@ pub fn Search() -> impl IntoView {
         }
     });
 
-    let navigate = use_navigate();
-    let go = move |f: &dyn Fn(&mut SearchState)| {
-        let mut s = st.get_untracked().unwrap_or_default();
-        if s.model.is_none() {
-            s.model = model.get_untracked().and_then(|m| m.ok());
-        }
-        f(&mut s);
-        navigate(&s.href(), Default::default());
-    };
+    let go = crate::navigator(st, model);
     let go1 = go.clone();
     let submit = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
@@ -146,15 +138,7 @@ pub fn Search() -> impl IntoView {
                         })
                 }}
             </datalist>
-            <label>
-                "View "
-                <select id="view" on:change=set_view>
-                    {View::ALL
-                        .iter()
-                        .map(|v| view! { <option value=v.as_str() selected=move || cur().view == *v>{v.as_str()}</option> })
-                        .collect_view()}
-                </select>
-            </label>
+            <ViewSelect id="view" current=Signal::derive(move || cur().view) on_change=set_view />
             <label>
                 "Polarity "
                 <select id="polarity" on:change=set_polarity>
@@ -169,12 +153,7 @@ pub fn Search() -> impl IntoView {
         })}
         {move || {
             if let (None, Some((message, percent))) = (results.get(), building.get()) {
-                return view! {
-                    <p class="loading" id="map-building" role="status">
-                        <span class="spinner"></span>{message}" (this page retries by itself) "<progress max="100" value=percent>{format!("{percent}%")}</progress>
-                    </p>
-                }
-                .into_any();
+                return crate::map_building(message, percent);
             }
             status_view(results.get(), "Searching every neuron…", |r| match r {
                 Some((m, s)) => view! { <Results model=m s=s embed=embed /> }.into_any(),
