@@ -610,6 +610,16 @@ fn load(cli: &Cli) -> Result<Engine> {
     Ok(engine)
 }
 
+/// A token's text quoted as Rust writes a string (spaces and newlines visible), except that a
+/// byte piece keeps its single backslash (`"\xE2\x80"`): the form the commands read back.
+fn quoted(text: &str) -> String {
+    format!("{text:?}").replace("\\\\x", "\\x")
+}
+
+fn tokens(texts: &[String]) -> String {
+    format!("[{}]", texts.iter().map(|t| quoted(t)).collect::<Vec<_>>().join(", "))
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -679,12 +689,12 @@ fn run(cli: &Cli) -> Result<()> {
             println!("\n  layer  neuron  polarity     score  top tokens");
             for h in &resp.top {
                 println!(
-                    "  {:>5}  {:>6}  {:>8}  {:>8.3}  {:?}",
+                    "  {:>5}  {:>6}  {:>8}  {:>8.3}  {}",
                     h.layer,
                     h.neuron,
                     format!("{:?}", h.polarity).to_lowercase(),
                     h.score,
-                    h.top_tokens
+                    tokens(&h.top_tokens)
                 );
             }
             Ok(())
@@ -699,7 +709,7 @@ fn run(cli: &Cli) -> Result<()> {
             let s = d.activation;
             println!("natural activation over {} positions: mean {:.3}, std {:.3}, range [{:.3}, {:.3}]", s.positions, s.mean, s.std, s.min, s.max);
             for v in &d.views {
-                let toks: Vec<String> = v.tokens.iter().map(|t| format!("{:?} {:.3}", t.text, t.norm)).collect();
+                let toks: Vec<String> = v.tokens.iter().map(|t| format!("{} {:.3}", quoted(&t.text), t.norm)).collect();
                 println!("{:>4} {:<3}  {}", v.view.as_str(), format!("{:?}", v.polarity).to_lowercase(), toks.join(", "));
             }
             for c in &d.classes {
@@ -740,8 +750,13 @@ fn run(cli: &Cli) -> Result<()> {
             for n in &r.neurons {
                 let m = n.moments;
                 println!(
-                    "  {:>3}:{:<6} kurtosis {:>7.1}  skew {:>+6.2}  std {:.3}  {:?}",
-                    n.layer, n.neuron, m.kurtosis, m.skew, m.std, n.top_tokens
+                    "  {:>3}:{:<6} kurtosis {:>7.1}  skew {:>+6.2}  std {:.3}  {}",
+                    n.layer,
+                    n.neuron,
+                    m.kurtosis,
+                    m.skew,
+                    m.std,
+                    tokens(&n.top_tokens)
                 );
             }
             Ok(())
@@ -801,7 +816,7 @@ fn run(cli: &Cli) -> Result<()> {
             }
             println!("changed most (cosine of up rows):");
             for c in &r.changed {
-                println!("  {:>3}:{:<6} {:+.3}  {:?} -> {:?}", c.layer, c.neuron, c.cosine, c.top_a, c.top_b);
+                println!("  {:>3}:{:<6} {:+.3}  {} -> {}", c.layer, c.neuron, c.cosine, quoted(&c.top_a), quoted(&c.top_b));
             }
             Ok(())
         }
@@ -853,7 +868,7 @@ fn run(cli: &Cli) -> Result<()> {
             }
             let top = resp.top;
             for t in top {
-                println!("{:>8.4}  {:>6}  {:?}", t.prob, t.id, t.text);
+                println!("{:>8.4}  {:>6}  {}", t.prob, t.id, quoted(&t.text));
             }
             Ok(())
         }
@@ -867,7 +882,7 @@ fn run(cli: &Cli) -> Result<()> {
             if cli.json {
                 return print_json(&resp);
             }
-            println!("p({:?}) unclamped: {:.6}   (natural activation {:.3})", resp.target_text, resp.baseline, resp.natural_value);
+            println!("p({}) unclamped: {:.6}   (natural activation {:.3})", quoted(&resp.target_text), resp.baseline, resp.natural_value);
             for p in &resp.points {
                 let bar = "#".repeat((p.prob * 50.0).round() as usize);
                 println!("{:>9.3}  {:.6}  {bar}", p.value, p.prob);

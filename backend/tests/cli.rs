@@ -44,6 +44,18 @@ fn json_outputs_decode_into_shared_types() {
     assert_eq!(r.points.iter().map(|p| p.value).collect::<Vec<_>>(), vec![-5.0, -2.5, 0.0, 2.5, 5.0]);
 }
 
+/// A byte piece is typed as the commands print it (`\xC3`, one backslash), and printed back so.
+#[test]
+fn byte_pieces_are_printed_as_they_are_typed() {
+    let (_d, m) = tiny();
+    let (ok, out, err) = run(&["--model", &m, "sweep", "-p", "the cat", "--layer", "1", "--neuron", "3", "--target", "\\xC3", "--values", "0:1:2"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("p(\"\\xC3\") unclamped"), "{out}");
+    let (ok, _, err) =
+        run(&["--model", &m, "sweep", "-p", "the cat", "--layer", "1", "--neuron", "3", "--target", "\\xC3\\xA9", "--values", "0:1:2"]);
+    assert!(!ok && err.contains("not a single token"), "{err}");
+}
+
 #[test]
 fn compare_prints_two_columns() {
     let (_d, m) = tiny();
