@@ -169,29 +169,33 @@ impl Tok {
     }
 
     /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>"). A token
-    /// that is part of a character (a byte-level piece such as Ġâ, or a `<0xE2>` byte token) has
-    /// its incomplete bytes written `\xE2`, so different pieces do not all read "�";
-    /// [`Tok::single_token`] reads that form back.
+    /// that is part of a character (a byte-level piece such as Ġâ) has its incomplete bytes
+    /// written `\xE2`, so different pieces do not all read "�"; a byte token (SentencePiece's
+    /// `<0xE2>` fallback) is always written as its byte, since the character it may make on its
+    /// own ("A" for `<0x41>`) is also a piece of its own. [`Tok::single_token`] reads that form back.
     pub fn token_text(&self, id: u32) -> String {
         let text = self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
+        if !self.byte_level() {
+            if let Some(b) = self.inner.id_to_token(id).and_then(|p| byte_piece(&p)) {
+                return escape_byte(b);
+            }
+        }
         if !text.contains('\u{FFFD}') {
             return text;
         }
         self.token_bytes(id).map(|b| escape_bytes(&b)).unwrap_or(text)
     }
 
-    /// The bytes a token stands for, where its piece says: a byte token (`<0xE2>`), or any piece
-    /// of a byte-level BPE (each character one byte of GPT-2's table). None for others (special
-    /// tokens, SentencePiece pieces), whose decoded text is what they stand for.
+    /// The bytes a token stands for, where its piece says: any piece of a byte-level BPE (each
+    /// character one byte of GPT-2's table), or a byte token (`<0xE2>`) of other tokenizers. None
+    /// for the rest (special tokens, SentencePiece pieces), whose decoded text is what they are.
     fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         let piece = self.inner.id_to_token(id)?;
-        if let Some(b) = byte_piece(&piece) {
-            return Some(vec![b]);
+        if self.byte_level() {
+            piece.chars().map(|c| bytes_to_unicode().iter().position(|&t| t == c).map(|b| b as u8)).collect()
+        } else {
+            byte_piece(&piece).map(|b| vec![b])
         }
-        if !self.byte_level() {
-            return None;
-        }
-        piece.chars().map(|c| bytes_to_unicode().iter().position(|&t| t == c).map(|b| b as u8)).collect()
     }
 
     /// Does the tokenizer decode byte-level pieces (GPT-2's table)?
@@ -299,11 +303,15 @@ pub fn escape_bytes(bytes: &[u8]) -> String {
     let mut s = String::new();
     for chunk in bytes.utf8_chunks() {
         s.push_str(chunk.valid());
-        for b in chunk.invalid() {
-            s.push_str(&format!("\\x{b:02X}"));
+        for &b in chunk.invalid() {
+            s.push_str(&escape_byte(b));
         }
     }
     s
+}
+
+fn escape_byte(b: u8) -> String {
+    format!("\\x{b:02X}")
 }
 
 /// The bytes of text written by [`escape_bytes`], if it has at least one `\xNN`.

@@ -38,17 +38,26 @@ fn gemma_file_shape_and_tokenizer() {
         assert_eq!(e.tok.single_token(text).unwrap(), id, "{text:?}");
         assert_eq!(e.tok.token_text(id), text);
     }
-    // Byte tokens of bytes that begin or continue a character read as their byte, and back.
-    for b in 0x80..=0xFFu8 {
+    // Every byte token reads as its byte, and back.
+    for b in 0..=0xFFu8 {
         let text = format!("\\x{b:02X}");
         let id = e.tok.single_token(&text).unwrap();
         assert_eq!(e.tok.token_to_id(&format!("<0x{b:02X}>")), Some(id));
         assert_eq!(e.tok.token_text(id), text);
     }
-    // The few tokens that still read "�" are that character itself: each reads back as itself.
-    for id in (0..e.tok.vocab_size() as u32).filter(|&i| e.tok.token_text(i).contains('\u{FFFD}')) {
-        assert_eq!(e.tok.single_token(&e.tok.token_text(id)).unwrap(), id, "token {id} reads {:?}", e.tok.token_text(id));
+    // Every token reads as a text that names it alone: byte tokens as their byte (`<0x41>` reads
+    // "\x41", as "A" is a piece too), the few that read "�" are that character itself. A handful
+    // of pieces cannot be reached from text at all (SentencePiece merges never make them).
+    let mut unreachable = vec![];
+    for id in 0..e.tok.vocab_size() as u32 {
+        let text = e.tok.token_text(id);
+        match e.tok.single_token(&text) {
+            Ok(got) => assert_eq!(got, id, "token {id} reads {text:?}"),
+            Err(_) => unreachable.push(text),
+        }
     }
+    assert!(unreachable.len() <= 8, "{unreachable:?}");
+    assert_eq!(e.tok.token_text(e.tok.token_to_id("<0x41>").unwrap()), "\\x41");
     // Whatever the vocabulary lacks falls back to byte tokens, and decodes back exactly.
     for text in ["naïve café, 東京 and 🦀 at 3.14", "  two spaces\nand a line", "\u{10FFFF}"] {
         let ids = e.tok.encode_raw(text).unwrap();
