@@ -86,10 +86,12 @@ impl Job {
     }
 
     /// The job's end: what it held is given back first (so a client that has its answer finds
-    /// its seats free), then `done` gets the outcome.
+    /// its seats free), and its text callback (a stream's sender) is dropped, so the last event
+    /// `done` sends ends a stream; then `done` gets the outcome.
     fn end(self, out: Result<Vec<GenOutput>>) {
-        let Job { done, hold, .. } = self;
+        let Job { done, hold, on_text, .. } = self;
         drop(hold);
+        drop(on_text);
         done(out)
     }
 }

@@ -174,7 +174,11 @@ impl Metrics {
             )
             .unwrap(),
         };
-        let abandoned = IntCounter::new("flash_interp_requests_abandoned_total", "Requests stopped because their client went away").unwrap();
+        let abandoned = IntCounter::new(
+            "flash_interp_requests_abandoned_total",
+            "Requests stopped because their client went away before their answer was read to its end",
+        )
+        .unwrap();
         let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(requests.clone()),
             Box::new(latency.clone()),

@@ -716,15 +716,14 @@ async fn generate(req: HttpRequest, state: Data<AppState>, model: Path<String>, 
         let _ = last.send(event);
     };
     let hold = StreamHold { _cancel: batched(&state, &req, m, &body, on_text, done).await?, abandoned: Some(state.metrics.abandoned.clone()) };
-    // The stream ends when the job has sent its last event (both senders are gone).
+    // The answer is whole once its last event (`done` or `error`) is handed to the connection;
+    // the stream ends after it, when the job has dropped both senders.
     let stream = futures_util::stream::unfold((rx, hold), |(mut rx, mut hold)| async move {
-        match rx.recv().await {
-            Some(b) => Some((Ok::<_, actix_web::Error>(b), (rx, hold))),
-            None => {
-                hold.abandoned.take();
-                None
-            }
+        let b = rx.recv().await?;
+        if b.starts_with(b"event: done") || b.starts_with(b"event: error") {
+            hold.abandoned.take();
         }
+        Some((Ok::<_, actix_web::Error>(b), (rx, hold)))
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
