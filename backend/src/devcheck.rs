@@ -261,18 +261,18 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     };
     // The first prompt the CPU answers with at least 8 tokens (a random model may end its
     // answer at once, which would compare nothing), else the one it answers longest.
-    let mut greedy_prompt = (String::new(), vec![], vec![]);
+    let mut chosen: Option<(&str, Vec<u32>, Vec<u32>)> = None;
     for text in GREEDY_PROMPTS {
         let ids = cpu.tok.encode_prompt(text)?;
         let answer = greedy(&cpu, &ids)?;
-        if greedy_prompt.1.is_empty() || answer.len() > greedy_prompt.2.len() {
-            greedy_prompt = (text.to_owned(), ids, answer);
+        if chosen.as_ref().is_none_or(|c| answer.len() > c.2.len()) {
+            chosen = Some((text, ids, answer));
         }
-        if greedy_prompt.2.len() >= 8 {
+        if chosen.as_ref().is_some_and(|c| c.2.len() >= 8) {
             break;
         }
     }
-    let (greedy_prompt, ids, gc) = greedy_prompt;
+    let (greedy_prompt, ids, gc) = chosen.expect("GREEDY_PROMPTS is not empty");
     let gd = greedy(&dev, &ids)?;
     // Answers agree if they do not part, part at a near-tie, or (bf16, f16) part late enough.
     let agrees = |c: &[u32], parting: &Option<Parting>| {
@@ -280,7 +280,8 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     };
     let common_prefix = |c: &[u32], parting: &Option<Parting>| parting.map_or(c.len(), |p| p.at);
     let greedy_parting = parting(&cpu, &dev, &ids, &Intervention::none(), &gc, &gd, &tol)?;
-    let greedy_pass = agrees(&gc, &greedy_parting);
+    // An empty answer compares nothing: that is no pass.
+    let greedy_pass = !gc.is_empty() && agrees(&gc, &greedy_parting);
     let prefix = common_prefix(&gc, &greedy_parting);
     let sweep_pass = sweep_max_abs_err <= tol.sweep_abs;
 
@@ -306,7 +307,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
 
     // The server's batch on the device: each request against the CPU's answer to it alone.
     let clamp = Intervention { clamps: vec![crate::model::Clamp { layer: hit.layer, neuron: hit.neuron, value: 4.0 }] };
-    let requests = [("the dog and the cat", Intervention::none()), ("a", Intervention::none()), ("once upon a time there was a", clamp)];
+    let requests = [(greedy_prompt, Intervention::none()), ("a", Intervention::none()), ("once upon a time there was a", clamp)];
     let dev = std::sync::Arc::new(dev);
     let (device_answers, batch_jobs_per_step) = batched(&dev, &requests, &params)?;
     let (mut batch_common_prefix, mut batch_partings) = (vec![], vec![]);
@@ -332,7 +333,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         search_pass,
         sweep_max_abs_err,
         sweep_pass,
-        greedy_prompt,
+        greedy_prompt: greedy_prompt.to_owned(),
         greedy_cpu: gc,
         greedy_device: gd,
         greedy_common_prefix: prefix,
