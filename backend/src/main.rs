@@ -14,6 +14,7 @@ use flash_interp::engine::MapOrigin;
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::fetch;
 use flash_interp::model::WeightMode;
+use flash_interp::tokenizer::quoted;
 use flash_interp::Cancel;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -610,12 +611,6 @@ fn load(cli: &Cli) -> Result<Engine> {
     Ok(engine)
 }
 
-/// A token's text quoted as Rust writes a string (spaces and newlines visible), except that a
-/// byte piece keeps its single backslash (`"\xE2\x80"`): the form the commands read back.
-fn quoted(text: &str) -> String {
-    format!("{text:?}").replace("\\\\x", "\\x")
-}
-
 fn tokens(texts: &[String]) -> String {
     format!("[{}]", texts.iter().map(|t| quoted(t)).collect::<Vec<_>>().join(", "))
 }
@@ -780,8 +775,8 @@ fn run(cli: &Cli) -> Result<()> {
             if cli.json {
                 return print_json(&r);
             }
-            let toks: Vec<&str> = r.tokens.iter().map(|t| t.text.as_str()).collect();
-            println!("p({}{toks:?}) unclamped: {:.6}", if r.phrase { "phrase " } else { "" }, r.baseline);
+            let toks: Vec<String> = r.tokens.iter().map(|t| t.text.clone()).collect();
+            println!("p({}{}) unclamped: {:.6}", if r.phrase { "phrase " } else { "" }, tokens(&toks), r.baseline);
             println!("  causal  map  neuron      view  pol   map score  best clamp  p at best   effect (nats)");
             for (rank, n) in r.neurons.iter().enumerate() {
                 println!(

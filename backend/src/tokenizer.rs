@@ -168,22 +168,30 @@ impl Tok {
         Ok(String::new())
     }
 
-    /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>"). A token
-    /// that is part of a character (a byte-level piece such as Ġâ) has its incomplete bytes
-    /// written `\xE2`, so different pieces do not all read "�"; a byte token (SentencePiece's
-    /// `<0xE2>` fallback) is always written as its byte, since the character it may make on its
-    /// own ("A" for `<0x41>`) is also a piece of its own. [`Tok::single_token`] reads that form back.
+    /// The text of a single token, as it reads in output (" dog", "\n", "<|im_end|>"), written so
+    /// that [`Tok::single_token`] reads it back as this token. A token that is part of a
+    /// character (a byte-level piece such as Ġâ) has its incomplete bytes written `\xE2`, so
+    /// different pieces do not all read "�"; a byte token (SentencePiece's `<0x41>` fallback) is
+    /// written as its byte where its character names another token (the piece "A"); a backslash
+    /// that would read as such an escape is written `\x5C` (a code token `\xff`).
     pub fn token_text(&self, id: u32) -> String {
         let text = self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
         if !self.byte_level() {
             if let Some(b) = self.inner.id_to_token(id).and_then(|p| byte_piece(&p)) {
-                return escape_byte(b);
+                if self.encode_raw(&text).ok().as_deref() != Some(&[id]) {
+                    return format!("\\x{b:02X}");
+                }
             }
         }
-        if !text.contains('\u{FFFD}') {
-            return text;
+        if text.contains('\u{FFFD}') {
+            if let Some(bytes) = self.token_bytes(id) {
+                return escape_bytes(&bytes);
+            }
         }
-        self.token_bytes(id).map(|b| escape_bytes(&b)).unwrap_or(text)
+        if unescape_bytes(&text).is_some() {
+            return escape_bytes(text.as_bytes());
+        }
+        text
     }
 
     /// The bytes a token stands for, where its piece says: any piece of a byte-level BPE (each
@@ -208,9 +216,15 @@ impl Tok {
         }
     }
 
-    /// The token a piece of a character names, written as [`Tok::token_text`] shows it (" \xE2").
+    /// The token that text with `\xNN` escapes names, written as [`Tok::token_text`] shows it
+    /// (" \xE2", "\x41", "\x5Cxff"): the token of exactly those bytes, else the single token of
+    /// the text they make.
     pub fn escaped_token(&self, text: &str) -> Option<u32> {
-        unescape_bytes(text).and_then(|b| self.bytes_token(&b))
+        let bytes = unescape_bytes(text)?;
+        self.bytes_token(&bytes).or_else(|| match self.encode_raw(std::str::from_utf8(&bytes).ok()?).ok()?.as_slice() {
+            &[id] => Some(id),
+            _ => None,
+        })
     }
 
     /// The token that stands for exactly `bytes`, if there is one.
@@ -232,14 +246,20 @@ impl Tok {
     /// `text` must be exactly one token: its id, or an error that shows how it tokenizes and
     /// suggests single-token variants.
     pub fn single_token(&self, text: &str) -> Result<u32> {
+        // Escapes first, so that every token's text reads back as it (a code token `\xff` is
+        // written `\x5Cxff`).
+        if let Some(id) = self.escaped_token(text) {
+            return Ok(id);
+        }
+        if let Some(bytes) = unescape_bytes(text) {
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            return Err(Error::UnknownToken(format!("{} is the bytes {}, and no single token stands for them", quoted(text), hex.join(" "))));
+        }
         let ids = self.encode_raw(text)?;
         if ids.len() == 1 {
             return Ok(ids[0]);
         }
-        if let Some(id) = self.escaped_token(text) {
-            return Ok(id);
-        }
-        let pieces: Vec<String> = ids.iter().map(|&i| format!("{:?}", self.token_text(i))).collect();
+        let pieces: Vec<String> = ids.iter().map(|&i| quoted(&self.token_text(i))).collect();
         let base = text.trim();
         let mut cands = vec![format!(" {base}"), base.to_owned()];
         let mut chars = base.chars();
@@ -293,25 +313,40 @@ fn byte_piece(piece: &str) -> Option<u8> {
     hex_byte(hex)
 }
 
+/// The byte of a `\xNN` escape at the start of `s`.
+fn escape_at(s: &str) -> Option<u8> {
+    s.strip_prefix("\\x").and_then(|h| h.get(..2)).and_then(hex_byte)
+}
+
 /// Two hex digits (no sign, which `from_str_radix` would take).
 fn hex_byte(hex: &str) -> Option<u8> {
     (hex.len() == 2 && hex.bytes().all(|c| c.is_ascii_hexdigit())).then(|| u8::from_str_radix(hex, 16).ok()).flatten()
 }
 
-/// Bytes as text: whole characters as they are, the bytes of incomplete ones as `\xE2`.
+/// Bytes as text: whole characters as they are, the bytes of incomplete ones as `\xE2`, and a
+/// backslash that would read as such an escape as `\x5C`. [`unescape_bytes`] reads it back.
 pub fn escape_bytes(bytes: &[u8]) -> String {
     let mut s = String::new();
     for chunk in bytes.utf8_chunks() {
-        s.push_str(chunk.valid());
+        let valid = chunk.valid();
+        for (i, c) in valid.char_indices() {
+            if escape_at(&valid[i..]).is_some() {
+                s.push_str("\\x5C");
+            } else {
+                s.push(c);
+            }
+        }
         for &b in chunk.invalid() {
-            s.push_str(&escape_byte(b));
+            s.push_str(&format!("\\x{b:02X}"));
         }
     }
     s
 }
 
-fn escape_byte(b: u8) -> String {
-    format!("\\x{b:02X}")
+/// A token's text quoted as Rust writes a string (spaces and newlines visible), except that
+/// `\xNN` escapes keep their one backslash: the form that is typed back.
+pub fn quoted(text: &str) -> String {
+    format!("{text:?}").replace("\\\\x", "\\x")
 }
 
 /// The bytes of text written by [`escape_bytes`], if it has at least one `\xNN`.
@@ -320,7 +355,7 @@ pub fn unescape_bytes(text: &str) -> Option<Vec<u8>> {
     let mut rest = text;
     let mut escaped = false;
     while let Some(c) = rest.chars().next() {
-        if let Some(b) = rest.strip_prefix("\\x").and_then(|h| h.get(..2)).and_then(hex_byte) {
+        if let Some(b) = escape_at(rest) {
             out.push(b);
             rest = &rest[4..];
             escaped = true;

@@ -53,7 +53,7 @@ fn byte_pieces_are_printed_as_they_are_typed() {
     assert!(out.starts_with("p(\"\\xC3\") unclamped"), "{out}");
     let (ok, _, err) =
         run(&["--model", &m, "sweep", "-p", "the cat", "--layer", "1", "--neuron", "3", "--target", "\\xC3\\xA9", "--values", "0:1:2"]);
-    assert!(!ok && err.contains("not a single token"), "{err}");
+    assert!(!ok && err.contains("no single token stands for them"), "{err}");
 }
 
 #[test]

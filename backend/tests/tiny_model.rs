@@ -292,8 +292,27 @@ fn every_token_reads_back_as_itself_and_byte_pieces_show_their_bytes() {
         assert_eq!(ids.iter().map(|&i| tok.token_text(i)).collect::<Vec<_>>(), ["\\xC3", "\\xA9"]);
         assert_eq!(tok.decode(&ids).unwrap(), "é", "decoding a sequence is unchanged");
         let err = tok.single_token("\\xC3\\xA9").unwrap_err().to_string();
-        assert!(err.contains("not a single token"), "no token is both bytes: {err}");
+        assert!(err.contains("the bytes C3 A9, and no single token stands for them"), "no token is both bytes: {err}");
     }
+    // Escaping and reading back are exact for any bytes, a backslash before "x" and two hex
+    // digits included (written \x5C): every string of up to 5 of these bytes.
+    let alphabet = [b'\\', b'x', b'E', b'2', b'z', 0xE2, 0x82, 0xAC];
+    for n in 0..=5u32 {
+        for mut k in 0..alphabet.len().pow(n) {
+            let mut bytes = vec![];
+            for _ in 0..n {
+                bytes.push(alphabet[k % alphabet.len()]);
+                k /= alphabet.len();
+            }
+            let text = escape_bytes(&bytes);
+            match unescape_bytes(&text) {
+                Some(back) => assert_eq!(back, bytes, "{text:?}"),
+                None => assert_eq!(text.as_bytes(), bytes, "no escape: the text is the bytes"),
+            }
+        }
+    }
+    assert_eq!(escape_bytes(b"\\xff"), "\\x5Cxff");
+    assert_eq!(escape_bytes(b"\\n \\x"), "\\n \\x", "a backslash that reads as no escape stays");
     assert_eq!(escape_bytes(b"a\xE2\x80 \xC3\xA9"), "a\\xE2\\x80 é");
     assert_eq!(unescape_bytes("a\\xE2\\x80 é").unwrap(), b"a\xE2\x80 \xC3\xA9");
     for plain in ["no escape", "\\x+1", "\\xG0", "\\x4", "tail \\x"] {
