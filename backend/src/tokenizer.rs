@@ -220,8 +220,12 @@ impl Tok {
     /// (" \xE2", "\x41", "\x5Cxff"): the token of exactly those bytes, else the single token of
     /// the text they make.
     pub fn escaped_token(&self, text: &str) -> Option<u32> {
-        let bytes = unescape_bytes(text)?;
-        self.bytes_token(&bytes).or_else(|| match self.encode_raw(std::str::from_utf8(&bytes).ok()?).ok()?.as_slice() {
+        self.unescaped_token(&unescape_bytes(text)?)
+    }
+
+    /// [`Tok::escaped_token`] of text already read into its bytes.
+    fn unescaped_token(&self, bytes: &[u8]) -> Option<u32> {
+        self.bytes_token(bytes).or_else(|| match self.encode_raw(std::str::from_utf8(bytes).ok()?).ok()?.as_slice() {
             &[id] => Some(id),
             _ => None,
         })
@@ -248,12 +252,11 @@ impl Tok {
     pub fn single_token(&self, text: &str) -> Result<u32> {
         // Escapes first, so that every token's text reads back as it (a code token `\xff` is
         // written `\x5Cxff`).
-        if let Some(id) = self.escaped_token(text) {
-            return Ok(id);
-        }
         if let Some(bytes) = unescape_bytes(text) {
-            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
-            return Err(Error::UnknownToken(format!("{} is the bytes {}, and no single token stands for them", quoted(text), hex.join(" "))));
+            return self.unescaped_token(&bytes).ok_or_else(|| {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+                Error::UnknownToken(format!("{} is the bytes {}, and no single token stands for them", quoted(text), hex.join(" ")))
+            });
         }
         let ids = self.encode_raw(text)?;
         if ids.len() == 1 {
