@@ -611,8 +611,8 @@ fn load(cli: &Cli) -> Result<Engine> {
     Ok(engine)
 }
 
-fn tokens(texts: &[String]) -> String {
-    format!("[{}]", texts.iter().map(|t| quoted(t)).collect::<Vec<_>>().join(", "))
+fn tokens(texts: &[impl AsRef<str>]) -> String {
+    format!("[{}]", texts.iter().map(|t| quoted(t.as_ref())).collect::<Vec<_>>().join(", "))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -775,7 +775,7 @@ fn run(cli: &Cli) -> Result<()> {
             if cli.json {
                 return print_json(&r);
             }
-            let toks: Vec<String> = r.tokens.iter().map(|t| t.text.clone()).collect();
+            let toks: Vec<&str> = r.tokens.iter().map(|t| t.text.as_str()).collect();
             println!("p({}{}) unclamped: {:.6}", if r.phrase { "phrase " } else { "" }, tokens(&toks), r.baseline);
             println!("  causal  map  neuron      view  pol   map score  best clamp  p at best   effect (nats)");
             for (rank, n) in r.neurons.iter().enumerate() {
