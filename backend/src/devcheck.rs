@@ -312,9 +312,14 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     let (device_answers, batch_jobs_per_step) = batched(&dev, &requests, &params)?;
     let (mut batch_common_prefix, mut batch_partings) = (vec![], vec![]);
     let mut batch_pass = true;
-    for ((text, row), d) in requests.iter().zip(&device_answers) {
+    for (i, ((text, row), d)) in requests.iter().zip(&device_answers).enumerate() {
         let ids = cpu.tok.encode_prompt(text)?;
-        let c = cpu.generate(&ids, std::slice::from_ref(row), &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens;
+        // The first request is the single greedy one: the CPU's answer to it is `gc`.
+        let c = if i == 0 {
+            gc.clone()
+        } else {
+            cpu.generate(&ids, std::slice::from_ref(row), &params, true, &cancel, &mut |_, _, _| true)?.remove(0).tokens
+        };
         let part = parting(&cpu, &dev, &ids, row, &c, d, &tol)?;
         batch_pass &= agrees(&c, &part);
         batch_common_prefix.push(common_prefix(&c, &part));
