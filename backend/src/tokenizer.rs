@@ -217,13 +217,8 @@ impl Tok {
     }
 
     /// The token that text with `\xNN` escapes names, written as [`Tok::token_text`] shows it
-    /// (" \xE2", "\x41", "\x5Cxff"): the token of exactly those bytes, else the single token of
-    /// the text they make.
-    pub fn escaped_token(&self, text: &str) -> Option<u32> {
-        self.unescaped_token(&unescape_bytes(text)?)
-    }
-
-    /// [`Tok::escaped_token`] of text already read into its bytes.
+    /// (" \xE2", "\x41", "\x5Cxff"), read into its `bytes`: the token of exactly those bytes,
+    /// else the single token of the text they make.
     fn unescaped_token(&self, bytes: &[u8]) -> Option<u32> {
         self.bytes_token(bytes).or_else(|| match self.encode_raw(std::str::from_utf8(bytes).ok()?).ok()?.as_slice() {
             &[id] => Some(id),
@@ -247,21 +242,40 @@ impl Tok {
         self.inner.token_to_id(token)
     }
 
-    /// `text` must be exactly one token: its id, or an error that shows how it tokenizes and
-    /// suggests single-token variants.
+    /// The token that `text` names alone, as [`Tok::single_token`] reads it: escapes first, then
+    /// the text's tokenization if it is one token, then the vocabulary's piece of exactly that
+    /// text.
+    pub fn whole_token(&self, text: &str) -> Option<u32> {
+        if let Some(bytes) = unescape_bytes(text) {
+            return self.unescaped_token(&bytes);
+        }
+        match self.encode_raw(text).ok()?.as_slice() {
+            &[id] => Some(id),
+            _ => self.vocab_token(text),
+        }
+    }
+
+    /// The token whose text ([`Tok::token_text`]) is exactly `text` although tokenizing the text
+    /// does not give it: a piece that SentencePiece's merges never make (Gemma's " YYYY"), which
+    /// the map still decodes and the model can still write.
+    fn vocab_token(&self, text: &str) -> Option<u32> {
+        let id = if self.byte_level() { self.bytes_token(text.as_bytes()) } else { self.inner.token_to_id(&text.replace(' ', "▁")) }?;
+        (self.token_text(id) == text).then_some(id)
+    }
+
+    /// `text` must be exactly one token ([`Tok::whole_token`]): its id, or an error that shows
+    /// how it tokenizes and suggests single-token variants.
     pub fn single_token(&self, text: &str) -> Result<u32> {
+        if let Some(id) = self.whole_token(text) {
+            return Ok(id);
+        }
         // Escapes first, so that every token's text reads back as it (a code token `\xff` is
         // written `\x5Cxff`).
         if let Some(bytes) = unescape_bytes(text) {
-            return self.unescaped_token(&bytes).ok_or_else(|| {
-                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
-                Error::UnknownToken(format!("{} is the bytes {}, and no single token stands for them", quoted(text), hex.join(" ")))
-            });
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            return Err(Error::UnknownToken(format!("{} is the bytes {}, and no single token stands for them", quoted(text), hex.join(" "))));
         }
         let ids = self.encode_raw(text)?;
-        if ids.len() == 1 {
-            return Ok(ids[0]);
-        }
         let pieces: Vec<String> = ids.iter().map(|&i| quoted(&self.token_text(i))).collect();
         let base = text.trim();
         let mut cands = vec![format!(" {base}"), base.to_owned()];

@@ -314,8 +314,9 @@ async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery
         return Err(crate::Error::TooLarge("q is limited to 256 characters".into()).into());
     }
     let tok = &m.engine.tok;
-    // A byte piece typed as it is shown (`\xE2\x80`) is that one token, as the searches read it.
-    let ids = match tok.escaped_token(&q.q) {
+    // A token typed as it is shown (a byte piece `\xE2\x80`, a piece that tokenizing the text
+    // would not give) is that one token, as the searches read it.
+    let ids = match tok.whole_token(&q.q) {
         Some(id) => vec![id],
         None => tok.encode_raw(&q.q)?,
     };
