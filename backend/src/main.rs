@@ -974,7 +974,7 @@ fn gallery(cli: &Cli, a: &GalleryArgs) -> Result<()> {
         }
         println!("{} ({}:{} = {} on {:?})", ex.title, ex.layer, ex.neuron, ex.clamp, ex.prompt);
         let was = |f: &dyn Fn(&shared::GalleryMeasured) -> String| ex.measured.as_ref().map(|s| format!("  (stored {})", f(s))).unwrap_or_default();
-        println!("  p({:?}) {:.4} → {:.4}{}", ex.target, m.p_normal, m.p_clamped, was(&|s| format!("{:.4} → {:.4}", s.p_normal, s.p_clamped)));
+        println!("  p({}) {:.4} → {:.4}{}", quoted(&ex.target), m.p_normal, m.p_clamped, was(&|s| format!("{:.4} → {:.4}", s.p_normal, s.p_clamped)));
         println!(
             "  \"{}\" in {} of {n} normal answers, {} of {n} steered{}",
             ex.word,

@@ -289,13 +289,13 @@ impl Tok {
         cands.push(format!(" {base}s"));
         let mut ok: Vec<String> = Vec::new();
         for c in cands {
-            if c != text && !ok.contains(&format!("{c:?}")) && self.encode_raw(&c).map(|v| v.len() == 1).unwrap_or(false) {
-                ok.push(format!("{c:?}"));
+            if c != text && !ok.contains(&quoted(&c)) && self.encode_raw(&c).map(|v| v.len() == 1).unwrap_or(false) {
+                ok.push(quoted(&c));
             }
         }
         let how = if ids.is_empty() { "no tokens".to_owned() } else { format!("{} tokens [{}]", ids.len(), pieces.join(", ")) };
         let hint = if ok.is_empty() { String::new() } else { format!("; single-token variants: {}", ok.join(", ")) };
-        Err(Error::UnknownToken(format!("{text:?} is not a single token: it tokenizes as {how}{hint}")))
+        Err(Error::UnknownToken(format!("{} is not a single token: it tokenizes as {how}{hint}", quoted(text))))
     }
 }
 
@@ -360,10 +360,12 @@ pub fn escape_bytes(bytes: &[u8]) -> String {
     s
 }
 
-/// A token's text quoted as Rust writes a string (spaces and newlines visible), except that
-/// `\xNN` escapes keep their one backslash: the form that is typed back.
+/// A token's text in double quotes, spaces and unprintable characters visible (`"\n"`,
+/// `"\u{200b}"`), combining marks as they are unless they start the text (Rust's `{:?}` escapes
+/// them all: Bengali "স্ক" would read "স\u{9cd}ক"), and `\xNN` escapes with their one
+/// backslash: the form that is typed back.
 pub fn quoted(text: &str) -> String {
-    format!("{text:?}").replace("\\\\x", "\\x")
+    format!("\"{}\"", text.escape_debug()).replace("\\'", "'").replace("\\\\x", "\\x")
 }
 
 /// The bytes of text written by [`escape_bytes`], if it has at least one `\xNN`.

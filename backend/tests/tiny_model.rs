@@ -321,6 +321,26 @@ fn every_token_reads_back_as_itself_and_byte_pieces_show_their_bytes() {
 }
 
 #[test]
+fn quoted_token_texts_show_what_is_invisible_and_nothing_else() {
+    use flash_interp::tokenizer::quoted;
+    for (text, shown) in [
+        (" dog", r#"" dog""#),
+        ("\n\t", r#""\n\t""#),
+        ("it's \"so\"", r#""it's \"so\"""#),
+        ("a\\b", r#""a\\b""#),
+        ("\\xE2\\x80", r#""\xE2\x80""#),
+        ("zero\u{200b}width", r#""zero\u{200b}width""#),
+        // Combining marks stay on their letter (Rust's `{:?}` writes "ট\u{9cd}ট"), except
+        // first, where there is no letter to carry them.
+        ("ট্ট", r#""ট্ট""#),
+        ("\u{9cd}x", r#""\u{9cd}x""#),
+        (" café", r#"" café""#),
+    ] {
+        assert_eq!(quoted(text), shown, "{text:?}");
+    }
+}
+
+#[test]
 fn bad_input_gives_clear_errors() {
     let t = tiny(&TinySpec::default());
     let e = load(&t.gguf);
