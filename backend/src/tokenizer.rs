@@ -200,7 +200,7 @@ impl Tok {
     fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         let piece = self.inner.id_to_token(id)?;
         if self.byte_level() {
-            piece.chars().map(|c| bytes_to_unicode().iter().position(|&t| t == c).map(|b| b as u8)).collect()
+            piece.chars().map(unicode_byte).collect()
         } else {
             byte_piece(&piece).map(|b| vec![b])
         }
@@ -304,6 +304,13 @@ impl Tok {
 pub fn bytes_to_unicode() -> &'static [char] {
     static TABLE: std::sync::LazyLock<Vec<char>> = std::sync::LazyLock::new(table);
     &TABLE
+}
+
+/// The byte GPT-2's table writes as `c`, if any (the inverse of [`bytes_to_unicode`]).
+fn unicode_byte(c: char) -> Option<u8> {
+    static INVERSE: std::sync::LazyLock<std::collections::HashMap<char, u8>> =
+        std::sync::LazyLock::new(|| bytes_to_unicode().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect());
+    INVERSE.get(&c).copied()
 }
 
 fn table() -> Vec<char> {
