@@ -463,6 +463,7 @@ mod tests {
             ("tiny-llama", TinySpec { scale: 3.0, ..Default::default() }),
             ("tiny-llama-untied", TinySpec { scale: 3.0, tied: false, n_layers: 2, d_ff: 300, ..Default::default() }),
             ("tiny-gemma3", TinySpec { scale: 3.0, gemma3: true, n_layers: 4, ..Default::default() }),
+            ("tiny-qwen2", TinySpec { scale: 3.0, qwen: Some(crate::synthetic::Qwen::V2), ..Default::default() }),
         ] {
             write_hf_dir(&spec, &tmp.path().join(name)).unwrap();
             dirs.push(tmp.path().join(name));

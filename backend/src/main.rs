@@ -104,11 +104,11 @@ enum Cmd {
     Serve(ServeArgs),
     /// Write a seeded random-weight model of a real shape as a Hugging Face directory (for sizing
     /// hardware and benchmarks at scale without a download): llama-3.1-8b, llama-3.2-1b,
-    /// gemma-3-270m, smollm2-135m.
+    /// qwen2.5-7b, qwen2.5-0.5b, qwen3-8b, qwen3-0.6b, gemma-3-270m, smollm2-135m.
     Synth(SynthArgs),
     /// Check a device against the CPU on the same models and weights: the neuron map (with and
     /// without the final norm), concept search, a clamp sweep and greedy tokens, each within a
-    /// stated tolerance. Without --model: tiny synthetic Llama and Gemma models. One JSON
+    /// stated tolerance. Without --model: tiny synthetic Llama, Gemma 3 and Qwen2 models. One JSON
     /// report; exit status 1 when something is out of tolerance.
     DeviceCheck(DeviceCheckArgs),
 }
@@ -124,7 +124,8 @@ struct DeviceCheckArgs {
 
 #[derive(Args)]
 struct SynthArgs {
-    /// The shape: llama-3.1-8b, llama-3.2-1b, gemma-3-270m or smollm2-135m.
+    /// The shape: llama-3.1-8b, llama-3.2-1b, qwen2.5-7b, qwen2.5-0.5b, qwen3-8b, qwen3-0.6b,
+    /// gemma-3-270m or smollm2-135m.
     #[arg(long)]
     shape: String,
     /// Keep only the first N layers (default: all of the shape's).
@@ -523,7 +524,7 @@ fn load_options(cli: &Cli) -> Result<LoadOptions> {
 /// `device-check`: every model (the --model given, else tiny synthetic ones, plus a synthetic
 /// real shape when asked) in each weight dtype (the --weights given, else f32 and bf16).
 fn device_check(cli: &Cli, a: &DeviceCheckArgs) -> Result<()> {
-    use flash_interp::synthetic::{write_hf_dir, TinySpec};
+    use flash_interp::synthetic::{write_hf_dir, Qwen, TinySpec};
     let opts = load_options(cli)?;
     let tmp = tempfile::tempdir()?;
     let mut models = vec![];
@@ -534,6 +535,7 @@ fn device_check(cli: &Cli, a: &DeviceCheckArgs) -> Result<()> {
                 ("tiny-llama", TinySpec { scale: 3.0, ..Default::default() }),
                 ("tiny-llama-untied", TinySpec { scale: 3.0, tied: false, n_layers: 2, d_ff: 300, ..Default::default() }),
                 ("tiny-gemma3", TinySpec { scale: 3.0, gemma3: true, n_layers: 4, ..Default::default() }),
+                ("tiny-qwen2", TinySpec { scale: 3.0, qwen: Some(Qwen::V2), ..Default::default() }),
             ];
             for (name, spec) in specs {
                 let dir = tmp.path().join(name);

@@ -1,5 +1,5 @@
 //! `flash-interp synth`: seeded random-weight models of real shapes (Llama 3.1 8B, Llama 3.2 1B,
-//! Gemma 3 270M, SmolLM2 135M) as Hugging Face directories (one safetensors file, config.json,
+//! Qwen2.5 7B and 0.5B, Qwen3 8B and 0.6B, Gemma 3 270M, SmolLM2 135M) as Hugging Face directories (one safetensors file, config.json,
 //! tokenizer.json, tokenizer_config.json) that every command, and Hugging Face transformers,
 //! load like the real model. For sizing hardware and for benchmarks at real scale without a
 //! download. Tensors are generated one at a time while the file is written, so writing an 8B
@@ -14,11 +14,22 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 
+/// The layout a shape's tensors and config.json follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    /// The Llama layout with biases on the Q, K and V projections.
+    Qwen2,
+    /// The Llama layout with a per-head RMSNorm of queries and keys.
+    Qwen3,
+    Gemma3,
+}
+
 /// A real model's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shape {
     pub name: &'static str,
-    pub gemma3: bool,
+    pub family: Family,
     pub n_layers: usize,
     pub d_model: usize,
     pub d_ff: usize,
@@ -33,10 +44,10 @@ pub struct Shape {
     pub context: usize,
 }
 
-pub const SHAPES: [Shape; 4] = [
+pub const SHAPES: [Shape; 8] = [
     Shape {
         name: "llama-3.1-8b",
-        gemma3: false,
+        family: Family::Llama,
         n_layers: 32,
         d_model: 4096,
         d_ff: 14336,
@@ -51,7 +62,7 @@ pub const SHAPES: [Shape; 4] = [
     },
     Shape {
         name: "llama-3.2-1b",
-        gemma3: false,
+        family: Family::Llama,
         n_layers: 16,
         d_model: 2048,
         d_ff: 8192,
@@ -65,8 +76,68 @@ pub const SHAPES: [Shape; 4] = [
         context: 131_072,
     },
     Shape {
+        name: "qwen2.5-7b",
+        family: Family::Qwen2,
+        n_layers: 28,
+        d_model: 3584,
+        d_ff: 18944,
+        n_heads: 28,
+        n_kv_heads: 4,
+        head_dim: 128,
+        vocab: 152_064,
+        tied: false,
+        rope_theta: 1_000_000.0,
+        llama3_rope: false,
+        context: 131_072,
+    },
+    Shape {
+        name: "qwen2.5-0.5b",
+        family: Family::Qwen2,
+        n_layers: 24,
+        d_model: 896,
+        d_ff: 4864,
+        n_heads: 14,
+        n_kv_heads: 2,
+        head_dim: 64,
+        vocab: 151_936,
+        tied: true,
+        rope_theta: 1_000_000.0,
+        llama3_rope: false,
+        context: 32_768,
+    },
+    Shape {
+        name: "qwen3-8b",
+        family: Family::Qwen3,
+        n_layers: 36,
+        d_model: 4096,
+        d_ff: 12288,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        vocab: 151_936,
+        tied: false,
+        rope_theta: 1_000_000.0,
+        llama3_rope: false,
+        context: 40_960,
+    },
+    Shape {
+        name: "qwen3-0.6b",
+        family: Family::Qwen3,
+        n_layers: 28,
+        d_model: 1024,
+        d_ff: 3072,
+        n_heads: 16,
+        n_kv_heads: 8,
+        head_dim: 128,
+        vocab: 151_936,
+        tied: true,
+        rope_theta: 1_000_000.0,
+        llama3_rope: false,
+        context: 40_960,
+    },
+    Shape {
         name: "gemma-3-270m",
-        gemma3: true,
+        family: Family::Gemma3,
         n_layers: 18,
         d_model: 640,
         d_ff: 2048,
@@ -81,7 +152,7 @@ pub const SHAPES: [Shape; 4] = [
     },
     Shape {
         name: "smollm2-135m",
-        gemma3: false,
+        family: Family::Llama,
         n_layers: 30,
         d_model: 576,
         d_ff: 1536,
@@ -171,8 +242,16 @@ fn tensors(s: &Shape, layers: usize, dtype: Dtype, seed: u64) -> Vec<(String, La
     let (d, f, q, kv) = (s.d_model, s.d_ff, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
     let mut out: Vec<(String, Vec<usize>, Fill)> = Vec::new();
     // Gemma stores a norm as w for a scale of 1 + w, and scales its embeddings by √d on the way in.
-    let norm = Fill::Norm(if s.gemma3 { 0.0 } else { 1.0 });
-    let embed = if s.gemma3 { 1.0 / (d as f32).sqrt() } else { 1.0 };
+    let gemma3 = s.family == Family::Gemma3;
+    let norm = Fill::Norm(if gemma3 { 0.0 } else { 1.0 });
+    // A tied head is the embedding: rows as large as an untied model's would make the last
+    // token's own logit dwarf the rest (p = 1.0: a model that only repeats itself). At 6/√d the
+    // top next-token probabilities of a 1-layer model are about 10–20 %, as a real model's are.
+    let embed = match (gemma3, s.tied) {
+        (true, _) => 1.0 / (d as f32).sqrt(),
+        (false, true) => 6.0 / (d as f32).sqrt(),
+        (false, false) => 1.0,
+    };
     let lin = |n_in: usize| Fill::Uniform(1.7 / (n_in as f32).sqrt());
     out.push(("model.embed_tokens.weight".into(), vec![s.vocab, d], Fill::Uniform(embed)));
     for l in 0..layers {
@@ -183,9 +262,16 @@ fn tensors(s: &Shape, layers: usize, dtype: Dtype, seed: u64) -> Vec<(String, La
         out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d], lin(d)));
         out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q], lin(q)));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![d], norm));
-        if s.gemma3 {
+        if s.family == Family::Qwen2 {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q], Fill::Uniform(0.5)));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv], Fill::Uniform(0.5)));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv], Fill::Uniform(0.5)));
+        }
+        if matches!(s.family, Family::Qwen3 | Family::Gemma3) {
             out.push((format!("{p}.self_attn.q_norm.weight"), vec![s.head_dim], norm));
             out.push((format!("{p}.self_attn.k_norm.weight"), vec![s.head_dim], norm));
+        }
+        if gemma3 {
             out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![d], norm));
             out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![d], norm));
         }
@@ -263,9 +349,15 @@ fn config(s: &Shape, layers: usize, dtype: Dtype) -> serde_json::Value {
         Dtype::F16 => "float16",
         _ => "float32",
     };
+    let (architecture, model_type) = match s.family {
+        Family::Llama => ("LlamaForCausalLM", "llama"),
+        Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Family::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+    };
     let mut c = json!({
-        "architectures": [if s.gemma3 { "Gemma3ForCausalLM" } else { "LlamaForCausalLM" }],
-        "model_type": if s.gemma3 { "gemma3_text" } else { "llama" },
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": s.d_model,
         "intermediate_size": s.d_ff,
         "num_hidden_layers": layers,
@@ -273,7 +365,7 @@ fn config(s: &Shape, layers: usize, dtype: Dtype) -> serde_json::Value {
         "num_key_value_heads": s.n_kv_heads,
         "head_dim": s.head_dim,
         "vocab_size": s.vocab,
-        "rms_norm_eps": if s.gemma3 { 1e-6 } else { 1e-5 },
+        "rms_norm_eps": if s.family == Family::Llama { 1e-5 } else { 1e-6 },
         "rope_theta": s.rope_theta,
         "max_position_embeddings": s.context,
         "tie_word_embeddings": s.tied,
@@ -281,15 +373,17 @@ fn config(s: &Shape, layers: usize, dtype: Dtype) -> serde_json::Value {
         "eos_token_id": eos.0,
         "torch_dtype": torch_dtype,
         "hidden_act": "silu",
-        "attention_bias": false,
+        "attention_bias": s.family == Family::Qwen2,
         "mlp_bias": false,
     });
-    let extra = if s.gemma3 {
+    let extra = if s.family == Family::Gemma3 {
         json!({
             "hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh", "rope_local_base_freq": 10000.0,
             "query_pre_attn_scalar": s.head_dim, "sliding_window": 512, "sliding_window_pattern": 6,
             "final_logit_softcapping": null, "attn_logit_softcapping": null, "rope_scaling": null,
         })
+    } else if matches!(s.family, Family::Qwen2 | Family::Qwen3) {
+        json!({"sliding_window": s.context, "max_window_layers": layers, "use_sliding_window": false, "rope_scaling": null})
     } else if s.llama3_rope {
         json!({"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
     } else {
