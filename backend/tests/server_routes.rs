@@ -80,6 +80,10 @@ async fn models_tokens_and_meta_endpoints() {
     let t: TokenizeResponse =
         test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=%5CxC3").to_request()).await;
     assert_eq!(t.tokens.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(), ["\\xC3"]);
+    // A phrase is read as written, as the phrase search scores it: four characters.
+    let t: TokenizeResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=%5CxC3&phrase=true").to_request()).await;
+    assert_eq!(t.tokens.len(), 4, "{:?}", t.tokens);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/nope/tokens?q=a").to_request()).await;
     assert_eq!(error_of(resp).await.1.code, "unknown_model");
     // A random model has no curated gallery; an unknown one is a 404.

@@ -304,6 +304,9 @@ async fn models(state: Data<AppState>) -> HttpResponse {
 struct TokensQuery {
     /// The text to tokenize, and the prefix to suggest single tokens for.
     q: String,
+    /// Tokenize `q` as a phrase search does: as written, `\xNN` and all (default: as a single
+    /// token is read, where a token typed as it is shown is that one token).
+    phrase: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/tokens", params(("model" = String, Path), TokensQuery),
@@ -315,10 +318,10 @@ async fn tokens(state: Data<AppState>, model: Path<String>, q: Query<TokensQuery
     }
     let tok = &m.engine.tok;
     // A token typed as it is shown (a byte piece `\xE2\x80`, a piece that tokenizing the text
-    // would not give) is that one token, as the searches read it.
-    let ids = match tok.whole_token(&q.q) {
-        Some(id) => vec![id],
-        None => tok.encode_raw(&q.q)?,
+    // would not give) is that one token, as a token search reads it; a phrase is read as written.
+    let ids = match q.phrase.unwrap_or(false) {
+        false => tok.whole_token(&q.q).map_or_else(|| tok.encode_raw(&q.q), |id| Ok(vec![id]))?,
+        true => tok.encode_raw(&q.q)?,
     };
     let tokens = ids.into_iter().map(|id| TokenInfo { id, text: tok.token_text(id) }).collect();
     let mut suggestions: Vec<&(String, u32)> = Vec::new();

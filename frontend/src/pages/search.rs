@@ -65,7 +65,8 @@ pub fn Search() -> impl IntoView {
             let piece = if phrase { d.clone() } else { state::last_piece(&d).1.to_owned() };
             match m {
                 Some(Ok(m)) if !piece.trim().is_empty() => {
-                    let url = format!("/api/models/{}/tokens?q={}", state::segment(&m), state::segment(&piece));
+                    let as_phrase = if phrase { "&phrase=true" } else { "" };
+                    let url = format!("/api/models/{}/tokens?q={}{as_phrase}", state::segment(&m), state::segment(&piece));
                     api::get::<TokenizeResponse>(&url).await.ok().map(|r| (d, r))
                 }
                 _ => None,
