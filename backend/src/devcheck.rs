@@ -307,7 +307,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
 
     // The server's batch on the device: each request against the CPU's answer to it alone.
     let clamp = Intervention { clamps: vec![crate::model::Clamp { layer: hit.layer, neuron: hit.neuron, value: 4.0 }] };
-    // A second, shorter prompt of its own (the greedy one may be "a").
+    // A second prompt of its own, of another length (the greedy one may be "a").
     let short = if greedy_prompt == "a" { "hello world" } else { "a" };
     let requests = [(greedy_prompt, Intervention::none()), (short, Intervention::none()), ("once upon a time there was a", clamp)];
     let dev = std::sync::Arc::new(dev);

@@ -249,8 +249,11 @@ impl Tok {
         if let Some(bytes) = unescape_bytes(text) {
             return self.unescaped_token(&bytes);
         }
-        match self.encode_raw(text).ok()?.as_slice() {
-            &[id] => Some(id),
+        match *self.encode_raw(text).ok()?.as_slice() {
+            // A tokenizer that adds a leading space reads "dog" as the piece " dog": the piece
+            // whose text is "dog" (within a word) is the one this text names.
+            [id] if self.token_text(id) != text => self.vocab_token(text).or(Some(id)),
+            [id] => Some(id),
             _ => self.vocab_token(text),
         }
     }
@@ -289,7 +292,7 @@ impl Tok {
         cands.push(format!(" {base}s"));
         let mut ok: Vec<String> = Vec::new();
         for c in cands {
-            if c != text && !ok.contains(&quoted(&c)) && self.encode_raw(&c).map(|v| v.len() == 1).unwrap_or(false) {
+            if c != text && !ok.contains(&quoted(&c)) && self.whole_token(&c).is_some() {
                 ok.push(quoted(&c));
             }
         }
@@ -367,12 +370,31 @@ pub fn escape_bytes(bytes: &[u8]) -> String {
     s
 }
 
-/// A token's text in double quotes, spaces and unprintable characters visible (`"\n"`,
-/// `"\u{200b}"`), combining marks as they are unless they start the text (Rust's `{:?}` escapes
-/// them all: Bengali "স্ক" would read "স\u{9cd}ক"), and `\xNN` escapes with their one
-/// backslash: the form that is typed back.
+/// A token's text in double quotes for display: spaces visible, unprintable and invisible
+/// characters escaped (`"\n"`, `"\u{200b}"`, `"❤\u{fe0f}"`), combining marks as they are unless
+/// they start the text (Rust's `{:?}` escapes them all: Bengali "স্ক" would read "স\u{9cd}ক"),
+/// and `\xNN` escapes with their one backslash, as they are typed. (Only those are read back:
+/// `\n` here stands for a newline that is typed as one.)
 pub fn quoted(text: &str) -> String {
-    format!("\"{}\"", text.escape_debug()).replace("\\'", "'").replace("\\\\x", "\\x")
+    let mut s = String::from('"');
+    for c in text.escape_debug().to_string().replace("\\'", "'").chars() {
+        // Invisible marks that escape_debug leaves (they extend a grapheme): "❤" and "❤\u{fe0f}"
+        // must not look the same.
+        match default_ignorable(c) {
+            true => s.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            false => s.push(c),
+        }
+    }
+    s.push('"');
+    s.replace("\\\\x", "\\x")
+}
+
+/// Unicode's Default_Ignorable_Code_Point: characters that show nothing.
+fn default_ignorable(c: char) -> bool {
+    matches!(c as u32,
+        0xAD | 0x34F | 0x61C | 0x115F..=0x1160 | 0x17B4..=0x17B5 | 0x180B..=0x180F | 0x200B..=0x200F | 0x202A..=0x202E
+        | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFF8 | 0x1BCA0..=0x1BCA3
+        | 0x1D173..=0x1D17A | 0xE0000..=0xE0FFF)
 }
 
 /// The bytes of text written by [`escape_bytes`], if it has at least one `\xNN`.
@@ -477,4 +499,39 @@ fn sentencepiece(tokens: &[String], scores: &[f32], types: &[i32], unk: Option<S
     let space = Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?;
     tk.with_decoder(Some(DecoderSequence::new(vec![space.into(), ByteFallback::default().into(), Fuse::default().into()])));
     Ok(tk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SentencePiece vocabulary of the Llama 2 kind (a space is added before the text) and of
+    /// the Gemma kind (none), with a piece that merges never make.
+    fn sp(space_prefix: bool) -> Tok {
+        let pieces = ["<unk>", "<s>", "</s>", "▁", "d", "o", "g", "x", "do", "dog", "▁d", "▁do", "▁dog", "▁xdog"];
+        let tokens: Vec<String> = pieces.iter().map(|p| p.to_string()).collect();
+        let scores: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        let types: Vec<i32> = (0..tokens.len()).map(|i| [2, 3, 3].get(i).copied().unwrap_or(1)).collect();
+        let inner = sentencepiece(&tokens, &scores, &types, Some("<unk>".into()), space_prefix).unwrap();
+        Tok { inner, bos_id: Some(1), eos_ids: vec![2], add_bos: true, bos_token: None, eos_token: None }
+    }
+
+    #[test]
+    fn every_sentencepiece_token_is_named_by_its_text() {
+        for space_prefix in [true, false] {
+            let tok = sp(space_prefix);
+            for id in 3..tok.vocab_size() as u32 {
+                let text = tok.token_text(id);
+                assert_eq!(tok.single_token(&text).unwrap(), id, "{text:?}, space prefix {space_prefix}");
+            }
+            // "▁xdog" is never made ("▁" + "x" has no piece to merge into): its text still names it.
+            assert_ne!(tok.encode_raw(" xdog").unwrap().len(), 1);
+            assert_eq!(tok.single_token(" xdog").unwrap(), tok.token_to_id("▁xdog").unwrap());
+        }
+        // With the added space, typing "dog" tokenizes as " dog"; the text names the piece "dog".
+        let tok = sp(true);
+        assert_eq!(tok.encode_raw("dog").unwrap(), [tok.token_to_id("▁dog").unwrap()]);
+        assert_eq!(tok.single_token("dog").unwrap(), tok.token_to_id("dog").unwrap());
+        assert!(tok.single_token("gd").is_err());
+    }
 }

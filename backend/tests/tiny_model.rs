@@ -334,6 +334,9 @@ fn quoted_token_texts_show_what_is_invisible_and_nothing_else() {
         // first, where there is no letter to carry them.
         ("ট্ট", r#""ট্ট""#),
         ("\u{9cd}x", r#""\u{9cd}x""#),
+        // Invisible marks that would extend a grapheme are shown: a plain heart and an emoji one.
+        ("❤\u{fe0f}", r#""❤\u{fe0f}""#),
+        ("a\u{ad}b", r#""a\u{ad}b""#),
         (" café", r#"" café""#),
     ] {
         assert_eq!(quoted(text), shown, "{text:?}");
