@@ -277,7 +277,8 @@ impl Linear {
                 let parts = f32_chunks(w, chunk_bytes, |c| {
                     let rows = c.dim(0)?;
                     at += rows;
-                    Ok(x.narrow(1, at - rows, rows)?.matmul(&c)?)
+                    // Contiguous: cuBLAS takes no row stride wider than the row.
+                    Ok(x.narrow(1, at - rows, rows)?.contiguous()?.matmul(&c)?)
                 })?;
                 parts
                     .into_iter()
