@@ -193,6 +193,16 @@ impl Linear {
     /// `x · Wᵀ` for `x` `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            // All rows in one product, as candle_nn's Linear does: QMatMul multiplies a 3-D
+            // `x` as a batch of products (one per row of a decoding step of several requests),
+            // each reading the whole weight again.
+            Linear::Candle(w @ (QMatMul::Tensor(_) | QMatMul::TensorF16(_))) if x.rank() > 2 && x.is_contiguous() => {
+                let mut dims = x.dims().to_vec();
+                let n_in = dims.pop().unwrap_or(1);
+                let y = w.forward(&x.reshape((x.elem_count() / n_in.max(1), n_in))?)?;
+                dims.push(y.dim(1)?);
+                Ok(y.reshape(dims)?)
+            }
             Linear::Candle(w) => Ok(w.forward(x)?),
             Linear::Exact(w) => w.forward(x),
         }
