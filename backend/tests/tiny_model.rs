@@ -220,7 +220,9 @@ fn sweep_equals_separate_clamped_forwards() {
     let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let out = e.model.forward(&x, &mut Cache::new(e.config()), &[], &[layer]).unwrap();
     let natural: f32 = out.mlp_acts[0].1.i((0, IDS.len() - 1, neuron)).unwrap().to_scalar().unwrap();
-    assert_eq!(r.natural_value, natural);
+    // The same up to summation order: the sweep's batch of values is one large product, the
+    // prompt alone a product of a few rows.
+    assert!((r.natural_value - natural).abs() <= 1e-5 * natural.abs().max(1.0), "{} vs {natural}", r.natural_value);
 }
 
 #[test]
