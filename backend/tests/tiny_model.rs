@@ -483,6 +483,9 @@ fn work_estimates_count_what_the_forward_computes() {
     // multiply-add), the attention over all positions; then the LM head on the last position.
     let per_token = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * ff);
     let layer = |t: f64, past: f64| t * per_token + 4.0 * q * t * (past + t);
+    // A prompt of more than two blocks of 128 queries: each block against the keys up to its own
+    // last position (128 × 128, 128 × 256, then 44 × 300), not the whole 300 × 300 square.
+    let blocked = |past: f64| 300.0 * per_token + 4.0 * q * (128.0 * (past + 128.0) + 128.0 * (past + 256.0) + 44.0 * (past + 300.0));
     let layers = c.n_layers as f64;
     // Streamed bytes: every f32 weight once (the tied embedding as the LM head), and per layer
     // and row the key/value cache read, extended and repeated over the heads.
@@ -494,6 +497,8 @@ fn work_estimates_count_what_the_forward_computes() {
     // Two rows from layer 1 on: layer 0 once, the others twice, and two LM heads.
     let layer_rows = 1.0 + 2.0 * (layers - 1.0);
     close(e.forward_cost(7, 0, 2, 1), layer_rows * layer(7.0, 0.0) + 4.0 * d * v + k * (weight_bytes + cache(layer_rows, 7.0)));
+    close(e.forward_cost(300, 0, 1, 0), layers * blocked(0.0) + 2.0 * d * v + k * (weight_bytes + cache(layers, 300.0)));
+    close(e.forward_cost(300, 9, 1, 0), layers * blocked(9.0) + 2.0 * d * v + k * (weight_bytes + cache(layers, 309.0)));
     // One decoding step with 7 positions cached.
     close(e.forward_cost(1, 7, 1, 0), layers * layer(1.0, 7.0) + 2.0 * d * v + k * (weight_bytes + cache(layers, 8.0)));
     // A generation: the prompt, then each token with a growing context.
