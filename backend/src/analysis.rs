@@ -13,7 +13,7 @@ use crate::cancel::Cancel;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::map::{self, NeuronMap, NORM_TOP};
-use crate::model::{Cache, Clamp, Intervention};
+use crate::model::{Cache, Clamp, Intervention, Room};
 
 /// Fixed prompts over which a neuron's natural activation statistics are taken.
 pub const STAT_PROMPTS: [&str; 8] = [
@@ -187,7 +187,7 @@ pub fn activation_stats(engine: &Engine) -> Result<&[ActivationStats]> {
     for p in STAT_PROMPTS {
         let ids = engine.tok.encode_prompt(p)?;
         let x = Tensor::new(ids.as_slice(), engine.model.device())?.unsqueeze(0)?;
-        let out = engine.model.forward(&x, &mut Cache::new(cfg), &[Intervention::none()], &layers)?;
+        let out = engine.model.forward(&x, &mut Cache::new(cfg).with_room(Room::Scratch), &[Intervention::none()], &layers)?;
         for (l, acts) in out.mlp_acts {
             let rows: Vec<Vec<f32>> = acts.i(0)?.to_vec2()?;
             for row in &rows {

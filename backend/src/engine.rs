@@ -22,7 +22,7 @@ use crate::limits;
 use crate::map::{self, NeuronMap};
 use crate::model::config::Gemma3Params;
 use crate::model::config::HfConfig;
-use crate::model::{Arch, Cache, Clamp, Config, GgufSource, Intervention, Key, LanguageModel, SafetensorsSource, WeightMode, WeightSource};
+use crate::model::{Arch, Cache, Clamp, Config, GgufSource, Intervention, Key, LanguageModel, Room, SafetensorsSource, WeightMode, WeightSource};
 use crate::prompt_cache::{Entry, PromptCache};
 use crate::sampling::Sampler;
 use crate::tokenizer::Tok;
@@ -538,7 +538,7 @@ impl Engine {
     /// Next-token distribution after `ids`: the `top_k` most likely tokens.
     pub fn next_token(&self, ids: &[u32], iv: &Intervention, top_k: usize, cancel: &Cancel) -> Result<Vec<TokenProb>> {
         limits::check_top_k(top_k)?;
-        let mut cache = Cache::with_cancel(self.config(), cancel.clone());
+        let mut cache = Cache::with_cancel(self.config(), cancel.clone()).with_room(Room::Scratch);
         let out = self.model.forward(&self.input(ids)?, &mut cache, std::slice::from_ref(iv), &[])?;
         let logits = out.logits.i(0)?;
         let probs = crate::model::softmax(&logits)?.to_vec1::<f32>()?;
@@ -592,7 +592,7 @@ impl Engine {
                 let t = g.seqs[0].len();
                 let flat: Vec<u32> = g.seqs.iter().flatten().copied().collect();
                 let input = Tensor::from_vec(flat, (n, t), self.model.device())?;
-                self.model.forward(&input, &mut Cache::with_cancel(self.config(), cancel.clone()), &g.variants, &[])?.logits
+                self.model.forward(&input, &mut Cache::with_cancel(self.config(), cancel.clone()).with_room(Room::Scratch), &g.variants, &[])?.logits
             };
         }
         self.finish(g, on_text)
@@ -636,17 +636,19 @@ impl Engine {
                 i as u32
             })
             .collect();
+        // Room for the prompt and the longest answer at once, rather than twice the prompt.
+        let room = Room::Positions(ids.len() + params.max_new_tokens);
         let (cache, logits) = match prompts.and_then(|p| p.get_all(ids, &distinct)) {
             // Every distinct intervention's run of this prompt is kept: each row starts from a
             // copy of its intervention's.
             Some(kept) => {
                 let rows: Vec<&Entry> = index.iter().map(|&i| &*kept[i as usize]).collect();
                 let kvs: Vec<&[Option<(Tensor, Tensor)>]> = rows.iter().map(|e| e.kvs.as_slice()).collect();
-                let cache = Cache::from_rows(self.config(), cancel.clone(), &kvs, ids.len())?;
+                let cache = Cache::from_rows(self.config(), cancel.clone(), &kvs, ids.len())?.with_room(room);
                 (cache, Tensor::cat(&rows.iter().map(|e| &e.logits).collect::<Vec<_>>(), 0)?)
             }
             None => {
-                let mut cache = Cache::with_cancel(self.config(), cancel.clone());
+                let mut cache = Cache::with_cancel(self.config(), cancel.clone()).with_room(room);
                 let mut logits = self.model.forward(&self.input(ids)?, &mut cache, &distinct, &[])?.logits;
                 if let Some(p) = prompts {
                     for (row, iv) in distinct.iter().enumerate() {
@@ -806,7 +808,7 @@ impl Engine {
         let mut probs = Vec::with_capacity(rows.len());
         let mut natural = f32::NAN;
         for (ci, part) in rows.chunks(chunk).enumerate() {
-            let mut cache = Cache::with_cancel(self.config(), cancel.clone());
+            let mut cache = Cache::with_cancel(self.config(), cancel.clone()).with_room(Room::Scratch);
             let out = self.model.forward(&self.input(ids)?, &mut cache, part, &[layer])?;
             if ci == 0 {
                 // Row 0 of the first chunk is the unclamped run.
@@ -837,7 +839,7 @@ impl Engine {
         let groups: Vec<Vec<u32>> = if concept.phrase { target.iter().map(|&t| vec![t]).collect() } else { vec![target.clone()] };
         let mut out = Vec::with_capacity(rows.len());
         for part in rows.chunks(chunk) {
-            let mut cache = Cache::with_cancel(self.config(), cancel.clone());
+            let mut cache = Cache::with_cancel(self.config(), cancel.clone()).with_room(Room::Positions(ids.len() + steps));
             // Rows are judged one by one: an extreme clamp that overflows gives that row -inf,
             // not an error for the whole batch.
             let mut logits = self.model.forward_rows(&self.input(ids)?, &mut cache, part, &[])?.logits;

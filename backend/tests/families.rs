@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::model::Arch;
-use flash_interp::model::{Cache, Clamp, Intervention};
+use flash_interp::model::{Cache, Clamp, Intervention, Room};
 use flash_interp::synthetic::{self, Plant, Qwen, TinySpec, GEMMA_WINDOW};
 use shared::View;
 
@@ -318,4 +318,34 @@ fn long_prompts_equal_token_by_token_decoding() {
         let d = max_abs_diff(&whole, &step);
         assert!(d < 1e-4, "gemma3 {gemma3}: max |diff| {d}");
     }
+}
+
+#[test]
+fn caches_make_room_as_asked() {
+    // A scratch cache gives the kept cache's logits, keeps no keys and refuses to go on; a cache
+    // told its length takes it at once and then decodes into it as a growing one does.
+    let t = gemma(TinySpec { n_layers: 4, scale: 2.0, ..Default::default() });
+    let e = load(&t.hf);
+    let x = Tensor::new(&IDS[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let one = |x: &Tensor, cache: &mut Cache| -> Vec<f32> {
+        e.model.forward(x, cache, &[Intervention::none()], &[]).unwrap().logits.i(0).unwrap().to_vec1().unwrap()
+    };
+    let mut grow = Cache::new(e.config());
+    let kept = one(&x, &mut grow);
+    let mut scratch = Cache::new(e.config()).with_room(Room::Scratch);
+    let d = max_abs_diff(&one(&x, &mut scratch), &kept);
+    assert!(d < 1e-5, "{d}");
+    assert!(scratch.kv_positions().iter().all(|&p| p == 0), "{:?}", scratch.kv_positions());
+    let next = Tensor::new(&[7u32], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    assert!(e.model.forward(&next, &mut scratch, &[Intervention::none()], &[]).is_err());
+    let mut sized = Cache::new(e.config()).with_room(Room::Positions(IDS.len() + 3));
+    let d = max_abs_diff(&one(&x, &mut sized), &kept);
+    assert!(d < 1e-5, "{d}");
+    assert!(sized.kv_positions().iter().all(|&p| p == IDS.len() + 3), "{:?}", sized.kv_positions());
+    assert!(grow.kv_positions().iter().all(|&p| p == 32), "{:?}", grow.kv_positions());
+    for _ in 0..3 {
+        let d = max_abs_diff(&one(&next, &mut sized), &one(&next, &mut grow));
+        assert!(d < 1e-5, "{d}");
+    }
+    assert!(sized.kv_positions().iter().all(|&p| p == IDS.len() + 3), "no new allocation: {:?}", sized.kv_positions());
 }

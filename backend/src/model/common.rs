@@ -20,6 +20,20 @@ pub struct Cache {
     pub(crate) seq_len: usize,
     /// Checked before every layer: a cancelled request stops within one layer's work.
     pub(crate) cancel: Cancel,
+    pub(crate) room: Room,
+}
+
+/// How a [`Cache`] makes room for the keys and values of new positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Twice what it then holds, each time it is full: decoding of unknown length.
+    Grow,
+    /// This many positions at once: a generation, whose prompt and longest answer are known.
+    Positions(usize),
+    /// Nothing kept: one forward pass whose keys and values serve only its own attention (a
+    /// next-token's or a sweep's prompt). A layer's keys and values are freed after the layer,
+    /// and a sweep's rows never copy those of the layers below their clamp.
+    Scratch,
 }
 
 impl Cache {
@@ -27,11 +41,21 @@ impl Cache {
         Self::with_cancel(cfg, Cancel::default())
     }
     pub fn with_cancel(cfg: &Config, cancel: Cancel) -> Self {
-        Self { kvs: (0..cfg.n_layers).map(|_| None).collect(), seq_len: 0, cancel }
+        Self { kvs: (0..cfg.n_layers).map(|_| None).collect(), seq_len: 0, cancel, room: Room::Grow }
+    }
+    /// The same cache, making room as `room` says (see [`Room`]).
+    pub fn with_room(mut self, room: Room) -> Self {
+        self.room = room;
+        self
     }
     /// Number of positions already in the cache.
     pub fn seq_len(&self) -> usize {
         self.seq_len
+    }
+
+    /// Positions each layer has room for (0 where it holds nothing).
+    pub fn kv_positions(&self) -> Vec<usize> {
+        self.kvs.iter().map(|kv| kv.as_ref().map_or(0, |c| c.k.dims()[2])).collect()
     }
 
     /// Row `index[i]` of every layer's keys and values as row `i` (`index`: u32 on the cache's
@@ -476,8 +500,17 @@ pub(crate) fn check_forward(cfg: &Config, input: &Tensor, cache: &Cache, rows: &
         validate(cfg, iv)?;
     }
     let offset = cache.seq_len;
+    check_kept(cache)?;
     check_context(cfg, offset, t)?;
     Ok((b_in, t, rows.len().max(1), offset))
+}
+
+/// A [`Room::Scratch`] cache kept no keys: after its one pass, it has nothing to continue from.
+fn check_kept(cache: &Cache) -> Result<()> {
+    if cache.room == Room::Scratch && cache.seq_len > 0 {
+        return Err(candle_core::Error::Msg("a scratch cache runs one forward pass: it kept no keys to continue from".into()).into());
+    }
+    Ok(())
 }
 
 /// Room in the model's context for `t` more tokens after `offset`.
@@ -538,6 +571,7 @@ pub(crate) struct Segment<'a> {
     /// Index of the group's [`Pos`].
     pub(crate) group: usize,
     pub(crate) kv: &'a mut Option<LayerKv>,
+    pub(crate) room: Room,
 }
 
 /// Attention after the projections, segment by segment: each segment's queries and keys
@@ -563,7 +597,7 @@ pub(crate) fn attend_segments(
         let part = |x: &Tensor| -> Result<Tensor> { Ok(if one { x.clone() } else { x.narrow(0, at, s.rows)? }) };
         let p = &pos[s.group];
         let (q, k) = (rope(&part(q)?, &p.cos, &p.sin)?, rope(&part(k)?, &p.cos, &p.sin)?);
-        let (k, v) = append_kv(s.kv, k, part(v)?)?;
+        let (k, v) = append_kv(s.kv, k, part(v)?, s.room)?;
         ys.push(attend(&q, &k, &v, n_rep, scale, softcap, p.mask.as_ref())?);
         at += s.rows;
     }
@@ -591,6 +625,7 @@ pub(crate) fn check_step(cfg: &Config, groups: &[StepGroup], device: &Device) ->
         if g.rows.len() != 1 && g.rows.len() != n {
             return Err(Error::bad(format!("{} interventions for a group of {n} rows", g.rows.len())));
         }
+        check_kept(g.cache)?;
         check_context(cfg, g.cache.seq_len, 1)?;
         for iv in g.rows {
             validate(cfg, iv)?;
@@ -618,8 +653,11 @@ pub(crate) fn run_step_layers(
     let batch = rows.len();
     let mut acts = Vec::new();
     for l in 0..n_layers {
-        let mut segs: Vec<Segment> =
-            groups.iter_mut().enumerate().map(|(group, g)| Segment { rows: g.tokens.len(), group, kv: &mut g.cache.kvs[l] }).collect();
+        let mut segs: Vec<Segment> = groups
+            .iter_mut()
+            .enumerate()
+            .map(|(group, g)| Segment { rows: g.tokens.len(), group, kv: &mut g.cache.kvs[l], room: g.cache.room })
+            .collect();
         let mut site = MlpSite { layer: l, rows, batch, record: false, acts: &mut acts };
         x = layer(l, x, &mut segs, &mut site)?;
     }
@@ -651,7 +689,7 @@ pub(crate) fn run_layers(
             batch = n_rows;
         }
         let mut site = MlpSite { layer: l, rows, batch, record: record.contains(&l), acts: &mut acts };
-        let mut segs = [Segment { rows: batch, group: 0, kv: &mut cache.kvs[l] }];
+        let mut segs = [Segment { rows: batch, group: 0, kv: &mut cache.kvs[l], room: cache.room }];
         x = layer(l, x, &mut segs, &mut site)?;
     }
     if batch == 1 && n_rows > 1 {
@@ -775,10 +813,14 @@ impl LayerKv {
     }
 }
 
-/// Append this step's keys and values to a layer's cache; returns the whole sequence's (views).
-pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+/// Append this step's keys and values to a layer's cache, making room as `room` says; returns
+/// the whole sequence's (views). A [`Room::Scratch`] cache keeps nothing: this step's are all.
+pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor, room: Room) -> Result<(Tensor, Tensor)> {
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let t = k.dim(2)?;
+    if room == Room::Scratch {
+        return Ok((k, v));
+    }
     match kv {
         Some(c) if c.len + t <= c.k.dim(2)? => {
             c.k.slice_set(&k, 2, c.len)?;
@@ -788,7 +830,10 @@ pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> Resul
         _ => {
             let (b, h, _, d) = k.dims4()?;
             let len = kv.as_ref().map_or(0, |c| c.len);
-            let cap = (2 * (len + t)).max(32);
+            let cap = match room {
+                Room::Positions(n) if n >= len + t => n,
+                _ => (2 * (len + t)).max(32),
+            };
             let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
             if let Some(c) = kv.as_ref() {
                 let (pk, pv) = c.view()?;
@@ -922,7 +967,7 @@ mod kv_tests {
             let (k, v) = (Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap(), Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap());
             ks.push(k.clone());
             vs.push(v.clone());
-            let (gk, gv) = append_kv(&mut kv, k, v).unwrap();
+            let (gk, gv) = append_kv(&mut kv, k, v, Room::Grow).unwrap();
             let (wk, wv) = (Tensor::cat(&ks, 2).unwrap(), Tensor::cat(&vs, 2).unwrap());
             assert_eq!(gk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wk.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert_eq!(gv.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wv.flatten_all().unwrap().to_vec1::<f32>().unwrap());

@@ -10,7 +10,7 @@ pub mod weights;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use common::{all_finite, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Shell, StepGroup};
+pub use common::{all_finite, softmax, Cache, Clamp, ForwardOutput, Intervention, Linear, Mlp, Room, Shell, StepGroup};
 pub use config::{Arch, Config};
 pub use gemma3::Gemma3;
 pub use llama::Llama;
