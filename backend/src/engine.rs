@@ -918,11 +918,12 @@ impl Engine {
     }
 
     /// Rows per forward pass of a sweep: the attention scores of one batch (rows × heads × t × t
-    /// floats), its MLP activations and its last position's logits (three vocabulary-sized
-    /// copies: logits, softmax, one more on the way) bounded to ~256 MB.
+    /// floats, or a block of queries × t for a long prompt), its MLP activations and its last
+    /// position's logits (three vocabulary-sized copies: logits, softmax, one more on the way)
+    /// bounded to ~256 MB.
     fn sweep_chunk(&self, t: usize, rows: usize) -> usize {
         let c = self.config();
-        let per_row = 4 * c.n_heads * t * t + 4 * t * c.d_ff * 2 + 4 * c.vocab_size * 3;
+        let per_row = 4 * c.n_heads * crate::model::common::score_rows(t) * t + 4 * t * c.d_ff * 2 + 4 * c.vocab_size * 3;
         (256usize << 20).checked_div(per_row).unwrap_or(rows).clamp(2, rows.max(2))
     }
 

@@ -742,6 +742,11 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f6
     let (t, len) = (q.dim(2)?, k.dim(2)?);
     match mask {
         Some(mask) if in_blocks(t) => {
+            // Blocks read only the columns before their end: a mask of any other shape than
+            // the one the whole square would add to is refused, not narrowed.
+            if mask.dims2()? != (t, len) {
+                return Err(candle_core::Error::Msg(format!("attention mask {:?} for {t} queries and {len} keys", mask.dims())).into());
+            }
             let offset = len - t;
             let mut ys = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
             for a in (0..t).step_by(QUERY_BLOCK) {
@@ -762,6 +767,15 @@ pub const QUERY_BLOCK: usize = 128;
 /// Whether [`attend`] runs `t` query positions (under a mask: every `t > 1` has one) in blocks.
 fn in_blocks(t: usize) -> bool {
     t > 2 * QUERY_BLOCK
+}
+
+/// Query positions whose scores [`attend`] holds at once for a prompt of `t`.
+pub(crate) fn score_rows(t: usize) -> usize {
+    if in_blocks(t) {
+        QUERY_BLOCK
+    } else {
+        t
+    }
 }
 
 /// Query × key pairs that [`attend`] scores for `t` new positions after `past` cached ones:
@@ -792,8 +806,9 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, so
 }
 
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]`, of which the first
-/// `len` positions are filled: appending writes in place, and the buffer doubles when full, so a
-/// generation copies its cache O(log n) times instead of at every token.
+/// `len` positions are filled: appending writes in place. The buffer is allocated as its
+/// cache's [`Room`] says: a generation's once, for its prompt and longest answer; a growing
+/// one's doubles when full, so it is copied O(log n) times instead of at every token.
 #[derive(Debug)]
 pub(crate) struct LayerKv {
     k: Tensor,
