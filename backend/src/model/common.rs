@@ -549,18 +549,26 @@ impl MlpSite<'_> {
     }
 }
 
-/// Where a group of batch rows stands: the RoPE rows (`cos`, `sin`) of its query positions and
-/// its attention mask (none for one position that sees every key).
+/// Where a group of batch rows stands: the RoPE rows (`cos`, `sin`) of its query positions, its
+/// attention mask (none for one position that sees every key) and, on a sliding-window layer,
+/// the window the mask was built with (see [`attend`]).
 pub(crate) struct Pos {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) mask: Option<Tensor>,
+    pub(crate) window: Option<usize>,
 }
 
 impl Pos {
     /// Positions `offset..offset + t` of RoPE tables `(cos, sin)`, with `mask`.
     pub(crate) fn at((cos, sin): &(Tensor, Tensor), offset: usize, t: usize, mask: Option<Tensor>) -> Result<Self> {
-        Ok(Self { cos: cos.narrow(0, offset, t)?, sin: sin.narrow(0, offset, t)?, mask })
+        Ok(Self { cos: cos.narrow(0, offset, t)?, sin: sin.narrow(0, offset, t)?, mask, window: None })
+    }
+
+    /// The same, on a layer whose queries see only the last `window` positions (`mask` must be
+    /// that [`window_mask`] when there is one).
+    pub(crate) fn windowed(tables: &(Tensor, Tensor), offset: usize, t: usize, mask: Option<Tensor>, window: usize) -> Result<Self> {
+        Ok(Self { window: Some(window), ..Self::at(tables, offset, t, mask)? })
     }
 }
 
@@ -598,7 +606,7 @@ pub(crate) fn attend_segments(
         let p = &pos[s.group];
         let (q, k) = (rope(&part(q)?, &p.cos, &p.sin)?, rope(&part(k)?, &p.cos, &p.sin)?);
         let (k, v) = append_kv(s.kv, k, part(v)?, s.room)?;
-        ys.push(attend(&q, &k, &v, n_rep, scale, softcap, p.mask.as_ref())?);
+        ys.push(attend(&q, &k, &v, n_rep, scale, softcap, p.mask.as_ref(), p.window)?);
         at += s.rows;
     }
     Ok(if one { ys.pop().expect("one segment") } else { Tensor::cat(&ys, 0)? })
@@ -734,31 +742,58 @@ pub(crate) fn rope_tables(inv: Vec<f32>, max_seq_len: usize, dtype: DType, devic
 /// The mask is causal (a [`window_mask`]: query `i` sees no key after position `len - t + i`),
 /// so a long prompt's queries run in blocks of [`QUERY_BLOCK`], each against only the keys it
 /// can see: half the products of the whole square, and scores the size of a block rather than
-/// `t × len` (a 2,048-token prompt's scores were 150 MB per layer for SmolLM2's 9 heads).
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, softcap: Option<f32>, mask: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(y) = super::attention::attend(q, k, v, n_rep, scale, softcap, mask)? {
-        return Ok(y);
-    }
+/// `t × len` (a 2,048-token prompt's scores were 150 MB per layer for SmolLM2's 9 heads). On a
+/// sliding-window layer (`window`: the one `mask` was built with; `None` for a global layer),
+/// keys that have left the window of every query of a block are not read either: a decoding
+/// step after a long prompt reads the last `window` keys, not all of them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_rep: usize,
+    scale: f64,
+    softcap: Option<f32>,
+    mask: Option<&Tensor>,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (t, len) = (q.dim(2)?, k.dim(2)?);
-    match mask {
-        Some(mask) if in_blocks(t) => {
-            // Blocks read only the columns before their end: a mask of any other shape than
-            // the one the whole square would add to is refused, not narrowed.
-            if mask.dims2()? != (t, len) {
-                return Err(candle_core::Error::Msg(format!("attention mask {:?} for {t} queries and {len} keys", mask.dims())).into());
-            }
-            let offset = len - t;
-            let mut ys = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-            for a in (0..t).step_by(QUERY_BLOCK) {
-                let n = QUERY_BLOCK.min(t - a);
-                let seen = offset + a + n;
-                let mask = mask.narrow(0, a, n)?.narrow(1, 0, seen)?;
-                ys.push(attend_block(&q.narrow(2, a, n)?, &k.narrow(2, 0, seen)?, &v.narrow(2, 0, seen)?, n_rep, scale, softcap, Some(&mask))?);
-            }
-            Ok(Tensor::cat(&ys, 2)?)
+    // Blocks and windows read only some of the mask's columns: a mask of any other shape than
+    // the one the whole square would add to is refused, not narrowed.
+    if let Some(m) = mask {
+        if m.dims2()? != (t, len) {
+            return Err(candle_core::Error::Msg(format!("attention mask {:?} for {t} queries and {len} keys", m.dims())).into());
         }
-        _ => attend_block(q, k, v, n_rep, scale, softcap, mask),
     }
+    if mask.is_none() && t > 1 {
+        // Every query sees every key.
+        return attend_block(q, k, v, n_rep, scale, softcap, None);
+    }
+    let offset = len.checked_sub(t).ok_or_else(|| candle_core::Error::Msg(format!("{t} queries for {len} keys")))?;
+    // Queries `a..a + n` against the keys they can see: none after the last one's position,
+    // none that left the window before the first one's (query `i` sees keys `j > i - window`).
+    let queries = |a: usize, n: usize| -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        let (lo, hi) = (window.map_or(0, |w| (offset + a + 1).saturating_sub(w)), offset + a + n);
+        // One query sees every key left: those before it, and in its window.
+        let mask = match mask {
+            Some(m) if n > 1 => Some(m.narrow(0, a, n)?.narrow(1, lo, hi - lo)?),
+            _ => None,
+        };
+        Ok((q.narrow(2, a, n)?, k.narrow(2, lo, hi - lo)?, v.narrow(2, lo, hi - lo)?, mask))
+    };
+    if !in_blocks(t) {
+        let (q, k, v, mask) = queries(0, t)?;
+        if let Some(y) = super::attention::attend(&q, &k, &v, n_rep, scale, softcap, mask.as_ref())? {
+            return Ok(y);
+        }
+        return attend_block(&q, &k, &v, n_rep, scale, softcap, mask.as_ref());
+    }
+    let mut ys = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+    for a in (0..t).step_by(QUERY_BLOCK) {
+        let (q, k, v, mask) = queries(a, QUERY_BLOCK.min(t - a))?;
+        ys.push(attend_block(&q, &k, &v, n_rep, scale, softcap, mask.as_ref())?);
+    }
+    Ok(Tensor::cat(&ys, 2)?)
 }
 
 /// Query positions per block of a long prompt's attention (see [`attend`]).
@@ -780,6 +815,8 @@ pub(crate) fn score_rows(t: usize) -> usize {
 
 /// Query × key pairs that [`attend`] scores for `t` new positions after `past` cached ones:
 /// every query against every key, but a long prompt's blocks stop at their own last position.
+/// A sliding-window layer scores fewer (keys out of a block's window are skipped): this is the
+/// global layers' count, an upper bound for the local ones.
 pub fn attention_pairs(t: usize, past: usize) -> usize {
     if !in_blocks(t) {
         return t * (past + t);
@@ -1002,7 +1039,7 @@ mod kv_tests {
         let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
         let (k, v) = (Tensor::randn(0f32, 1.0, (b, kvh, len, d), &dev).unwrap(), Tensor::randn(0f32, 1.0, (b, kvh, len, d), &dev).unwrap());
         let mask = window_mask(t, len - t, None, DType::F32, &dev).unwrap();
-        let got = attend(&q, &k, &v, h / kvh, 0.5, Some(30.0), Some(&mask)).unwrap();
+        let got = attend(&q, &k, &v, h / kvh, 0.5, Some(30.0), Some(&mask), None).unwrap();
         // The textbook form: every query head gets its own copy of its key/value head.
         let (kr, vr) = (
             candle_transformers::utils::repeat_kv(k, h / kvh).unwrap().contiguous().unwrap(),
@@ -1017,18 +1054,30 @@ mod kv_tests {
 
     /// A long prompt's queries, block by block against the keys each block sees, give what the
     /// whole square gives: causal or windowed, the prompt alone or after a cache, a last block
-    /// shorter than the others.
+    /// shorter than the others. So do a few queries (decoding: the fused kernel, one query with
+    /// no mask as Gemma's local layers send it; or the general path) that read only the keys
+    /// left in their window.
     #[test]
     fn long_prompts_attend_in_blocks_as_in_one_square() {
         let dev = Device::Cpu;
         let (b, h, kvh, d) = (2, 6, 2, 16);
-        for (t, offset, window) in [(2 * QUERY_BLOCK + 37, 0, None), (2 * QUERY_BLOCK + 1, 11, None), (3 * QUERY_BLOCK, 5, Some(100))] {
+        let few = super::super::attention::MAX_QUERIES;
+        for (t, offset, window) in [
+            (2 * QUERY_BLOCK + 37, 0, None),
+            (2 * QUERY_BLOCK + 1, 11, None),
+            (3 * QUERY_BLOCK, 5, Some(100)),
+            (3 * QUERY_BLOCK + 5, 0, Some(150)),
+            (1, 300, Some(100)),
+            (few, 300, Some(100)),
+            (few + 3, 300, Some(100)),
+            (1, 60, Some(100)),
+        ] {
             let len = offset + t;
             let q = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap();
             let cache = |_| Tensor::randn(0f32, 1.0, (b, kvh, len + 7, d), &dev).unwrap().narrow(2, 0, len).unwrap();
             let (k, v) = (cache(0), cache(1));
             let mask = window_mask(t, offset, window, DType::F32, &dev).unwrap();
-            let got = attend(&q, &k, &v, h / kvh, 0.25, None, Some(&mask)).unwrap();
+            let got = attend(&q, &k, &v, h / kvh, 0.25, None, (t > 1).then_some(&mask), window).unwrap();
             let want = attend_block(&q, &k, &v, h / kvh, 0.25, None, Some(&mask)).unwrap();
             assert_eq!(got.dims(), want.dims());
             let diff: f32 = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();

@@ -139,10 +139,10 @@ impl Gemma3 {
     fn positions(&self, offset: usize, t: usize) -> Result<(Pos, Pos)> {
         let sh = &self.shell;
         let global_mask = if t > 1 { Some(window_mask(t, offset, None, sh.dtype, &sh.device)?) } else { None };
-        // A local layer needs its mask whenever a key can fall out of the window, one token included.
+        // One position on a local layer needs no mask either: attention reads only its window's keys.
         let window = self.params.sliding_window;
-        let local_mask = if t > 1 || offset + t > window { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
-        Ok((Pos::at(&self.global_rope, offset, t, global_mask)?, Pos::at(&self.local_rope, offset, t, local_mask)?))
+        let local_mask = if t > 1 { Some(window_mask(t, offset, Some(window), sh.dtype, &sh.device)?) } else { None };
+        Ok((Pos::at(&self.global_rope, offset, t, global_mask)?, Pos::windowed(&self.local_rope, offset, t, local_mask, window)?))
     }
 
     /// Logits of the last of `t` positions, soft-capped when the model asks for it (Gemma 2).
