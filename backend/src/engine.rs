@@ -879,8 +879,8 @@ impl Engine {
     /// `past` positions cached, with `rows` batch rows from layer `expand_at` on (one row below
     /// it), and the LM head on the last position of each row. It counts what this implementation
     /// does: the weights' multiply-adds and the attention's query × key pairs (each query
-    /// against every key, but a long prompt's blocks of queries stop at their own last position:
-    /// [`crate::model::common::attention_pairs`]), plus
+    /// against every key, but a long prompt's blocks of queries stop at their own last position,
+    /// and a sliding-window layer's start at their window: [`crate::model::common::attention_pairs`]), plus
     /// [`STREAM_FLOPS_PER_BYTE`] for every byte it streams through memory: every weight once per
     /// pass, and the key/value cache it reads, extends and repeats for grouped heads. The second
     /// term is what a decoding step costs on a CPU, where it reads every weight for a few FLOPs.
@@ -888,12 +888,13 @@ impl Engine {
         let c = self.config();
         let (d, q, kv) = (c.d_model as f64, (c.n_heads * c.head_dim) as f64, (c.n_kv_heads * c.head_dim) as f64);
         let per_token = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * c.d_ff as f64);
-        let pairs = crate::model::common::attention_pairs(t, past) as f64;
-        let (t, ctx) = (t as f64, (past + t) as f64);
-        let layer_flops = t * per_token + 4.0 * q * pairs;
-        let expand_at = expand_at.min(c.n_layers) as f64;
-        let layer_rows = expand_at + (c.n_layers as f64 - expand_at) * rows as f64;
-        let flops = layer_rows * layer_flops + rows as f64 * 2.0 * d * c.vocab_size as f64;
+        // A Gemma local layer's attention reads only its window.
+        let window = |l: usize| c.arch.gemma().filter(|p| !p.is_global(l)).map(|p| p.sliding_window);
+        let layer_flops = |l: usize| t as f64 * per_token + 4.0 * q * crate::model::common::attention_pairs(t, past, window(l)) as f64;
+        let rows_at = |l: usize| if l < expand_at { 1.0 } else { rows as f64 };
+        let ctx = (past + t) as f64;
+        let layer_rows: f64 = (0..c.n_layers).map(rows_at).sum();
+        let flops = (0..c.n_layers).map(|l| rows_at(l) * layer_flops(l)).sum::<f64>() + rows as f64 * 2.0 * d * c.vocab_size as f64;
         let elem = self.model.dtype().size_in_bytes() as f64;
         let cache_bytes = layer_rows * (4.0 * kv + 2.0 * q) * ctx * elem;
         flops + STREAM_FLOPS_PER_BYTE * (self.weight_bytes as f64 + cache_bytes)

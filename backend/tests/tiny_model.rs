@@ -513,6 +513,30 @@ fn work_estimates_count_what_the_forward_computes() {
     let q8 = tiny(&TinySpec { q8: true, ..Default::default() });
     let quant = Engine::load(&q8.gguf, &LoadOptions { mode: WeightMode::Quantized, ..Default::default() }).unwrap();
     assert!(quant.forward_cost(1, 7, 1, 0) < e.forward_cost(1, 7, 1, 0));
+
+    // Gemma 3: its local layers (every layer but each GEMMA_PATTERN-th) read only the keys in
+    // their GEMMA_WINDOW-position window, block by block and step by step.
+    let g = tiny(&TinySpec { gemma3: true, ..Default::default() });
+    let g = load(&g.gguf);
+    let c = g.config().clone();
+    let (d, q, kv, ff, v) =
+        (c.d_model as f64, (c.n_heads * c.head_dim) as f64, (c.n_kv_heads * c.head_dim) as f64, c.d_ff as f64, c.vocab_size as f64);
+    let per_token = 2.0 * (d * q + 2.0 * d * kv + q * d + 3.0 * d * ff);
+    let global = |l: usize| (l + 1).is_multiple_of(synthetic::GEMMA_PATTERN);
+    assert_eq!(synthetic::GEMMA_WINDOW, 4);
+    // 300 prompt positions: a global layer's blocks as above; a local one's block 0 sees keys
+    // 0..128, block 1 (queries 128..256) keys 125..256, block 2 (256..300) keys 253..300.
+    let prompt_pairs = |l: usize| if global(l) { 128.0 * 128.0 + 128.0 * 256.0 + 44.0 * 300.0 } else { 128.0 * 128.0 + 128.0 * 131.0 + 44.0 * 47.0 };
+    // One step after 7 cached positions: 8 keys, or the window's last 4.
+    let step_pairs = |l: usize| if global(l) { 8.0 } else { 4.0 };
+    let layers = 0..c.n_layers;
+    assert!(layers.clone().any(global) && !layers.clone().all(global));
+    let (gw, gl) = (g.model.weight_bytes() as f64, c.n_layers as f64);
+    let cache = |ctx: f64| gl * (4.0 * kv + 2.0 * q) * ctx * 4.0;
+    let prompt: f64 = layers.clone().map(|l| 300.0 * per_token + 4.0 * q * prompt_pairs(l)).sum();
+    close(g.forward_cost(300, 0, 1, 0), prompt + 2.0 * d * v + k * (gw + cache(300.0)));
+    let step: f64 = layers.map(|l| per_token + 4.0 * q * step_pairs(l)).sum();
+    close(g.forward_cost(1, 7, 1, 0), step + 2.0 * d * v + k * (gw + cache(8.0)));
 }
 
 #[test]

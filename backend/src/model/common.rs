@@ -770,10 +770,9 @@ pub(crate) fn attend(
         return attend_block(q, k, v, n_rep, scale, softcap, None);
     }
     let offset = len.checked_sub(t).ok_or_else(|| candle_core::Error::Msg(format!("{t} queries for {len} keys")))?;
-    // Queries `a..a + n` against the keys they can see: none after the last one's position,
-    // none that left the window before the first one's (query `i` sees keys `j > i - window`).
+    // Queries `a..a + n` against the keys they can see.
     let queries = |a: usize, n: usize| -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
-        let (lo, hi) = (window.map_or(0, |w| (offset + a + 1).saturating_sub(w)), offset + a + n);
+        let (lo, hi) = seen_keys(offset, a, n, window);
         // One query sees every key left: those before it, and in its window.
         let mask = match mask {
             Some(m) if n > 1 => Some(m.narrow(0, a, n)?.narrow(1, lo, hi - lo)?),
@@ -789,11 +788,25 @@ pub(crate) fn attend(
         return attend_block(&q, &k, &v, n_rep, scale, softcap, mask.as_ref());
     }
     let mut ys = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-    for a in (0..t).step_by(QUERY_BLOCK) {
-        let (q, k, v, mask) = queries(a, QUERY_BLOCK.min(t - a))?;
+    for (a, n) in query_blocks(t) {
+        let (q, k, v, mask) = queries(a, n)?;
         ys.push(attend_block(&q, &k, &v, n_rep, scale, softcap, mask.as_ref())?);
     }
     Ok(Tensor::cat(&ys, 2)?)
+}
+
+/// The queries `a..a + n` that [`attend`] runs together for a prompt of `t`: all of them, or
+/// blocks of [`QUERY_BLOCK`] for a long one.
+fn query_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    let step = if in_blocks(t) { QUERY_BLOCK } else { t.max(1) };
+    (0..t).step_by(step).map(move |a| (a, step.min(t - a)))
+}
+
+/// The keys `lo..hi` that queries `a..a + n` after `past` cached positions read: none after the
+/// last one's position, none that left a sliding `window` before the first one's (the query at
+/// position `p` sees the keys `j` with `p - window < j <= p`).
+fn seen_keys(past: usize, a: usize, n: usize, window: Option<usize>) -> (usize, usize) {
+    (window.map_or(0, |w| (past + a + 1).saturating_sub(w)), past + a + n)
 }
 
 /// Query positions per block of a long prompt's attention (see [`attend`]).
@@ -813,15 +826,17 @@ pub(crate) fn score_rows(t: usize) -> usize {
     }
 }
 
-/// Query × key pairs that [`attend`] scores for `t` new positions after `past` cached ones:
-/// every query against every key, but a long prompt's blocks stop at their own last position.
-/// A sliding-window layer scores fewer (keys out of a block's window are skipped): this is the
-/// global layers' count, an upper bound for the local ones.
-pub fn attention_pairs(t: usize, past: usize) -> usize {
-    if !in_blocks(t) {
-        return t * (past + t);
-    }
-    (0..t).step_by(QUERY_BLOCK).map(|a| QUERY_BLOCK.min(t - a) * (past + a + QUERY_BLOCK.min(t - a))).sum()
+/// Query × key pairs that [`attend`] scores for `t` new positions after `past` cached ones, on a
+/// layer with a sliding `window` or none: every query against every key, but a long prompt's
+/// blocks stop at their own last position, and a window's blocks and steps start at the first
+/// key their first query sees.
+pub fn attention_pairs(t: usize, past: usize, window: Option<usize>) -> usize {
+    query_blocks(t)
+        .map(|(a, n)| {
+            let (lo, hi) = seen_keys(past, a, n, window);
+            n * (hi - lo)
+        })
+        .sum()
 }
 
 /// [`attend`]'s arithmetic for queries that all see all of `k` but what `mask` hides.
