@@ -47,6 +47,11 @@ if dc and "models" in dc:
         for m in dc["models"]]}
 report["bench_map"] = js("bench-map")
 report["bench_generate"] = js("bench-generate")
+# A peer that failed leaves the step's rc 0 and its result null: its error is on the step's stderr.
+for name, key in (("bench-map", "bench_map"), ("bench-generate", "bench_generate")):
+    r = report[key]
+    if isinstance(r, dict) and r.get("peer") is None and name in report["steps"]:
+        report["steps"][name].setdefault("stderr_tail", (read(name, "err") or "")[-1500:])
 report["map_command"] = js("map-command")
 # The bandwidth bound of greedy decoding: every weight read once per token. Asked of PyTorch
 # once, at the end (importing it takes seconds); the datasheet's figure before that.
