@@ -234,32 +234,10 @@ fn neuron_classes_follow_gurnee_prediction_late_and_suppression_last() {
     assert!(n.moments.kurtosis > 30.0 && n.moments.skew > 1.0, "{n:?}");
 }
 
-/// The home page's gallery: every curated example of the default model names a neuron that
-/// concept search finds (in the top 20 of its view), and rerun with the product's own sweep and
-/// samples it still works and still matches its stored figures (`flash-interp gallery` is the
-/// same check, with a report).
+/// The home page's gallery of the default model: see [`flash_interp_e2e::check_gallery`].
 #[test]
 fn gallery_examples_are_found_by_search_and_still_steer() {
-    use flash_interp::gallery::{self, Gallery};
-    let e = engine();
-    let examples = Gallery::stored().for_engine(e).unwrap();
-    assert!(examples.len() >= 3, "the default model's gallery has {} examples", examples.len());
-    for ex in &examples {
-        let (map, _) = e.map(ex.view, false, &|_, _| {}).unwrap();
-        let ids: Vec<u32> = ex.concept.split(',').map(|t| e.tok.single_token(t).unwrap()).collect();
-        let r = flash_interp::analysis::search(e, &map, &ids, 20).unwrap();
-        assert!(
-            r.top.iter().any(|h| (h.layer, h.neuron) == (ex.layer, ex.neuron)),
-            "{}: {}:{} is not in the top 20 of {:?} in the {} view",
-            ex.title,
-            ex.layer,
-            ex.neuron,
-            ex.concept,
-            ex.view.as_str()
-        );
-        let m = gallery::measure(e, ex, &Cancel::default(), &mut |_, _| {}).unwrap();
-        gallery::check(ex, &m, ex.measured.as_ref()).unwrap_or_else(|err| panic!("{}: {err}", ex.title));
-    }
+    flash_interp_e2e::check_gallery(engine());
 }
 
 /// Streaming decodes a window per token; the pieces add up to the whole decode, multi-byte

@@ -141,3 +141,9 @@ fn gemma_streamed_text_adds_up_to_the_decoded_text() {
     }
     assert_eq!(streamed, e.tok.decode(&ids).unwrap());
 }
+
+/// The home page's gallery of Gemma 3 270M: see [`flash_interp_e2e::check_gallery`].
+#[test]
+fn gemma_gallery_examples_are_found_by_search_and_still_steer() {
+    flash_interp_e2e::check_gallery(engine());
+}
