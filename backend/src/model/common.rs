@@ -68,8 +68,9 @@ impl Cache {
         Ok(())
     }
 
-    /// Row `row`'s keys and values of each layer, `[1, kv_heads, seq_len, head_dim]`: copies of
-    /// the filled positions, sharing nothing with this cache.
+    /// Row `row`'s keys and values of each layer, `[1, kv_heads, kept, head_dim]`: copies of
+    /// the filled positions (all of the sequence, or a sliding-window layer's last ones),
+    /// sharing nothing with this cache.
     pub(crate) fn row_copy(&self, row: usize) -> Result<Vec<Option<(Tensor, Tensor)>>> {
         let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, row, 1)?.force_contiguous()?) };
         self.kvs
@@ -605,7 +606,7 @@ pub(crate) fn attend_segments(
         let part = |x: &Tensor| -> Result<Tensor> { Ok(if one { x.clone() } else { x.narrow(0, at, s.rows)? }) };
         let p = &pos[s.group];
         let (q, k) = (rope(&part(q)?, &p.cos, &p.sin)?, rope(&part(k)?, &p.cos, &p.sin)?);
-        let (k, v) = append_kv(s.kv, k, part(v)?, s.room)?;
+        let (k, v) = append_kv(s.kv, k, part(v)?, s.room, p.window)?;
         ys.push(attend(&q, &k, &v, n_rep, scale, softcap, p.mask.as_ref(), p.window)?);
         at += s.rows;
     }
@@ -759,11 +760,15 @@ pub(crate) fn attend(
 ) -> Result<Tensor> {
     let (t, len) = (q.dim(2)?, k.dim(2)?);
     // Blocks and windows read only some of the mask's columns: a mask of any other shape than
-    // the one the whole square would add to is refused, not narrowed.
+    // the one the whole square would add to is refused, not narrowed. A windowed layer's cache
+    // may have dropped positions no query here sees: the mask's first `dropped` columns.
+    let mut dropped = 0;
     if let Some(m) = mask {
-        if m.dims2()? != (t, len) {
+        let (rows, cols) = m.dims2()?;
+        if rows != t || cols < len || (cols > len && window.is_none()) {
             return Err(candle_core::Error::Msg(format!("attention mask {:?} for {t} queries and {len} keys", m.dims())).into());
         }
+        dropped = cols - len;
     }
     if mask.is_none() && t > 1 {
         // Every query sees every key.
@@ -775,7 +780,7 @@ pub(crate) fn attend(
         let (lo, hi) = seen_keys(offset, a, n, window);
         // One query sees every key left: those before it, and in its window.
         let mask = match mask {
-            Some(m) if n > 1 => Some(m.narrow(0, a, n)?.narrow(1, lo, hi - lo)?),
+            Some(m) if n > 1 => Some(m.narrow(0, a, n)?.narrow(1, dropped + lo, hi - lo)?),
             _ => None,
         };
         Ok((q.narrow(2, a, n)?, k.narrow(2, lo, hi - lo)?, v.narrow(2, lo, hi - lo)?, mask))
@@ -861,6 +866,11 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, so
 /// `len` positions are filled: appending writes in place. The buffer is allocated as its
 /// cache's [`Room`] says: a generation's once, for its prompt and longest answer; a growing
 /// one's doubles when full, so it is copied O(log n) times instead of at every token.
+///
+/// A sliding-window layer keeps only the positions a later query can still see, the last
+/// `window - 1`, in a buffer of [`WINDOW_SLACK`] more: when it is full, the kept positions move
+/// to its front (no new allocation). Its `len` is then fewer than the cache's `seq_len`: its
+/// positions are the last `len` of the sequence.
 #[derive(Debug)]
 pub(crate) struct LayerKv {
     k: Tensor,
@@ -880,39 +890,80 @@ impl LayerKv {
     }
 }
 
+/// Positions a sliding-window layer's cache holds beyond the `window - 1` it keeps: how often
+/// (in decoding steps) its kept positions move to the front of its buffer.
+pub const WINDOW_SLACK: usize = QUERY_BLOCK;
+
 /// Append this step's keys and values to a layer's cache, making room as `room` says; returns
-/// the whole sequence's (views). A [`Room::Scratch`] cache keeps nothing: this step's are all.
-pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor, room: Room) -> Result<(Tensor, Tensor)> {
+/// the keys and values this step's queries attend to (views where it can): the kept ones, then
+/// this step's. A [`Room::Scratch`] cache keeps nothing: this step's are all. On a layer with a
+/// sliding `window`, the cache keeps only what later queries can see (see [`LayerKv`]), so the
+/// kept ones may be fewer than the sequence's, but never fewer than the `window - 1` the
+/// step's first query sees.
+pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor, room: Room, window: Option<usize>) -> Result<(Tensor, Tensor)> {
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let t = k.dim(2)?;
     if room == Room::Scratch {
         return Ok((k, v));
     }
-    match kv {
-        Some(c) if c.len + t <= c.k.dim(2)? => {
+    // The positions a later query can see, on a windowed layer.
+    let keep = window.map(|w| w.max(1) - 1);
+    if let (Some(keep), Some(c)) = (keep, kv.as_mut()) {
+        if c.len + t > c.k.dim(2)? && c.len > keep {
+            // Full: the kept positions move to the front, through a copy (source and
+            // destination share the buffer; a one-row one-head narrow is already contiguous).
+            let (tk, tv) = (c.k.narrow(2, c.len - keep, keep)?.force_contiguous()?, c.v.narrow(2, c.len - keep, keep)?.force_contiguous()?);
+            c.k.slice_set(&tk, 2, 0)?;
+            c.v.slice_set(&tv, 2, 0)?;
+            c.len = keep;
+        }
+    }
+    if let Some(c) = kv.as_mut() {
+        if c.len + t <= c.k.dim(2)? {
             c.k.slice_set(&k, 2, c.len)?;
             c.v.slice_set(&v, 2, c.len)?;
             c.len += t;
-        }
-        _ => {
-            let (b, h, _, d) = k.dims4()?;
-            let len = kv.as_ref().map_or(0, |c| c.len);
-            let cap = match room {
-                Room::Positions(n) if n >= len + t => n,
-                _ => (2 * (len + t)).max(32),
-            };
-            let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
-            if let Some(c) = kv.as_ref() {
-                let (pk, pv) = c.view()?;
-                nk.slice_set(&pk.contiguous()?, 2, 0)?;
-                nv.slice_set(&pv.contiguous()?, 2, 0)?;
-            }
-            nk.slice_set(&k, 2, len)?;
-            nv.slice_set(&v, 2, len)?;
-            *kv = Some(LayerKv { k: nk, v: nv, len: len + t });
+            return c.view();
         }
     }
-    kv.as_ref().expect("filled above").view()
+    let len = kv.as_ref().map_or(0, |c| c.len);
+    let mut cap = match room {
+        Room::Positions(n) if n >= len + t => n,
+        _ => (2 * (len + t)).max(32),
+    };
+    if let Some(keep) = keep {
+        cap = cap.min(keep + WINDOW_SLACK);
+    }
+    let (b, h, _, d) = k.dims4()?;
+    let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
+    if len + t <= cap {
+        if let Some(c) = kv.as_ref() {
+            let (pk, pv) = c.view()?;
+            nk.slice_set(&pk.contiguous()?, 2, 0)?;
+            nv.slice_set(&pv.contiguous()?, 2, 0)?;
+        }
+        nk.slice_set(&k, 2, len)?;
+        nv.slice_set(&v, 2, len)?;
+        *kv = Some(LayerKv { k: nk, v: nv, len: len + t });
+        return kv.as_ref().expect("filled above").view();
+    }
+    // A windowed layer given more positions than its buffer holds (a long prompt): the step
+    // attends to the kept ones and all of its own, and the buffer keeps the last `keep`.
+    let keep = keep.expect("only a windowed layer's buffer is smaller than a step");
+    let (all_k, all_v) = match kv.as_ref() {
+        Some(c) if c.len > 0 => {
+            let (pk, pv) = c.view()?;
+            (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+        }
+        _ => (k, v),
+    };
+    if keep > 0 {
+        let n = all_k.dim(2)?;
+        nk.slice_set(&all_k.narrow(2, n - keep, keep)?.contiguous()?, 2, 0)?;
+        nv.slice_set(&all_v.narrow(2, n - keep, keep)?.contiguous()?, 2, 0)?;
+    }
+    *kv = Some(LayerKv { k: nk, v: nv, len: keep });
+    Ok((all_k, all_v))
 }
 
 /// The token embedding as held: dense, or a quantized file's blocks kept exact.
@@ -1034,7 +1085,7 @@ mod kv_tests {
             let (k, v) = (Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap(), Tensor::randn(0f32, 1.0, (2, 3, t, 4), &dev).unwrap());
             ks.push(k.clone());
             vs.push(v.clone());
-            let (gk, gv) = append_kv(&mut kv, k, v, Room::Grow).unwrap();
+            let (gk, gv) = append_kv(&mut kv, k, v, Room::Grow, None).unwrap();
             let (wk, wv) = (Tensor::cat(&ks, 2).unwrap(), Tensor::cat(&vs, 2).unwrap());
             assert_eq!(gk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wk.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert_eq!(gv.flatten_all().unwrap().to_vec1::<f32>().unwrap(), wv.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -1044,6 +1095,39 @@ mod kv_tests {
         // Repeated to 3 rows for a batch, each row is the original's.
         let r = c.repeat(3).unwrap();
         assert_eq!(r.view().unwrap().0.dims(), &[6, 3, 145, 4]);
+    }
+
+    /// A sliding-window layer's cache keeps the last `window - 1` positions (or all, while there
+    /// are fewer) in a buffer of `WINDOW_SLACK` more, whatever the room, and each append returns
+    /// at least those and the step's own: the end of the whole sequence.
+    #[test]
+    fn a_windowed_cache_keeps_what_later_queries_see() {
+        let dev = Device::Cpu;
+        let w = 20;
+        let keep = w - 1;
+        // Two heads, and one (Gemma 3 270M's): one row's narrow of it is contiguous.
+        for (room, heads) in [(Room::Grow, 2), (Room::Positions(700), 2), (Room::Positions(100), 2), (Room::Positions(60), 2), (Room::Grow, 1)] {
+            let mut kv = None;
+            let mut all = Vec::new();
+            // A long prompt, steps past a few moves to the front, a short chunk, a long one.
+            let steps = [300].into_iter().chain(std::iter::repeat_n(1, 2 * WINDOW_SLACK + 7)).chain([5, 200, 1]);
+            for t in steps {
+                let k = Tensor::randn(0f32, 1.0, (1, heads, t, 3), &dev).unwrap();
+                all.push(k.clone());
+                let (gk, gv) = append_kv(&mut kv, k.clone(), (&k * 2.0).unwrap(), room, Some(w)).unwrap();
+                let whole = Tensor::cat(&all, 2).unwrap();
+                let (n, got) = (whole.dim(2).unwrap(), gk.dim(2).unwrap());
+                assert!(got >= (keep + t).min(n) && got <= n, "{room:?}: {got} of {n} positions after a step of {t}");
+                let want = whole.narrow(2, n - got, got).unwrap();
+                assert_eq!(gk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                assert_eq!(
+                    gv.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    (want * 2.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                );
+                let c = kv.as_ref().unwrap();
+                assert!(c.len >= keep.min(n) && c.k.dim(2).unwrap() <= keep + WINDOW_SLACK, "{room:?}: holds {} in {}", c.len, c.k.dim(2).unwrap());
+            }
+        }
     }
 
     #[test]
