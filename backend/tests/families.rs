@@ -362,4 +362,10 @@ fn caches_make_room_as_asked() {
         assert!(d < 1e-5, "{d}");
     }
     assert!(sized.kv_positions().iter().all(|&p| p == IDS.len() + 3), "no new allocation: {:?}", sized.kv_positions());
+    // Normal and steered rows split at the clamp's layer: the layers below it, run once and then
+    // repeated, keep the room asked for too.
+    let rows = [Intervention::none(), Intervention { clamps: vec![Clamp { layer: 2, neuron: 5, value: 3.0 }] }];
+    let mut two = Cache::new(e.config()).with_room(Room::Positions(IDS.len() + 3));
+    e.model.forward(&x, &mut two, &rows, &[]).unwrap();
+    assert!(two.kv_positions().iter().all(|&p| p == IDS.len() + 3), "{:?}", two.kv_positions());
 }

@@ -883,10 +883,11 @@ impl LayerKv {
         Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
     }
 
-    /// The same positions in `n` rows (all rows must be the one row's copies).
+    /// The same positions in `n` rows (all rows must be the one row's copies), in buffers of the
+    /// same capacity: what its room asked for stays asked for (a generation's next steps write
+    /// in place instead of reallocating every layer at the first).
     fn repeat(&self, n: usize) -> Result<LayerKv> {
-        let (k, v) = self.view()?;
-        Ok(LayerKv { k: k.repeat((n, 1, 1, 1))?, v: v.repeat((n, 1, 1, 1))?, len: self.len })
+        Ok(LayerKv { k: self.k.repeat((n, 1, 1, 1))?, v: self.v.repeat((n, 1, 1, 1))?, len: self.len })
     }
 }
 
@@ -1092,9 +1093,14 @@ mod kv_tests {
         }
         let c = kv.unwrap();
         assert_eq!((c.len, c.k.dim(2).unwrap()), (145, 270), "32, then 66, 134, 270: four allocations for 145 positions");
-        // Repeated to 3 rows for a batch, each row is the original's.
+        // Repeated to 3 rows for a batch, each row is the original's, with the same room.
         let r = c.repeat(3).unwrap();
         assert_eq!(r.view().unwrap().0.dims(), &[6, 3, 145, 4]);
+        assert_eq!(r.k.dim(2).unwrap(), 270);
+        for row in 0..3 {
+            let (rk, ck) = (r.view().unwrap().0.narrow(0, 2 * row, 2).unwrap(), c.view().unwrap().0);
+            assert_eq!(rk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), ck.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
     }
 
     /// A sliding-window layer's cache keeps the last `window - 1` positions (or all, while there
