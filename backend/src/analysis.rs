@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, IndexOp, Tensor, D};
 use shared::{
     ActivationStats, ChangedNeuron, ClassedNeuron, ClassesResponse, CompareResponse, Concept, LayerAgreement, LayerClassCounts, Moments, NeuronClass,
-    NeuronDetail, Polarity, SearchHit, SimilarNeuron, SweepPoint, TokenInfo, TokenScore, VerifiedNeuron, VerifyRequest, VerifyResponse, View,
+    NeuronDetail, Polarity, Scale, SearchHit, SimilarNeuron, SweepPoint, TokenInfo, TokenScore, VerifiedNeuron, VerifyRequest, VerifyResponse, View,
     ViewClass, ViewTokens,
 };
 
@@ -70,7 +70,23 @@ pub fn search(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize) ->
 /// [`search`] restricted to one polarity (`Some`): the other polarity's scores are zero, so the
 /// ranking, the hits and the per-layer series show only the chosen one.
 pub fn search_polarity(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
-    search_concept(engine, map, tokens, false, top_n, only)
+    search_concept(engine, map, tokens, false, top_n, only, Scale::Raw)
+}
+
+/// Below this median standard deviation of a map's raw logits (in nats) the paper's softmax is
+/// flat: the top 100 tokens of a neuron lie within a few tenths of a nat, so every neuron scores
+/// about 1 for every token of its top and the search plot is a band. SmolLM2's maps: 0.43–0.47;
+/// Gemma 3 270M's: 0.014–0.035.
+pub const FLAT_STD: f32 = 0.1;
+
+/// The scale a search of `map` uses when the request names none: the paper's raw logits, unless
+/// they are flat ([`FLAT_STD`]); then [`Scale::Std`].
+pub fn default_scale(map: &NeuronMap) -> Scale {
+    if median_std(map) < FLAT_STD {
+        Scale::Std
+    } else {
+        Scale::Raw
+    }
 }
 
 /// Concept search for a phrase of several tokens ("Sherlock Holmes" → " Sherlock", " Holmes"):
@@ -84,11 +100,22 @@ pub fn search_polarity(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: 
 /// token is high, equals the single-token score for a one-token phrase, and keeps the paper's
 /// scale (1 = as likely as the neuron's average top-100 token).
 pub fn search_phrase(engine: &Engine, map: &NeuronMap, tokens: &[u32], top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
-    search_concept(engine, map, tokens, true, top_n, only)
+    search_concept(engine, map, tokens, true, top_n, only, Scale::Raw)
 }
 
-/// [`search_polarity`] (`phrase = false`) or [`search_phrase`] (`phrase = true`).
-pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: bool, top_n: usize, only: Option<Polarity>) -> Result<SearchResult> {
+/// [`search_polarity`] (`phrase = false`) or [`search_phrase`] (`phrase = true`), with each
+/// neuron's logits scaled as `scale` says: [`Scale::Std`] multiplies neuron i's logits by
+/// [`NeuronMap::inv_std`] before the softmax, so its score is
+/// exp(s_i·(±logit_t) − logsumexp(s_i · top-100 logits) + ln 100) ([`NeuronMap::lse_top_std`]).
+pub fn search_concept(
+    engine: &Engine,
+    map: &NeuronMap,
+    tokens: &[u32],
+    phrase: bool,
+    top_n: usize,
+    only: Option<Polarity>,
+    scale: Scale,
+) -> Result<SearchResult> {
     if tokens.is_empty() {
         return Err(Error::bad("a concept needs at least one token"));
     }
@@ -98,14 +125,19 @@ pub fn search_concept(engine: &Engine, map: &NeuronMap, tokens: &[u32], phrase: 
     let n = map.n_neurons();
     let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
     let inv = 1.0 / tokens.len() as f32;
+    let std_top = (scale == Scale::Std).then(|| map.lse_top_std());
     for (i, row) in logits.iter().enumerate() {
-        let (bp, bn) = (ln_top - map.pos.lse_top[i], ln_top - map.neg.lse_top[i]);
+        let (s, lse_pos, lse_neg) = match std_top {
+            Some([p, n]) => (map.inv_std(i), p[i], n[i]),
+            None => (1.0, map.pos.lse_top[i], map.neg.lse_top[i]),
+        };
+        let (bp, bn) = (ln_top - lse_pos, ln_top - lse_neg);
         if phrase {
-            pos[i] = (row.iter().map(|&l| l + bp).sum::<f32>() * inv).exp();
-            neg[i] = (row.iter().map(|&l| -l + bn).sum::<f32>() * inv).exp();
+            pos[i] = (row.iter().map(|&l| s * l + bp).sum::<f32>() * inv).exp();
+            neg[i] = (row.iter().map(|&l| -s * l + bn).sum::<f32>() * inv).exp();
         } else {
-            pos[i] = row.iter().map(|&l| (l + bp).exp()).sum();
-            neg[i] = row.iter().map(|&l| (-l + bn).exp()).sum();
+            pos[i] = row.iter().map(|&l| (s * l + bp).exp()).sum();
+            neg[i] = row.iter().map(|&l| (-s * l + bn).exp()).sum();
         }
     }
     match only {
@@ -153,15 +185,28 @@ fn fold_final_norm(engine: &Engine, x: &Tensor, final_norm: bool) -> Result<Tens
 }
 
 /// Tokens of one decoded direction (its `logits` through the unembedding), top `n` of a
-/// polarity, with normalised scores.
-fn decode(engine: &Engine, logits: &[f32], polarity: Polarity, n: usize) -> Result<Vec<TokenScore>> {
+/// polarity, with their probabilities and their normalised probabilities after `scale`.
+fn decode(engine: &Engine, logits: &[f32], polarity: Polarity, n: usize, scale: Scale) -> Result<Vec<TokenScore>> {
     let sign = polarity.sign();
     let logits: Vec<f32> = logits.iter().map(|&l| l * sign).collect();
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
     let lse = m + z.ln() as f32;
     let top = crate::engine::top_indices(&logits, NORM_TOP.max(n));
-    let lse_top = m + (top.iter().take(NORM_TOP).map(|&i| ((logits[i] - m) as f64).exp()).sum::<f64>()).ln() as f32;
+    // The factor on the logits before the normalised probability's softmax.
+    let s = match scale {
+        Scale::Raw => 1.0,
+        Scale::Std => {
+            let mean = logits.iter().map(|&l| l as f64).sum::<f64>() / logits.len() as f64;
+            let var = logits.iter().map(|&l| (l as f64 - mean).powi(2)).sum::<f64>() / logits.len() as f64;
+            if var > 0.0 {
+                (1.0 / var.sqrt()) as f32
+            } else {
+                1.0
+            }
+        }
+    };
+    let lse_top = s * m + (top.iter().take(NORM_TOP).map(|&i| ((s * (logits[i] - m)) as f64).exp()).sum::<f64>()).ln() as f32;
     let ln_top = (NORM_TOP as f32).ln();
     Ok(top
         .into_iter()
@@ -170,7 +215,7 @@ fn decode(engine: &Engine, logits: &[f32], polarity: Polarity, n: usize) -> Resu
             id: i as u32,
             text: engine.tok.token_text(i as u32),
             prob: (logits[i] - lse).exp(),
-            norm: (logits[i] - lse_top + ln_top).exp(),
+            norm: (s * logits[i] - lse_top + ln_top).exp(),
         })
         .collect())
 }
@@ -228,7 +273,10 @@ fn up_norms(engine: &Engine) -> Result<&[f32]> {
 
 /// Everything about one neuron: top and bottom tokens of each view, natural activation
 /// statistics, and the most similar neurons (cosine of up rows, all layers).
-pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: bool, n_tokens: usize) -> Result<NeuronDetail> {
+/// Each token's `norm` is the normalised probability after `scale` (for [`Scale::Std`], each
+/// view's logits divided by their standard deviation, as a search scales them); `prob` is the
+/// softmax of the logits as they are.
+pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: bool, n_tokens: usize, scale: Scale) -> Result<NeuronDetail> {
     crate::limits::check_layer_neuron(layer, neuron, engine.config())?;
     // The neuron's direction in each view, [3, d], decoded in one product on the device.
     let rows = View::ALL.iter().map(|&view| map::direction(&*engine.model, view, layer, neuron)).collect::<Result<Vec<_>>>()?;
@@ -236,7 +284,7 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
     let mut views = Vec::new();
     for (&view, logits) in View::ALL.iter().zip(&logits) {
         for polarity in [Polarity::Pos, Polarity::Neg] {
-            views.push(ViewTokens { view, polarity, tokens: decode(engine, logits, polarity, n_tokens)? });
+            views.push(ViewTokens { view, polarity, tokens: decode(engine, logits, polarity, n_tokens, scale)? });
         }
     }
     let i = layer * engine.config().d_ff + neuron;
@@ -258,7 +306,7 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
             ViewClass { view: m.meta.view, class: NeuronClass::of(&moments, median_std(&m)), moments }
         })
         .collect();
-    Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar, classes })
+    Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar, classes, scale })
 }
 
 /// Base vs instruct: per layer, the share of neurons whose top token (up view, positive
@@ -480,11 +528,13 @@ impl VerifyPlan {
 }
 
 /// The map's candidates for a concept: the top of every view and both polarities, pooled by
-/// score, one entry per neuron (its best view).
+/// score, one entry per neuron (its best view). Every view is scored on one scale, so that their
+/// scores compare: [`Scale::Std`] when any of the maps is flat ([`default_scale`]).
 pub fn candidates(engine: &Engine, maps: &[Arc<NeuronMap>], concept: &ConceptIds, n: usize) -> Result<Vec<(View, SearchHit)>> {
+    let scale = if maps.iter().any(|m| default_scale(m) == Scale::Std) { Scale::Std } else { Scale::Raw };
     let mut pool = Vec::new();
     for map in maps {
-        let r = search_concept(engine, map, &concept.ids, concept.phrase, n, None)?;
+        let r = search_concept(engine, map, &concept.ids, concept.phrase, n, None, scale)?;
         pool.extend(r.top.into_iter().map(|h| (map.meta.view, h)));
     }
     pool.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));

@@ -288,7 +288,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
     // That neuron's detail: every view's top tokens, decoded on each side's device.
     // The device's top 10 against the CPU's top 20, so that a token tied across the 10th rank
     // is still found on the CPU's side.
-    let detail = |e: &Engine, n: usize| crate::analysis::neuron_detail(e, hit.layer, hit.neuron, true, n);
+    let detail = |e: &Engine, n: usize| crate::analysis::neuron_detail(e, hit.layer, hit.neuron, true, n, shared::Scale::Raw);
     let (dc, dd) = (detail(&cpu, 20)?, detail(&dev, 10)?);
     let (mut detail_max_logprob_err, mut detail_unexplained) = (0f64, 0usize);
     let lp = |t: &shared::TokenScore| (t.prob as f64).ln();

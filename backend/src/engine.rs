@@ -460,6 +460,18 @@ impl Engine {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&(view, final_norm)).cloned()
     }
 
+    /// The map of `view` if it is in memory or in the disk cache (never builds one).
+    pub fn cached_map(&self, view: View, final_norm: bool) -> Option<Arc<NeuronMap>> {
+        if let Some(m) = self.map_if_ready(view, final_norm) {
+            return Some(m);
+        }
+        let fp = self.map_meta(view, final_norm).ok()?.model_fingerprint;
+        map::cache_path(&self.cache_dir, &self.info.name, &fp, view, final_norm)
+            .exists()
+            .then(|| self.map(view, final_norm, &|_, _| {}).ok().map(|(m, _)| m))
+            .flatten()
+    }
+
     /// The neuron map of `view`: from memory, else from the disk cache, else built (and cached
     /// atomically). A stale or corrupt cache file is rebuilt, never trusted.
     pub fn map(&self, view: View, final_norm: bool, progress: &(dyn Fn(usize, usize) + Sync)) -> Result<(Arc<NeuronMap>, MapOrigin)> {

@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod bench;
 use shared::{
-    ApiError, ClampSpec, Concept, GenerateRequest, LayerScores, NeuronClass, NextTokenRequest, PromptSpec, SamplingParams, SearchResponse,
+    ApiError, ClampSpec, Concept, GenerateRequest, LayerScores, NeuronClass, NextTokenRequest, PromptSpec, SamplingParams, Scale, SearchResponse,
     SweepRequest, TokenInfo, Variant, VerifyRequest, View,
 };
 
@@ -215,6 +215,11 @@ struct SearchArgs {
     /// How many top neurons to list.
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// How each neuron's logits are scaled before the softmax: raw (the paper's) or std (divided
+    /// by their standard deviation over the vocabulary). Default: raw, unless the map's raw
+    /// logits are too flat to tell tokens apart (median std < 0.1 nat, e.g. Gemma 3); then std.
+    #[arg(long)]
+    scale: Option<Scale>,
 }
 
 #[derive(Args)]
@@ -279,6 +284,10 @@ struct NeuronArgs {
     /// Tokens to show per view and polarity.
     #[arg(long, default_value_t = 10)]
     tokens: usize,
+    /// How the logits are scaled for the tokens' normalised probabilities: raw or std (see
+    /// `search --scale`). Default: what `search` uses, when the up map is cached; else raw.
+    #[arg(long)]
+    scale: Option<Scale>,
 }
 
 #[derive(Args)]
@@ -666,7 +675,8 @@ fn run(cli: &Cli) -> Result<()> {
             let concept = if a.phrase { Concept::Phrase(a.tokens.concat()) } else { Concept::Tokens(a.tokens.clone()) };
             let ids = analysis::ConceptIds::resolve(&engine, &concept)?.ids;
             let (map, _) = map_with_progress(&engine, a.view, a.final_norm)?;
-            let r = analysis::search_concept(&engine, &map, &ids, a.phrase, a.top, None)?;
+            let scale = a.scale.unwrap_or_else(|| analysis::default_scale(&map));
+            let r = analysis::search_concept(&engine, &map, &ids, a.phrase, a.top, None, scale)?;
             let resp = SearchResponse {
                 tokens: ids.iter().map(|&id| TokenInfo { id, text: engine.tok.token_text(id) }).collect(),
                 view: a.view,
@@ -674,11 +684,16 @@ fn run(cli: &Cli) -> Result<()> {
                 layers: r.signed_layers(engine.config().d_ff).into_iter().map(LayerScores::full).collect(),
                 top: r.top,
                 phrase: a.phrase,
+                scale,
             };
             if cli.json {
                 return print_json(&resp);
             }
-            println!("best score per layer (p / mean top-100 p):");
+            let scaled = match scale {
+                Scale::Raw => "",
+                Scale::Std => ", each neuron's logits / their std",
+            };
+            println!("best score per layer (p / mean top-100 p{scaled}):");
             for (l, row) in resp.layers.iter().enumerate() {
                 let best = row.scores.iter().cloned().fold(0f32, |m, x| m.max(x.abs()));
                 println!("  layer {l:>3}  {best:>8.3}  {}", "#".repeat((best * 10.0).min(60.0) as usize));
@@ -698,7 +713,8 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Cmd::Neuron(a) => {
             let engine = load(cli)?;
-            let d = analysis::neuron_detail(&engine, a.layer, a.index, a.final_norm, a.tokens)?;
+            let scale = a.scale.unwrap_or_else(|| engine.cached_map(View::Up, a.final_norm).map(|m| analysis::default_scale(&m)).unwrap_or_default());
+            let d = analysis::neuron_detail(&engine, a.layer, a.index, a.final_norm, a.tokens, scale)?;
             if cli.json {
                 return print_json(&d);
             }
@@ -707,6 +723,9 @@ fn run(cli: &Cli) -> Result<()> {
             println!("natural activation over {} positions: mean {:.3}, std {:.3}, range [{:.3}, {:.3}]", s.positions, s.mean, s.std, s.min, s.max);
             for v in &d.views {
                 let toks: Vec<String> = v.tokens.iter().map(|t| format!("{} {:.3}", quoted(&t.text), t.norm)).collect();
+                if v.view == View::Up && v.polarity == shared::Polarity::Pos && d.scale == Scale::Std {
+                    println!("(normalised probabilities of each view's logits / their std: --scale raw for the paper's)");
+                }
                 println!("{:>4} {:<3}  {}", v.view.as_str(), format!("{:?}", v.polarity).to_lowercase(), toks.join(", "));
             }
             for c in &d.classes {

@@ -419,7 +419,7 @@ fn neuron_map() -> impl Strategy<Value = NeuronMap> {
             let col = || prop::collection::vec(-1e6f32..1e6, n);
             (Just(meta), table(n, k, vocab), table(n, k, vocab), (col(), col(), col(), col()))
         })
-        .prop_map(|(meta, pos, neg, (mean, std, skew, kurtosis))| NeuronMap { meta, pos, neg, moments: MomentTable { mean, std, skew, kurtosis } })
+        .prop_map(|(meta, pos, neg, (mean, std, skew, kurtosis))| NeuronMap::new(meta, pos, neg, MomentTable { mean, std, skew, kurtosis }))
 }
 
 /// Save `map` into a fresh temporary directory (kept alive by the returned handle).

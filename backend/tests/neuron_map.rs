@@ -8,7 +8,7 @@ use flash_interp::map::{self, NeuronMap};
 use flash_interp::model::{Cache, Intervention};
 use flash_interp::synthetic::{self, Plant, TinySpec};
 use flash_interp::Cancel;
-use shared::{Concept, Moments, NeuronClass, Polarity, PromptSpec, VerifyRequest, View};
+use shared::{Concept, Moments, NeuronClass, Polarity, PromptSpec, Scale, VerifyRequest, View};
 
 struct Tiny {
     dir: tempfile::TempDir,
@@ -115,6 +115,65 @@ fn search_of_every_view_and_weight_mode_is_the_normalised_probability() {
             }
         }
     }
+}
+
+/// Population standard deviation of a neuron's logits over the vocabulary.
+fn std_of(v: &[f64]) -> f64 {
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+/// `Scale::Std`: the normalised probability of each neuron's logits divided by their own standard
+/// deviation (computed here from the full logits, not from the map's moments), for alternatives
+/// and for a phrase, in every view.
+#[test]
+fn std_scaled_search_is_the_normalised_probability_of_standardised_logits() {
+    let t = tiny(&TinySpec::default(), "tiny");
+    let tokens = [40u32, 263];
+    for view in View::ALL {
+        let m = build(&t.engine, view, false);
+        for phrase in [false, true] {
+            let r = analysis::search_concept(&t.engine, &m, &tokens, phrase, 5, None, Scale::Std).unwrap();
+            for (i, logits) in brute_logits(&t.engine, view, false).iter().enumerate() {
+                let s = std_of(logits);
+                let scaled: Vec<f64> = logits.iter().map(|x| x / s).collect();
+                for (p, got) in [(1.0, r.pos[i]), (-1.0, r.neg[i])] {
+                    let norm = brute_normalised(&scaled, p);
+                    // Alternatives: the sum; a phrase: the geometric mean.
+                    let want = match phrase {
+                        false => tokens.iter().map(|&t| norm[t as usize]).sum::<f64>(),
+                        true => (tokens.iter().map(|&t| norm[t as usize].ln()).sum::<f64>() / tokens.len() as f64).exp(),
+                    };
+                    assert!((got as f64 - want).abs() < 1e-3 * want.max(1.0), "{view:?} phrase {phrase} neuron {i} sign {p}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+/// The same random model with every weight ×0.1 (logits ×0.01): the paper's raw scores flatten
+/// toward 1 and the default scale turns to `std`, whose scores do not change at all (a neuron's
+/// standardised logits do not depend on the size of its weights).
+#[test]
+fn std_scale_does_not_depend_on_the_size_of_the_weights() {
+    let (a, b) = (tiny(&TinySpec::default(), "a"), tiny(&TinySpec { scale: TinySpec::default().scale * 0.1, ..Default::default() }, "b"));
+    let (ma, mb) = (build(&a.engine, View::Up, false), build(&b.engine, View::Up, false));
+    assert_eq!(analysis::default_scale(&ma), Scale::Raw, "median std {}", analysis::median_std(&ma));
+    assert_eq!(analysis::default_scale(&mb), Scale::Std, "median std {}", analysis::median_std(&mb));
+    let tokens = [40u32];
+    let search = |e: &Engine, m: &NeuronMap, scale| analysis::search_concept(e, m, &tokens, false, 5, None, scale).unwrap();
+    let (sa, sb) = (search(&a.engine, &ma, Scale::Std), search(&b.engine, &mb, Scale::Std));
+    for (x, y) in sa.pos.iter().chain(&sa.neg).zip(sb.pos.iter().chain(&sb.neg)) {
+        assert!((x - y).abs() < 1e-3 * x.max(1.0), "{x} vs {y}");
+    }
+    assert_eq!(
+        sa.top.iter().map(|h| (h.layer, h.neuron, h.polarity)).collect::<Vec<_>>(),
+        sb.top.iter().map(|h| (h.layer, h.neuron, h.polarity)).collect::<Vec<_>>()
+    );
+    // Raw: the small model's scores are squeezed toward 1.
+    let (ra, rb) = (search(&a.engine, &ma, Scale::Raw), search(&b.engine, &mb, Scale::Raw));
+    let spread = |r: &analysis::SearchResult| r.pos.iter().map(|x| (x.ln()).abs()).fold(0f32, f32::max);
+    assert!(spread(&rb) < 0.2 * spread(&ra), "raw spread {} vs {}", spread(&rb), spread(&ra));
 }
 
 #[test]
@@ -237,7 +296,7 @@ fn neuron_detail_case(spec: &TinySpec) {
     assert_eq!(t.engine.weight_mode() == flash_interp::model::WeightMode::Exact, spec.q8);
     let m = build(&t.engine, View::Up, false);
     let (l, n) = (2, 11);
-    let d = analysis::neuron_detail(&t.engine, l, n, false, 10).unwrap();
+    let d = analysis::neuron_detail(&t.engine, l, n, false, 10, Scale::Raw).unwrap();
     assert_eq!(d.views.len(), 6);
     let up_pos = d.views.iter().find(|v| v.view == View::Up && v.polarity == Polarity::Pos).unwrap();
     let ids: Vec<u32> = up_pos.tokens.iter().map(|t| t.id).collect();
@@ -267,14 +326,34 @@ fn neuron_detail_case(spec: &TinySpec) {
     assert_eq!(d.classes[0].view, View::Up);
     assert_eq!(d.classes[0].moments, analysis::moments(&m, i));
     assert_eq!(d.classes[0].class, analysis::classify(&m)[i]);
-    assert!(analysis::neuron_detail(&t.engine, 3, 0, false, 10).is_err());
-    assert!(analysis::neuron_detail(&t.engine, 0, 64, false, 10).is_err());
+    assert!(analysis::neuron_detail(&t.engine, 3, 0, false, 10, Scale::Raw).is_err());
+    assert!(analysis::neuron_detail(&t.engine, 0, 64, false, 10, Scale::Raw).is_err());
+
+    // Scale::Std: the same tokens and probabilities; each view's normalised probabilities are
+    // those of its logits over their standard deviation (brute force), and equal the std-scaled
+    // search's score of the same token.
+    let ds = analysis::neuron_detail(&t.engine, l, n, false, 10, Scale::Std).unwrap();
+    assert_eq!(ds.scale, Scale::Std);
+    for (v, raw) in ds.views.iter().zip(&d.views) {
+        let logits = &brute_logits(&t.engine, v.view, false)[i];
+        let s = std_of(logits);
+        let norm = brute_normalised(&logits.iter().map(|x| x / s).collect::<Vec<_>>(), v.polarity.sign() as f64);
+        for (a, b) in v.tokens.iter().zip(&raw.tokens) {
+            assert_eq!((a.id, a.prob), (b.id, b.prob));
+            let want = norm[a.id as usize];
+            assert!((a.norm as f64 - want).abs() < 1e-3 * want.max(1.0), "{:?} {:?}: {} vs {want}", v.view, v.polarity, a.norm);
+        }
+    }
+    let top = up_pos.tokens[0].id;
+    let r = analysis::search_concept(&t.engine, &m, &[top], false, 1, Some(Polarity::Pos), Scale::Std).unwrap();
+    let std_first = &ds.views.iter().find(|v| v.view == View::Up && v.polarity == Polarity::Pos).unwrap().tokens[0];
+    assert!((r.pos[i] - std_first.norm).abs() < 1e-3 * std_first.norm, "{} vs {}", r.pos[i], std_first.norm);
 
     // Every view and polarity, with and without the final norm (folded into the direction on
     // the model's device, where the map folds it into its f32 copy of W_U): the map's top
     // tokens, in order, with its probabilities.
     for final_norm in [false, true] {
-        let d = analysis::neuron_detail(&t.engine, l, n, final_norm, 10).unwrap();
+        let d = analysis::neuron_detail(&t.engine, l, n, final_norm, 10, Scale::Raw).unwrap();
         for v in &d.views {
             let m = build(&t.engine, v.view, final_norm);
             let (ids, probs) = m.top(v.polarity, l, n);

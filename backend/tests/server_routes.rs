@@ -326,6 +326,18 @@ async fn search_and_neuron_endpoints() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=a&view=sideways").to_request()).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // The tiny model's raw logits are not flat: the paper's scale by default; `std` on request,
+    // said in the response, with other scores.
+    assert_eq!(r.scale, shared::Scale::Raw);
+    let std: SearchResponse =
+        test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5&scale=std").to_request())
+            .await;
+    assert_eq!((std.scale, std.layers.len()), (shared::Scale::Std, 3));
+    assert_ne!(std.layers, r.layers);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=a&scale=loud").to_request()).await;
+    let (status, e) = error_of(resp).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(e.message.contains("expected `raw` or `std`"), "{}", e.message);
     let d: NeuronDetail =
         test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/neurons/2/5?tokens=4").to_request()).await;
     assert_eq!((d.layer, d.neuron, d.views.len(), d.views[0].tokens.len()), (2, 5, 6, 4));

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde::{Deserializer, Serializer};
-use shared::{limits, ClampSpec, Concept, GalleryExample, NeuronClass, Polarity, PromptSpec, SweepRequest, VerifyRequest, View};
+use shared::{limits, ClampSpec, Concept, GalleryExample, NeuronClass, Polarity, PromptSpec, Scale, SweepRequest, VerifyRequest, View};
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
@@ -101,13 +101,17 @@ pub struct SearchState {
     pub view: View,
     #[serde(default, skip_serializing_if = "is_default")]
     pub polarity: PolarityChoice,
+    /// How neurons' logits are scaled for the scores; `None`: the model's default (the server's
+    /// choice, which the results name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Scale>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub vp: String,
 }
 
 impl Default for SearchState {
     fn default() -> Self {
-        Self { model: None, q: String::new(), phrase: false, view: View::Up, polarity: PolarityChoice::Both, vp: String::new() }
+        Self { model: None, q: String::new(), phrase: false, view: View::Up, polarity: PolarityChoice::Both, scale: None, vp: String::new() }
     }
 }
 
@@ -175,9 +179,11 @@ impl SearchState {
             top: usize,
             #[serde(skip_serializing_if = "Option::is_none")]
             polarity: Option<Polarity>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            scale: Option<Scale>,
         }
         let tokens = self.tokens().join(",");
-        let q = Q { tokens: &tokens, phrase: self.phrase, view: self.view, top, polarity: self.polarity.polarity() };
+        let q = Q { tokens: &tokens, phrase: self.phrase, view: self.view, top, polarity: self.polarity.polarity(), scale: self.scale };
         query(&format!("/api/models/{}/search", segment(model)), &q)
     }
     /// The prompt a verification runs (the page's default when the URL has none).
@@ -664,6 +670,8 @@ mod tests {
             },
             SearchState { model: None, q: "a&b=c?d#e%f+g ü 🐶".into(), view: View::Gate, polarity: PolarityChoice::Pos, ..Default::default() },
             SearchState { q: " Sherlock Holmes, again".into(), phrase: true, vp: "Who is the detective?".into(), ..Default::default() },
+            SearchState { q: " dog".into(), scale: Some(Scale::Std), ..Default::default() },
+            SearchState { q: " dog".into(), scale: Some(Scale::Raw), ..Default::default() },
         ];
         for s in cases {
             let href = s.href();
@@ -696,6 +704,10 @@ mod tests {
         assert_eq!(s.api_url("m/1", 100), "/api/models/m%2F1/search?tokens=+dog%2C%26x&view=up&top=100&polarity=pos");
         let both = SearchState { q: "cat".into(), view: View::Down, ..Default::default() };
         assert_eq!(both.api_url("m", 5), "/api/models/m/search?tokens=cat&view=down&top=5");
+        let std = SearchState { q: "cat".into(), scale: Some(Scale::Std), ..Default::default() };
+        assert_eq!(std.href(), "/?q=cat&scale=std");
+        assert_eq!(std.api_url("m", 5), "/api/models/m/search?tokens=cat&view=up&top=5&scale=std");
+        assert!(parse::<SearchState>("q=cat&scale=loud").is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use frontend::state::{
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
-use shared::{limits, ClampSpec, Concept, NeuronClass, View};
+use shared::{limits, ClampSpec, Concept, NeuronClass, Scale, View};
 
 /// Bounded, and no regression files written into the repository.
 fn config(cases: u32) -> ProptestConfig {
@@ -48,8 +48,9 @@ fn class() -> impl Strategy<Value = NeuronClass> {
 }
 
 fn search_state() -> impl Strategy<Value = SearchState> {
-    (option::of(text()), text(), any::<bool>(), view(), polarity(), prop_oneof![Just(String::new()), text()])
-        .prop_map(|(model, q, phrase, view, polarity, vp)| SearchState { model, q, phrase, view, polarity, vp })
+    let scale = prop_oneof![Just(None), Just(Some(Scale::Raw)), Just(Some(Scale::Std))];
+    (option::of(text()), text(), any::<bool>(), view(), polarity(), scale, prop_oneof![Just(String::new()), text()])
+        .prop_map(|(model, q, phrase, view, polarity, scale, vp)| SearchState { model, q, phrase, view, polarity, scale, vp })
 }
 
 fn classes_state() -> impl Strategy<Value = ClassesState> {

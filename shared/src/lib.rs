@@ -103,6 +103,43 @@ impl Polarity {
     }
 }
 
+/// How a neuron's logits are scaled before the softmax behind its normalised probability
+/// p(t) / mean(top-100 p). Within one neuron a positive scale keeps the order of its tokens; it
+/// sets how sharply the score tells its top tokens apart, and so how neurons compare.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scale {
+    /// The paper's: the logits `W_U · w` as they are (temperature 1).
+    #[default]
+    Raw,
+    /// Each neuron's logits divided by their standard deviation over the vocabulary: in units of
+    /// the neuron's own spread, whatever the size of its weights. For models whose raw logits
+    /// spread too little for the softmax to tell tokens apart (Gemma 3: about 0.03 nat, so every
+    /// score is about 1).
+    Std,
+}
+
+impl Scale {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Scale::Raw => "raw",
+            Scale::Std => "std",
+        }
+    }
+}
+
+impl std::str::FromStr for Scale {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Scale::Raw),
+            "std" => Ok(Scale::Std),
+            _ => Err(format!("unknown scale {s:?}: use raw or std")),
+        }
+    }
+}
+
 /// Force one MLP neuron's activation to `value` at every position. Written `L:N:V` on the
 /// command line and in URLs (e.g. `12:345:8.5`).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -432,6 +469,10 @@ pub struct SearchResponse {
     /// The tokens are one phrase (scored together, see `analysis::search_phrase`), not alternatives.
     #[serde(default)]
     pub phrase: bool,
+    /// How each neuron's logits were scaled for the scores (the request's, or the model's
+    /// default: `std` when the map's raw logits are flat, see `analysis::default_scale`).
+    #[serde(default)]
+    pub scale: Scale,
 }
 
 /// A token of a decoded neuron direction.
@@ -442,7 +483,8 @@ pub struct TokenScore {
     pub text: String,
     /// Softmax probability over the vocabulary.
     pub prob: f32,
-    /// Normalised probability: prob / mean(top-100 prob) of the same decoding.
+    /// Normalised probability: prob / mean(top-100 prob) of the same decoding, after the
+    /// detail's `scale` (with `std`, of the logits divided by their standard deviation).
     pub norm: f32,
 }
 
@@ -489,6 +531,10 @@ pub struct NeuronDetail {
     /// The neuron's class and moments in each view whose map is built (never waits for one).
     #[serde(default)]
     pub classes: Vec<ViewClass>,
+    /// How the logits were scaled for the tokens' `norm` (the request's, or the model's search
+    /// default when its up map is built; else `raw`).
+    #[serde(default)]
+    pub scale: Scale,
 }
 
 /// A neuron's weight statistics in one view (see [`NeuronClass`]).

@@ -9,7 +9,7 @@ use flash_interp::engine::{Engine, LoadOptions};
 use flash_interp::model::{Arch, Intervention};
 use flash_interp::Cancel;
 use flash_interp_e2e::{gemma_model, test_map_cache};
-use shared::{PromptSpec, View};
+use shared::{PromptSpec, Scale, View};
 
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
@@ -117,6 +117,27 @@ fn gemma_map_search_and_sweep_find_and_steer_a_dog_neuron() {
     let s = e.sweep(&ids, hit.layer, hit.neuron, dog, &[sign * 20.0, -sign * 20.0], &Cancel::default()).unwrap();
     assert!(s.probs[0] > 2.0 * s.baseline, "clamp {}:{} to {}: p(dog) {} vs baseline {}", hit.layer, hit.neuron, sign * 20.0, s.probs[0], s.baseline);
     assert!(s.probs[1] < s.baseline, "the opposite sign should lower p(dog): {s:?}");
+}
+
+/// Gemma's raw logits are flat (every neuron's top 100 within a few tenths of a nat), so the
+/// paper's scores all sit near 1 and the plot is a band; the default scale divides each neuron's
+/// logits by their std: the same dog neuron first, now well clear of the rest, and scores that
+/// vary from layer to layer.
+#[test]
+fn gemma_search_defaults_to_std_scale_where_the_dog_neuron_stands_out() {
+    let e = engine();
+    let (map, _) = e.map(View::Up, false, &|_, _| {}).unwrap();
+    assert!(flash_interp::analysis::median_std(&map) < flash_interp::analysis::FLAT_STD);
+    assert_eq!(flash_interp::analysis::default_scale(&map), Scale::Std);
+    let dog = e.tok.single_token(" dog").unwrap();
+    let search = |scale| flash_interp::analysis::search_concept(e, &map, &[dog], false, 5, None, scale).unwrap();
+    let (raw, std) = (search(Scale::Raw), search(Scale::Std));
+    let best = |r: &flash_interp::analysis::SearchResult| r.pos.iter().chain(&r.neg).cloned().fold(0f32, f32::max);
+    assert!(best(&raw) < 1.2, "raw scores are flat: best {}", best(&raw));
+    let (a, b) = (&std.top[0], &std.top[1]);
+    assert_eq!((a.layer, a.neuron), (raw.top[0].layer, raw.top[0].neuron), "{a:?} vs {:?}", raw.top[0]);
+    assert!(a.top_tokens.iter().filter(|t| t.to_lowercase().contains("dog")).count() >= 2, "{a:?}");
+    assert!(a.score > 1.5 * b.score && a.score > 2.0, "{a:?} vs {b:?}");
 }
 
 /// Gemma's Q4_K, Q5_0, Q6_K and Q8_0 weights held exact give the f32 numbers too.

@@ -111,7 +111,7 @@ pub fn load(path: &Path, expect: &MapMeta) -> Result<NeuronMap> {
     let neg = tables.pop().unwrap();
     let pos = tables.pop().unwrap();
     let moments = MomentTable { mean: f32s(n), std: f32s(n), skew: f32s(n), kurtosis: f32s(n) };
-    Ok(NeuronMap { meta, pos, neg, moments })
+    Ok(NeuronMap::new(meta, pos, neg, moments))
 }
 
 /// A content fingerprint of a model: sha256 of the file (or, for a directory, of its

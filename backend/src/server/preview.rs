@@ -114,12 +114,16 @@ fn concept_card(state: &AppState, m: &super::Served, q: &HashMap<String, String>
         Some("neg") => Some(shared::Polarity::Neg),
         Some(_) => return None,
     };
+    let scale = match q.get("scale") {
+        Some(s) => Some(s.parse::<shared::Scale>().ok()?),
+        None => None,
+    };
     let phrase = matches!(q.get("phrase").map(String::as_str), Some("1" | "true")).then_some(true);
     // The page's own reading of `q`: whitespace-only alternatives are dropped, as it drops them.
     let text = q.get("q")?;
     let tokens = if phrase.is_some() { text.clone() } else { text.split(',').filter(|t| !t.trim().is_empty()).collect::<Vec<_>>().join(",") };
     crate::analysis::ConceptIds::resolve(&m.engine, &super::routes::concept_of(&tokens, phrase.is_some())).ok()?;
-    let card = super::routes::SearchCardQuery { tokens, phrase, view: Some(view), polarity };
+    let card = super::routes::SearchCardQuery { tokens, phrase, view: Some(view), polarity, scale };
     Some(format!("/api/models/{}/search/card.png?{}", m.id, serde_urlencoded::to_string(&card).ok()?))
 }
 

@@ -355,6 +355,10 @@ struct SearchQuery {
     /// Most points per layer in `layers` (default 512; 0: every neuron). Fewer points keep the
     /// plot's envelope: each run of neurons keeps its highest and lowest score.
     points: Option<usize>,
+    /// How each neuron's logits are scaled before the softmax: raw (the paper's) or std (divided
+    /// by their standard deviation over the vocabulary). Default: raw, unless the model's raw
+    /// logits are too flat to tell tokens apart (median std < 0.1 nat, e.g. Gemma 3); then std.
+    scale: Option<Scale>,
 }
 
 /// A search query's concept: one phrase, or comma-separated alternatives.
@@ -392,11 +396,12 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
     let (engine, view, final_norm, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), state.config.final_norm, q.polarity);
     let points = q.points.unwrap_or(limits::SEARCH_POINTS);
     let map = state.map(m, view)?;
+    let scale = q.scale.unwrap_or_else(|| analysis::default_scale(&map));
     cached(
         &state,
-        key("search", &m.id, &(&ids, phrase, view, top, only, points)),
+        key("search", &m.id, &(&ids, phrase, view, top, only, points, scale)),
         blocking(move || {
-            let r = analysis::search_concept(&engine, &map, &ids, phrase, top, only)?;
+            let r = analysis::search_concept(&engine, &map, &ids, phrase, top, only, scale)?;
             let layers = r
                 .signed_layers(engine.config().d_ff)
                 .into_iter()
@@ -409,6 +414,7 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
                 layers,
                 top: r.top,
                 phrase,
+                scale,
             })
         }),
     )
@@ -425,6 +431,7 @@ pub(crate) struct SearchCardQuery {
     pub phrase: Option<bool>,
     pub view: Option<View>,
     pub polarity: Option<Polarity>,
+    pub scale: Option<Scale>,
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/search/card.png", params(("model" = String, Path), SearchCardQuery),
@@ -438,12 +445,13 @@ async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String
     let ids = analysis::ConceptIds::resolve(&m.engine, &concept)?.ids;
     let (engine, view, only) = (m.engine.clone(), q.view.unwrap_or(View::Up), q.polarity);
     let map = state.map(m, view)?;
-    let k = key("search-card", &m.id, &(&ids, phrase, view, only));
+    let scale = q.scale.unwrap_or_else(|| analysis::default_scale(&map));
+    let k = key("search-card", &m.id, &(&ids, phrase, view, only, scale));
     cached_png(
         &state,
         k,
         queued(&state, &req, move |_| {
-            let r = analysis::search_concept(&engine, &map, &ids, phrase, 3, only)?;
+            let r = analysis::search_concept(&engine, &map, &ids, phrase, 3, only, scale)?;
             let layers = r.signed_layers(engine.config().d_ff);
             let marks: Vec<(usize, usize, String)> = r.top.iter().map(|h| (h.layer, h.neuron, format!("{}:{}", h.layer, h.neuron))).collect();
             let words: Vec<String> = ids.iter().map(|&t| engine.tok.token_text(t)).collect();
@@ -453,7 +461,8 @@ async fn search_card(req: HttpRequest, state: Data<AppState>, model: Path<String
                 format!("“{}”", words.iter().map(|w| w.trim()).collect::<Vec<_>>().join(", "))
             };
             let strongest = r.top.first().map(|h| format!(" · strongest {}:{} ({:.2})", h.layer, h.neuron, h.score)).unwrap_or_default();
-            let subtitle = format!("{} · {} view{strongest}", engine.info.name, view.as_str());
+            let scaled = if scale == Scale::Std { " · σ-scaled" } else { "" };
+            let subtitle = format!("{} · {} view{scaled}{strongest}", engine.info.name, view.as_str());
             crate::card::layers_png(&title, &subtitle, &layers, &marks)
         }),
     )
@@ -543,6 +552,10 @@ async fn verify(req: HttpRequest, state: Data<AppState>, model: Path<String>, bo
 struct NeuronQuery {
     /// Tokens per view and polarity (default 20, at most 100).
     tokens: Option<usize>,
+    /// How the logits are scaled for the tokens' normalised probabilities: raw (the paper's) or
+    /// std (divided by their standard deviation). Default: what a search of the model uses by
+    /// default (std where its raw logits are flat, e.g. Gemma 3), once its up map is built.
+    scale: Option<Scale>,
 }
 
 #[utoipa::path(get, path = "/api/models/{model}/neurons/{layer}/{index}",
@@ -558,7 +571,13 @@ async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usi
     }
     crate::limits::check_layer_neuron(layer, index, m.engine.config())?;
     let (engine, final_norm) = (m.engine.clone(), state.config.final_norm);
-    cached(&state, key("neuron", &m.id, &(layer, index, n)), blocking(move || analysis::neuron_detail(&engine, layer, index, final_norm, n))).await
+    let scale = q.scale.unwrap_or_else(|| m.engine.map_if_ready(View::Up, final_norm).map(|map| analysis::default_scale(&map)).unwrap_or_default());
+    cached(
+        &state,
+        key("neuron", &m.id, &(layer, index, n, scale)),
+        blocking(move || analysis::neuron_detail(&engine, layer, index, final_norm, n, scale)),
+    )
+    .await
 }
 
 /// A worker, held while a request's model work runs: its queue permit, and one count in the

@@ -65,7 +65,11 @@ pub fn Neuron() -> impl IntoView {
     }
 }
 
-fn token_chart(vt: &ViewTokens) -> Plot {
+fn token_chart(vt: &ViewTokens, scale: shared::Scale) -> Plot {
+    let axis = match scale {
+        shared::Scale::Raw => "p / mean top-100 p",
+        shared::Scale::Std => "p / mean top-100 p, σ-scaled",
+    };
     // Horizontal bars, strongest on top.
     let toks: Vec<_> = vt.tokens.iter().take(TOKENS).rev().collect();
     let labels: Vec<String> = toks.iter().enumerate().map(|(i, t)| format!("{}{}", show_token(&t.text), "\u{200b}".repeat(i))).collect();
@@ -79,7 +83,7 @@ fn token_chart(vt: &ViewTokens) -> Plot {
         Layout::new()
             .height(260)
             .margin(Margin::new().left(110).right(10).top(10).bottom(35))
-            .x_axis(Axis::new().title("p / mean top-100 p"))
+            .x_axis(Axis::new().title(axis))
             .y_axis(Axis::new().auto_margin(true)),
     );
     // Small charts: no mode bar over the top bar.
@@ -104,7 +108,10 @@ fn Detail(model: String, d: NeuronDetail, embed: bool) -> impl IntoView {
             <h2>"What it reads and writes"</h2>
             <p class="caption">
                 "Top tokens of each direction decoded through the unembedding: pos as it is, neg negated. "
-                "up and gate are what the neuron reads; down is what it writes."
+                "up and gate are what the neuron reads; down is what it writes. "
+                {(d.scale == shared::Scale::Std).then_some(
+                    "Bars are σ-scaled normalised probabilities (each direction's logits over their standard deviation), as this model's search scores them.",
+                )}
             </p>
             <div class="views">
                 {d.views
@@ -112,7 +119,7 @@ fn Detail(model: String, d: NeuronDetail, embed: bool) -> impl IntoView {
                     .map(|vt| {
                         let id = format!("tokens-{}-{}", vt.view.as_str(), if vt.polarity == Polarity::Pos { "pos" } else { "neg" });
                         let title = format!("{} · {}", vt.view.as_str(), if vt.polarity == Polarity::Pos { "pos (top)" } else { "neg (bottom)" });
-                        let plot = token_chart(vt);
+                        let plot = token_chart(vt, d.scale);
                         view! {
                             <figure class="tokens-chart">
                                 <figcaption>{title}</figcaption>

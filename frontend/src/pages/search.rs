@@ -12,7 +12,7 @@ use leptos_router::NavigateOptions;
 use plotly::common::{Line, Marker, Mode};
 use plotly::layout::{Axis, HoverMode, Margin, Shape, ShapeLayer, ShapeType};
 use plotly::{Configuration, Layout, Plot, Scatter};
-use shared::{limits, ClampSpec, Polarity, SearchResponse, SweepPoint, TokenizeResponse, VerifyResponse, View};
+use shared::{limits, ClampSpec, Polarity, Scale, SearchResponse, SweepPoint, TokenizeResponse, VerifyResponse, View};
 
 use crate::chart::{Chart, Click};
 use crate::gallery::Gallery;
@@ -90,6 +90,11 @@ pub fn Search() -> impl IntoView {
         let p = event_target_value(&ev);
         go3(&|s| s.polarity = state::parse::<SearchState>(&format!("polarity={p}")).map(|x| x.polarity).unwrap_or_default());
     };
+    let go4 = go.clone();
+    let set_scale = move |ev: leptos::ev::Event| {
+        let v = event_target_value(&ev);
+        go4(&|s| s.scale = v.parse().ok());
+    };
     // The checkbox keeps what is typed: the same text, read the other way.
     let set_phrase = move |ev: leptos::ev::Event| {
         let on = event_target_checked(&ev);
@@ -148,6 +153,14 @@ pub fn Search() -> impl IntoView {
                     <option value="neg" selected=move || cur().polarity == PolarityChoice::Neg>"neg"</option>
                 </select>
             </label>
+            <label title="How each neuron's logits are scaled before the softmax. Paper: as they are. σ: divided by their standard deviation over the vocabulary, for models whose raw logits are too flat to tell tokens apart (Gemma 3). Auto: the paper's, unless the model's are flat.">
+                "Scores "
+                <select id="scale" on:change=set_scale>
+                    <option value="auto" selected=move || cur().scale.is_none()>"auto"</option>
+                    <option value="raw" selected=move || cur().scale == Some(Scale::Raw)>"paper"</option>
+                    <option value="std" selected=move || cur().scale == Some(Scale::Std)>"σ-scaled"</option>
+                </select>
+            </label>
             <button type="submit">"Search"</button>
         </form>
         <TokenHint suggestions=suggestions phrase=phrase />
@@ -200,6 +213,14 @@ fn TokenHint(suggestions: LocalResource<Option<(String, TokenizeResponse)>>, phr
             };
             Some(view! { <p class="hint" id="token-hint">{text}</p> })
         })
+    }
+}
+
+/// The plot's y axis: what its scores are.
+fn score_axis(scale: Scale) -> &'static str {
+    match scale {
+        Scale::Raw => "p(t) / mean top-100 p",
+        Scale::Std => "p(t) / mean top-100 p, σ-scaled",
     }
 }
 
@@ -284,7 +305,7 @@ fn search_plot(model: &str, s: &SearchResponse) -> Plot {
                 .zero_line(false)
                 .range(vec![-0.5, total as f64 - 0.5]),
         )
-        .y_axis(Axis::new().title("p(t) / mean top-100 p").zero_line(true));
+        .y_axis(Axis::new().title(score_axis(s.scale)).zero_line(true));
     let mut plot = Plot::new();
     plot.add_trace(all);
     plot.add_trace(marked);
@@ -320,6 +341,14 @@ fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
     } else {
         "Every neuron's normalised probability for the concept, layer by layer ("
     };
+    let scaled = match s.scale {
+        Scale::Raw => "",
+        Scale::Std => {
+            "Scores are σ-scaled: each neuron's logits are divided by their standard deviation over the vocabulary before the softmax (the \
+             default where a model's raw logits are too flat for the paper's scores to tell tokens apart, as Gemma 3's are; \"Scores: paper\" \
+             shows the paper's). "
+        }
+    };
     let strongest = s.top.first().map(|h| format!("Strongest: layer {} neuron {}, score {:.2}.", h.layer, h.neuron, h.score)).unwrap_or_default();
     let envelope = s.layers.iter().find(|l| !l.is_full()).map(|l| {
         format!(" Each layer is drawn as up to {} points that keep its highest and lowest score over every run of neurons.", l.scores.len())
@@ -330,7 +359,7 @@ fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
             <p class="caption">
                 {scored}
                 {s.layers.len()} " layers × " {d_ff} " neurons). Above zero: the neuron's direction as it is (pos); below: negated (neg). "
-                "Hover a point for its top tokens; click to open the neuron. " {strongest} {envelope}
+                {scaled} "Hover a point for its top tokens; click to open the neuron. " {strongest} {envelope}
             </p>
             <Chart id="search-plot" plot=plot on_click=on_click />
         </section>
