@@ -127,7 +127,8 @@ pub fn exact_agrees_with_f32(path: &std::path::Path, prompts: &[shared::PromptSp
 }
 
 /// The home page's gallery of `e`'s model: it has at least three curated examples; each names a
-/// neuron that concept search finds (in the top 20 of its view), and rerun with the product's own
+/// neuron that concept search finds (in the top 20 of its view, on the scale the search page uses
+/// for the model by default: the gallery links there), and rerun with the product's own
 /// sweep and samples it still works and still matches its stored figures (`flash-interp gallery`
 /// is the same check, with a report).
 pub fn check_gallery(e: &flash_interp::Engine) {
@@ -137,15 +138,17 @@ pub fn check_gallery(e: &flash_interp::Engine) {
     for ex in &examples {
         let (map, _) = e.map(ex.view, false, &|_, _| {}).unwrap();
         let ids: Vec<u32> = ex.concept.split(',').map(|t| e.tok.single_token(t).unwrap()).collect();
-        let r = flash_interp::analysis::search(e, &map, &ids, 20).unwrap();
+        let scale = flash_interp::analysis::default_scale(&map);
+        let r = flash_interp::analysis::search_concept(e, &map, &ids, false, 20, None, scale).unwrap();
         assert!(
             r.top.iter().any(|h| (h.layer, h.neuron) == (ex.layer, ex.neuron)),
-            "{}: {}:{} is not in the top 20 of {:?} in the {} view",
+            "{}: {}:{} is not in the top 20 of {:?} in the {} view ({} scores)",
             ex.title,
             ex.layer,
             ex.neuron,
             ex.concept,
-            ex.view.as_str()
+            ex.view.as_str(),
+            scale.as_str()
         );
         let m = gallery::measure(e, ex, &flash_interp::Cancel::default(), &mut |_, _| {}).unwrap();
         gallery::check(ex, &m, ex.measured.as_ref()).unwrap_or_else(|err| panic!("{}: {err}", ex.title));
