@@ -344,6 +344,15 @@ fn neuron_detail_case(spec: &TinySpec) {
             assert!((a.norm as f64 - want).abs() < 1e-3 * want.max(1.0), "{:?} {:?}: {} vs {want}", v.view, v.polarity, a.norm);
         }
     }
+    // The map gives the same bars from its stored top tokens.
+    let from_map = m.normalised_top(Polarity::Pos, l, n, Scale::Std);
+    let std_up_pos = &ds.views.iter().find(|v| v.view == View::Up && v.polarity == Polarity::Pos).unwrap().tokens;
+    for (t, got) in std_up_pos.iter().zip(&from_map) {
+        assert!((got - t.norm).abs() < 1e-3 * t.norm.max(1.0), "{got} vs {}", t.norm);
+    }
+    for (t, got) in up_pos.tokens.iter().zip(m.normalised_top(Polarity::Pos, l, n, Scale::Raw)) {
+        assert!((got - t.norm).abs() < 1e-3 * t.norm.max(1.0), "{got} vs {}", t.norm);
+    }
     let top = up_pos.tokens[0].id;
     let r = analysis::search_concept(&t.engine, &m, &[top], false, 1, Some(Polarity::Pos), Scale::Std).unwrap();
     let std_first = &ds.views.iter().find(|v| v.view == View::Up && v.polarity == Polarity::Pos).unwrap().tokens[0];

@@ -285,11 +285,29 @@ pub struct NeuronState {
     pub steps: usize,
     #[serde(default, skip_serializing_if = "is_default")]
     pub log: bool,
+    /// How the bars' logits are scaled; `None`: the model's default (as for [`SearchState::scale`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Scale>,
 }
 
 impl NeuronState {
     pub fn new(layer: usize, neuron: usize, model: Option<String>) -> Self {
-        Self { layer, neuron, model, target: String::new(), prompt: None, from: default_from(), to: default_to(), steps: default_steps(), log: false }
+        Self {
+            layer,
+            neuron,
+            model,
+            target: String::new(),
+            prompt: None,
+            from: default_from(),
+            to: default_to(),
+            steps: default_steps(),
+            log: false,
+            scale: None,
+        }
+    }
+    /// The same neuron's page with the bars on `scale` (a search's links keep its choice).
+    pub fn with_scale(self, scale: Option<Scale>) -> Self {
+        Self { scale, ..self }
     }
     /// The page's state from its path parameters and query string.
     pub fn parse(layer: usize, neuron: usize, search: &str) -> Result<Self, String> {
@@ -305,8 +323,10 @@ impl NeuronState {
             struct M<'a> {
                 #[serde(skip_serializing_if = "Option::is_none")]
                 model: &'a Option<String>,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                scale: Option<Scale>,
             }
-            return query(&format!("/neuron/{}/{}", self.layer, self.neuron), &M { model: &self.model });
+            return query(&format!("/neuron/{}/{}", self.layer, self.neuron), &M { model: &self.model, scale: self.scale });
         }
         query(&format!("/neuron/{}/{}", self.layer, self.neuron), self)
     }
@@ -319,7 +339,8 @@ impl NeuronState {
     }
     /// The API URL of this neuron's detail with `tokens` tokens per view and polarity.
     pub fn detail_url(&self, model: &str, tokens: usize) -> String {
-        format!("/api/models/{}/neurons/{}/{}?tokens={tokens}", segment(model), self.layer, self.neuron)
+        let scale = self.scale.map(|s| format!("&scale={}", s.as_str())).unwrap_or_default();
+        format!("/api/models/{}/neurons/{}/{}?tokens={tokens}{scale}", segment(model), self.layer, self.neuron)
     }
     /// The URL of a clamp sweep.
     pub fn sweep_url(model: &str) -> String {
@@ -779,6 +800,10 @@ mod tests {
         let q = href.split_once('?').unwrap().1;
         assert_eq!(NeuronState::parse(29, 808, q).unwrap(), sweep, "{href}");
         assert_eq!(NeuronState::new(0, 1, None).href(), "/neuron/0/1");
+        let raw = NeuronState::new(29, 808, Some("m".into())).with_scale(Some(Scale::Raw));
+        assert_eq!(raw.href(), "/neuron/29/808?model=m&scale=raw");
+        assert_eq!(NeuronState::parse(29, 808, "model=m&scale=raw").unwrap(), raw);
+        assert_eq!(raw.detail_url("m", 10), "/api/models/m/neurons/29/808?tokens=10&scale=raw");
     }
 
     #[test]

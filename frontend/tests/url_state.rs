@@ -60,9 +60,9 @@ fn classes_state() -> impl Strategy<Value = ClassesState> {
 fn neuron_state() -> impl Strategy<Value = NeuronState> {
     (
         (any::<usize>(), any::<usize>(), option::of(text()), prop_oneof![Just(String::new()), text()], option::of(text())),
-        (any::<f32>(), any::<f32>(), any::<usize>(), any::<bool>()),
+        (any::<f32>(), any::<f32>(), any::<usize>(), any::<bool>(), prop_oneof![Just(None), Just(Some(Scale::Raw)), Just(Some(Scale::Std))]),
     )
-        .prop_map(|((layer, neuron, model, target, prompt), (from, to, steps, log))| NeuronState {
+        .prop_map(|((layer, neuron, model, target, prompt), (from, to, steps, log, scale))| NeuronState {
             layer,
             neuron,
             model,
@@ -72,6 +72,7 @@ fn neuron_state() -> impl Strategy<Value = NeuronState> {
             to,
             steps,
             log,
+            scale,
         })
 }
 
@@ -256,13 +257,14 @@ proptest! {
         prop_assert_eq!(parse::<ClassesState>(q), Ok(s), "{}", href);
     }
 
-    /// Any neuron state comes back from its link; without a target the link keeps only the model.
+    /// Any neuron state comes back from its link; without a target the link keeps only the model
+    /// and the scale.
     #[test]
     fn neuron_state_round_trips(s in neuron_state()) {
         let href = s.href();
         let (path, q) = split_href(&href);
         prop_assert_eq!(path.to_owned(), format!("/neuron/{}/{}", s.layer, s.neuron));
-        let expected = if s.target.is_empty() { NeuronState::new(s.layer, s.neuron, s.model.clone()) } else { s.clone() };
+        let expected = if s.target.is_empty() { NeuronState::new(s.layer, s.neuron, s.model.clone()).with_scale(s.scale) } else { s.clone() };
         prop_assert_eq!(NeuronState::parse(s.layer, s.neuron, q), Ok(expected), "{}", href);
     }
 

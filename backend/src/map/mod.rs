@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use shared::{Polarity, View};
+use shared::{Polarity, Scale, View};
 
 use crate::error::Result;
 use crate::model::{Config, Key, LanguageModel, WeightSource};
@@ -139,6 +139,24 @@ impl NeuronMap {
             Polarity::Pos
         } else {
             Polarity::Neg
+        }
+    }
+    /// The normalised probabilities p / mean(top-100 p) of one neuron's top tokens (in
+    /// [`NeuronMap::top`]'s order) after `scale`.
+    pub fn normalised_top(&self, p: Polarity, layer: usize, neuron: usize, scale: Scale) -> Vec<f32> {
+        let i = self.index(layer, neuron);
+        let probs = self.top(p, layer, neuron).1;
+        match scale {
+            Scale::Raw => {
+                let m = self.log_mean_top(p, i);
+                probs.iter().map(|&q| (q.ln() - m).exp()).collect()
+            }
+            Scale::Std => {
+                let (s, lse) = (self.inv_std(i), self.table(p).lse[i]);
+                let lse_top = self.lse_top_std()[(p == Polarity::Neg) as usize][i];
+                let ln_top = (NORM_TOP as f32).ln();
+                probs.iter().map(|&q| (s * (q.ln() + lse) - lse_top + ln_top).exp()).collect()
+            }
         }
     }
     /// log(mean of the top-100 probabilities) of one neuron.

@@ -484,14 +484,15 @@ async fn neuron_card(req: HttpRequest, state: Data<AppState>, path: Path<(String
         &state,
         key("neuron-card", &m.id, &(layer, index)),
         queued(&state, &req, move |_| {
-            let i = map.index(layer, index);
+            // On the scale the neuron's page shows by default.
+            let scale = analysis::default_scale(&map);
             let polarity = map.peaked_polarity(layer, index);
-            let (ids, probs) = map.top(polarity, layer, index);
-            let mean_top = map.log_mean_top(polarity, i);
-            let bars: Vec<(String, f32)> =
-                ids.iter().zip(probs).take(10).map(|(&t, &p)| (engine.tok.token_text(t), (p.ln() - mean_top).exp())).collect();
+            let ids = map.top(polarity, layer, index).0;
+            let norms = map.normalised_top(polarity, layer, index, scale);
+            let bars: Vec<(String, f32)> = ids.iter().zip(norms).take(10).map(|(&t, n)| (engine.tok.token_text(t), n)).collect();
             let pol = if polarity == Polarity::Pos { "pos" } else { "neg" };
-            let subtitle = format!("{} · up view, {pol} · p / mean top-100 p", engine.info.name);
+            let scaled = if scale == Scale::Std { ", σ-scaled" } else { "" };
+            let subtitle = format!("{} · up view, {pol} · p / mean top-100 p{scaled}", engine.info.name);
             crate::card::bars_png(&format!("Neuron {layer}:{index}"), &subtitle, &bars)
         }),
     )

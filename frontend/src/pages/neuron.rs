@@ -60,7 +60,10 @@ pub fn Neuron() -> impl IntoView {
             Err(_) => view! { <h1>"Neuron"</h1> }.into_any(),
         }}
         <ShareBar curl=api_request curl_id="curl-neuron" embed_height=EMBED_HEIGHT />
-        {move || status_view(detail.get().flatten(), "Decoding the neuron…", move |(m, d)| view! { <Detail model=m d=d embed=embed /> })}
+        {move || status_view(detail.get().flatten(), "Decoding the neuron…", move |(m, d)| {
+            let scale = st.get_untracked().ok().and_then(|s| s.scale);
+            view! { <Detail model=m d=d embed=embed scale=scale /> }
+        })}
         {move || (!embed).then(|| st.get().ok().zip(model.get().and_then(|m| m.ok())).map(|(s, m)| view! { <SweepPanel s=s model=m.id /> }))}
     }
 }
@@ -92,7 +95,7 @@ fn token_chart(vt: &ViewTokens, scale: shared::Scale) -> Plot {
 }
 
 #[component]
-fn Detail(model: String, d: NeuronDetail, embed: bool) -> impl IntoView {
+fn Detail(model: String, d: NeuronDetail, embed: bool, scale: Option<shared::Scale>) -> impl IntoView {
     let (layer, neuron) = (d.layer, d.neuron);
     // What the neuron writes: the down view's top token, the word a steered answer should show.
     let writes =
@@ -101,7 +104,7 @@ fn Detail(model: String, d: NeuronDetail, embed: bool) -> impl IntoView {
     let strength = (d.activation.max.abs().max(d.activation.min.abs()) * 2.0).clamp(4.0, 50.0).round();
     let mut steer = SteerState { model: Some(model.clone()), word: writes.clone().unwrap_or_default().trim().to_owned(), ..Default::default() };
     steer.set_clamps(&[shared::ClampSpec { layer, neuron, value: strength }]);
-    let search_link = reads.map(|t| SearchState { model: Some(model.clone()), q: t, ..Default::default() }.href());
+    let search_link = reads.map(|t| SearchState { model: Some(model.clone()), q: t, scale, ..Default::default() }.href());
     let a = d.activation;
     let views = view! {
         <section>
@@ -193,7 +196,7 @@ fn Detail(model: String, d: NeuronDetail, embed: bool) -> impl IntoView {
                         {d.similar
                             .iter()
                             .map(|n| {
-                                let href = NeuronState::new(n.layer, n.neuron, Some(model.clone())).href();
+                                let href = NeuronState::new(n.layer, n.neuron, Some(model.clone())).with_scale(scale).href();
                                 view! { <tr><td><a href=href>{format!("{}:{}", n.layer, n.neuron)}</a></td><td>{format!("cos {:+.3}", n.cosine)}</td></tr> }
                             })
                             .collect_view()}

@@ -170,7 +170,10 @@ pub fn Search() -> impl IntoView {
                 return crate::map_building(message, percent);
             }
             status_view(results.get(), "Searching every neuron…", |r| match r {
-                Some((m, s)) => view! { <Results model=m s=s embed=embed /> }.into_any(),
+                Some((m, s)) => {
+                    let scale = st.get_untracked().ok().and_then(|s| s.scale);
+                    view! { <Results model=m s=s embed=embed scale=scale /> }.into_any()
+                }
                 None => view! {
                     <p class="hint">
                         "Type a token such as \" dog\" (with its leading space) and press Enter. Try "
@@ -224,8 +227,9 @@ fn score_axis(scale: Scale) -> &'static str {
     }
 }
 
-fn neuron_href(model: &str, layer: usize, neuron: usize) -> String {
-    NeuronState::new(layer, neuron, Some(model.to_owned())).href()
+/// A neuron's page, its bars on the search's scale when the search names one.
+fn neuron_href(model: &str, layer: usize, neuron: usize, scale: Option<Scale>) -> String {
+    NeuronState::new(layer, neuron, Some(model.to_owned())).with_scale(scale).href()
 }
 
 fn html_escape(s: &str) -> String {
@@ -235,7 +239,7 @@ fn html_escape(s: &str) -> String {
 /// The paper's figure: x runs over every neuron, layer after layer (one shaded band per layer);
 /// y is the normalised probability, drawn below zero when the neuron matches in its negative
 /// polarity. The strongest neurons are marked, with their top tokens on hover.
-fn search_plot(model: &str, s: &SearchResponse) -> Plot {
+fn search_plot(model: &str, s: &SearchResponse, scale: Option<Scale>) -> Plot {
     let n_layers = s.layers.len();
     let d_ff = s.layers.first().map_or(0, |l| l.neurons);
     let total = n_layers * d_ff;
@@ -264,7 +268,7 @@ fn search_plot(model: &str, s: &SearchResponse) -> Plot {
             format!("<b>layer {} · neuron {}</b> ({})<br>top: {toks}", h.layer, h.neuron, if h.polarity == Polarity::Pos { "pos" } else { "neg" })
         })
         .collect();
-    let links: Vec<String> = hits.iter().map(|h| neuron_href(model, h.layer, h.neuron)).collect();
+    let links: Vec<String> = hits.iter().map(|h| neuron_href(model, h.layer, h.neuron, scale)).collect();
     let colors: Vec<&str> = hits.iter().map(|h| if h.polarity == Polarity::Pos { "#d8572a" } else { "#3b6fd8" }).collect();
     let marked = Scatter::new(hx, hy)
         .mode(Mode::Markers)
@@ -315,7 +319,7 @@ fn search_plot(model: &str, s: &SearchResponse) -> Plot {
 }
 
 #[component]
-fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
+fn Results(model: String, s: SearchResponse, embed: bool, scale: Option<Scale>) -> impl IntoView {
     let navigate = use_navigate();
     let d_ff = s.layers.first().map_or(0, |l| l.neurons);
     // (layer, neuron) of each point of the "all neurons" trace, in the order it was drawn.
@@ -325,14 +329,14 @@ fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
         let href = match (c.curve, c.custom) {
             (1, Some(h)) => h,
             (0, _) => match drawn.get(c.point) {
-                Some(&(l, n)) => neuron_href(&m, l, n),
+                Some(&(l, n)) => neuron_href(&m, l, n, scale),
                 None => return,
             },
             _ => return,
         };
         navigate(&href, Default::default());
     });
-    let plot = search_plot(&model, &s);
+    let plot = search_plot(&model, &s, scale);
     let tokens =
         s.tokens.iter().map(|t| format!("{} (id {})", show_token(&t.text), t.id)).collect::<Vec<_>>().join(if s.phrase { " · " } else { ", " });
     let tokens = if s.phrase { format!("phrase {tokens}") } else { tokens };
@@ -376,7 +380,7 @@ fn Results(model: String, s: SearchResponse, embed: bool) -> impl IntoView {
                             .take(LISTED)
                             .enumerate()
                             .map(|(i, h)| {
-                                let href = neuron_href(&model, h.layer, h.neuron);
+                                let href = neuron_href(&model, h.layer, h.neuron, scale);
                                 view! {
                                     <tr class="hit">
                                         <td>{i + 1}</td>
@@ -568,7 +572,7 @@ fn VerifyResults(model: String, v: Verified) -> impl IntoView {
                         .into_iter()
                         .enumerate()
                         .map(|(i, n)| {
-                            let href = neuron_href(&model, n.layer, n.neuron);
+                            let href = neuron_href(&model, n.layer, n.neuron, s.scale);
                             let steer = s.steer_with(&model, ClampSpec { layer: n.layer, neuron: n.neuron, value: n.best_value }).href();
                             let svg = sparkline(&n.curve, baseline, n.best_value);
                             view! {
