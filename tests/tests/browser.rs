@@ -250,6 +250,18 @@ async fn search_plot_neuron_page_and_sweep() {
         assert_eq!(c.find(Locator::Css("tr.hit")).await?.text().await?, down_first);
         assert_eq!(c.find(Locator::Css("input#q")).await?.prop("value").await?.as_deref(), Some(" cat"));
 
+        // Scores σ-scaled on request (this model's default is the paper's): in the URL, said in
+        // the caption, and kept by the links to the neurons.
+        c.find(Locator::Css("select#scale")).await?.select_by_value("std").await?;
+        until(10, "the URL takes the scale", async || Ok(url(c).await?.contains("scale=std").then_some(()))).await?;
+        until(30, "the caption says the scores are σ-scaled", async || {
+            let v = js(c, "return document.querySelector('section.figure .caption')?.textContent || ''").await?;
+            Ok(v.as_str().is_some_and(|t| t.contains("σ-scaled")).then_some(()))
+        })
+        .await?;
+        let href = js(c, "return document.querySelector('tr.hit a')?.getAttribute('href') || ''").await?;
+        assert!(href.as_str().is_some_and(|h| h.contains("scale=std")), "{href}");
+
         // Suggestions as you type: the datalist offers single tokens completing the last piece.
         let input = c.find(Locator::Css("input#q")).await?;
         input.clear().await?;
@@ -436,6 +448,9 @@ async fn gemma_steer_and_search_pages() {
         let first = first_hit_other_than(c, "", 600, "Gemma's dog search (its map is built first)").await?;
         assert!(first.contains("15:1781") && first.contains("canine"), "{first}");
         wait(c, "#search-plot[data-drawn='1']", 30).await?;
+        // Gemma's raw logits are flat: its scores are σ-scaled by default, and the page says so.
+        let caption = c.find(Locator::Css("section.figure .caption")).await?.text().await?;
+        assert!(caption.contains("σ-scaled"), "{caption}");
         shot(c, "gemma-search").await?;
         Ok(())
     })
