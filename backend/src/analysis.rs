@@ -531,7 +531,7 @@ impl VerifyPlan {
 /// score, one entry per neuron (its best view). Every view is scored on one scale, so that their
 /// scores compare: [`Scale::Std`] when any of the maps is flat ([`default_scale`]).
 pub fn candidates(engine: &Engine, maps: &[Arc<NeuronMap>], concept: &ConceptIds, n: usize) -> Result<Vec<(View, SearchHit)>> {
-    let scale = if maps.iter().any(|m| default_scale(m) == Scale::Std) { Scale::Std } else { Scale::Raw };
+    let scale = pool_scale(maps);
     let mut pool = Vec::new();
     for map in maps {
         let r = search_concept(engine, map, &concept.ids, concept.phrase, n, None, scale)?;
@@ -542,6 +542,16 @@ pub fn candidates(engine: &Engine, maps: &[Arc<NeuronMap>], concept: &ConceptIds
     pool.retain(|(_, h)| seen.insert((h.layer, h.neuron)));
     pool.truncate(n);
     Ok(pool)
+}
+
+/// The one scale [`candidates`] scores every view of `maps` on: [`Scale::Std`] when any of them
+/// is flat ([`default_scale`]), else the paper's.
+pub fn pool_scale(maps: &[Arc<NeuronMap>]) -> Scale {
+    if maps.iter().any(|m| default_scale(m) == Scale::Std) {
+        Scale::Std
+    } else {
+        Scale::Raw
+    }
 }
 
 /// Causal verification: clamp each of the map's candidates over a range scaled to its natural
@@ -600,5 +610,6 @@ pub fn verify(engine: &Engine, maps: &[Arc<NeuronMap>], plan: &VerifyPlan, cance
         phrase: plan.concept.phrase,
         baseline: mean_p(0),
         neurons,
+        scale: pool_scale(maps),
     })
 }

@@ -799,6 +799,9 @@ fn run(cli: &Cli) -> Result<()> {
             let toks: Vec<&str> = r.tokens.iter().map(|t| t.text.as_str()).collect();
             println!("p({}{}) unclamped: {:.6}", if r.phrase { "phrase " } else { "" }, tokens(&toks), r.baseline);
             println!("  causal  map  neuron      view  pol   map score  best clamp  p at best   effect (nats)");
+            if r.scale == Scale::Std {
+                println!("  (map scores σ-scaled: this model's raw logits are flat)");
+            }
             for (rank, n) in r.neurons.iter().enumerate() {
                 println!(
                     "  {:>6}  {:>3}  {:>3}:{:<6}  {:>4}  {:>3}  {:>9.3}  {:>10.2}  {:>9.6}  {:>+8.3}",

@@ -160,6 +160,9 @@ fn std_scale_does_not_depend_on_the_size_of_the_weights() {
     let (ma, mb) = (build(&a.engine, View::Up, false), build(&b.engine, View::Up, false));
     assert_eq!(analysis::default_scale(&ma), Scale::Raw, "median std {}", analysis::median_std(&ma));
     assert_eq!(analysis::default_scale(&mb), Scale::Std, "median std {}", analysis::median_std(&mb));
+    // Verification pools views on one scale: σ as soon as one map is flat.
+    assert_eq!(analysis::pool_scale(std::slice::from_ref(&ma)), Scale::Raw);
+    assert_eq!(analysis::pool_scale(&[ma.clone(), mb.clone()]), Scale::Std);
     let tokens = [40u32];
     let search = |e: &Engine, m: &NeuronMap, scale| analysis::search_concept(e, m, &tokens, false, 5, None, scale).unwrap();
     let (sa, sb) = (search(&a.engine, &ma, Scale::Std), search(&b.engine, &mb, Scale::Std));
@@ -558,6 +561,7 @@ fn verify_finds_the_planted_writer_and_measures_what_a_sweep_measures() {
     let plan = analysis::VerifyPlan::new(e, &req).unwrap();
     let r = analysis::verify(e, &maps, &plan, &Cancel::default()).unwrap();
     assert_eq!(r.neurons.len(), 6);
+    assert_eq!(r.scale, Scale::Raw, "the tiny model's map scores are the paper's");
     // The map's candidates include both planted neurons, each found through its planted side.
     let find = |l, n| r.neurons.iter().find(|v| (v.layer, v.neuron) == (l, n)).unwrap_or_else(|| panic!("{l}:{n} not a candidate"));
     let (writer, decoy) = (find(1, 10), find(2, 20));

@@ -926,6 +926,10 @@ pub struct VerifyResponse {
     pub baseline: f32,
     /// Candidates, the largest causal effect first.
     pub neurons: Vec<VerifiedNeuron>,
+    /// The scale of the candidates' map scores (one for every view: `std` when any of the
+    /// model's maps has flat raw logits, as a search's default).
+    #[serde(default)]
+    pub scale: Scale,
 }
 
 /// Every error answered by the API, and printed by the CLI with `--json`.

@@ -556,6 +556,12 @@ fn VerifyResults(model: String, v: Verified) -> impl IntoView {
         r.neurons.len()
     );
     let baseline = r.baseline;
+    let (map_score, map_score_title) = match r.scale {
+        Scale::Raw => ("map score", "The candidate's concept search score: p / mean top-100 p"),
+        Scale::Std => {
+            ("map score (σ)", "The candidate's concept search score, σ-scaled: p / mean top-100 p of its logits over their standard deviation")
+        }
+    };
     view! {
         <h3>"Causal ranking"</h3>
         <p class="result" id="verify-summary">{summary}</p>
@@ -563,7 +569,7 @@ fn VerifyResults(model: String, v: Verified) -> impl IntoView {
             <table id="verify-table">
                 <thead>
                     <tr>
-                        <th>"#"</th><th>"neuron"</th><th>"view"</th><th>"polarity"</th><th>"map rank"</th><th>"map score"</th>
+                        <th>"#"</th><th>"neuron"</th><th>"view"</th><th>"polarity"</th><th>"map rank"</th><th title=map_score_title>{map_score}</th>
                         <th>"best clamp"</th><th>"p at best (unclamped)"</th><th>"effect (nats)"</th><th>"curve"</th><th></th>
                     </tr>
                 </thead>
