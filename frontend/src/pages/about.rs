@@ -24,6 +24,13 @@ pub fn About() -> impl IntoView {
             "and its down column together leaves the model unchanged, each direction is also decoded negated (“neg”)."
         </p>
         <p>
+            "Some models' raw logits are too flat for this score to tell tokens apart: Gemma 3 270M's neurons spread their "
+            "logits by 0.035 nat over the vocabulary (SmolLM2's by 0.47), so every score is about 1. For such models (a "
+            "median spread under 0.1 nat) the scores are σ-scaled by default: each neuron's logits are divided by their own "
+            "standard deviation before the softmax. That keeps every neuron's order of tokens and the map; it changes how "
+            "sharply the score separates them, and so how neurons compare. The search page's “Scores” picks either."
+        </p>
+        <p>
             "Clamping forces a neuron's activation act(gate(x)) · up(x) — the input of down_proj — to a constant at every "
             "position. Sweeping the clamp value against p(target) shows the neuron's role; the steer page shows it in a "
             "conversation, normal and steered side by side."
