@@ -35,6 +35,28 @@ pub fn Gallery(model: String) -> impl IntoView {
     }
 }
 
+/// "Or try …": the model's first gallery example as a steer link (its clamp, prompt and samples),
+/// for a steer page with no clamp yet; nothing for a model without a gallery.
+#[component]
+pub fn TryExample(model: String) -> impl IntoView {
+    let url = format!("/api/models/{}/gallery", state::segment(&model));
+    let r = LocalResource::new(move || {
+        let url = url.clone();
+        async move { api::get::<GalleryResponse>(&url).await }
+    });
+    move || {
+        let ex = r.get()?.ok()?.examples.into_iter().next()?;
+        let steer = SteerState::from_gallery(&ex, Some(model.clone())).href();
+        let figure = ex.measured.as_ref().map(|m| format!(": p({}) {} → {}", show_token(&ex.target), percent(m.p_normal), percent(m.p_clamped)));
+        Some(view! {
+            " Or try "
+            <a id="steer-try" href=steer>{format!("{}:{} = {}", ex.layer, ex.neuron, ex.clamp)}</a>
+            {format!(" ({}{})", ex.title.to_lowercase(), figure.unwrap_or_default())}
+            "."
+        })
+    }
+}
+
 fn card(model: &str, ex: GalleryExample) -> impl IntoView {
     let search = SearchState { model: Some(model.to_owned()), q: ex.concept.clone(), view: ex.view, ..Default::default() }.href();
     let neuron = NeuronState::new(ex.layer, ex.neuron, Some(model.to_owned())).href();

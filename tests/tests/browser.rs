@@ -434,6 +434,11 @@ async fn gemma_steer_and_search_pages() {
     gemma.cache_dir = flash_interp_e2e::test_map_cache();
     let s = start_with(vec![Arc::new(gemma)], tempfile::tempdir().unwrap()).await;
     finish("gemma", s, async |c, base| {
+        // With no clamp yet, the steer page suggests this model's own first gallery example.
+        c.goto(&format!("{base}/steer")).await?;
+        let try_link = wait(c, "#steer-try", 30).await?;
+        let href = try_link.attr("href").await?.unwrap_or_default();
+        assert!(href.contains("model=") && href.contains("clamps=17%3A676%3A") && href.contains("word=dog"), "{href}");
         c.goto(&format!("{base}/steer?prompt=My+favourite+animal+is+the&clamps=15%3A1781%3A-20&max=24")).await?;
         wait(c, "#pair-0[data-done='1']", 120).await?;
         let chat = c.find(Locator::Css("#chat")).await?;

@@ -397,9 +397,9 @@ pub fn Steer() -> impl IntoView {
             }}
         </div>
         {move || (samples.with(|v| v.is_empty()) && run_error.get().is_none() && st.get().is_ok_and(|s| s.clamps.is_empty())).then(|| view! {
-            <p class="hint" id="steer-empty">"Add a clamp and press Generate. Or try "
-                <a href="/steer?clamps=29%3A808%3A12&word=dog">"29:808 = 12"</a>
-                " on the default model (its down column writes “dog” and “cat”)."</p>
+            <p class="hint" id="steer-empty">"Add a clamp and press Generate."
+                {move || model.get().and_then(|m| m.ok()).map(|m| view! { <crate::gallery::TryExample model=m.id /> })}
+            </p>
         })}
     }
 }
