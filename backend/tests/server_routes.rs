@@ -70,6 +70,7 @@ async fn models_tokens_and_meta_endpoints() {
     let models: Vec<ModelSummary> = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models").to_request()).await;
     assert_eq!(models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), vec!["base", "tuned", "small"]);
     assert_eq!((models[0].layers, models[0].neurons_per_layer), (3, 64));
+    assert_eq!(models[0].search_scale, None, "no map in memory yet");
     let t: TokenizeResponse = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/tokens?q=th").to_request()).await;
     assert_eq!(t.tokens.len(), 2);
     assert!(t.suggestions.iter().any(|s| s.text == " the") && t.suggestions.iter().all(|s| s.text.trim_start().starts_with("th")));
@@ -329,6 +330,8 @@ async fn search_and_neuron_endpoints() {
     // The tiny model's raw logits are not flat: the paper's scale by default; `std` on request,
     // said in the response, with other scores.
     assert_eq!(r.scale, shared::Scale::Raw);
+    let models: Vec<ModelSummary> = test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models").to_request()).await;
+    assert_eq!(models[0].search_scale, Some(shared::Scale::Raw), "the model list says which scale its searches use");
     let std: SearchResponse =
         test::call_and_read_body_json(&app, test::TestRequest::get().uri("/api/models/base/search?tokens=%20the,in&top=5&scale=std").to_request())
             .await;

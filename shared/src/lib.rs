@@ -598,6 +598,10 @@ pub struct ModelSummary {
     pub maps_ready: Vec<View>,
     /// Whether maps decode with the final RMSNorm folded in (the server's option).
     pub final_norm: bool,
+    /// The scale a search of the up view uses by default (`std` where the raw logits are flat),
+    /// once that map is in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_scale: Option<Scale>,
 }
 
 /// `GET /api/models/{model}/tokens?q=`: how a string tokenizes, and single tokens that start with it.

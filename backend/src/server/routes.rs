@@ -292,6 +292,7 @@ async fn models(state: Data<AppState>) -> HttpResponse {
                 chat: m.engine.chat.is_some(),
                 maps_ready: View::ALL.into_iter().filter(|&v| m.engine.map_ready(v, state.config.final_norm)).collect(),
                 final_norm: state.config.final_norm,
+                search_scale: m.engine.map_if_ready(View::Up, state.config.final_norm).map(|map| analysis::default_scale(&map)),
             }
         })
         .collect();

@@ -19,13 +19,18 @@ pub fn Home() -> impl IntoView {
                     let maps = if m.maps_ready.is_empty() { "neuron map: building".to_owned() } else {
                         format!("neuron maps ready: {}", m.maps_ready.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
                     };
+                    let scores = match m.search_scale {
+                        Some(shared::Scale::Std) => " · search scores σ-scaled (flat raw logits)",
+                        Some(shared::Scale::Raw) => " · search scores: the paper's",
+                        None => "",
+                    };
                     view! {
                         <li class="model" data-id=m.id.clone()>
                             <strong>{m.name.clone()}</strong>
                             <span class="id">{format!(" ({})", m.id)}</span>
                             <br />
                             {format!(
-                                "{} · {} · {} layers × {} neurons · d_model {} · vocabulary {} · context {}{} · {maps}",
+                                "{} · {} · {} layers × {} neurons · d_model {} · vocabulary {} · context {}{} · {maps}{scores}",
                                 m.architecture, m.format, m.layers, m.neurons_per_layer, m.d_model, m.vocab_size, m.context,
                                 if m.chat { " · chat template" } else { "" },
                             )}
