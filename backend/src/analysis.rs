@@ -82,7 +82,7 @@ pub const FLAT_STD: f32 = 0.1;
 /// The scale a search of `map` uses when the request names none: the paper's raw logits, unless
 /// they are flat ([`FLAT_STD`]); then [`Scale::Std`].
 pub fn default_scale(map: &NeuronMap) -> Scale {
-    if median_std(map) < FLAT_STD {
+    if map.median_std() < FLAT_STD {
         Scale::Std
     } else {
         Scale::Raw
@@ -303,7 +303,7 @@ pub fn neuron_detail(engine: &Engine, layer: usize, neuron: usize, final_norm: b
         .filter_map(|&view| engine.map_if_ready(view, final_norm))
         .map(|m| {
             let moments = moments(&m, i);
-            ViewClass { view: m.meta.view, class: NeuronClass::of(&moments, median_std(&m)), moments }
+            ViewClass { view: m.meta.view, class: NeuronClass::of(&moments, m.median_std()), moments }
         })
         .collect();
     Ok(NeuronDetail { layer, neuron, final_norm, views, activation, similar, classes, scale })
@@ -365,19 +365,9 @@ pub fn moments(map: &NeuronMap, i: usize) -> Moments {
     Moments { mean: m.mean[i], std: m.std[i], skew: m.skew[i], kurtosis: m.kurtosis[i] }
 }
 
-/// The median std of a map's neurons: the scale partition neurons are measured against.
-pub fn median_std(map: &NeuronMap) -> f32 {
-    let mut s = map.moments.std.clone();
-    if s.is_empty() {
-        return 0.0;
-    }
-    let mid = s.len() / 2;
-    *s.select_nth_unstable_by(mid, f32::total_cmp).1
-}
-
 /// The class of every neuron of `map` (see [`NeuronClass::of`]).
 pub fn classify(map: &NeuronMap) -> Vec<NeuronClass> {
-    let med = median_std(map);
+    let med = map.median_std();
     (0..map.n_neurons()).map(|i| NeuronClass::of(&moments(map, i), med)).collect()
 }
 
@@ -417,7 +407,7 @@ pub fn classes(engine: &Engine, map: &NeuronMap, class: NeuronClass, top: usize)
         final_norm: map.meta.final_norm,
         kurtosis_threshold: NeuronClass::KURTOSIS,
         partition_std: NeuronClass::PARTITION_STD,
-        median_std: median_std(map),
+        median_std: map.median_std(),
         layers,
         class,
         neurons,

@@ -158,8 +158,8 @@ fn std_scaled_search_is_the_normalised_probability_of_standardised_logits() {
 fn std_scale_does_not_depend_on_the_size_of_the_weights() {
     let (a, b) = (tiny(&TinySpec::default(), "a"), tiny(&TinySpec { scale: TinySpec::default().scale * 0.1, ..Default::default() }, "b"));
     let (ma, mb) = (build(&a.engine, View::Up, false), build(&b.engine, View::Up, false));
-    assert_eq!(analysis::default_scale(&ma), Scale::Raw, "median std {}", analysis::median_std(&ma));
-    assert_eq!(analysis::default_scale(&mb), Scale::Std, "median std {}", analysis::median_std(&mb));
+    assert_eq!(analysis::default_scale(&ma), Scale::Raw, "median std {}", ma.median_std());
+    assert_eq!(analysis::default_scale(&mb), Scale::Std, "median std {}", mb.median_std());
     // Verification pools views on one scale: σ as soon as one map is flat.
     assert_eq!(analysis::pool_scale(std::slice::from_ref(&ma)), Scale::Raw);
     assert_eq!(analysis::pool_scale(&[ma.clone(), mb.clone()]), Scale::Std);

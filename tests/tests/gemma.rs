@@ -127,7 +127,7 @@ fn gemma_map_search_and_sweep_find_and_steer_a_dog_neuron() {
 fn gemma_search_defaults_to_std_scale_where_the_dog_neuron_stands_out() {
     let e = engine();
     let (map, _) = e.map(View::Up, false, &|_, _| {}).unwrap();
-    assert!(flash_interp::analysis::median_std(&map) < flash_interp::analysis::FLAT_STD);
+    assert!(map.median_std() < flash_interp::analysis::FLAT_STD);
     assert_eq!(flash_interp::analysis::default_scale(&map), Scale::Std);
     let dog = e.tok.single_token(" dog").unwrap();
     let search = |scale| flash_interp::analysis::search_concept(e, &map, &[dog], false, 5, None, scale).unwrap();

@@ -75,13 +75,27 @@ pub struct NeuronMap {
     pub pos: PolarityTable,
     pub neg: PolarityTable,
     pub moments: MomentTable,
-    /// [`NeuronMap::lse_top_std`], derived on first use.
+    /// [`NeuronMap::lse_top_std`] and [`NeuronMap::median_std`], derived on first use.
     std_top: OnceLock<[Vec<f32>; 2]>,
+    median_std: OnceLock<f32>,
 }
 
 impl NeuronMap {
     pub fn new(meta: MapMeta, pos: PolarityTable, neg: PolarityTable, moments: MomentTable) -> Self {
-        Self { meta, pos, neg, moments, std_top: OnceLock::new() }
+        Self { meta, pos, neg, moments, std_top: OnceLock::new(), median_std: OnceLock::new() }
+    }
+    /// The median of the neurons' logit standard deviations: the scale partition neurons are
+    /// measured against, and what tells a flat map (`analysis::default_scale`). Computed once:
+    /// searches, neuron details and the model list ask for it on every request.
+    pub fn median_std(&self) -> f32 {
+        *self.median_std.get_or_init(|| {
+            let mut s = self.moments.std.clone();
+            if s.is_empty() {
+                return 0.0;
+            }
+            let mid = s.len() / 2;
+            *s.select_nth_unstable_by(mid, f32::total_cmp).1
+        })
     }
     /// 1 / the standard deviation of neuron `i`'s logits over the vocabulary: the factor
     /// [`Scale::Std`](shared::Scale::Std) multiplies its logits with (1 for a neuron whose logits are all equal).
@@ -95,7 +109,7 @@ impl NeuronMap {
     /// logits times [`NeuronMap::inv_std`]), `[pos, neg]`: what the scaled normalised
     /// probability divides by. A positive scale keeps the top 100, so their logits come back
     /// from the stored probabilities (ln p + logsumexp) without decoding again; computed once
-    /// per map, on first use (a few ms per 100,000 neurons and core).
+    /// per map, on first use (32 ms for Gemma 3 270M's 36,864 neurons on 2 cores).
     pub fn lse_top_std(&self) -> &[Vec<f32>; 2] {
         self.std_top.get_or_init(|| {
             use rayon::prelude::*;

@@ -292,7 +292,7 @@ async fn models(state: Data<AppState>) -> HttpResponse {
                 chat: m.engine.chat.is_some(),
                 maps_ready: View::ALL.into_iter().filter(|&v| m.engine.map_ready(v, state.config.final_norm)).collect(),
                 final_norm: state.config.final_norm,
-                search_scale: m.engine.map_if_ready(View::Up, state.config.final_norm).map(|map| analysis::default_scale(&map)),
+                search_scale: loaded_scale(m, state.config.final_norm),
             }
         })
         .collect();
@@ -420,6 +420,11 @@ async fn search(req: HttpRequest, state: Data<AppState>, model: Path<String>, q:
         }),
     )
     .await
+}
+
+/// The scale a search of `m` uses by default, once its up map is in memory (never waits for one).
+fn loaded_scale(m: &Served, final_norm: bool) -> Option<Scale> {
+    m.engine.map_if_ready(View::Up, final_norm).map(|map| analysis::default_scale(&map))
 }
 
 /// The query of a concept card: a search's, without `top`.
@@ -573,7 +578,7 @@ async fn neuron(req: HttpRequest, state: Data<AppState>, path: Path<(String, usi
     }
     crate::limits::check_layer_neuron(layer, index, m.engine.config())?;
     let (engine, final_norm) = (m.engine.clone(), state.config.final_norm);
-    let scale = q.scale.unwrap_or_else(|| m.engine.map_if_ready(View::Up, final_norm).map(|map| analysis::default_scale(&map)).unwrap_or_default());
+    let scale = q.scale.unwrap_or_else(|| loaded_scale(m, final_norm).unwrap_or_default());
     cached(
         &state,
         key("neuron", &m.id, &(layer, index, n, scale)),
