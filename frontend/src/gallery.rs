@@ -10,13 +10,18 @@ use shared::{GalleryExample, GalleryResponse};
 use crate::state::{self, ModelPage, NeuronState, SearchState, SteerState};
 use crate::{api, percent, show_token};
 
-#[component]
-pub fn Gallery(model: String) -> impl IntoView {
-    let url = format!("/api/models/{}/gallery", state::segment(&model));
-    let r = LocalResource::new(move || {
+/// The gallery of `model`, fetched once.
+fn fetch_gallery(model: &str) -> LocalResource<Result<GalleryResponse, String>> {
+    let url = format!("/api/models/{}/gallery", state::segment(model));
+    LocalResource::new(move || {
         let url = url.clone();
         async move { api::get::<GalleryResponse>(&url).await }
-    });
+    })
+}
+
+#[component]
+pub fn Gallery(model: String) -> impl IntoView {
+    let r = fetch_gallery(&model);
     move || {
         let examples = r.get()?.ok()?.examples;
         (!examples.is_empty()).then(|| {
@@ -39,11 +44,7 @@ pub fn Gallery(model: String) -> impl IntoView {
 /// for a steer page with no clamp yet; nothing for a model without a gallery.
 #[component]
 pub fn TryExample(model: String) -> impl IntoView {
-    let url = format!("/api/models/{}/gallery", state::segment(&model));
-    let r = LocalResource::new(move || {
-        let url = url.clone();
-        async move { api::get::<GalleryResponse>(&url).await }
-    });
+    let r = fetch_gallery(&model);
     move || {
         let ex = r.get()?.ok()?.examples.into_iter().next()?;
         let steer = SteerState::from_gallery(&ex, Some(model.clone())).href();
