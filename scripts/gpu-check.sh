@@ -21,6 +21,8 @@
 # reports what it did. What comes back from the machine is at most 8 files: $OUT/gpu-check.json
 # (the report), $OUT/log.txt and $OUT/steps.tar.gz (each step's output, status and stderr).
 # Correctness runs first, then the map (the paper's headline), then generation.
+# GPU_CHECK_ONLY="device-check synth bench-map" runs only the steps named (for a rerun with little
+# device time left); the others are recorded as skipped.
 # A dry run of the script's plumbing on a CPU machine, with a small shape and the CPU build:
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_BIN=target/release/flash-interp GPU_CHECK_SHAPE=smollm2-135m \
 #   GPU_CHECK_LAYERS=2 OUT=/tmp/gc bash scripts/gpu-check.sh
@@ -54,6 +56,11 @@ step() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - ($(date +%s) - t0) - 20))
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        log "$name: skipped (not in GPU_CHECK_ONLY)"
+        echo '{"rc": -1, "seconds": 0, "skipped": true}' > "$S/$name.status"
+        return 1
+    fi
     if [ "$left" -lt 30 ]; then
         log "$name: skipped, ${left}s of the budget left"
         echo '{"rc": -1, "seconds": 0, "skipped": true}' > "$S/$name.status"
