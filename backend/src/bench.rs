@@ -118,7 +118,14 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
     };
     eprintln!("timing our map on {} ({})...", cli.device, engine.weights_desc());
     let (_, first) = build()?;
+    #[cfg(feature = "cuda")]
+    map::gpu::take_stats();
     let (m, ours) = build()?;
+    // Where the timed build's device time went (CUDA events), when it ran on a GPU.
+    #[cfg(feature = "cuda")]
+    let phases = Some(map::gpu::take_stats()).filter(|s| s.product_seconds > 0.0);
+    #[cfg(not(feature = "cuda"))]
+    let phases: Option<()> = None;
     let dtype = match engine.weights_desc().as_str() {
         "f32" if std::env::var("FLASH_INTERP_TF32").is_ok_and(|v| v == "1") => "tf32".to_owned(),
         d => d.to_owned(),
@@ -136,6 +143,7 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
         "vocab": m.meta.vocab,
         "map_seconds": ours,
         "map_seconds_first": first,
+        "map_device_phases": phases,
         "peer": peer,
         "ratio_peer_over_ours": peer_secs.map(|p| p / ours),
         "search_ms_median": search_ms,
@@ -145,6 +153,15 @@ fn run_device(cli: &Cli, a: &BenchArgs) -> Result<()> {
     }
     println!("neuron map of {} ({} neurons) on {}:", engine.info.name, m.n_neurons(), cli.device);
     println!("  flash-interp ({})  {ours:>7.3}s (first build {first:.3}s)", engine.weights_desc());
+    if let Some(p) = r["map_device_phases"].as_object() {
+        let secs = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        println!(
+            "    on the device: products {:.3}s, reductions {:.3}s ({} rows by radix select)",
+            secs("product_seconds"),
+            secs("reduce_seconds"),
+            p.get("radix_rows").and_then(|v| v.as_u64()).unwrap_or(0)
+        );
+    }
     if let Some(p) = peer_secs {
         println!("  PyTorch peer ({dtype})  {p:>7.3}s   ours is {:.2}x faster", p / ours);
     }

@@ -2,7 +2,7 @@
 // CUDA thread, blocks one after another. Enough of CUDA for kernels/map.cu, and no more:
 //   - __shared__ variables are statics (one block runs at a time);
 //   - __syncthreads is a barrier over the block's threads;
-//   - __shfl_down_sync and __ballot_sync must be called by all 32 lanes of the warp (mask FULL),
+//   - __shfl_down_sync, __shfl_up_sync and __ballot_sync must be called by all 32 lanes of the warp (mask FULL),
 //     __match_any_sync by exactly the lanes in its mask (as CUDA requires), each through its own
 //     barrier, so a warp's lanes may sit in different ones at once as they can on a GPU.
 // Real threads interleave as the OS schedules them, so a missing __syncthreads shows up as a
@@ -99,6 +99,19 @@ template <class T> T __shfl_down_sync(unsigned mask, T v, unsigned off) {
     w.full.wait(32);
     T r = v;
     if (l + off < 32) std::memcpy(&r, &w.slot[l + off], sizeof(T));
+    w.full.wait(32);
+    return r;
+}
+
+template <class T> T __shfl_up_sync(unsigned mask, T v, unsigned off) {
+    static_assert(sizeof(T) <= 8);
+    assert(mask == 0xffffffffu);
+    emu::Warp &w = emu::warp();
+    unsigned l = emu::lane();
+    std::memcpy(&w.slot[l], &v, sizeof(T));
+    w.full.wait(32);
+    T r = v;
+    if (l >= off) std::memcpy(&r, &w.slot[l - off], sizeof(T));
     w.full.wait(32);
     return r;
 }

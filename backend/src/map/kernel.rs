@@ -40,6 +40,46 @@ pub struct NeuronReduction {
     pub moments: Moments,
 }
 
+/// A block of rows' reductions, flat, as the GPU hands them back: row `r`'s logsumexp of
+/// polarity `p` (0: +x, 1: −x) at `lse[2r + p]`, its moments' mean, m2, m3 and m4 at
+/// `mom[4r..4r + 4]`, and its top `k` of polarity `p` at `top_val` / `top_id[(2r + p)k..]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reductions {
+    pub k: usize,
+    /// Values per row (the moments' count).
+    pub vocab: usize,
+    pub lse: Vec<f32>,
+    pub mom: Vec<f64>,
+    pub top_val: Vec<f32>,
+    pub top_id: Vec<u32>,
+}
+
+impl Reductions {
+    pub fn rows(&self) -> usize {
+        self.lse.len() / 2
+    }
+
+    /// Row by row reductions (all with the same `k`) laid out flat.
+    pub fn from_rows(rows: &[NeuronReduction], k: usize, vocab: usize) -> Self {
+        let mut f = Self { k, vocab, ..Self::default() };
+        for r in rows {
+            f.lse.extend([r.pos.lse, r.neg.lse]);
+            f.mom.extend([r.moments.mean, r.moments.m2, r.moments.m3, r.moments.m4]);
+            for p in [&r.pos, &r.neg] {
+                assert_eq!(p.top.len(), k);
+                f.top_val.extend(p.top.iter().map(|t| t.0));
+                f.top_id.extend(p.top.iter().map(|t| t.1));
+            }
+        }
+        f
+    }
+
+    pub fn moments(&self, r: usize) -> Moments {
+        let m = &self.mom[4 * r..4 * r + 4];
+        Moments { n: self.vocab as f64, mean: m[0], m2: m[1], m3: m[2], m4: m[3] }
+    }
+}
+
 /// Count, mean and the central sums of powers 2, 3 and 4 of a stream of values, mergeable.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Moments {

@@ -249,27 +249,41 @@ impl NeuronMap {
             let now = done.fetch_add(rows, std::sync::atomic::Ordering::Relaxed) + rows;
             progress(now, n);
         };
-        // Each layer's reductions go into the tables as soon as they are done.
-        // The top-100 logsumexps and the top tokens' probabilities (2k + 2 exps per neuron: a
-        // GPU hands over a layer faster than one core takes them) in parallel.
-        let mut absorb = |layer: Vec<kernel::NeuronReduction>| {
+        // Each layer's reductions go into the tables as soon as they are done, the rows in
+        // parallel: the top-100 logsumexps and the top tokens' probabilities are 2k + 2 exps per
+        // neuron, and a GPU hands over a layer faster than one core takes them.
+        let mut absorb = |f: kernel::Reductions| {
             use rayon::prelude::*;
-            let derived = |pr: &kernel::PolarityReduction| -> (f32, Vec<f32>) {
-                (logsumexp(pr.top.iter().take(NORM_TOP).map(|t| t.0)), pr.top.iter().map(|t| (t.0 - pr.lse).exp()).collect())
-            };
-            let done: Vec<_> = layer.par_iter().map(|r| [derived(&r.pos), derived(&r.neg)]).collect();
-            for (r, [dp, dn]) in layer.iter().zip(done) {
-                let m = &r.moments;
+            let rows = f.rows();
+            for (p, table) in [(0, &mut pos), (1, &mut neg)] {
+                let (at, at_top) = (table.lse.len(), table.ids.len());
+                table.lse.resize(at + rows, 0.0);
+                table.lse_top.resize(at + rows, 0.0);
+                table.ids.resize(at_top + rows * k, 0);
+                table.probs.resize(at_top + rows * k, 0.0);
+                table.lse[at..]
+                    .par_iter_mut()
+                    .zip(table.lse_top[at..].par_iter_mut())
+                    .zip(table.ids[at_top..].par_chunks_mut(k))
+                    .zip(table.probs[at_top..].par_chunks_mut(k))
+                    .enumerate()
+                    .for_each(|(r, (((lse, lse_top), ids), probs))| {
+                        let (o, l) = ((2 * r + p) * k, f.lse[2 * r + p]);
+                        let vals = &f.top_val[o..o + k];
+                        *lse = l;
+                        *lse_top = logsumexp(vals.iter().take(NORM_TOP).copied());
+                        ids.copy_from_slice(&f.top_id[o..o + k]);
+                        for (q, v) in probs.iter_mut().zip(vals) {
+                            *q = (v - l).exp();
+                        }
+                    });
+            }
+            for r in 0..rows {
+                let m = f.moments(r);
                 moments.mean.push(m.mean as f32);
                 moments.std.push(m.variance().sqrt() as f32);
                 moments.skew.push(m.skew() as f32);
                 moments.kurtosis.push(m.kurtosis() as f32);
-                for (table, pr, (lse_top, probs)) in [(&mut pos, &r.pos, dp), (&mut neg, &r.neg, dn)] {
-                    table.lse.push(pr.lse);
-                    table.lse_top.push(lse_top);
-                    table.ids.extend(pr.top.iter().map(|t| t.1));
-                    table.probs.extend(probs);
-                }
             }
         };
         #[cfg(feature = "cuda")]
@@ -280,14 +294,36 @@ impl NeuronMap {
         if on_gpu {
             let reducer = gpu::GpuReducer::new(&head)?;
             let g = norm.map(|g| g.to_dtype(DType::F32)).transpose()?;
-            for layer in 0..cfg.n_layers {
-                let dirs = layer_dirs(layer)?;
-                let parts = match &g {
-                    Some(g) => split_directions(&dirs.broadcast_mul(g)?, reducer.dtype())?,
-                    None => vec![dirs],
-                };
-                absorb(reducer.reduce(&parts, k, &on_rows)?);
-            }
+            // This thread queues the layers; another brings each back and files it as soon as
+            // it is done (at most two layers' results wait in between).
+            let (tx, rx) = std::sync::mpsc::sync_channel::<gpu::Pending>(1);
+            let reducer = &reducer;
+            let filed = std::thread::scope(|s| -> Result<()> {
+                let filer = s.spawn(|| -> Result<()> {
+                    for p in rx {
+                        let rows = p.rows();
+                        let layer = reducer.collect(p)?;
+                        let t = std::time::Instant::now();
+                        absorb(layer);
+                        gpu::add_since(&gpu::FILE_NS, t);
+                        on_rows(rows);
+                    }
+                    Ok(())
+                });
+                let queued = (0..cfg.n_layers).try_for_each(|layer| -> Result<()> {
+                    let dirs = layer_dirs(layer)?;
+                    let parts = match &g {
+                        Some(g) => split_directions(&dirs.broadcast_mul(g)?, reducer.dtype())?,
+                        None => vec![dirs],
+                    };
+                    // The filer stops only on an error, which is the one returned below.
+                    tx.send(reducer.launch(&parts, k)?).map_err(|_| crate::error::Error::bad("the GPU map's filer stopped"))
+                });
+                drop(tx);
+                let filed = filer.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                filed.and(queued)
+            });
+            filed?;
         }
         if !on_gpu {
             let (wu, _, d) = unembedding_values(&head, norm)?;
@@ -295,7 +331,7 @@ impl NeuronMap {
             let reducer = kernel::Reducer::new(&wu, d);
             for layer in 0..cfg.n_layers {
                 let dirs: Vec<f32> = layer_dirs(layer)?.flatten_all()?.to_vec1()?;
-                absorb(reducer.reduce(&dirs, k, &on_rows));
+                absorb(kernel::Reductions::from_rows(&reducer.reduce(&dirs, k, &on_rows), k, vocab));
             }
         }
         let meta = MapMeta {

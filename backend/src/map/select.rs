@@ -1,23 +1,29 @@
 //! The GPU map's row reduction, as plain Rust: the CPU twin of `kernels/map.cu`, step for step.
 //! The GPU computes one neuron's logits over the whole vocabulary with cuBLAS, then one thread
 //! block reduces that row; this module is the same algorithm for one row, so that the algorithm
-//! (the radix select, its ties, the merges) is tested on every machine, GPU or not.
+//! (the histogram, the radix select, its ties, the merges) is tested on every machine, GPU or not.
 //!
 //! For one row of logits `x` (length V ≥ k):
-//! 1. **Statistics in one pass.** Thread `t` of [`THREADS`] reads `x[t], x[t + THREADS], …` and
-//!    keeps an online logsumexp of `+x` and of `−x` (running max and the sum of exp(v − max))
-//!    and the sums of powers 1–4 of `x − c`, `c` its first value, in f32. The threads' parts
-//!    are merged: logsumexps by rescaling, moments in f64 with Pébay's formulas
-//!    ([`Moments::merge`]).
-//! 2. **Radix select.** Each float maps to a `u32` key with the same order ([`key`]; `−x`'s key
-//!    is `!key(x)`). Four passes of 8 bits, most significant first, count the keys that share the
-//!    prefix found so far in 256 bins, and find the exact key `K` of the k-th largest and how
-//!    many keys equal to `K` belong to the top k (`need`).
-//! 3. **Gather.** Every key above `K`, and the first `need` keys equal to `K` in vocabulary order
-//!    (so ties go to the lower token id, deterministically).
-//! 4. **Sort** the k candidates by key, largest first, ties by token id.
+//! 1. **Statistics and a histogram in one pass.** Thread `t` of [`THREADS`] reads `x[t],
+//!    x[t + THREADS], …` and keeps an online logsumexp of `+x` and of `−x` (running max and the
+//!    sum of exp(v − max)) and the sums of powers 1–4 of `x − c`, `c` its first value, in f32.
+//!    The threads' parts are merged: logsumexps by rescaling, moments in f64 with Pébay's
+//!    formulas ([`Moments::merge`]). Each float maps to a `u32` key with the same order ([`key`];
+//!    `−x`'s key is `!key(x)`), and the pass counts the keys' top [`HBITS`] bits (sign, exponent,
+//!    3 bits of mantissa) in one histogram; `−x`'s histogram is the same one read backwards.
+//! 2. **The k-th's bin.** For each polarity, the bin holding its k-th largest key, and how many
+//!    keys lie in or above it (the candidates).
+//! 3. **a. Candidates sorted** (when neither polarity has more than [`CAP`]: nearly every row of
+//!    a real model, a few hundred candidates): a second pass gathers the candidates, and a sort
+//!    by key, largest first, ties by token id, puts the top k first. Two reads of the row.
 //!
-//! Both polarities go through each pass together.
+//!    **b. Radix select** otherwise (wide ties; logits far from zero, where one bin holds most
+//!    keys): four passes of 8 bits, most significant first, count the keys that share the
+//!    prefix found so far in 256 bins and find the exact key `K` of the k-th largest and how
+//!    many keys equal to `K` belong to the top k (`need`); a gather takes every key above `K`
+//!    and the first `need` keys equal to `K` in vocabulary order; a sort as in (a). Six reads.
+//!
+//! Both polarities go through each pass together; both paths give the same top k.
 
 use super::kernel::{Moments, NeuronReduction, PolarityReduction};
 
@@ -25,6 +31,10 @@ use super::kernel::{Moments, NeuronReduction, PolarityReduction};
 pub const THREADS: usize = 256;
 /// The largest k the kernel's shared buffers hold.
 pub const MAX_K: usize = 128;
+/// Bits of each key step 1's histogram counts.
+pub const HBITS: u32 = 12;
+/// The most candidates per polarity step 3a sorts (in the kernel's shared memory).
+pub const CAP: usize = 1024;
 
 /// A `u32` with the order of the float (−0.0 below +0.0; no NaN in logits): larger float, larger
 /// key. The key of `−x` is `!key(x)`.
@@ -80,7 +90,8 @@ impl Lse {
     }
 }
 
-/// Step 2: the key of the k-th largest of `keys` and how many keys equal to it are in the top k.
+/// Step 3b's select: the key of the k-th largest of `keys` and how many keys equal to it are in
+/// the top k.
 pub fn radix_select(keys: &[u32], k: usize) -> (u32, usize) {
     assert!(k >= 1 && k <= keys.len());
     let (mut prefix, mut mask, mut remaining) = (0u32, 0u32, k);
@@ -100,8 +111,8 @@ pub fn radix_select(keys: &[u32], k: usize) -> (u32, usize) {
     (prefix, remaining)
 }
 
-/// Steps 3 and 4: the top k of `keys` (given `K` and `need` from [`radix_select`]) as (key, id),
-/// largest first, ties by id.
+/// Step 3b's gather and sort: the top k of `keys` (given `K` and `need` from [`radix_select`]) as
+/// (key, id), largest first, ties by id.
 pub fn gather_sorted(keys: &[u32], k: usize, (kth, need): (u32, usize)) -> Vec<(u32, u32)> {
     let mut out: Vec<(u32, u32)> = keys.iter().enumerate().filter(|(_, &kk)| kk > kth).map(|(i, &kk)| (kk, i as u32)).collect();
     assert_eq!(out.len(), k - need, "the select's count of keys above the k-th");
@@ -110,8 +121,28 @@ pub fn gather_sorted(keys: &[u32], k: usize, (kth, need): (u32, usize)) -> Vec<(
     out
 }
 
+/// Step 2: the bin (of [`HBITS`]-bit prefixes, counted in `bins`) of the k-th largest key, and
+/// how many keys lie in or above it: `from_top` for `+x`; for `−x`, whose keys are the
+/// complements, the bins are read from the bottom (and the bin is given in `+x`'s numbering).
+pub fn kth_bin(bins: &[usize], k: usize, from_top: bool) -> (usize, usize) {
+    let mut n = 0;
+    let order: Box<dyn Iterator<Item = usize>> = if from_top { Box::new((0..bins.len()).rev()) } else { Box::new(0..bins.len()) };
+    for b in order {
+        n += bins[b];
+        if n >= k {
+            return (b, n);
+        }
+    }
+    unreachable!("k = {k} is more than the {n} keys counted")
+}
+
 /// The whole reduction of one row of logits, as the kernel does it.
 pub fn reduce_row(x: &[f32], k: usize) -> NeuronReduction {
+    reduce_row_path(x, k).0
+}
+
+/// [`reduce_row`], and whether the row took step 3b (the radix select) rather than 3a.
+pub fn reduce_row_path(x: &[f32], k: usize) -> (NeuronReduction, bool) {
     assert!(k >= 1 && k <= x.len() && k <= MAX_K);
     // Step 1, thread by thread, then the threads merged.
     let (mut pos, mut neg, mut moments) = (Lse::EMPTY, Lse::EMPTY, Moments::default());
@@ -134,13 +165,35 @@ pub fn reduce_row(x: &[f32], k: usize) -> NeuronReduction {
         neg = neg.merge(q);
         moments = moments.merge(Moments::from_sums(n as f64, c as f64, s.map(|v| v as f64)));
     }
-    let polarity = |keys: Vec<u32>, lse: Lse| {
-        let top = gather_sorted(&keys, k, radix_select(&keys, k));
-        PolarityReduction { lse: lse.value(), top: top.into_iter().map(|(kk, id)| (value(kk), id)).collect() }
-    };
     let keys: Vec<u32> = x.iter().map(|&v| key(v)).collect();
-    let neg_keys = keys.iter().map(|&kk| !kk).collect();
-    NeuronReduction { pos: polarity(keys, pos), neg: polarity(neg_keys, neg), moments }
+    let bin = |kk: u32| (kk >> (32 - HBITS)) as usize;
+    let mut bins = vec![0usize; 1 << HBITS];
+    for &kk in &keys {
+        bins[bin(kk)] += 1;
+    }
+    // Step 2.
+    let ((bpos, cpos), (bneg, cneg)) = (kth_bin(&bins, k, true), kth_bin(&bins, k, false));
+    let radix = cpos > CAP || cneg > CAP;
+    let neg_keys: Vec<u32> = keys.iter().map(|&kk| !kk).collect();
+    let top = |keys: &[u32], candidate: &dyn Fn(u32) -> bool| -> Vec<(f32, u32)> {
+        let sorted = if radix {
+            // Step 3b.
+            gather_sorted(keys, k, radix_select(keys, k))
+        } else {
+            // Step 3a (a candidate is judged by its +x key, as the kernel does).
+            let mut c: Vec<(u32, u32)> = keys.iter().enumerate().filter(|(_, &kk)| candidate(kk)).map(|(i, &kk)| (kk, i as u32)).collect();
+            c.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            c.truncate(k);
+            c
+        };
+        sorted.into_iter().map(|(kk, id)| (value(kk), id)).collect()
+    };
+    let r = NeuronReduction {
+        pos: PolarityReduction { lse: pos.value(), top: top(&keys, &|kk| bin(kk) >= bpos) },
+        neg: PolarityReduction { lse: neg.value(), top: top(&neg_keys, &|kk| bin(!kk) <= bneg) },
+        moments,
+    };
+    (r, radix)
 }
 
 #[cfg(test)]
@@ -178,7 +231,7 @@ mod tests {
         /// The select, the gather and the sort give exactly the brute-force top k, ties included
         /// (values drawn from a few levels, so ties at the k-th place are common).
         #[test]
-        fn top_k_is_exact_with_ties(levels in 1usize..6, seed in any::<u64>(), n in 1usize..700, k in 1usize..=MAX_K) {
+        fn top_k_is_exact_with_ties(levels in 1usize..6, seed in any::<u64>(), n in 1usize..3000, k in 1usize..=MAX_K) {
             let k = k.min(n);
             let mut s = seed;
             let x: Vec<f32> = (0..n).map(|_| {
@@ -190,6 +243,28 @@ mod tests {
             prop_assert_eq!(&r.pos.top, &brute_top(&x, k));
             let neg: Vec<f32> = x.iter().map(|v| -v).collect();
             prop_assert_eq!(&r.neg.top, &brute_top(&neg, k));
+        }
+    }
+
+    /// Rows of both kinds take the path meant for them, and both give the brute-force top k: a
+    /// few hundred candidates sort in shared memory; a wide tie or logits far from zero (one
+    /// histogram bin holding most of the row) take the radix select.
+    #[test]
+    fn each_path_is_taken_where_it_should_be_and_is_exact() {
+        let unit = |i: usize| ((i as f32 * 0.754_877_7).fract() - 0.5) * 2.0;
+        let rows: [(&str, Vec<f32>, bool); 5] = [
+            ("logit-like", (0..20_000).map(|i| unit(i) * 3.0 + if i % 401 == 0 { 4.0 } else { 0.0 }).collect(), false),
+            ("few candidates, short", (0..300).map(unit).collect(), false),
+            ("four levels", (0..6_000).map(|i| ((i * 7919) % 4) as f32 - 1.5).collect(), true),
+            ("all equal", vec![0.25; 2_000], true),
+            ("far from zero", (0..5_000).map(|i| 30.0 + unit(i) * 0.01).collect(), true),
+        ];
+        for (what, x, radix) in rows {
+            let (r, took) = reduce_row_path(&x, 100);
+            assert_eq!(took, radix, "{what}: radix select");
+            assert_eq!(r.pos.top, brute_top(&x, 100), "{what}");
+            let neg: Vec<f32> = x.iter().map(|v| -v).collect();
+            assert_eq!(r.neg.top, brute_top(&neg, 100), "{what}");
         }
     }
 
