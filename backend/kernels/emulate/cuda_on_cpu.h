@@ -90,30 +90,29 @@ template <class F> void launch(unsigned grid, unsigned threads, F kernel) {
 
 inline void __syncthreads() { emu::block->sync.arrive_and_wait(); }
 
-template <class T> T __shfl_down_sync(unsigned mask, T v, unsigned off) {
+namespace emu {
+// Lane `from(lane)`'s v, or this lane's own where that is outside the warp (-1 or 32 and up).
+template <class T, class F> T shfl(unsigned mask, T v, F from) {
     static_assert(sizeof(T) <= 8);
     assert(mask == 0xffffffffu);
-    emu::Warp &w = emu::warp();
-    unsigned l = emu::lane();
+    Warp &w = warp();
+    unsigned l = lane();
     std::memcpy(&w.slot[l], &v, sizeof(T));
     w.full.wait(32);
     T r = v;
-    if (l + off < 32) std::memcpy(&r, &w.slot[l + off], sizeof(T));
+    int src = from((int)l);
+    if (src >= 0 && src < 32) std::memcpy(&r, &w.slot[src], sizeof(T));
     w.full.wait(32);
     return r;
 }
+}  // namespace emu
+
+template <class T> T __shfl_down_sync(unsigned mask, T v, unsigned off) {
+    return emu::shfl(mask, v, [=](int l) { return l + (int)off; });
+}
 
 template <class T> T __shfl_up_sync(unsigned mask, T v, unsigned off) {
-    static_assert(sizeof(T) <= 8);
-    assert(mask == 0xffffffffu);
-    emu::Warp &w = emu::warp();
-    unsigned l = emu::lane();
-    std::memcpy(&w.slot[l], &v, sizeof(T));
-    w.full.wait(32);
-    T r = v;
-    if (l >= off) std::memcpy(&r, &w.slot[l - off], sizeof(T));
-    w.full.wait(32);
-    return r;
+    return emu::shfl(mask, v, [=](int l) { return l - (int)off; });
 }
 
 inline unsigned __ballot_sync(unsigned mask, bool pred) {
