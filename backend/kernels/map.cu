@@ -274,15 +274,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) map_reduce_rows(const floa
                 uint64_t i = base + (uint64_t)u * THREADS;
                 if (i >= vocab) break;
                 uint32_t key = okey(v[u]), bin = key >> (32 - HBITS);
+                // (slot < CAP always: this read counts what step 1 counted; the guard keeps a
+                // change that broke that from writing past the buffers.)
                 if (bin >= bpos) {
                     uint32_t slot = atomicAdd(&fcount[0], 1u);
-                    fkey[slot] = key;
-                    fid[slot] = (uint32_t)i;
+                    if (slot < CAP) {
+                        fkey[slot] = key;
+                        fid[slot] = (uint32_t)i;
+                    }
                 }
                 if (bin <= bneg) {
                     uint32_t slot = atomicAdd(&fcount[1], 1u);
-                    fkey[CAP + slot] = ~key;
-                    fid[CAP + slot] = (uint32_t)i;
+                    if (slot < CAP) {
+                        fkey[CAP + slot] = ~key;
+                        fid[CAP + slot] = (uint32_t)i;
+                    }
                 }
             }
         }

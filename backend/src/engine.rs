@@ -67,7 +67,9 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
     let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
     // SAFETY: every tensor of this device is queued on its one stream (candle's ops, cuBLAS and
     // cuRAND are bound to it, and `map::gpu` uses `cuda_stream()`), so no slice needs events to
-    // order its uses across streams.
+    // order its uses across streams. The one exception orders itself: `map::gpu`'s `collect`
+    // reads a layer's results on a second stream after that layer's event, and the buffers are
+    // dropped (freed on the first stream) only after the host has seen those copies finish.
     unsafe { ctx.disable_event_tracking() };
     if ctx.has_async_alloc() {
         let mut keep: u64 = 4 << 30;

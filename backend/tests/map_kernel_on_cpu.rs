@@ -34,7 +34,7 @@ fn emulator() -> &'static Path {
     })
 }
 
-/// The kernel's outputs for `rows` rows of `vocab` logits, reshaped like `GpuReducer::reduce`,
+/// The kernel's outputs for `rows` rows of `vocab` logits, reshaped like `GpuReducer::collect`'s,
 /// and how many rows took the radix select.
 fn run_kernel(x: &[f32], vocab: usize, k: usize) -> (Vec<NeuronReduction>, u32) {
     use flash_interp::map::kernel::PolarityReduction;
@@ -112,7 +112,8 @@ fn check(what: &str, rows: usize, vocab: usize, k: usize, radix: bool, value: im
         let bits = |t: &[(f32, u32)]| t.iter().map(|&(v, i)| (v.to_bits(), i)).collect::<Vec<_>>();
         assert_eq!(bits(&g.pos.top), bits(&brute_top(row, k)), "{what}, row {r}: top k of +x");
         assert_eq!(bits(&g.neg.top), bits(&brute_top(&neg, k)), "{what}, row {r}: top k of -x");
-        assert_eq!(bits(&g.pos.top), bits(&twin.pos.top), "{what}, row {r}: the twin's top k");
+        assert_eq!(bits(&g.pos.top), bits(&twin.pos.top), "{what}, row {r}: the twin's top k of +x");
+        assert_eq!(bits(&g.neg.top), bits(&twin.neg.top), "{what}, row {r}: the twin's top k of -x");
         for (got, want, twin, name) in
             [(g.pos.lse, brute_lse(row.iter().copied()), twin.pos.lse, "lse +x"), (g.neg.lse, brute_lse(neg.iter().copied()), twin.neg.lse, "lse -x")]
         {
@@ -170,6 +171,8 @@ fn ties_go_to_the_lower_token_id_across_warps_and_passes() {
     // The same through the radix select: a tie wider than the shared sort holds.
     check("ties, radix", 2, 4 * CAP + 100, MAX_K, true, |r, i| (((unit(8, r, i) * 4.0) as usize) as f32) - 1.5);
     check("all equal, radix", 1, CAP + 1, 5, true, |_, _| -0.5);
+    // Exactly as many candidates as the shared sort holds: its every slot filled, no radix.
+    check("all equal, CAP", 1, CAP, 5, false, |_, _| 0.25);
 }
 
 #[test]
