@@ -233,6 +233,38 @@ fn time_ours(engine: &flash_interp::Engine, ids: &[u32], n: usize) -> Result<(Ge
     Ok((timing, toks))
 }
 
+/// Where one greedy decoding step's time goes: `queue_ms`, the host running the forward pass's
+/// code up to its logits (on a GPU, queueing its kernels, waiting only where an op
+/// synchronises); `drain_ms`, the device finishing after that; `read_ms`, the argmax coming back
+/// to the host. A host-bound step (queue ≈ step, drain ≈ 0: launch overhead) wants fewer, fused
+/// launches or CUDA graphs; a device-bound one, faster kernels. Medians over `steps` steps after
+/// the prompt, each started on an idle device.
+fn step_profile(engine: &flash_interp::Engine, ids: &[u32], steps: usize) -> Result<serde_json::Value> {
+    use candle_core::{Tensor, D};
+    use flash_interp::model::{Cache, Intervention, Room};
+    let (dev, none) = (engine.model.device(), [Intervention::none()]);
+    let mut cache = Cache::new(engine.config()).with_room(Room::Positions(ids.len() + steps + 1));
+    let argmax = |logits: &Tensor| -> Result<u32> { Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0]) };
+    let mut next = argmax(&engine.model.forward(&Tensor::new(ids, dev)?.unsqueeze(0)?, &mut cache, &none, &[])?.logits)?;
+    let (mut queue, mut drain, mut read) = (vec![], vec![], vec![]);
+    for _ in 0..steps {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        let out = engine.model.forward(&Tensor::new(&[[next]], dev)?, &mut cache, &none, &[])?;
+        let t1 = Instant::now();
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        next = argmax(&out.logits)?;
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        queue.push(ms(t0, t1));
+        drain.push(ms(t1, t2));
+        read.push(ms(t2, Instant::now()));
+    }
+    let (queue, drain, read) = (median(queue), median(drain), median(read));
+    Ok(serde_json::json!({ "steps": steps, "queue_ms": queue, "drain_ms": drain, "read_ms": read,
+        "step_ms": queue.zip(drain).zip(read).map(|((q, d), r)| q + d + r) }))
+}
+
 /// Tokens/s of `streams` steer streams in one batch: each a normal and a steered row (the last
 /// layer's first neuron clamped to 5), `n` sampled tokens per row (temperature 0.7, seed per
 /// stream; a row that samples the end of text stops there).
@@ -347,6 +379,8 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         }
         None => None,
     };
+    // Where a decoding step's time goes (a failure here leaves the rest of the report).
+    let profile = step_profile(&engine, &ids, 32).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
     // Concurrent steer streams in one batch against one stream.
     // In rounds too (one stream, the streams in one batch, the same as separate requests), the
     // ratios being the medians of the rounds' own.
@@ -385,6 +419,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         "ratio_peak_rss": peer.as_ref().and_then(|p| p["peak_rss_bytes"].as_f64()).zip(our_rss).map(|(t, o)| o as f64 / t),
         "greedy_tokens_in_common": same,
         "sweep_16_values_seconds": sweep_seconds,
+        "decode_step": profile,
         "steer_streams": streams,
     });
     if cli.json {
@@ -394,6 +429,9 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     let peer_name = if path.is_dir() { "transformers" } else { "llama.cpp" };
     if let Some(s) = sweep_seconds {
         println!("a 16-value clamp sweep: {s:.3}s");
+    }
+    if let (Some(q), Some(d), Some(r)) = (profile["queue_ms"].as_f64(), profile["drain_ms"].as_f64(), profile["read_ms"].as_f64()) {
+        println!("one decoding step (median): {q:.2} ms running the forward pass, {d:.2} ms more on the device, {r:.2} ms reading the token");
     }
     if let Some(s) = &streams {
         println!(
