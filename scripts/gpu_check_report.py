@@ -96,5 +96,5 @@ if not final:
     sys.exit(0)
 print(json.dumps({k: report.get(k) for k in ("gpu", "device_check", "decode_fraction_of_bound")}, indent=1)[:6000])
 bm = report.get("bench_map") or {}
-print("map seconds:", bm.get("map_seconds"), "peer/ours:", bm.get("ratio_peer_over_ours"))
-print("generate:", {k: bg.get(k) for k in ("ratio_decode", "sweep_16_values_seconds")})
+print("map seconds:", bm.get("map_seconds"), "peer/ours:", bm.get("ratio_peer_over_ours"), "device phases:", bm.get("map_device_phases"))
+print("generate:", {k: bg.get(k) for k in ("ratio_decode", "sweep_16_values_seconds", "decode_step")})
