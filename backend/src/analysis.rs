@@ -3,6 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, IndexOp, Tensor, D};
+use rayon::prelude::*;
 use shared::{
     ActivationStats, ChangedNeuron, ClassedNeuron, ClassesResponse, CompareResponse, Concept, LayerAgreement, LayerClassCounts, Moments, NeuronClass,
     NeuronDetail, Polarity, Scale, SearchHit, SimilarNeuron, SweepPoint, TokenInfo, TokenScore, VerifiedNeuron, VerifyRequest, VerifyResponse, View,
@@ -120,26 +121,29 @@ pub fn search_concept(
         return Err(Error::bad("a concept needs at least one token"));
     }
     let u = fold_final_norm(engine, &engine.model.lm_head().rows(tokens)?.to_dtype(DType::F32)?, map.meta.final_norm)?; // [T, d]
-    let logits: Vec<Vec<f32>> = project_all(engine, map.meta.view, &u)?.t()?.to_vec2()?; // [N, T]
+                                                                                                                        // One row of logits per token (not one small row per neuron: 458,752 of them for Llama 3.1
+                                                                                                                        // 8B), the neurons scored in parallel.
+    let logits: Vec<Vec<f32>> = project_all(engine, map.meta.view, &u)?.to_vec2()?; // [T, N]
     let ln_top = (NORM_TOP as f32).ln();
     let n = map.n_neurons();
     let (mut pos, mut neg) = (vec![0f32; n], vec![0f32; n]);
     let inv = 1.0 / tokens.len() as f32;
     let std_top = (scale == Scale::Std).then(|| map.lse_top_std());
-    for (i, row) in logits.iter().enumerate() {
+    pos.par_iter_mut().zip(neg.par_iter_mut()).enumerate().for_each(|(i, (pos, neg))| {
         let (s, lse_pos, lse_neg) = match std_top {
             Some([p, n]) => (map.inv_std(i), p[i], n[i]),
             None => (1.0, map.pos.lse_top[i], map.neg.lse_top[i]),
         };
         let (bp, bn) = (ln_top - lse_pos, ln_top - lse_neg);
+        let col = || logits.iter().map(|row| row[i]);
         if phrase {
-            pos[i] = (row.iter().map(|&l| s * l + bp).sum::<f32>() * inv).exp();
-            neg[i] = (row.iter().map(|&l| -s * l + bn).sum::<f32>() * inv).exp();
+            *pos = (col().map(|l| s * l + bp).sum::<f32>() * inv).exp();
+            *neg = (col().map(|l| -s * l + bn).sum::<f32>() * inv).exp();
         } else {
-            pos[i] = row.iter().map(|&l| (s * l + bp).exp()).sum();
-            neg[i] = row.iter().map(|&l| (-s * l + bn).exp()).sum();
+            *pos = col().map(|l| (s * l + bp).exp()).sum();
+            *neg = col().map(|l| (-s * l + bn).exp()).sum();
         }
-    }
+    });
     match only {
         Some(Polarity::Pos) => neg.fill(0.0),
         Some(Polarity::Neg) => pos.fill(0.0),
