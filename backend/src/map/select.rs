@@ -117,8 +117,13 @@ pub fn gather_sorted(keys: &[u32], k: usize, (kth, need): (u32, usize)) -> Vec<(
     let mut out: Vec<(u32, u32)> = keys.iter().enumerate().filter(|(_, &kk)| kk > kth).map(|(i, &kk)| (kk, i as u32)).collect();
     assert_eq!(out.len(), k - need, "the select's count of keys above the k-th");
     out.extend(keys.iter().enumerate().filter(|(_, &kk)| kk == kth).take(need).map(|(i, &kk)| (kk, i as u32)));
-    out.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    out.sort_by(largest_first);
     out
+}
+
+/// The order of the top k: larger key first, ties by smaller token id.
+fn largest_first(a: &(u32, u32), b: &(u32, u32)) -> std::cmp::Ordering {
+    b.0.cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
 /// Step 2: the bin (of [`HBITS`]-bit prefixes, counted in `bins`) of the k-th largest key, and
@@ -126,8 +131,7 @@ pub fn gather_sorted(keys: &[u32], k: usize, (kth, need): (u32, usize)) -> Vec<(
 /// complements, the bins are read from the bottom (and the bin is given in `+x`'s numbering).
 pub fn kth_bin(bins: &[usize], k: usize, from_top: bool) -> (usize, usize) {
     let mut n = 0;
-    let order: Box<dyn Iterator<Item = usize>> = if from_top { Box::new((0..bins.len()).rev()) } else { Box::new(0..bins.len()) };
-    for b in order {
+    for b in (0..bins.len()).map(|i| if from_top { bins.len() - 1 - i } else { i }) {
         n += bins[b];
         if n >= k {
             return (b, n);
@@ -182,7 +186,7 @@ pub fn reduce_row_path(x: &[f32], k: usize) -> (NeuronReduction, bool) {
         } else {
             // Step 3a (a candidate is judged by its +x key, as the kernel does).
             let mut c: Vec<(u32, u32)> = keys.iter().enumerate().filter(|(_, &kk)| candidate(kk)).map(|(i, &kk)| (kk, i as u32)).collect();
-            c.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            c.sort_by(largest_first);
             c.truncate(k);
             c
         };
