@@ -120,9 +120,10 @@ pub fn search_concept(
     if tokens.is_empty() {
         return Err(Error::bad("a concept needs at least one token"));
     }
-    let u = fold_final_norm(engine, &engine.model.lm_head().rows(tokens)?.to_dtype(DType::F32)?, map.meta.final_norm)?; // [T, d]
-                                                                                                                        // One row of logits per token (not one small row per neuron: 458,752 of them for Llama 3.1
-                                                                                                                        // 8B), the neurons scored in parallel.
+    // The tokens' unembedding rows ([T, d]) against every neuron: one row of logits per token
+    // (not one small row per neuron: 458,752 of them for Llama 3.1 8B), the neurons scored in
+    // parallel.
+    let u = fold_final_norm(engine, &engine.model.lm_head().rows(tokens)?.to_dtype(DType::F32)?, map.meta.final_norm)?;
     let logits: Vec<Vec<f32>> = project_all(engine, map.meta.view, &u)?.to_vec2()?; // [T, N]
     let ln_top = (NORM_TOP as f32).ln();
     let n = map.n_neurons();
