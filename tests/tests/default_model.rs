@@ -263,7 +263,7 @@ fn concurrent_requests_in_the_servers_batch_answer_as_they_do_alone() {
     use flash_interp::batch::{Batcher, Job};
     use flash_interp::model::Clamp;
     let e = std::sync::Arc::new(Engine::load(&default_model(), &LoadOptions::default()).unwrap());
-    let b = Batcher::new(e.clone());
+    let b = std::sync::Arc::new(Batcher::new(e.clone()));
     let chat = |t: &str| e.prompt_ids(&PromptSpec { text: t.into(), chat: None, messages: None }).unwrap();
     let steer = Intervention { clamps: vec![Clamp { layer: 29, neuron: 808, value: 40.0 }] };
     let sampled = SamplingParams { temperature: 0.8, seed: 7, max_new_tokens: 20, ..Default::default() };
@@ -276,13 +276,27 @@ fn concurrent_requests_in_the_servers_batch_answer_as_they_do_alone() {
         .iter()
         .map(|(ids, variants, params)| {
             let (tx, rx) = std::sync::mpsc::channel();
+            // Which prompt finishes first is up to the scheduler: on a busy machine one job
+            // could answer alone before the others' prompts have run. Until a step has been
+            // shared, each token gives the prompts' threads a second to come (it waits on the
+            // batch thread itself, so the others join between its steps).
+            let batch = std::sync::Arc::downgrade(&b);
+            let on_text: flash_interp::batch::OnText = Box::new(move |_, _, _| {
+                if batch.upgrade().is_some_and(|b| {
+                    let (steps, job_steps) = b.steps();
+                    job_steps == steps
+                }) {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                true
+            });
             b.submit(Job {
                 ids: ids.clone(),
                 variants: variants.clone(),
                 seeds: (0..variants.len() as u64).map(|s| params.seed + s / 2).collect(),
                 params: params.clone(),
                 cancel: Cancel::default(),
-                on_text: Box::new(|_, _, _| true),
+                on_text,
                 done: Box::new(move |out| {
                     let _ = tx.send(out.unwrap());
                 }),
