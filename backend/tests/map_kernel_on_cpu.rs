@@ -16,22 +16,12 @@ use std::sync::OnceLock;
 use flash_interp::map::kernel::{Moments, NeuronReduction};
 use flash_interp::map::select::{reduce_row_path, CAP, MAX_K};
 
-/// The kernel and its launcher, compiled once per test run (`CXX`, default g++).
+mod emulate;
+
+/// The kernel and its launcher, compiled once per test run.
 fn emulator() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emulate/map_main.cpp");
-        let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("map_kernel_on_cpu");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-        let out = Command::new(&cxx)
-            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror", "-o"])
-            .arg(&exe)
-            .arg(&src)
-            .output()
-            .unwrap_or_else(|e| panic!("running {cxx} (a C++20 compiler is needed to run the CUDA kernel on the CPU): {e}"));
-        assert!(out.status.success(), "{cxx} failed on {}:\n{}", src.display(), String::from_utf8_lossy(&out.stderr));
-        exe
-    })
+    EXE.get_or_init(|| emulate::compile("map"))
 }
 
 /// The kernel's outputs for `rows` rows of `vocab` logits, reshaped like `GpuReducer::collect`'s,

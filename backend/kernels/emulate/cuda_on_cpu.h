@@ -1,8 +1,10 @@
 // CUDA C++ on the CPU, for testing a kernel's logic on machines without a GPU: one OS thread per
-// CUDA thread, blocks one after another. Enough of CUDA for kernels/map.cu, and no more:
+// CUDA thread, blocks one after another. Enough of CUDA for kernels/map.cu and kernels/decode.cu,
+// and no more (f32 only: no half types):
 //   - __shared__ variables are statics (one block runs at a time);
 //   - __syncthreads is a barrier over the block's threads;
-//   - __shfl_down_sync, __shfl_up_sync and __ballot_sync must be called by all 32 lanes of the warp (mask FULL),
+//   - grids of one or two dimensions, blocks of one;
+//   - __shfl_down_sync, __shfl_up_sync, __shfl_xor_sync and __ballot_sync must be called by all 32 lanes of the warp (mask FULL),
 //     __match_any_sync by exactly the lanes in its mask (as CUDA requires), each through its own
 //     barrier, so a warp's lanes may sit in different ones at once as they can on a GPU.
 // Real threads interleave as the OS schedules them, so a missing __syncthreads shows up as a
@@ -66,25 +68,26 @@ inline Block *block = nullptr;
 inline Warp &warp() { return block->warps[threadIdx.x / 32]; }
 inline unsigned lane() { return threadIdx.x & 31; }
 
-// Launch `kernel(args...)` on `grid` blocks of `threads` threads (a multiple of 32).
-template <class F> void launch(unsigned grid, unsigned threads, F kernel) {
+// Launch `kernel(args...)` on `grid` × `grid_y` blocks of `threads` threads (a multiple of 32).
+template <class F> void launch(unsigned grid, unsigned threads, F kernel, unsigned grid_y = 1) {
     assert(threads % 32 == 0);
-    gridDim = {grid, 1, 1};
+    gridDim = {grid, grid_y, 1};
     blockDim = {threads, 1, 1};
-    for (unsigned b = 0; b < grid; ++b) {
-        Block blk(threads);
-        block = &blk;
-        std::vector<std::thread> ts;
-        ts.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-            ts.emplace_back([=] {
-                threadIdx = {t, 0, 0};
-                blockIdx = {b, 0, 0};
-                kernel();
-            });
-        for (auto &t : ts) t.join();
-        block = nullptr;
-    }
+    for (unsigned by = 0; by < grid_y; ++by)
+        for (unsigned b = 0; b < grid; ++b) {
+            Block blk(threads);
+            block = &blk;
+            std::vector<std::thread> ts;
+            ts.reserve(threads);
+            for (unsigned t = 0; t < threads; ++t)
+                ts.emplace_back([=] {
+                    threadIdx = {t, 0, 0};
+                    blockIdx = {b, by, 0};
+                    kernel();
+                });
+            for (auto &t : ts) t.join();
+            block = nullptr;
+        }
 }
 }  // namespace emu
 
@@ -115,6 +118,10 @@ template <class T> T __shfl_up_sync(unsigned mask, T v, unsigned off) {
     return emu::shfl(mask, v, [=](int l) { return l - (int)off; });
 }
 
+template <class T> T __shfl_xor_sync(unsigned mask, T v, unsigned bits) {
+    return emu::shfl(mask, v, [=](int l) { return l ^ (int)bits; });
+}
+
 inline unsigned __ballot_sync(unsigned mask, bool pred) {
     assert(mask == 0xffffffffu);
     emu::Warp &w = emu::warp();
@@ -142,5 +149,6 @@ inline unsigned __match_any_sync(unsigned mask, uint32_t v) {
 inline uint32_t atomicAdd(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline int __popc(unsigned x) { return std::popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline uint32_t __float_as_uint(float x) { return std::bit_cast<uint32_t>(x); }
 inline float __uint_as_float(uint32_t x) { return std::bit_cast<float>(x); }

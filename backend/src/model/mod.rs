@@ -4,6 +4,7 @@ pub mod attention;
 pub mod common;
 pub mod config;
 pub mod exact;
+pub mod fused;
 pub mod gemma3;
 pub mod llama;
 pub mod weights;

@@ -1,0 +1,312 @@
+//! A decoding step's small ops fused, for the GPU: a Llama block's step is ~22 candle ops (each
+//! its own kernel launch, allocation and host dispatch) and becomes 10 with the Q·K·V and gate·up
+//! weights stacked (one product each) and four kernels (`kernels/decode.cu`): RoPE of the queries
+//! and keys with the keys and values written into the cache, single-query attention over the
+//! cache, the residual add with the norm after it, and SiLU(gate)·up. On a GPU, a step of a few
+//! rows costs the host a few microseconds per launch, a few hundred times per token: what kept
+//! decoding below the memory-bandwidth bound.
+//!
+//! Opt-in while it waits for a GPU run to compare it with the plain path:
+//! `FLASH_INTERP_FUSED_DECODE=1` turns it on for CUDA devices ([`wanted`]).
+//!
+//! Each function here also runs on the CPU as the same arithmetic in candle ops (what the
+//! unfused path computes): that path tests the wiring (stacked weights, cache slots, groups of
+//! rows) against the plain path on every machine, and is the reference the emulated kernels are
+//! tested against (`tests/decode_kernels_on_cpu.rs`).
+
+use candle_core::{Device, Tensor, D};
+
+use crate::error::Result;
+
+/// Whether decoding steps on `device` take the fused path (`FLASH_INTERP_FUSED_DECODE=1`, on a
+/// CUDA device).
+pub(crate) fn wanted(device: &Device) -> bool {
+    device.is_cuda() && std::env::var("FLASH_INTERP_FUSED_DECODE").is_ok_and(|v| v == "1")
+}
+
+/// Largest head dim the attention kernel takes (a multiple of 32 up to this).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Whether heads of `head_dim` fit the attention kernel.
+pub(crate) fn head_dim_fits(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(32) && head_dim <= MAX_HEAD_DIM
+}
+
+/// A layer's attention heads.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    /// Query heads, key/value heads, head dim.
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+    /// RoPE on pairs `(2i, 2i + 1)` (candle's `rope_i`) rather than halves (`rope`).
+    pub interleaved: bool,
+}
+
+/// RoPE of one position's queries and keys, from the stacked projection `qkv`
+/// (`[rows, 1, (h + 2 kvh) d]`: each row's Q, K and V heads), at the RoPE tables' rows `cos`,
+/// `sin` (`[1, d / 2]`); the keys and values are written into the caches (`[rows, kvh, cap, d]`,
+/// contiguous) at position `at`. Returns the queries, `[rows, h, 1, d]`.
+pub fn rope_append(qkv: &Tensor, cos: &Tensor, sin: &Tensor, k_cache: &Tensor, v_cache: &Tensor, at: usize, heads: Heads) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda() {
+        return gpu::rope_append(qkv, cos, sin, k_cache, v_cache, at, heads);
+    }
+    let Heads { h, kvh, d, interleaved } = heads;
+    let rows = qkv.dim(0)?;
+    let qkv = qkv.reshape((rows, h + 2 * kvh, 1, d))?;
+    let rope = |x: Tensor| -> Result<Tensor> {
+        let x = x.contiguous()?;
+        Ok(if interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
+    };
+    let (q, k) = (rope(qkv.narrow(1, 0, h)?)?, rope(qkv.narrow(1, h, kvh)?)?);
+    k_cache.slice_set(&k, 2, at)?;
+    v_cache.slice_set(&qkv.narrow(1, h + kvh, kvh)?.contiguous()?, 2, at)?;
+    Ok(q)
+}
+
+/// Attention of one position's queries `q` (`[rows, h, 1, d]`) over the first `len` positions
+/// of the caches (`[rows, kvh, cap, d]`), query head `j` reading key/value head
+/// `j / (h / kvh)`, scores scaled by `scale`. Returns `[rows, 1, h d]`.
+pub fn attend(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, scale: f64) -> Result<Tensor> {
+    let (rows, h, _, d) = q.dims4()?;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return gpu::attend(q, k_cache, v_cache, len, scale);
+    }
+    let n_rep = h / k_cache.dim(1)?;
+    let y = super::common::attend(q, &k_cache.narrow(2, 0, len)?, &v_cache.narrow(2, 0, len)?, n_rep, scale, None, None, None)?;
+    Ok(y.transpose(1, 2)?.reshape((rows, 1, h * d))?)
+}
+
+/// The residual add and the RMS norm after it: `(x + y, rms_norm(x + y) · w)`.
+pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return gpu::add_rms_norm(x, y, w, eps);
+    }
+    let sum = (x + y)?;
+    let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
+    Ok((sum, normed))
+}
+
+/// SiLU(gate) · up from the stacked product `gu` (`[..., 2 n]`: gate, then up).
+pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gu.device().is_cuda() {
+        return gpu::silu_mul(gu);
+    }
+    let n = gu.dim(D::Minus1)? / 2;
+    Ok((candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, n)?)? * gu.narrow(D::Minus1, n, n)?)?)
+}
+
+/// The same on a CUDA device: the kernels of `kernels/decode.cu`, on the device's one stream
+/// (see `engine::cuda_device`), so that what they read was written before and what they write
+/// is read after, in the order the host queues work.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, DType, Shape, Storage, Tensor, D};
+
+    use super::Heads;
+    use crate::error::{Error, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+
+    fn bad(what: impl std::fmt::Display) -> Error {
+        Error::Candle(candle_core::Error::Msg(format!("fused decoding: {what}")))
+    }
+
+    /// The tensor's device, and the address of its first element (it must be contiguous).
+    fn at(t: &Tensor) -> Result<(CudaDevice, u64)> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(c) = &*s else { return Err(bad("a tensor off the GPU")) };
+        if !l.is_contiguous() {
+            return Err(bad(format!("a tensor of strides {:?} for shape {:?}", l.stride(), l.dims())));
+        }
+        let dev = c.device().clone();
+        let stream = dev.cuda_stream();
+        let base = match t.dtype() {
+            DType::F32 => c.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+            DType::BF16 => c.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+            DType::F16 => c.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+            other => return Err(bad(format!("{other:?} tensors"))),
+        };
+        Ok((dev, base + (l.start_offset() * t.dtype().size_in_bytes()) as u64))
+    }
+
+    fn ptr(t: &Tensor) -> Result<u64> {
+        Ok(at(t)?.1)
+    }
+
+    /// A new uninitialised tensor of `shape` (every element is written by the kernel it is
+    /// made for), and its address.
+    fn output(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<(Tensor, u64)> {
+        let shape = shape.into();
+        let n = shape.elem_count();
+        let stream = dev.cuda_stream();
+        // SAFETY: the callers' kernels write every element before anything reads it.
+        let (storage, p) = unsafe {
+            match dtype {
+                DType::F32 => {
+                    let s = dev.alloc::<f32>(n)?;
+                    let p = s.device_ptr(&stream).0;
+                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+                }
+                DType::BF16 => {
+                    let s = dev.alloc::<half::bf16>(n)?;
+                    let p = s.device_ptr(&stream).0;
+                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+                }
+                DType::F16 => {
+                    let s = dev.alloc::<half::f16>(n)?;
+                    let p = s.device_ptr(&stream).0;
+                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
+                }
+                other => return Err(bad(format!("{other:?} tensors"))),
+            }
+        };
+        Ok((Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false), p))
+    }
+
+    /// The kernel `name` for `dtype`'s elements.
+    fn kernel(dev: &CudaDevice, name: &str, dtype: DType) -> Result<CudaFunction> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => return Err(bad(format!("{other:?} tensors"))),
+        };
+        Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "flash_interp_decode", PTX)?.into_cuda_function())
+    }
+
+    /// Launch a kernel whose arguments are pushed.
+    ///
+    /// # Safety
+    /// The arguments must be those of the kernel's signature in kernels/decode.cu (device
+    /// addresses as u64, sizes as u32 or u64, floats as f32), for buffers of the sizes the kernel
+    /// indexes for `cfg`'s grid.
+    unsafe fn go(mut b: LaunchArgs, cfg: LaunchConfig) -> Result<()> {
+        unsafe { b.launch(cfg) }.map_err(|e| bad(format!("a kernel launch: {e}")))?;
+        Ok(())
+    }
+
+    fn same_dtype(ts: &[&Tensor]) -> Result<DType> {
+        let dt = ts[0].dtype();
+        if ts.iter().any(|t| t.dtype() != dt) {
+            return Err(bad(format!("mixed dtypes {:?}", ts.iter().map(|t| t.dtype()).collect::<Vec<_>>())));
+        }
+        Ok(dt)
+    }
+
+    pub(super) fn rope_append(
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        at_pos: usize,
+        heads: Heads,
+    ) -> Result<Tensor> {
+        let Heads { h, kvh, d, interleaved } = heads;
+        let dtype = same_dtype(&[qkv, cos, sin, k_cache, v_cache])?;
+        let rows = qkv.dim(0)?;
+        let (kb, kh, cap, kd) = k_cache.dims4()?;
+        if qkv.elem_count() != rows * (h + 2 * kvh) * d || (kb, kh, kd) != (rows, kvh, d) || v_cache.dims() != k_cache.dims() || at_pos >= cap {
+            return Err(bad(format!("qkv {:?} into caches {:?} at {at_pos}", qkv.dims(), k_cache.dims())));
+        }
+        if cos.elem_count() != d / 2 || sin.elem_count() != d / 2 {
+            return Err(bad(format!("RoPE rows {:?}, {:?} for head dim {d}", cos.dims(), sin.dims())));
+        }
+        let (dev, src) = at(qkv)?;
+        let (c, s, kc, vc) = (ptr(cos)?, ptr(sin)?, ptr(k_cache)?, ptr(v_cache)?);
+        let (q, qp) = output(&dev, dtype, (rows, h, 1, d))?;
+        let (h32, kvh32, d32, cap64, at64, il) = (h as u32, kvh as u32, d as u32, cap as u64, at_pos as u64, interleaved as u32);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, (h + 2 * kvh) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        let f = kernel(&dev, "rope_append", dtype)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&src).arg(&c).arg(&s).arg(&qp).arg(&kc).arg(&vc).arg(&h32).arg(&kvh32).arg(&d32).arg(&cap64).arg(&at64).arg(&il);
+        // SAFETY: rope_append's signature; `q` holds rows × h × d, the caches rows × kvh × cap ×
+        // d with `at < cap`, the RoPE rows d / 2 each (all checked above).
+        unsafe { go(b, cfg) }?;
+        Ok(q)
+    }
+
+    pub(super) fn attend(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, scale: f64) -> Result<Tensor> {
+        let dtype = same_dtype(&[q, k_cache, v_cache])?;
+        let (rows, h, t, d) = q.dims4()?;
+        let (kb, kvh, cap, kd) = k_cache.dims4()?;
+        if t != 1
+            || (kb, kd) != (rows, d)
+            || v_cache.dims() != k_cache.dims()
+            || kvh == 0
+            || h % kvh != 0
+            || len == 0
+            || len > cap
+            || !super::head_dim_fits(d)
+        {
+            return Err(bad(format!("attention of {:?} over caches {:?} ({len} positions)", q.dims(), k_cache.dims())));
+        }
+        let (dev, qp) = at(q)?;
+        let (kc, vc) = (ptr(k_cache)?, ptr(v_cache)?);
+        let (y, yp) = output(&dev, dtype, (rows, 1, h * d))?;
+        let (h32, kvh32, d32, cap64, len64, sc) = (h as u32, kvh as u32, d as u32, cap as u64, len as u64, scale as f32);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, h as u32, 1), block_dim: (32 * 4, 1, 1), shared_mem_bytes: 0 };
+        let f = kernel(&dev, "decode_attention", dtype)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qp).arg(&kc).arg(&vc).arg(&yp).arg(&h32).arg(&kvh32).arg(&d32).arg(&cap64).arg(&len64).arg(&sc);
+        // SAFETY: decode_attention's signature; `q` and `y` hold rows × h × d, the caches rows ×
+        // kvh × cap × d with len ≤ cap, and d fits the kernel (all checked above).
+        unsafe { go(b, cfg) }?;
+        Ok(y)
+    }
+
+    pub(super) fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        let dtype = same_dtype(&[x, y, w])?;
+        let n = x.dim(D::Minus1)?;
+        if x.dims() != y.dims() || w.elem_count() != n {
+            return Err(bad(format!("adding {:?} to {:?}, norm weights {:?}", y.dims(), x.dims(), w.dims())));
+        }
+        let rows = x.elem_count() / n;
+        let (dev, xp) = at(x)?;
+        let (yp, wp) = (ptr(y)?, ptr(w)?);
+        let (sum, sp) = output(&dev, dtype, x.shape().clone())?;
+        let (normed, np) = output(&dev, dtype, x.shape().clone())?;
+        let n32 = n as u32;
+        let threads = if n >= 1024 { 1024 } else { n.next_multiple_of(32) as u32 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let f = kernel(&dev, "add_rms_norm", dtype)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xp).arg(&yp).arg(&wp).arg(&sp).arg(&np).arg(&n32).arg(&eps);
+        // SAFETY: add_rms_norm's signature; x, y and both outputs hold rows × n, w holds n.
+        unsafe { go(b, cfg) }?;
+        Ok((sum, normed))
+    }
+
+    pub(super) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+        let dtype = gu.dtype();
+        let mut dims = gu.dims().to_vec();
+        let n = dims.last().copied().unwrap_or(0) / 2;
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let total = gu.elem_count() / 2;
+        let (dev, gp) = at(gu)?;
+        let (out, op) = output(&dev, dtype, dims)?;
+        let (n32, total64) = (n as u32, total as u64);
+        let cfg = LaunchConfig { grid_dim: (total.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let f = kernel(&dev, "silu_mul", dtype)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&gp).arg(&op).arg(&n32).arg(&total64);
+        // SAFETY: silu_mul's signature; `gu` holds 2 × total elements, `out` total.
+        unsafe { go(b, cfg) }?;
+        Ok(out)
+    }
+}
