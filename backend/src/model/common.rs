@@ -144,7 +144,7 @@ pub struct ForwardOutput {
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
     pub(crate) weight: Tensor,
-    eps: f64,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {
@@ -542,7 +542,12 @@ pub(crate) struct MlpSite<'a> {
 
 impl MlpSite<'_> {
     pub(crate) fn forward(&mut self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let hidden = apply_clamps(&mlp.hidden(x)?, self.layer, self.rows, self.batch)?;
+        self.down(mlp, &mlp.hidden(x)?)
+    }
+
+    /// The MLP's output from its activation `hidden` (`[b, t, d_ff]`), clamped and recorded here.
+    pub(crate) fn down(&mut self, mlp: &Mlp, hidden: &Tensor) -> Result<Tensor> {
+        let hidden = apply_clamps(hidden, self.layer, self.rows, self.batch)?;
         if self.record {
             self.acts.push((self.layer, hidden.to_dtype(DType::F32)?));
         }
@@ -873,9 +878,9 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, n_rep: usize, scale: f64, so
 /// positions are the last `len` of the sequence.
 #[derive(Debug)]
 pub(crate) struct LayerKv {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) len: usize,
 }
 
 impl LayerKv {
@@ -928,13 +933,7 @@ pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor, room: Ro
         }
     }
     let len = kv.as_ref().map_or(0, |c| c.len);
-    let mut cap = match room {
-        Room::Positions(n) if n >= len + t => n,
-        _ => (2 * (len + t)).max(32),
-    };
-    if let Some(keep) = keep {
-        cap = cap.min(keep + WINDOW_SLACK);
-    }
+    let cap = capacity(room, len, t, keep);
     let (b, h, _, d) = k.dims4()?;
     let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
     if len + t <= cap {
@@ -965,6 +964,45 @@ pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor, room: Ro
     }
     *kv = Some(LayerKv { k: nk, v: nv, len: keep });
     Ok((all_k, all_v))
+}
+
+/// Positions a layer's new buffer holds for `len` kept and `t` new ones (see [`LayerKv`]).
+fn capacity(room: Room, len: usize, t: usize, keep: Option<usize>) -> usize {
+    let cap = match room {
+        Room::Positions(n) if n >= len + t => n,
+        _ => (2 * (len + t)).max(32),
+    };
+    keep.map_or(cap, |keep| cap.min(keep + WINDOW_SLACK))
+}
+
+/// A layer's cache with room for `t` more positions written in place (a layer without a
+/// sliding window; [`append_kv`] without the writing): as it is when they fit, else moved to a
+/// larger buffer as `room` says. `shape`: the cache's `(rows, kv_heads, head_dim)`.
+pub(crate) fn make_room<'a>(
+    kv: &'a mut Option<LayerKv>,
+    shape: (usize, usize, usize),
+    t: usize,
+    room: Room,
+    dtype: DType,
+    device: &Device,
+) -> Result<&'a mut LayerKv> {
+    let (b, h, d) = shape;
+    let len = match kv.as_ref() {
+        Some(c) if (c.k.dim(0)?, c.k.dim(1)?, c.k.dim(3)?) != shape => {
+            return Err(Error::bad(format!("a cache of {:?} for rows of {shape:?}", c.k.dims())));
+        }
+        Some(c) if c.len + t <= c.k.dim(2)? => return Ok(kv.as_mut().expect("matched above")),
+        Some(c) => c.len,
+        None => 0,
+    };
+    let cap = capacity(room, len, t, None);
+    let (nk, nv) = (Tensor::zeros((b, h, cap, d), dtype, device)?, Tensor::zeros((b, h, cap, d), dtype, device)?);
+    if let Some(c) = kv.as_ref() {
+        let (pk, pv) = c.view()?;
+        nk.slice_set(&pk.contiguous()?, 2, 0)?;
+        nv.slice_set(&pv.contiguous()?, 2, 0)?;
+    }
+    Ok(kv.insert(LayerKv { k: nk, v: nv, len }))
 }
 
 /// The token embedding as held: dense, or a quantized file's blocks kept exact.

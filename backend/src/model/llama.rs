@@ -10,12 +10,14 @@
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
 
 use super::common::{
-    attend_segments, causal_mask, check_forward, check_step, linear, rope_tables, run_layers, run_step_layers, tensor_bytes, Act, Cache,
-    ForwardOutput, Intervention, Linear, Mlp, MlpSite, Pos, RmsNorm, Segment, Shell, StepGroup,
+    attend_segments, causal_mask, check_forward, check_step, linear, make_room, rope_tables, run_layers, run_step_layers, tensor_bytes, Act, Cache,
+    ForwardOutput, Intervention, Linear, Mlp, MlpSite, Pos, RmsNorm, Room, Segment, Shell, StepGroup,
 };
 use super::config::{Arch, Config};
+use super::fused::{self, Heads};
 use super::weights::{Key, WeightSource};
 use super::LanguageModel;
+use candle_core::quantized::QMatMul;
 use candle_core::Tensor;
 
 use crate::error::Result;
@@ -88,21 +90,82 @@ struct Block {
     attn: Attention,
     ffn_norm: RmsNorm,
     mlp: Mlp,
+    /// The projections stacked for fused decoding steps (see [`fused`]), when it is on.
+    stacked: Option<Stacked>,
+}
+
+/// A block's Q·K·V and gate·up weights, each one product; the block's own `q`, `k`, `v`,
+/// `gate` and `up` are then views of these (no second copy of the weights).
+#[derive(Debug, Clone)]
+struct Stacked {
+    qkv: Linear,
+    gate_up: Linear,
+}
+
+impl Stacked {
+    /// The stacked weights of a plain Llama block with dense weights whose heads fit the
+    /// kernels, and the block's own weights made views of them; `None` for any other block.
+    fn of(attn: &mut Attention, mlp: &mut Mlp) -> Result<Option<Self>> {
+        let dense = |l: &Linear| match l {
+            Linear::Candle(QMatMul::Tensor(w)) if w.rank() == 2 => Some(w.clone()),
+            _ => None,
+        };
+        let (Some(q), Some(k), Some(v), Some(g), Some(u)) = (dense(&attn.q), dense(&attn.k), dense(&attn.v), dense(&mlp.gate), dense(&mlp.up)) else {
+            return Ok(None);
+        };
+        if attn.bias.is_some() || attn.qk_norm.is_some() || !fused::head_dim_fits(attn.head_dim) {
+            return Ok(None);
+        }
+        let qkv = Tensor::cat(&[&q, &k, &v], 0)?;
+        let gate_up = Tensor::cat(&[&g, &u], 0)?;
+        let view = |w: &Tensor, at: usize, n: usize| -> Result<Linear> { Ok(Linear::Candle(QMatMul::Tensor(w.narrow(0, at, n)?))) };
+        let (nq, nk, nv, ng) = (q.dim(0)?, k.dim(0)?, v.dim(0)?, g.dim(0)?);
+        (attn.q, attn.k, attn.v) = (view(&qkv, 0, nq)?, view(&qkv, nq, nk)?, view(&qkv, nq + nk, nv)?);
+        (mlp.gate, mlp.up) = (view(&gate_up, 0, ng)?, view(&gate_up, ng, u.dim(0)?)?);
+        Ok(Some(Self { qkv: Linear::Candle(QMatMul::Tensor(qkv)), gate_up: Linear::Candle(QMatMul::Tensor(gate_up)) }))
+    }
 }
 
 impl Block {
-    fn load(src: &dyn WeightSource, l: usize, cfg: &Config) -> Result<Self> {
-        Ok(Self {
-            attn_norm: RmsNorm::load(src, Key::AttnNorm(l), cfg)?,
-            attn: Attention::load(src, l, cfg)?,
-            ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?,
-            mlp: Mlp::load(src, l, cfg, Act::Silu)?,
-        })
+    fn load(src: &dyn WeightSource, l: usize, cfg: &Config, fuse: bool) -> Result<Self> {
+        let (mut attn, mut mlp) = (Attention::load(src, l, cfg)?, Mlp::load(src, l, cfg, Act::Silu)?);
+        let stacked = if fuse { Stacked::of(&mut attn, &mut mlp)? } else { None };
+        Ok(Self { attn_norm: RmsNorm::load(src, Key::AttnNorm(l), cfg)?, attn, ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?, mlp, stacked })
     }
 
     fn forward(&self, x: Tensor, pos: &[Pos], segs: &mut [Segment], mlp: &mut MlpSite) -> Result<Tensor> {
+        if let Some(st) = &self.stacked {
+            // A decoding step (one position per row, every row keeping its cache).
+            if x.dim(1)? == 1 && segs.iter().all(|s| s.room != Room::Scratch) && pos.iter().all(|p| p.mask.is_none() && p.window.is_none()) {
+                return self.step_fused(st, x, pos, segs, mlp);
+            }
+        }
         let x = (&x + self.attn.forward(&self.attn_norm.forward(&x)?, pos, segs)?)?;
         Ok((&x + mlp.forward(&self.mlp, &self.ffn_norm.forward(&x)?)?)?)
+    }
+
+    /// [`Block::forward`] of one position per row through the fused ops: the stacked Q·K·V
+    /// product, RoPE with the cache writes, attention, the output projection, the residual add
+    /// with the MLP's norm, the stacked gate·up product, SiLU·up, the down projection.
+    fn step_fused(&self, st: &Stacked, x: Tensor, pos: &[Pos], segs: &mut [Segment], mlp: &mut MlpSite) -> Result<Tensor> {
+        let a = &self.attn;
+        let heads = Heads { h: a.n_heads, kvh: a.n_kv_heads, d: a.head_dim, interleaved: a.interleaved };
+        let qkv = st.qkv.forward(&self.attn_norm.forward(&x)?)?;
+        let scale = 1.0 / (a.head_dim as f64).sqrt();
+        let (n, mut ys, mut at) = (segs.len(), Vec::with_capacity(segs.len()), 0);
+        for s in segs.iter_mut() {
+            let part = if n == 1 { qkv.clone() } else { qkv.narrow(0, at, s.rows)? };
+            let p = &pos[s.group];
+            let c = make_room(s.kv, (s.rows, heads.kvh, heads.d), 1, s.room, qkv.dtype(), qkv.device())?;
+            let q = fused::rope_append(&part, &p.cos, &p.sin, &c.k, &c.v, c.len, heads)?;
+            c.len += 1;
+            ys.push(fused::attend(&q, &c.k, &c.v, c.len, scale)?);
+            at += s.rows;
+        }
+        let y = if n == 1 { ys.pop().expect("one segment") } else { Tensor::cat(&ys, 0)? };
+        let (x, h) = fused::add_rms_norm(&x, &a.o.forward(&y)?, &self.ffn_norm.weight, self.ffn_norm.eps as f32)?;
+        let hidden = fused::silu_mul(&st.gate_up.forward(&h)?)?;
+        Ok((&x + mlp.down(&self.mlp, &hidden)?)?)
     }
 }
 
@@ -116,9 +179,15 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// The model, with fused decoding steps where [`fused::wanted`] says so.
     pub fn load(src: &dyn WeightSource, cfg: &Config) -> Result<Self> {
+        Self::load_with(src, cfg, fused::wanted(src.device()))
+    }
+
+    /// The model, with fused decoding steps (on any device) or not.
+    pub fn load_with(src: &dyn WeightSource, cfg: &Config, fuse: bool) -> Result<Self> {
         let shell = Shell::load(src, cfg)?;
-        let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg, fuse)).collect::<Result<Vec<_>>>()?;
         let rope = rope_tables(cfg.inv_freqs(), cfg.max_seq_len, shell.dtype, &shell.device)?;
         Ok(Self { shell, blocks, rope })
     }
@@ -130,6 +199,10 @@ impl LanguageModel for Llama {
     }
     fn mlp(&self, layer: usize) -> &Mlp {
         &self.blocks[layer].mlp
+    }
+
+    fn fused_blocks(&self) -> usize {
+        self.blocks.iter().filter(|b| b.stacked.is_some()).count()
     }
 
     fn weight_bytes(&self) -> usize {

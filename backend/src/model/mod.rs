@@ -53,6 +53,11 @@ pub trait LanguageModel: Send + Sync + std::fmt::Debug {
     /// only indexed, unless it is also the tied LM head).
     fn weight_bytes(&self) -> usize;
 
+    /// Blocks whose decoding steps take the fused path ([`fused`]).
+    fn fused_blocks(&self) -> usize {
+        0
+    }
+
     /// The family's forward pass (see [`LanguageModel::forward`]).
     fn run(&self, input: &Tensor, cache: &mut Cache, rows: &[Intervention], record: &[usize]) -> Result<ForwardOutput>;
 
