@@ -330,7 +330,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     // sides alike; the ratios are the medians of the rounds' own ratios.
     let gguf = path.extension().is_some_and(|e| e == "gguf");
     let (mut ours, mut rounds) = (Vec::new(), Vec::new());
-    let mut peer_ok = gguf;
+    let mut peer_ok = gguf && !a.no_peer;
     for round in 0..a.runs.max(1) {
         ours.push(time_ours(&engine, &ids, a.tokens)?);
         if peer_ok {
@@ -352,7 +352,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     ours.sort_by(|x, y| x.0.decode_tokens_per_second.total_cmp(&y.0.decode_tokens_per_second));
     let (ours, our_tokens) = ours.swap_remove(ours.len() / 2);
     let our_rss = peak_rss();
-    let peer = if gguf {
+    let peer = if gguf || a.no_peer {
         median_peer(rounds)
     } else {
         // A Hugging Face directory: transformers' generate on the same device, dtype and tokens.
@@ -412,6 +412,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         "prompt_tokens": ids.len(),
         "new_tokens": a.tokens,
         "threads": threads,
+        "fused_decode_blocks": engine.model.fused_blocks(),
         "ours": { "weights": engine.weight_mode().name(), "timing": ours, "peak_rss_bytes": our_rss, "tokens": our_tokens.len() },
         "peer": peer.as_ref().map(|p| { let mut p = p.clone(); p.as_object_mut().map(|o| o.remove("tokens")); p }),
         "ratio_decode": ratio("decode_tokens_per_second"),

@@ -112,6 +112,8 @@ pub struct ModelCheck {
     pub batch_partings: Vec<Option<Parting>>,
     pub batch_jobs_per_step: f64,
     pub batch_pass: bool,
+    /// Blocks whose decoding steps took the fused path on the device (FLASH_INTERP_FUSED_DECODE).
+    pub fused_decode_blocks: usize,
     pub pass: bool,
 }
 
@@ -353,6 +355,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         batch_partings,
         batch_jobs_per_step,
         batch_pass,
+        fused_decode_blocks: dev.model.fused_blocks(),
         pass,
     })
 }

@@ -338,6 +338,9 @@ struct BenchGenerateArgs {
     /// The peer for a Hugging Face directory (transformers, on the same device).
     #[arg(long, default_value = "scripts/peer_generate_hf.py")]
     hf_peer: PathBuf,
+    /// Time ours only (a second run of the same model, e.g. with FLASH_INTERP_FUSED_DECODE=1).
+    #[arg(long)]
+    no_peer: bool,
     /// The Python that has llama-cpp-python (or torch and transformers).
     #[arg(long, env = "FLASH_INTERP_PYTHON", default_value = "python3")]
     python: PathBuf,
