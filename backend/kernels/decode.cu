@@ -22,8 +22,11 @@
 #else
 #define UNROLLED
 #endif
-// Threads per block of the attention kernel: WARPS warps, each over every WARPS-th key.
-#define ATT_WARPS 4
+// Warps per block of the attention kernel, each over every ATT_WARPS-th key (fused.rs launches
+// 32 × this many threads: ATTENTION_THREADS).
+#define ATT_WARPS 16
+// Keys a warp of the attention kernel reads at once.
+#define ATT_KEYS 4
 // Largest head dim the attention kernel takes (a multiple of 32): 8 values per lane.
 #define MAX_HEAD_DIM 256
 
@@ -68,13 +71,16 @@ __device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, 
 }
 
 // One query position's attention over the first `len` positions of the cache, grouped heads:
-// query head j reads key/value head j / (h / kvh). Block = (row, query head), ATT_WARPS warps:
-// warp w takes keys w, w + ATT_WARPS, ..., each lane d / 32 of the head's dims, with an online
-// softmax (running max m, sum l, weighted values acc); the warps' partial results are merged at
-// the end. q: [rows, h, d]; out: [rows, h, d] (= [rows, h d], ready for the output projection).
+// query head j reads key/value head j / (h / kvh). Block = (row, query head), ATT_WARPS warps
+// (a decoding step has few blocks: rows × heads, 32 for one row of Llama 3.1 8B):
+// warp w takes keys ATT_KEYS at a time, the w-th group of every ATT_WARPS × ATT_KEYS, each lane
+// d / 32 of the head's dims, with an online softmax (running max m, sum l, weighted values acc);
+// the warps' partial results are merged at the end. q: [rows, h, d]; out: [rows, h, d]
+// (= [rows, h d], ready for the output projection).
 template <class T>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out, uint32_t h, uint32_t kvh, uint32_t d, uint64_t cap,
                                  uint64_t len, float scale) {
+    if (blockDim.x != 32 * ATT_WARPS) __trap();  // the shared arrays below hold ATT_WARPS warps
     const uint32_t row = blockIdx.x, head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32, per = d / 32;
     const uint32_t g = head / (h / kvh);
     const T *qr = q + ((uint64_t)row * h + head) * d;
@@ -87,18 +93,46 @@ UNROLLED
         qv[i] = i < per ? to_f(qr[lane + 32 * i]) * scale : 0.0f;
         acc[i] = 0.0f;
     }
+    // A warp reads ATT_KEYS keys at a time (independent loads in flight), then folds them into
+    // its running softmax at once.
     float m = -INFINITY, l = 0.0f;
-    for (uint64_t j = warp; j < len; j += ATT_WARPS) {
-        float s = 0.0f;
-UNROLLED
-        for (uint32_t i = 0; i < MAX_HEAD_DIM / 32; ++i)
-            if (i < per) s += qv[i] * to_f(kr[j * d + lane + 32 * i]);
-        s = warp_sum(s);
-        const float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
-        l = l * corr + p;
-UNROLLED
-        for (uint32_t i = 0; i < MAX_HEAD_DIM / 32; ++i)
-            if (i < per) acc[i] = acc[i] * corr + p * to_f(vr[j * d + lane + 32 * i]);
+    for (uint64_t j0 = (uint64_t)warp * ATT_KEYS; j0 < len; j0 += ATT_WARPS * ATT_KEYS) {
+        float s[ATT_KEYS];
+        UNROLLED
+        for (uint32_t u = 0; u < ATT_KEYS; ++u) {
+            float x = 0.0f;
+            if (j0 + u < len) {
+                const T *key = kr + (j0 + u) * d + lane;
+                UNROLLED
+                for (uint32_t i = 0; i < MAX_HEAD_DIM / 32; ++i)
+                    if (i < per) x += qv[i] * to_f(key[32 * i]);
+            }
+            s[u] = x;
+        }
+        float mn = m;
+        UNROLLED
+        for (uint32_t u = 0; u < ATT_KEYS; ++u) {
+            s[u] = warp_sum(s[u]);
+            if (j0 + u < len) mn = fmaxf(mn, s[u]);
+        }
+        // mn is finite (key j0 is one of these), so corr is 0 the first time, when m is -inf.
+        const float corr = expf(m - mn);
+        float p[ATT_KEYS];
+        l *= corr;
+        UNROLLED
+        for (uint32_t u = 0; u < ATT_KEYS; ++u) {
+            p[u] = j0 + u < len ? expf(s[u] - mn) : 0.0f;
+            l += p[u];
+        }
+        UNROLLED
+        for (uint32_t i = 0; i < MAX_HEAD_DIM / 32; ++i) {
+            if (i >= per) continue;
+            float a = acc[i] * corr;
+            UNROLLED
+            for (uint32_t u = 0; u < ATT_KEYS; ++u)
+                if (j0 + u < len) a += p[u] * to_f(vr[(j0 + u) * d + lane + 32 * i]);
+            acc[i] = a;
+        }
         m = mn;
     }
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS], sacc[ATT_WARPS][MAX_HEAD_DIM];

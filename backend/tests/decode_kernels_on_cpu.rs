@@ -128,9 +128,10 @@ fn rope_and_cache_writes_match_the_cpu_path() {
 
 #[test]
 fn attention_matches_the_cpu_path() {
-    // One key (the step's own), fewer keys than warps, many; grouped heads; head dims 32 to 256.
+    // One key (the step's own), fewer keys than a warp reads at once, more than a round of every
+    // warp's reads (64) and several rounds ending part-way; grouped heads; head dims 32 to 256.
     for (case, &(rows, h, kvh, d, cap, len)) in
-        [(1, 4, 2, 32, 4, 1), (2, 4, 4, 64, 9, 3), (1, 8, 2, 128, 80, 77), (2, 2, 1, 256, 40, 40)].iter().enumerate()
+        [(1, 4, 2, 32, 4, 1), (2, 4, 4, 64, 9, 3), (1, 8, 2, 128, 80, 77), (2, 2, 1, 256, 40, 40), (1, 2, 1, 64, 300, 291)].iter().enumerate()
     {
         let q = randn(&[rows, h, 1, d], case as u64);
         // Scaled so that the softmax is peaked: the online maximum matters.
@@ -143,6 +144,7 @@ fn attention_matches_the_cpu_path() {
             .u32(h)
             .u32(kvh)
             .u32(d)
+            .u32(fused::ATTENTION_THREADS as usize)
             .u64(cap)
             .u64(len)
             .f32(scale as f32)

@@ -17,6 +17,7 @@
 #include <cassert>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <math.h>
 #include <mutex>
@@ -149,6 +150,7 @@ inline unsigned __match_any_sync(unsigned mask, uint32_t v) {
 inline uint32_t atomicAdd(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline int __popc(unsigned x) { return std::popcount(x); }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+[[noreturn]] inline void __trap() { abort(); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline uint32_t __float_as_uint(float x) { return std::bit_cast<uint32_t>(x); }
 inline float __uint_as_float(uint32_t x) { return std::bit_cast<float>(x); }

@@ -3,7 +3,7 @@
 // then its inputs (f32 arrays); writes its outputs (f32 arrays) to stdout:
 //   0 rope_append:      u32 rows h kvh d, u64 cap at, u32 interleaved; qkv, cos, sin, k_cache, v_cache
 //                       -> q_out, k_cache, v_cache
-//   1 decode_attention: u32 rows h kvh d, u64 cap len, f32 scale; q, k_cache, v_cache -> out
+//   1 decode_attention: u32 rows h kvh d threads, u64 cap len, f32 scale; q, k_cache, v_cache -> out
 //   2 add_rms_norm:     u32 rows n threads, f32 eps; x, y, w -> sum, normed
 //   3 silu_mul:         u32 rows n; gu -> out
 #include "cuda_on_cpu.h"
@@ -42,12 +42,12 @@ int main() {
         return 0;
     }
     case 1: {
-        uint32_t rows = get<uint32_t>(), h = get<uint32_t>(), kvh = get<uint32_t>(), d = get<uint32_t>();
+        uint32_t rows = get<uint32_t>(), h = get<uint32_t>(), kvh = get<uint32_t>(), d = get<uint32_t>(), threads = get<uint32_t>();
         uint64_t cap = get<uint64_t>(), len = get<uint64_t>();
         float scale = get<float>();
         auto q = floats((uint64_t)rows * h * d), kc = floats((uint64_t)rows * kvh * cap * d), vc = floats((uint64_t)rows * kvh * cap * d);
         std::vector<float> out((uint64_t)rows * h * d);
-        emu::launch(rows, 32 * ATT_WARPS, [&] { decode_attention_f32(q.data(), kc.data(), vc.data(), out.data(), h, kvh, d, cap, len, scale); }, h);
+        emu::launch(rows, threads, [&] { decode_attention_f32(q.data(), kc.data(), vc.data(), out.data(), h, kvh, d, cap, len, scale); }, h);
         put(out);
         return 0;
     }

@@ -27,6 +27,10 @@ pub(crate) fn wanted(device: &Device) -> bool {
 /// Largest head dim the attention kernel takes (a multiple of 32 up to this).
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Threads per block of the attention kernel: 32 × `ATT_WARPS` of `kernels/decode.cu` (the
+/// kernel traps on any other count).
+pub const ATTENTION_THREADS: u32 = 32 * 16;
+
 /// Whether heads of `head_dim` fit the attention kernel.
 pub(crate) fn head_dim_fits(head_dim: usize) -> bool {
     head_dim.is_multiple_of(32) && head_dim <= MAX_HEAD_DIM
@@ -255,7 +259,7 @@ mod gpu {
         let (kc, vc) = (ptr(k_cache)?, ptr(v_cache)?);
         let (y, yp) = output(&dev, dtype, (rows, 1, h * d))?;
         let (h32, kvh32, d32, cap64, len64, sc) = (h as u32, kvh as u32, d as u32, cap as u64, len as u64, scale as f32);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, h as u32, 1), block_dim: (32 * 4, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, h as u32, 1), block_dim: (super::ATTENTION_THREADS, 1, 1), shared_mem_bytes: 0 };
         let f = kernel(&dev, "decode_attention", dtype)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
@@ -292,7 +296,11 @@ mod gpu {
     pub(super) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
         let dtype = gu.dtype();
         let mut dims = gu.dims().to_vec();
-        let n = dims.last().copied().unwrap_or(0) / 2;
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || width % 2 != 0 {
+            return Err(bad(format!("gate·up of shape {dims:?}")));
+        }
+        let n = width / 2;
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
