@@ -113,7 +113,9 @@ impl Stacked {
         let (Some(q), Some(k), Some(v), Some(g), Some(u)) = (dense(&attn.q), dense(&attn.k), dense(&attn.v), dense(&mlp.gate), dense(&mlp.up)) else {
             return Ok(None);
         };
-        if attn.bias.is_some() || attn.qk_norm.is_some() || !fused::head_dim_fits(attn.head_dim) {
+        // Each stack is one tensor: one dtype, one input width.
+        let same = |ws: &[&Tensor]| ws.iter().all(|w| w.dtype() == ws[0].dtype() && w.dim(1).ok() == ws[0].dim(1).ok());
+        if attn.bias.is_some() || attn.qk_norm.is_some() || !fused::head_dim_fits(attn.head_dim) || !same(&[&q, &k, &v]) || !same(&[&g, &u]) {
             return Ok(None);
         }
         let qkv = Tensor::cat(&[&q, &k, &v], 0)?;
@@ -133,24 +135,52 @@ impl Block {
         Ok(Self { attn_norm: RmsNorm::load(src, Key::AttnNorm(l), cfg)?, attn, ffn_norm: RmsNorm::load(src, Key::FfnNorm(l), cfg)?, mlp, stacked })
     }
 
-    fn forward(&self, x: Tensor, pos: &[Pos], segs: &mut [Segment], mlp: &mut MlpSite) -> Result<Tensor> {
+    /// The block on the residual stream `x`. A fused decoding step also takes `x` already normed
+    /// by this block's `attn_norm` (`normed`, from the block before: used when its shape is
+    /// `x`'s) and, given the next block's `attn_norm`, returns the stream normed by it too, its
+    /// residual add and that norm being one kernel.
+    fn forward(
+        &self,
+        x: Tensor,
+        pos: &[Pos],
+        segs: &mut [Segment],
+        mlp: &mut MlpSite,
+        normed: Option<Tensor>,
+        next_norm: Option<&RmsNorm>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(st) = &self.stacked {
             // A decoding step (one position per row, every row keeping its cache).
             if x.dim(1)? == 1 && segs.iter().all(|s| s.room != Room::Scratch) && pos.iter().all(|p| p.mask.is_none() && p.window.is_none()) {
-                return self.step_fused(st, x, pos, segs, mlp);
+                let normed = normed.filter(|h| h.dims() == x.dims());
+                return self.step_fused(st, x, pos, segs, mlp, normed, next_norm);
             }
         }
         let x = (&x + self.attn.forward(&self.attn_norm.forward(&x)?, pos, segs)?)?;
-        Ok((&x + mlp.forward(&self.mlp, &self.ffn_norm.forward(&x)?)?)?)
+        Ok(((&x + mlp.forward(&self.mlp, &self.ffn_norm.forward(&x)?)?)?, None))
     }
 
     /// [`Block::forward`] of one position per row through the fused ops: the stacked Q·K·V
     /// product, RoPE with the cache writes, attention, the output projection, the residual add
-    /// with the MLP's norm, the stacked gate·up product, SiLU·up, the down projection.
-    fn step_fused(&self, st: &Stacked, x: Tensor, pos: &[Pos], segs: &mut [Segment], mlp: &mut MlpSite) -> Result<Tensor> {
+    /// with the MLP's norm, the stacked gate·up product, SiLU·up, the down projection, and its
+    /// residual add (with the next block's norm, when given).
+    #[allow(clippy::too_many_arguments)]
+    fn step_fused(
+        &self,
+        st: &Stacked,
+        x: Tensor,
+        pos: &[Pos],
+        segs: &mut [Segment],
+        mlp: &mut MlpSite,
+        normed: Option<Tensor>,
+        next_norm: Option<&RmsNorm>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let a = &self.attn;
         let heads = Heads { h: a.n_heads, kvh: a.n_kv_heads, d: a.head_dim, interleaved: a.interleaved };
-        let qkv = st.qkv.forward(&self.attn_norm.forward(&x)?)?;
+        let normed = match normed {
+            Some(h) => h,
+            None => self.attn_norm.forward(&x)?,
+        };
+        let qkv = st.qkv.forward(&normed)?;
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let (n, mut ys, mut at) = (segs.len(), Vec::with_capacity(segs.len()), 0);
         for s in segs.iter_mut() {
@@ -165,7 +195,14 @@ impl Block {
         let y = if n == 1 { ys.pop().expect("one segment") } else { Tensor::cat(&ys, 0)? };
         let (x, h) = fused::add_rms_norm(&x, &a.o.forward(&y)?, &self.ffn_norm.weight, self.ffn_norm.eps as f32)?;
         let hidden = fused::silu_mul(&st.gate_up.forward(&h)?)?;
-        Ok((&x + mlp.down(&self.mlp, &hidden)?)?)
+        let down = mlp.down(&self.mlp, &hidden)?;
+        Ok(match next_norm {
+            Some(n) => {
+                let (x, h) = fused::add_rms_norm(&x, &down, &n.weight, n.eps as f32)?;
+                (x, Some(h))
+            }
+            None => ((&x + down)?, None),
+        })
     }
 }
 
@@ -190,6 +227,20 @@ impl Llama {
         let blocks = (0..cfg.n_layers).map(|l| Block::load(src, l, cfg, fuse)).collect::<Result<Vec<_>>>()?;
         let rope = rope_tables(cfg.inv_freqs(), cfg.max_seq_len, shell.dtype, &shell.device)?;
         Ok(Self { shell, blocks, rope })
+    }
+}
+
+impl Llama {
+    /// The layer loop's step (`layer(l, x, segments, mlp)` of [`run_layers`]): block `l`, which
+    /// in a fused decoding step hands the stream normed by the next block's `attn_norm` on to it.
+    fn layers<'a>(&'a self, pos: &'a [Pos]) -> impl FnMut(usize, Tensor, &mut [Segment], &mut MlpSite) -> Result<Tensor> + 'a {
+        let mut normed = None;
+        move |l, x, segs, mlp| {
+            let next = self.blocks.get(l + 1).filter(|b| b.stacked.is_some()).map(|b| &b.attn_norm);
+            let (x, h) = self.blocks[l].forward(x, pos, segs, mlp, normed.take(), next)?;
+            normed = h;
+            Ok(x)
+        }
     }
 }
 
@@ -225,7 +276,7 @@ impl LanguageModel for Llama {
         let mask = if t > 1 { Some(causal_mask(t, offset, sh.dtype, &sh.device)?) } else { None };
         let pos = [Pos::at(&self.rope, offset, t, mask)?];
         let x = sh.embed(input)?;
-        let (x, acts) = run_layers(x, cache, rows, record, n_rows, |l, x, segs, mlp| self.blocks[l].forward(x, &pos, segs, mlp))?;
+        let (x, acts) = run_layers(x, cache, rows, record, n_rows, self.layers(&pos))?;
         Ok(ForwardOutput { logits: sh.logits(&x, t)?, mlp_acts: acts })
     }
 
@@ -234,7 +285,7 @@ impl LanguageModel for Llama {
         let (input, rows) = check_step(&sh.cfg, groups, &sh.device)?;
         let pos = groups.iter().map(|g| Pos::at(&self.rope, g.cache.seq_len(), 1, None)).collect::<Result<Vec<_>>>()?;
         let x = sh.embed(&input)?;
-        let x = run_step_layers(x, groups, &rows, |l, x, segs, mlp| self.blocks[l].forward(x, &pos, segs, mlp))?;
+        let x = run_step_layers(x, groups, &rows, self.layers(&pos))?;
         sh.logits(&x, 1)
     }
 }
