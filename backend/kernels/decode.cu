@@ -1,9 +1,9 @@
 // One decoding step's small kernels on the GPU, fused: what candle runs as ~22 launches per
 // layer (three projections, two RoPEs, two cache writes, five attention ops, a residual add, a
-// norm, two projections, SiLU and a product) becomes 10 with the projections' weights stacked
-// (Q·K·V and gate·up, one cuBLAS product each) and these four kernels. A decoding step of a few
-// rows is a few hundred launches; each one's host cost is what kept decoding far below the
-// memory-bandwidth bound (src/model/fused.rs).
+// norm, two projections, SiLU and a product) becomes 9 with the projections' weights stacked
+// (Q·K·V and gate·up, one cuBLAS product each) and these four kernels (the last residual add
+// shares add_rms_norm with the next block's norm). Each launch costs the host some microseconds,
+// several hundred times per token (src/model/fused.rs).
 //
 // Arithmetic is f32 throughout, rounded to the model's dtype once per output (candle rounds
 // after each op): results agree with the unfused path to the dtype's rounding.

@@ -1,10 +1,11 @@
 //! A decoding step's small ops fused, for the GPU: a Llama block's step is ~22 candle ops (each
-//! its own kernel launch, allocation and host dispatch) and becomes 10 with the Q·K·V and gate·up
+//! its own kernel launch, allocation and host dispatch) and becomes 9 with the Q·K·V and gate·up
 //! weights stacked (one product each) and four kernels (`kernels/decode.cu`): RoPE of the queries
 //! and keys with the keys and values written into the cache, single-query attention over the
-//! cache, the residual add with the norm after it, and SiLU(gate)·up. On a GPU, a step of a few
-//! rows costs the host a few microseconds per launch, a few hundred times per token: what kept
-//! decoding below the memory-bandwidth bound.
+//! cache, the residual add with the norm after it (the MLP's, or the next block's), and
+//! SiLU(gate)·up. A step costs the host some microseconds per launch, several hundred times per
+//! token: by our estimate (the next GPU run measures it) what keeps decoding below the
+//! memory-bandwidth bound.
 //!
 //! Opt-in while it waits for a GPU run to compare it with the plain path:
 //! `FLASH_INTERP_FUSED_DECODE=1` turns it on for CUDA devices ([`wanted`]).
