@@ -125,8 +125,17 @@ fn reqs() -> Vec<Req> {
 
 type Streamed = Vec<(usize, String)>;
 
+type Outcome = mpsc::Receiver<(flash_interp::Result<Vec<GenOutput>>, Streamed)>;
+
 /// Submit a request; its outputs and streamed text arrive on the returned channel.
-fn submit(b: &Batcher, r: &Req, cancel: Cancel, stop_after: Option<usize>) -> mpsc::Receiver<(flash_interp::Result<Vec<GenOutput>>, Streamed)> {
+fn submit(b: &Batcher, r: &Req, cancel: Cancel, stop_after: Option<usize>) -> Outcome {
+    submit_with(b, r, cancel, stop_after, None)
+}
+
+/// [`submit`], and with `pace`, until a step of that batch has been shared each streamed token
+/// waits 100 ms (on the batch thread), so that other requests' prompts, each run on a thread
+/// of their own, join this one between its steps however busy the machine is.
+fn submit_with(b: &Batcher, r: &Req, cancel: Cancel, stop_after: Option<usize>, pace: Option<std::sync::Weak<Batcher>>) -> Outcome {
     let (tx, rx) = mpsc::channel();
     let streamed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = streamed.clone();
@@ -138,6 +147,12 @@ fn submit(b: &Batcher, r: &Req, cancel: Cancel, stop_after: Option<usize>) -> mp
         params: r.params.clone(),
         cancel,
         on_text: Box::new(move |row, text, _| {
+            if pace.as_ref().and_then(|b| b.upgrade()).is_some_and(|b| {
+                let (steps, job_steps) = b.steps();
+                job_steps == steps
+            }) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             s.lock().unwrap().push((row, text.to_owned()));
             calls += 1;
             stop_after.is_none_or(|n| calls < n)
@@ -159,12 +174,12 @@ fn alone(e: &Engine, r: &Req) -> Vec<GenOutput> {
 fn concurrent_requests_in_one_batch_generate_what_each_generates_alone() {
     for (name, spec) in specs() {
         let (_dir, e) = engine(spec);
-        let b = Batcher::new(e.clone());
+        let b = Arc::new(Batcher::new(e.clone()));
         let mut rs = reqs();
-        // The first request runs long enough that the others, each started on a thread of its
-        // own, join it even when the machine is busy.
+        // The first request runs long, and until a step is shared every token waits for the
+        // others' prompts (see `submit_with`): they join it even when the machine is busy.
         rs[0].params.max_new_tokens = 120;
-        let rxs: Vec<_> = rs.iter().map(|r| submit(&b, r, Cancel::default(), None)).collect();
+        let rxs: Vec<_> = rs.iter().map(|r| submit_with(&b, r, Cancel::default(), None, Some(Arc::downgrade(&b)))).collect();
         for (r, rx) in rs.iter().zip(rxs) {
             let (got, streamed) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
             let got = got.unwrap();
