@@ -924,32 +924,19 @@ pub(crate) fn append_kv(kv: &mut Option<LayerKv>, k: Tensor, v: Tensor, room: Ro
             c.len = keep;
         }
     }
-    if let Some(c) = kv.as_mut() {
-        if c.len + t <= c.k.dim(2)? {
-            c.k.slice_set(&k, 2, c.len)?;
-            c.v.slice_set(&v, 2, c.len)?;
-            c.len += t;
-            return c.view();
-        }
-    }
-    let len = kv.as_ref().map_or(0, |c| c.len);
-    let cap = capacity(room, len, t, keep);
     let (b, h, _, d) = k.dims4()?;
-    let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
-    if len + t <= cap {
-        if let Some(c) = kv.as_ref() {
-            let (pk, pv) = c.view()?;
-            nk.slice_set(&pk.contiguous()?, 2, 0)?;
-            nv.slice_set(&pv.contiguous()?, 2, 0)?;
-        }
-        nk.slice_set(&k, 2, len)?;
-        nv.slice_set(&v, 2, len)?;
-        *kv = Some(LayerKv { k: nk, v: nv, len: len + t });
-        return kv.as_ref().expect("filled above").view();
+    let len = kv.as_ref().map_or(0, |c| c.len);
+    if let Some(c) = make_room(kv, (b, h, d), t, room, keep, k.dtype(), k.device())? {
+        c.k.slice_set(&k, 2, c.len)?;
+        c.v.slice_set(&v, 2, c.len)?;
+        c.len += t;
+        return c.view();
     }
     // A windowed layer given more positions than its buffer holds (a long prompt): the step
     // attends to the kept ones and all of its own, and the buffer keeps the last `keep`.
     let keep = keep.expect("only a windowed layer's buffer is smaller than a step");
+    let cap = capacity(room, len, t, Some(keep));
+    let (nk, nv) = (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
     let (all_k, all_v) = match kv.as_ref() {
         Some(c) if c.len > 0 => {
             let (pk, pv) = c.view()?;
@@ -975,34 +962,47 @@ fn capacity(room: Room, len: usize, t: usize, keep: Option<usize>) -> usize {
     keep.map_or(cap, |keep| cap.min(keep + WINDOW_SLACK))
 }
 
-/// A layer's cache with room for `t` more positions written in place (a layer without a
-/// sliding window; [`append_kv`] without the writing): as it is when they fit, else moved to a
-/// larger buffer as `room` says. `shape`: the cache's `(rows, kv_heads, head_dim)`.
+/// A layer's cache with room for `t` more positions written in place ([`append_kv`] without
+/// the writing): as it is when they fit, else moved to a larger buffer as `room` says (on a
+/// layer keeping `keep` positions of a sliding window, at most `keep` + [`WINDOW_SLACK`]).
+/// `None`: a windowed layer's buffer cannot hold them. `shape`: the cache's
+/// `(rows, kv_heads, head_dim)`.
 pub(crate) fn make_room<'a>(
     kv: &'a mut Option<LayerKv>,
     shape: (usize, usize, usize),
     t: usize,
     room: Room,
+    keep: Option<usize>,
     dtype: DType,
     device: &Device,
-) -> Result<&'a mut LayerKv> {
+) -> Result<Option<&'a mut LayerKv>> {
     let (b, h, d) = shape;
     let len = match kv.as_ref() {
         Some(c) if (c.k.dim(0)?, c.k.dim(1)?, c.k.dim(3)?) != shape => {
             return Err(Error::bad(format!("a cache of {:?} for rows of {shape:?}", c.k.dims())));
         }
-        Some(c) if c.len + t <= c.k.dim(2)? => return Ok(kv.as_mut().expect("matched above")),
+        Some(c) if c.len + t <= c.k.dim(2)? => return Ok(kv.as_mut()),
         Some(c) => c.len,
         None => 0,
     };
-    let cap = capacity(room, len, t, None);
+    let cap = capacity(room, len, t, keep);
+    if len + t > cap {
+        return Ok(None);
+    }
     let (nk, nv) = (Tensor::zeros((b, h, cap, d), dtype, device)?, Tensor::zeros((b, h, cap, d), dtype, device)?);
     if let Some(c) = kv.as_ref() {
         let (pk, pv) = c.view()?;
         nk.slice_set(&pk.contiguous()?, 2, 0)?;
         nv.slice_set(&pv.contiguous()?, 2, 0)?;
     }
-    Ok(kv.insert(LayerKv { k: nk, v: nv, len }))
+    Ok(Some(kv.insert(LayerKv { k: nk, v: nv, len })))
+}
+
+/// RoPE of `x` (`[b, heads, t, head_dim]`) at the tables' rows `cos`, `sin`: on pairs
+/// `(2i, 2i + 1)` when `interleaved` (GGUF's Llama layout), else on halves.
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(if interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
 }
 
 /// The token embedding as held: dense, or a quantized file's blocks kept exact.

@@ -60,10 +60,7 @@ pub fn rope_append(qkv: &Tensor, cos: &Tensor, sin: &Tensor, k_cache: &Tensor, v
     let Heads { h, kvh, d, interleaved } = heads;
     let rows = qkv.dim(0)?;
     let qkv = qkv.reshape((rows, h + 2 * kvh, 1, d))?;
-    let rope = |x: Tensor| -> Result<Tensor> {
-        let x = x.contiguous()?;
-        Ok(if interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
-    };
+    let rope = |x: Tensor| super::common::rope(&x, cos, sin, interleaved);
     let (q, k) = (rope(qkv.narrow(1, 0, h)?)?, rope(qkv.narrow(1, h, kvh)?)?);
     k_cache.slice_set(&k, 2, at)?;
     v_cache.slice_set(&qkv.narrow(1, h + kvh, kvh)?.contiguous()?, 2, at)?;

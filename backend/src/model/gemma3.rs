@@ -65,7 +65,7 @@ impl Attention {
             Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             None => (q.contiguous()?, k.contiguous()?),
         };
-        let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+        let rope = |x: &Tensor, cos: &Tensor, sin: &Tensor| super::common::rope(x, cos, sin, false);
         let y = attend_segments(&q, &k, &v, segs, pos, rope, self.n_heads / self.n_kv_heads, self.scale, self.softcap)?;
         let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
         self.o.forward(&y)

@@ -10,8 +10,8 @@
 //! Order as in candle's model files: attention, MLP, blocks, the public model.
 
 use super::common::{
-    attend_segments, causal_mask, check_forward, check_step, linear, make_room, rope_tables, run_layers, run_step_layers, tensor_bytes, Act, Cache,
-    ForwardOutput, Intervention, Linear, Mlp, MlpSite, Pos, RmsNorm, Room, Segment, Shell, StepGroup,
+    attend_segments, causal_mask, check_forward, check_step, linear, make_room, rope, rope_tables, run_layers, run_step_layers, tensor_bytes, Act,
+    Cache, ForwardOutput, Intervention, Linear, Mlp, MlpSite, Pos, RmsNorm, Room, Segment, Shell, StepGroup,
 };
 use super::config::{Arch, Config};
 use super::fused::{self, Heads};
@@ -61,8 +61,7 @@ impl Attention {
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        Ok(if self.interleaved { candle_nn::rotary_emb::rope_i(&x, cos, sin)? } else { candle_nn::rotary_emb::rope(&x, cos, sin)? })
+        rope(x, cos, sin, self.interleaved)
     }
 
     fn forward(&self, x: &Tensor, pos: &[Pos], segs: &mut [Segment]) -> Result<Tensor> {
@@ -186,7 +185,8 @@ impl Block {
         for s in segs.iter_mut() {
             let part = if n == 1 { qkv.clone() } else { qkv.narrow(0, at, s.rows)? };
             let p = &pos[s.group];
-            let c = make_room(s.kv, (s.rows, heads.kvh, heads.d), 1, s.room, qkv.dtype(), qkv.device())?;
+            let c = make_room(s.kv, (s.rows, heads.kvh, heads.d), 1, s.room, None, qkv.dtype(), qkv.device())?
+                .expect("a layer without a window always makes room");
             let q = fused::rope_append(&part, &p.cos, &p.sin, &c.k, &c.v, c.len, heads)?;
             c.len += 1;
             ys.push(fused::attend(&q, &c.k, &c.v, c.len, scale)?);
