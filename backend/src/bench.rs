@@ -352,7 +352,9 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
     ours.sort_by(|x, y| x.0.decode_tokens_per_second.total_cmp(&y.0.decode_tokens_per_second));
     let (ours, our_tokens) = ours.swap_remove(ours.len() / 2);
     let our_rss = peak_rss();
-    let peer = if gguf || a.no_peer {
+    let peer = if a.no_peer {
+        None
+    } else if gguf {
         median_peer(rounds)
     } else {
         // A Hugging Face directory: transformers' generate on the same device, dtype and tokens.

@@ -108,8 +108,8 @@ pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Shape, Storage, Tensor, D};
 
@@ -147,42 +147,30 @@ mod gpu {
     /// A new uninitialised tensor of `shape` (every element is written by the kernel it is
     /// made for), and its address.
     fn output(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<(Tensor, u64)> {
+        /// `n` elements of `T`, wrapped as storage, and their address.
+        fn alloc<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<(CudaStorage, u64)> {
+            // SAFETY: the callers' kernels write every element before anything reads it.
+            let s = unsafe { dev.alloc::<T>(n)? };
+            let p = s.device_ptr(&dev.cuda_stream()).0;
+            Ok((CudaStorage::wrap_cuda_slice(s, dev.clone()), p))
+        }
         let shape = shape.into();
         let n = shape.elem_count();
-        let stream = dev.cuda_stream();
-        // SAFETY: the callers' kernels write every element before anything reads it.
-        let (storage, p) = unsafe {
-            match dtype {
-                DType::F32 => {
-                    let s = dev.alloc::<f32>(n)?;
-                    let p = s.device_ptr(&stream).0;
-                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
-                }
-                DType::BF16 => {
-                    let s = dev.alloc::<half::bf16>(n)?;
-                    let p = s.device_ptr(&stream).0;
-                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
-                }
-                DType::F16 => {
-                    let s = dev.alloc::<half::f16>(n)?;
-                    let p = s.device_ptr(&stream).0;
-                    (CudaStorage::wrap_cuda_slice(s, dev.clone()), p)
-                }
-                other => return Err(bad(format!("{other:?} tensors"))),
-            }
+        let (storage, p) = match dtype {
+            DType::F32 => alloc::<f32>(dev, n)?,
+            DType::BF16 => alloc::<half::bf16>(dev, n)?,
+            DType::F16 => alloc::<half::f16>(dev, n)?,
+            other => return Err(bad(format!("{other:?} tensors"))),
         };
         Ok((Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false), p))
     }
 
-    /// The kernel `name` for `dtype`'s elements.
+    /// The kernel `name` for `dtype`'s elements (`name_f32`, `name_bf16`, `name_f16`).
     fn kernel(dev: &CudaDevice, name: &str, dtype: DType) -> Result<CudaFunction> {
-        let suffix = match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => return Err(bad(format!("{other:?} tensors"))),
-        };
-        Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "flash_interp_decode", PTX)?.into_cuda_function())
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(bad(format!("{dtype:?} tensors")));
+        }
+        Ok(dev.get_or_load_custom_func(&format!("{name}_{}", dtype.as_str()), "flash_interp_decode", PTX)?.into_cuda_function())
     }
 
     /// Launch a kernel whose arguments are pushed.
