@@ -35,16 +35,29 @@ impl Sampler {
         let weights: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / self.temperature).exp()).collect();
         let mut order: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
         if self.top_p < 1.0 {
-            order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+            // The nucleus is the head of the order by weight (ties: lower id), usually a few
+            // dozen tokens: sort only a head that grows until it holds the mass, where sorting
+            // the whole vocabulary cost milliseconds per token (8.5 ms at 262,144 tokens).
+            let by_weight = |&a: &usize, &b: &usize| weights[b].total_cmp(&weights[a]).then(a.cmp(&b));
             let need = self.top_p * order.iter().map(|&i| weights[i]).sum::<f64>();
-            let mut mass = 0.0;
-            let keep = order
-                .iter()
-                .position(|&i| {
+            let mut head = order.len().min(64);
+            let keep = loop {
+                if head < order.len() {
+                    order.select_nth_unstable_by(head - 1, by_weight);
+                }
+                order[..head].sort_by(by_weight);
+                let mut mass = 0.0;
+                if let Some(k) = order[..head].iter().position(|&i| {
                     mass += weights[i];
                     mass >= need
-                })
-                .map_or(order.len(), |k| k + 1);
+                }) {
+                    break k + 1;
+                }
+                if head == order.len() {
+                    break head;
+                }
+                head = order.len().min(head * 8);
+            };
             order.truncate(keep);
         }
         let total: f64 = order.iter().map(|&i| weights[i]).sum();
@@ -130,6 +143,42 @@ mod tests {
         assert_eq!((counts[1], counts[3]), (0, 0));
         let want = (1.0f64).exp() / ((1.0f64).exp() + (2.0f64).exp());
         assert!((counts[0] as f64 / n as f64 - want).abs() < 0.01);
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_draws_what_a_full_sort_draws() {
+        // The nucleus by sorting every weight (the definition), drawn with the same generator.
+        fn reference(logits: &[f32], t: f64, p: f64, rng: &mut StdRng) -> u32 {
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+            let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / t).exp()).collect();
+            let mut order: Vec<usize> = (0..w.len()).filter(|&i| w[i] > 0.0).collect();
+            order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
+            let need = p * w.iter().sum::<f64>();
+            let mut mass = 0.0;
+            let keep = order.iter().position(|&i| {
+                mass += w[i];
+                mass >= need
+            });
+            order.truncate(keep.map_or(order.len(), |k| k + 1));
+            let mut u = rng.random::<f64>() * order.iter().map(|&i| w[i]).sum::<f64>();
+            for &i in &order {
+                u -= w[i];
+                if u < 0.0 {
+                    return i as u32;
+                }
+            }
+            *order.last().unwrap() as u32
+        }
+        // Coarse logits (ties), from a nucleus of a few tokens (T 0.3) to most of the vocabulary
+        // (T 3, p 0.99): the sorted head grows past 64 several times.
+        let logits: Vec<f32> = (0..50_000u64).map(|i| ((i.wrapping_mul(2654435761) % 997) as f32 / 997.0) * 12.0).collect();
+        for (t, p) in [(0.3, 0.5), (1.0, 0.9), (3.0, 0.99), (1.0, 1e-9)] {
+            let mut s = Sampler::new(&params(t, Some(p), 11));
+            let mut rng = StdRng::seed_from_u64(11);
+            for step in 0..30 {
+                assert_eq!(s.sample(&logits).unwrap(), reference(&logits, t, p, &mut rng), "T {t}, p {p}, draw {step}");
+            }
+        }
     }
 
     #[test]
