@@ -99,18 +99,22 @@ impl std::fmt::Debug for ExactLinear {
 impl ExactLinear {
     /// From a quantized tensor `[rows, cols]` of a supported block type.
     pub fn new(q: &QTensor) -> Result<Self> {
-        let dtype = q.dtype();
         let (rows, cols) = q.shape().dims2()?;
-        if !supported(dtype) || cols % dtype.block_size() != 0 {
+        let data = q.data()?;
+        Self::read(q.dtype(), rows, cols, &mut &data[..])
+    }
+
+    /// Its blocks read straight from `r` (e.g. a GGUF file at the tensor's offset) into the
+    /// words held: no copy beside them, where reading a `QTensor` first held the weight three
+    /// times at once while loading (the file's bytes, candle's blocks, ours).
+    pub fn read(dtype: GgmlDType, rows: usize, cols: usize, r: &mut dyn std::io::Read) -> Result<Self> {
+        if !supported(dtype) || !cols.is_multiple_of(dtype.block_size()) {
             return Err(fail(format!("no exact kernel for {dtype:?} weights of shape {rows}x{cols}")));
         }
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        let data = q.data()?;
-        if data.len() != rows * row_bytes {
-            return Err(fail(format!("{dtype:?} weight holds {} bytes, {rows}x{cols} needs {}", data.len(), rows * row_bytes)));
-        }
-        let mut words = vec![0u64; data.len().div_ceil(8)];
-        as_bytes_mut(&mut words)[..data.len()].copy_from_slice(&data);
+        let len = rows * row_bytes;
+        let mut words = vec![0u64; len.div_ceil(8)];
+        r.read_exact(&mut as_bytes_mut(&mut words)[..len]).map_err(|e| fail(format!("{dtype:?} weight of {rows}x{cols} ({len} bytes): {e}")))?;
         Ok(Self { dtype, rows, cols, words, row_bytes })
     }
 

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -307,7 +307,16 @@ impl GgufSource {
         if !super::exact::supported(info.ggml_dtype) {
             return Ok(None);
         }
-        let w = super::exact::ExactLinear::new(&self.read(&name)?)?;
+        let (rows, cols) = match info.shape.dims() {
+            &[rows, cols] => (rows, cols),
+            dims => return Err(Error::model(&self.path, format!("tensor {name} has shape {dims:?}, not a matrix"))),
+        };
+        let w = {
+            let mut r = self.reader.borrow_mut();
+            r.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+            super::exact::ExactLinear::read(info.ggml_dtype, rows, cols, &mut *r)
+                .map_err(|e| Error::model(&self.path, format!("reading {name}: {e}")))?
+        };
         if !w.all_finite() {
             return Err(Error::model(&self.path, format!("tensor {name} has NaN or infinite values: the file is corrupt")));
         }
