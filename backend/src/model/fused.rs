@@ -107,9 +107,12 @@ pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
 /// is read after, in the order the host queues work.
 #[cfg(feature = "cuda")]
 mod gpu {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Shape, Storage, Tensor, D};
 
@@ -165,12 +168,23 @@ mod gpu {
         Ok((Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false), p))
     }
 
-    /// The kernel `name` for `dtype`'s elements (`name_f32`, `name_bf16`, `name_f16`).
-    fn kernel(dev: &CudaDevice, name: &str, dtype: DType) -> Result<CudaFunction> {
+    /// The kernel `name` for `dtype`'s elements (`name_f32`, `name_bf16`, `name_f16`), looked up
+    /// once per device: candle's lookup formats the name and asks the driver for the function
+    /// each time, and a fused step launches five of these per layer.
+    fn kernel(dev: &CudaDevice, name: &'static str, dtype: DType) -> Result<CudaFunction> {
+        type Key = (DeviceId, &'static str, DType);
+        static FUNCS: LazyLock<Mutex<HashMap<Key, CudaFunction>>> = LazyLock::new(Default::default);
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(bad(format!("{dtype:?} tensors")));
         }
-        Ok(dev.get_or_load_custom_func(&format!("{name}_{}", dtype.as_str()), "flash_interp_decode", PTX)?.into_cuda_function())
+        let key = (dev.id(), name, dtype);
+        let funcs = || FUNCS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(f) = funcs().get(&key) {
+            return Ok(f.clone());
+        }
+        let f = dev.get_or_load_custom_func(&format!("{name}_{}", dtype.as_str()), "flash_interp_decode", PTX)?.into_cuda_function();
+        funcs().insert(key, f.clone());
+        Ok(f)
     }
 
     /// Launch a kernel whose arguments are pushed.
