@@ -89,9 +89,12 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 
 #[test]
 fn rope_and_cache_writes_match_the_cpu_path() {
-    // Grouped and one-to-one heads, both RoPE layouts, a slot at the start, middle and end.
+    // Grouped and one-to-one heads, both RoPE layouts, a slot at the start, middle and end; Llama
+    // 3.1 8B's heads (32 of 128 over 8), and pairs past one per thread (head dim 256).
     for (case, &(rows, h, kvh, d, cap, at, interleaved)) in
-        [(1, 4, 2, 32, 8, 0, false), (3, 4, 1, 64, 5, 4, true), (2, 2, 2, 96, 7, 3, false)].iter().enumerate()
+        [(1, 4, 2, 32, 8, 0, false), (3, 4, 1, 64, 5, 4, true), (2, 2, 2, 96, 7, 3, false), (1, 32, 8, 128, 6, 5, false), (1, 2, 1, 256, 3, 1, true)]
+            .iter()
+            .enumerate()
     {
         let heads = Heads { h, kvh, d, interleaved };
         let qkv = randn(&[rows, 1, (h + 2 * kvh) * d], case as u64);
