@@ -48,13 +48,18 @@ __device__ __forceinline__ float warp_sum(float v) {
 // RoPE of a step's queries and keys, and the keys and values written into the cache.
 // qkv: [rows, (h + 2 kvh) d], each row its Q heads, K heads, V heads (the stacked projection's
 // output). Block (row, slot): slot < h is query head slot, rotated into q_out [rows, h, d]; then
-// kvh key heads, rotated into k_cache [rows, kvh, cap, d] at position `at`; then kvh value heads,
-// copied into v_cache there. cos, sin: the RoPE tables' row of this position, d / 2 each.
+// kvh key heads, rotated into k_cache [rows, kvh, cap, d] at position `at` = *pos; then kvh
+// value heads, copied into v_cache there. cos_table, sin_table: the RoPE tables, d / 2 per
+// position, read at row `at`. The position is read from device memory, not passed by value, so
+// that a captured CUDA graph replays the step at whatever position the host last wrote there.
 // Rotation as candle's rope (halves: x[i], x[i + d/2]) or rope_i (pairs: x[2i], x[2i + 1]).
 template <class T>
-__device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache, uint32_t h, uint32_t kvh, uint32_t d,
-                            uint64_t cap, uint64_t at, uint32_t interleaved) {
+__device__ void rope_append(const T *qkv, const T *cos_table, const T *sin_table, const uint32_t *pos, T *q_out, T *k_cache, T *v_cache,
+                            uint32_t h, uint32_t kvh, uint32_t d, uint64_t cap, uint32_t interleaved) {
     const uint32_t row = blockIdx.x, slot = blockIdx.y, half = d / 2;
+    const uint64_t at = *pos;
+    if (at >= cap) __trap();  // the host checks this before a launch; a replay must not write past
+    const T *cos = cos_table + at * half, *sin = sin_table + at * half;
     const T *src = qkv + ((uint64_t)row * (h + 2 * kvh) + slot) * d;
     if (slot >= h + kvh) {
         T *dst = v_cache + (((uint64_t)row * kvh + (slot - h - kvh)) * cap + at) * d;
@@ -70,7 +75,8 @@ __device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, 
     }
 }
 
-// One query position's attention over the first `len` positions of the cache, grouped heads:
+// One query position's attention over the first `len` = *pos + 1 positions of the cache (the
+// step's own key included), grouped heads:
 // query head j reads key/value head j / (h / kvh). Block = (row, query head), ATT_WARPS warps
 // (a decoding step has few blocks: rows × heads, 32 for one row of Llama 3.1 8B):
 // warp w takes keys ATT_KEYS at a time, the w-th group of every ATT_WARPS × ATT_KEYS, each lane
@@ -79,8 +85,10 @@ __device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, 
 // (= [rows, h d], ready for the output projection).
 template <class T>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out, uint32_t h, uint32_t kvh, uint32_t d, uint64_t cap,
-                                 uint64_t len, float scale) {
+                                 const uint32_t *pos, float scale) {
     if (blockDim.x != 32 * ATT_WARPS) __trap();  // the shared arrays below hold ATT_WARPS warps
+    const uint64_t len = (uint64_t)*pos + 1;
+    if (len > cap) __trap();
     const uint32_t row = blockIdx.x, head = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32, per = d / 32;
     const uint32_t g = head / (h / kvh);
     const T *qr = q + ((uint64_t)row * h + head) * d;
@@ -193,13 +201,13 @@ template <class T> __device__ void silu_mul(const T *gu, T *out, uint32_t n, uin
 }
 
 #define DECODE_KERNELS(T, NAME)                                                                                                           \
-    extern "C" __global__ void rope_append_##NAME(const T *qkv, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache, uint32_t h, \
-                                                  uint32_t kvh, uint32_t d, uint64_t cap, uint64_t at, uint32_t interleaved) {             \
-        rope_append(qkv, cos, sin, q_out, k_cache, v_cache, h, kvh, d, cap, at, interleaved);                                             \
+    extern "C" __global__ void rope_append_##NAME(const T *qkv, const T *cos, const T *sin, const uint32_t *pos, T *q_out, T *k_cache,   \
+                                                  T *v_cache, uint32_t h, uint32_t kvh, uint32_t d, uint64_t cap, uint32_t interleaved) { \
+        rope_append(qkv, cos, sin, pos, q_out, k_cache, v_cache, h, kvh, d, cap, interleaved);                                            \
     }                                                                                                                                      \
     extern "C" __global__ void decode_attention_##NAME(const T *q, const T *k_cache, const T *v_cache, T *out, uint32_t h, uint32_t kvh,  \
-                                                       uint32_t d, uint64_t cap, uint64_t len, float scale) {                             \
-        decode_attention(q, k_cache, v_cache, out, h, kvh, d, cap, len, scale);                                                           \
+                                                       uint32_t d, uint64_t cap, const uint32_t *pos, float scale) {                      \
+        decode_attention(q, k_cache, v_cache, out, h, kvh, d, cap, pos, scale);                                                           \
     }                                                                                                                                      \
     extern "C" __global__ void add_rms_norm_##NAME(const T *x, const T *y, const T *w, T *sum, T *normed, uint32_t n, float eps) {        \
         add_rms_norm(x, y, w, sum, normed, n, eps);                                                                                       \

@@ -98,8 +98,9 @@ fn rope_and_cache_writes_match_the_cpu_path() {
     {
         let heads = Heads { h, kvh, d, interleaved };
         let qkv = randn(&[rows, 1, (h + 2 * kvh) * d], case as u64);
-        let angles = randn(&[1, d / 2], 100 + case as u64);
-        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        // Tables of a few positions past the slot: the kernel reads row `at`.
+        let angles = randn(&[at + 3, d / 2], 100 + case as u64);
+        let tables = (angles.cos().unwrap(), angles.sin().unwrap());
         let (kc, vc) = (randn(&[rows, kvh, cap, d], 200 + case as u64), randn(&[rows, kvh, cap, d], 300 + case as u64));
         let got = Input::default()
             .u32(0)
@@ -110,15 +111,17 @@ fn rope_and_cache_writes_match_the_cpu_path() {
             .u64(cap)
             .u64(at)
             .u32(interleaved as usize)
+            .u32(at + 3)
             .tensor(&qkv)
-            .tensor(&cos)
-            .tensor(&sin)
+            .tensor(&tables.0)
+            .tensor(&tables.1)
             .tensor(&kc)
             .tensor(&vc)
             .run(&[rows * h * d, kc.elem_count(), vc.elem_count()]);
         // The CPU path writes into the caches it is given: copies of the kernel's inputs.
         let (wk, wv) = (kc.copy().unwrap(), vc.copy().unwrap());
-        let q = fused::rope_append(&qkv, &cos, &sin, &wk, &wv, at, heads).unwrap();
+        let dev = Tensor::new(&[at as u32], &Device::Cpu).unwrap();
+        let q = fused::rope_append(&qkv, &tables, fused::Slot { at, dev: &dev }, &wk, &wv, heads).unwrap();
         assert_eq!(q.dims(), &[rows, h, 1, d]);
         for (what, g, w) in [("queries", &got[0], values(&q)), ("keys", &got[1], values(&wk)), ("values", &got[2], values(&wv))] {
             let diff = rel_diff(g, &w);
@@ -155,7 +158,8 @@ fn attention_matches_the_cpu_path() {
             .tensor(&kc)
             .tensor(&vc)
             .run(&[rows * h * d]);
-        let want = fused::attend(&q, &kc, &vc, len, scale).unwrap();
+        let dev = Tensor::new(&[len as u32 - 1], &Device::Cpu).unwrap();
+        let want = fused::attend(&q, &kc, &vc, fused::Slot { at: len - 1, dev: &dev }, scale).unwrap();
         assert_eq!(want.dims(), &[rows, 1, h * d]);
         let diff = rel_diff(&got[0], &values(&want));
         assert!(diff < 1e-5, "case {case}: {diff}");

@@ -1,9 +1,10 @@
 // Runs one of kernels/decode.cu's kernels (f32) on the CPU (cuda_on_cpu.h), with the grid and
 // block src/model/fused.rs launches it with. Reads from stdin a u32 kernel number, its sizes,
 // then its inputs (f32 arrays); writes its outputs (f32 arrays) to stdout:
-//   0 rope_append:      u32 rows h kvh d, u64 cap at, u32 interleaved; qkv, cos, sin, k_cache, v_cache
-//                       -> q_out, k_cache, v_cache
+//   0 rope_append:      u32 rows h kvh d, u64 cap at, u32 interleaved positions; qkv, cos, sin (the
+//                       tables, positions × d / 2), k_cache, v_cache -> q_out, k_cache, v_cache
 //   1 decode_attention: u32 rows h kvh d threads, u64 cap len, f32 scale; q, k_cache, v_cache -> out
+// (the kernels read the position, at or len - 1, from memory, as from the device on a GPU)
 //   2 add_rms_norm:     u32 rows n threads, f32 eps; x, y, w -> sum, normed
 //   3 silu_mul:         u32 rows n; gu -> out
 #include "cuda_on_cpu.h"
@@ -30,11 +31,12 @@ int main() {
     case 0: {
         uint32_t rows = get<uint32_t>(), h = get<uint32_t>(), kvh = get<uint32_t>(), d = get<uint32_t>();
         uint64_t cap = get<uint64_t>(), at = get<uint64_t>();
-        uint32_t il = get<uint32_t>();
-        auto qkv = floats((uint64_t)rows * (h + 2 * kvh) * d), cos = floats(d / 2), sin = floats(d / 2);
+        uint32_t il = get<uint32_t>(), positions = get<uint32_t>();
+        auto qkv = floats((uint64_t)rows * (h + 2 * kvh) * d), cos = floats((uint64_t)positions * (d / 2)), sin = floats((uint64_t)positions * (d / 2));
         auto kc = floats((uint64_t)rows * kvh * cap * d), vc = floats((uint64_t)rows * kvh * cap * d);
         std::vector<float> q((uint64_t)rows * h * d);
-        emu::launch(rows, 64, [&] { rope_append_f32(qkv.data(), cos.data(), sin.data(), q.data(), kc.data(), vc.data(), h, kvh, d, cap, at, il); },
+        const uint32_t pos = (uint32_t)at;
+        emu::launch(rows, 64, [&] { rope_append_f32(qkv.data(), cos.data(), sin.data(), &pos, q.data(), kc.data(), vc.data(), h, kvh, d, cap, il); },
                     h + 2 * kvh);
         put(q);
         put(kc);
@@ -47,7 +49,8 @@ int main() {
         float scale = get<float>();
         auto q = floats((uint64_t)rows * h * d), kc = floats((uint64_t)rows * kvh * cap * d), vc = floats((uint64_t)rows * kvh * cap * d);
         std::vector<float> out((uint64_t)rows * h * d);
-        emu::launch(rows, threads, [&] { decode_attention_f32(q.data(), kc.data(), vc.data(), out.data(), h, kvh, d, cap, len, scale); }, h);
+        const uint32_t pos = (uint32_t)(len - 1);
+        emu::launch(rows, threads, [&] { decode_attention_f32(q.data(), kc.data(), vc.data(), out.data(), h, kvh, d, cap, &pos, scale); }, h);
         put(out);
         return 0;
     }

@@ -21,6 +21,9 @@ pub struct Cache {
     /// Checked before every layer: a cancelled request stops within one layer's work.
     pub(crate) cancel: Cancel,
     pub(crate) room: Room,
+    /// The position the next decoding step writes, on the device (`[1]`, u32), with the value it
+    /// holds: the fused step's kernels read it there ([`Cache::step_slot`]).
+    slot: Option<(Tensor, usize)>,
 }
 
 /// How a [`Cache`] makes room for the keys and values of new positions.
@@ -41,7 +44,7 @@ impl Cache {
         Self::with_cancel(cfg, Cancel::default())
     }
     pub fn with_cancel(cfg: &Config, cancel: Cancel) -> Self {
-        Self { kvs: (0..cfg.n_layers).map(|_| None).collect(), seq_len: 0, cancel, room: Room::Grow }
+        Self { kvs: (0..cfg.n_layers).map(|_| None).collect(), seq_len: 0, cancel, room: Room::Grow, slot: None }
     }
     /// The same cache, making room as `room` says (see [`Room`]).
     pub fn with_room(mut self, room: Room) -> Self {
@@ -51,6 +54,25 @@ impl Cache {
     /// Number of positions already in the cache.
     pub fn seq_len(&self) -> usize {
         self.seq_len
+    }
+
+    /// The position the next step writes (the cache's length), held on `device` (`[1]`, u32) for
+    /// the fused step's kernels: one tensor kept across steps and written in place only when it
+    /// holds another position, so that a CUDA graph captured with it replays at whatever
+    /// position was written last.
+    pub(crate) fn step_slot(&mut self, device: &Device) -> Result<Tensor> {
+        let at = self.seq_len;
+        let value = u32::try_from(at).map_err(|_| Error::bad(format!("position {at} is past what a step can address")))?;
+        match &mut self.slot {
+            Some((t, held)) if t.device().same_device(device) => {
+                if *held != at {
+                    t.slice_set(&Tensor::new(&[value], device)?, 0, 0)?;
+                    *held = at;
+                }
+                Ok(t.clone())
+            }
+            slot => Ok(slot.insert((Tensor::new(&[value], device)?, at)).0.clone()),
+        }
     }
 
     /// Positions each layer has room for (0 where it holds nothing).
@@ -563,12 +585,22 @@ pub(crate) struct Pos {
     pub(crate) sin: Tensor,
     pub(crate) mask: Option<Tensor>,
     pub(crate) window: Option<usize>,
+    /// For a fused decoding step: the whole RoPE tables and the step's position on the device
+    /// ([`Cache::step_slot`]), which its kernels index themselves.
+    pub(crate) step: Option<((Tensor, Tensor), Tensor)>,
 }
 
 impl Pos {
     /// Positions `offset..offset + t` of RoPE tables `(cos, sin)`, with `mask`.
     pub(crate) fn at((cos, sin): &(Tensor, Tensor), offset: usize, t: usize, mask: Option<Tensor>) -> Result<Self> {
-        Ok(Self { cos: cos.narrow(0, offset, t)?, sin: sin.narrow(0, offset, t)?, mask, window: None })
+        Ok(Self { cos: cos.narrow(0, offset, t)?, sin: sin.narrow(0, offset, t)?, mask, window: None, step: None })
+    }
+
+    /// The same for one decoding step, with what a fused step reads: the whole `tables` and the
+    /// cache's step slot.
+    pub(crate) fn step(tables: &(Tensor, Tensor), cache: &mut Cache, device: &Device) -> Result<Self> {
+        let slot = cache.step_slot(device)?;
+        Ok(Self { step: Some((tables.clone(), slot)), ..Self::at(tables, cache.seq_len, 1, None)? })
     }
 
     /// The same, on a layer whose queries see only the last `window` positions (`mask` must be

@@ -48,34 +48,54 @@ pub struct Heads {
     pub interleaved: bool,
 }
 
+/// Where a decoding step writes in the caches: position `at`, also held on the device in `dev`
+/// (`[1]`, u32), where the GPU kernels read it. The kernels take it from there, not as an
+/// argument, so that a CUDA graph captured once replays the step at each new position (the host
+/// writes it between replays: `Cache::step_slot`).
+#[derive(Debug, Clone, Copy)]
+pub struct Slot<'a> {
+    pub at: usize,
+    pub dev: &'a Tensor,
+}
+
 /// RoPE of one position's queries and keys, from the stacked projection `qkv`
-/// (`[rows, 1, (h + 2 kvh) d]`: each row's Q, K and V heads), at the RoPE tables' rows `cos`,
-/// `sin` (`[1, d / 2]`); the keys and values are written into the caches (`[rows, kvh, cap, d]`,
-/// contiguous) at position `at`. Returns the queries, `[rows, h, 1, d]`.
-pub fn rope_append(qkv: &Tensor, cos: &Tensor, sin: &Tensor, k_cache: &Tensor, v_cache: &Tensor, at: usize, heads: Heads) -> Result<Tensor> {
+/// (`[rows, 1, (h + 2 kvh) d]`: each row's Q, K and V heads), at row `slot.at` of the RoPE
+/// tables `(cos, sin)` (`[positions, d / 2]`); the keys and values are written into the caches
+/// (`[rows, kvh, cap, d]`, contiguous) at position `slot.at`. Returns the queries,
+/// `[rows, h, 1, d]`.
+pub fn rope_append(qkv: &Tensor, tables: &(Tensor, Tensor), slot: Slot, k_cache: &Tensor, v_cache: &Tensor, heads: Heads) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if qkv.device().is_cuda() {
-        return gpu::rope_append(qkv, cos, sin, k_cache, v_cache, at, heads);
+        return gpu::rope_append(qkv, tables, slot, k_cache, v_cache, heads);
     }
     let Heads { h, kvh, d, interleaved } = heads;
+    let at = slot.at;
+    // What the kernels would read: the CPU path checks it, so that the tests of the fused step on
+    // the CPU also check the position kept on the device (`Cache::step_slot`) step after step.
+    let held = slot.dev.flatten_all()?.to_vec1::<u32>()?;
+    if held != [at as u32] {
+        return Err(crate::error::Error::bad(format!("a fused step at position {at} whose device copy holds {held:?}")));
+    }
+    let (cos, sin) = (tables.0.narrow(0, at, 1)?, tables.1.narrow(0, at, 1)?);
     let rows = qkv.dim(0)?;
     let qkv = qkv.reshape((rows, h + 2 * kvh, 1, d))?;
-    let rope = |x: Tensor| super::common::rope(&x, cos, sin, interleaved);
+    let rope = |x: Tensor| super::common::rope(&x, &cos, &sin, interleaved);
     let (q, k) = (rope(qkv.narrow(1, 0, h)?)?, rope(qkv.narrow(1, h, kvh)?)?);
     k_cache.slice_set(&k, 2, at)?;
     v_cache.slice_set(&qkv.narrow(1, h + kvh, kvh)?.contiguous()?, 2, at)?;
     Ok(q)
 }
 
-/// Attention of one position's queries `q` (`[rows, h, 1, d]`) over the first `len` positions
-/// of the caches (`[rows, kvh, cap, d]`), query head `j` reading key/value head
-/// `j / (h / kvh)`, scores scaled by `scale`. Returns `[rows, 1, h d]`.
-pub fn attend(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, scale: f64) -> Result<Tensor> {
+/// Attention of one position's queries `q` (`[rows, h, 1, d]`) over the first `slot.at + 1`
+/// positions of the caches (`[rows, kvh, cap, d]`: those before the step and its own), query head
+/// `j` reading key/value head `j / (h / kvh)`, scores scaled by `scale`. Returns `[rows, 1, h d]`.
+pub fn attend(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slot: Slot, scale: f64) -> Result<Tensor> {
     let (rows, h, _, d) = q.dims4()?;
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return gpu::attend(q, k_cache, v_cache, len, scale);
+        return gpu::attend(q, k_cache, v_cache, slot, scale);
     }
+    let len = slot.at + 1;
     let n_rep = h / k_cache.dim(1)?;
     let y = super::common::attend(q, &k_cache.narrow(2, 0, len)?, &v_cache.narrow(2, 0, len)?, n_rep, scale, None, None, None)?;
     Ok(y.transpose(1, 2)?.reshape((rows, 1, h * d))?)
@@ -116,7 +136,7 @@ mod gpu {
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Shape, Storage, Tensor, D};
 
-    use super::Heads;
+    use super::{Heads, Slot};
     use crate::error::{Error, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -206,66 +226,73 @@ mod gpu {
         Ok(dt)
     }
 
+    /// The device address of the slot's position, checked to be one u32 on the GPU.
+    fn slot_ptr(slot: Slot) -> Result<u64> {
+        let (s, l) = slot.dev.storage_and_layout();
+        let Storage::Cuda(c) = &*s else { return Err(bad("a step's position off the GPU")) };
+        if slot.dev.dtype() != DType::U32 || slot.dev.elem_count() != 1 {
+            return Err(bad(format!("a step's position of {:?} {:?}", slot.dev.dtype(), slot.dev.dims())));
+        }
+        let stream = c.device().cuda_stream();
+        let base = c.as_cuda_slice::<u32>()?.device_ptr(&stream).0;
+        Ok(base + (l.start_offset() * 4) as u64)
+    }
+
     pub(super) fn rope_append(
         qkv: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        slot: Slot,
         k_cache: &Tensor,
         v_cache: &Tensor,
-        at_pos: usize,
         heads: Heads,
     ) -> Result<Tensor> {
         let Heads { h, kvh, d, interleaved } = heads;
         let dtype = same_dtype(&[qkv, cos, sin, k_cache, v_cache])?;
         let rows = qkv.dim(0)?;
         let (kb, kh, cap, kd) = k_cache.dims4()?;
+        let at_pos = slot.at;
         if qkv.elem_count() != rows * (h + 2 * kvh) * d || (kb, kh, kd) != (rows, kvh, d) || v_cache.dims() != k_cache.dims() || at_pos >= cap {
             return Err(bad(format!("qkv {:?} into caches {:?} at {at_pos}", qkv.dims(), k_cache.dims())));
         }
-        if cos.elem_count() != d / 2 || sin.elem_count() != d / 2 {
-            return Err(bad(format!("RoPE rows {:?}, {:?} for head dim {d}", cos.dims(), sin.dims())));
+        if cos.dims() != sin.dims() || cos.dim(1)? != d / 2 || at_pos >= cos.dim(0)? {
+            return Err(bad(format!("RoPE tables {:?} at {at_pos} for head dim {d}", cos.dims())));
         }
         let (dev, src) = at(qkv)?;
-        let (c, s, kc, vc) = (ptr(cos)?, ptr(sin)?, ptr(k_cache)?, ptr(v_cache)?);
+        let (c, s, p, kc, vc) = (ptr(cos)?, ptr(sin)?, slot_ptr(slot)?, ptr(k_cache)?, ptr(v_cache)?);
         let (q, qp) = output(&dev, dtype, (rows, h, 1, d))?;
-        let (h32, kvh32, d32, cap64, at64, il) = (h as u32, kvh as u32, d as u32, cap as u64, at_pos as u64, interleaved as u32);
+        let (h32, kvh32, d32, cap64, il) = (h as u32, kvh as u32, d as u32, cap as u64, interleaved as u32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, (h + 2 * kvh) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         let f = kernel(&dev, "rope_append", dtype)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&src).arg(&c).arg(&s).arg(&qp).arg(&kc).arg(&vc).arg(&h32).arg(&kvh32).arg(&d32).arg(&cap64).arg(&at64).arg(&il);
+        b.arg(&src).arg(&c).arg(&s).arg(&p).arg(&qp).arg(&kc).arg(&vc).arg(&h32).arg(&kvh32).arg(&d32).arg(&cap64).arg(&il);
         // SAFETY: rope_append's signature; `q` holds rows × h × d, the caches rows × kvh × cap ×
-        // d with `at < cap`, the RoPE rows d / 2 each (all checked above).
+        // d, the RoPE tables d / 2 per position; the position the kernel reads is the slot's
+        // (below cap and the tables' length, checked above; the kernel traps past cap).
         unsafe { go(b, cfg) }?;
         Ok(q)
     }
 
-    pub(super) fn attend(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, len: usize, scale: f64) -> Result<Tensor> {
+    pub(super) fn attend(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, slot: Slot, scale: f64) -> Result<Tensor> {
         let dtype = same_dtype(&[q, k_cache, v_cache])?;
         let (rows, h, t, d) = q.dims4()?;
         let (kb, kvh, cap, kd) = k_cache.dims4()?;
-        if t != 1
-            || (kb, kd) != (rows, d)
-            || v_cache.dims() != k_cache.dims()
-            || kvh == 0
-            || h % kvh != 0
-            || len == 0
-            || len > cap
-            || !super::head_dim_fits(d)
-        {
+        let len = slot.at + 1;
+        if t != 1 || (kb, kd) != (rows, d) || v_cache.dims() != k_cache.dims() || kvh == 0 || h % kvh != 0 || len > cap || !super::head_dim_fits(d) {
             return Err(bad(format!("attention of {:?} over caches {:?} ({len} positions)", q.dims(), k_cache.dims())));
         }
         let (dev, qp) = at(q)?;
-        let (kc, vc) = (ptr(k_cache)?, ptr(v_cache)?);
+        let (kc, vc, p) = (ptr(k_cache)?, ptr(v_cache)?, slot_ptr(slot)?);
         let (y, yp) = output(&dev, dtype, (rows, 1, h * d))?;
-        let (h32, kvh32, d32, cap64, len64, sc) = (h as u32, kvh as u32, d as u32, cap as u64, len as u64, scale as f32);
+        let (h32, kvh32, d32, cap64, sc) = (h as u32, kvh as u32, d as u32, cap as u64, scale as f32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, h as u32, 1), block_dim: (super::ATTENTION_THREADS, 1, 1), shared_mem_bytes: 0 };
         let f = kernel(&dev, "decode_attention", dtype)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&qp).arg(&kc).arg(&vc).arg(&yp).arg(&h32).arg(&kvh32).arg(&d32).arg(&cap64).arg(&len64).arg(&sc);
+        b.arg(&qp).arg(&kc).arg(&vc).arg(&yp).arg(&h32).arg(&kvh32).arg(&d32).arg(&cap64).arg(&p).arg(&sc);
         // SAFETY: decode_attention's signature; `q` and `y` hold rows × h × d, the caches rows ×
-        // kvh × cap × d with len ≤ cap, and d fits the kernel (all checked above).
+        // kvh × cap × d, and d fits the kernel (checked above); it reads the slot's position + 1
+        // keys (at most cap, checked above; the kernel traps past cap).
         unsafe { go(b, cfg) }?;
         Ok(y)
     }

@@ -149,7 +149,10 @@ impl Block {
     ) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(st) = &self.stacked {
             // A decoding step (one position per row, every row keeping its cache).
-            if x.dim(1)? == 1 && segs.iter().all(|s| s.room != Room::Scratch) && pos.iter().all(|p| p.mask.is_none() && p.window.is_none()) {
+            if x.dim(1)? == 1
+                && segs.iter().all(|s| s.room != Room::Scratch)
+                && pos.iter().all(|p| p.step.is_some() && p.mask.is_none() && p.window.is_none())
+            {
                 let normed = normed.filter(|h| h.dims() == x.dims());
                 return self.step_fused(st, x, pos, segs, mlp, normed, next_norm);
             }
@@ -184,12 +187,15 @@ impl Block {
         let (n, mut ys, mut at) = (segs.len(), Vec::with_capacity(segs.len()), 0);
         for s in segs.iter_mut() {
             let part = if n == 1 { qkv.clone() } else { qkv.narrow(0, at, s.rows)? };
-            let p = &pos[s.group];
+            let Some((tables, dev)) = &pos[s.group].step else {
+                return Err(crate::error::Error::bad("a fused decoding step without its position on the device"));
+            };
             let c = make_room(s.kv, (s.rows, heads.kvh, heads.d), 1, s.room, None, qkv.dtype(), qkv.device())?
                 .expect("a layer without a window always makes room");
-            let q = fused::rope_append(&part, &p.cos, &p.sin, &c.k, &c.v, c.len, heads)?;
+            let slot = fused::Slot { at: c.len, dev };
+            let q = fused::rope_append(&part, tables, slot, &c.k, &c.v, heads)?;
+            ys.push(fused::attend(&q, &c.k, &c.v, slot, scale)?);
             c.len += 1;
-            ys.push(fused::attend(&q, &c.k, &c.v, c.len, scale)?);
             at += s.rows;
         }
         let y = if n == 1 { ys.pop().expect("one segment") } else { Tensor::cat(&ys, 0)? };
@@ -274,7 +280,7 @@ impl LanguageModel for Llama {
         let sh = &self.shell;
         let (_, t, n_rows, offset) = check_forward(&sh.cfg, input, cache, rows)?;
         let mask = if t > 1 { Some(causal_mask(t, offset, sh.dtype, &sh.device)?) } else { None };
-        let pos = [Pos::at(&self.rope, offset, t, mask)?];
+        let pos = [if t == 1 && self.fused_blocks() > 0 { Pos::step(&self.rope, cache, &sh.device)? } else { Pos::at(&self.rope, offset, t, mask)? }];
         let x = sh.embed(input)?;
         let (x, acts) = run_layers(x, cache, rows, record, n_rows, self.layers(&pos))?;
         Ok(ForwardOutput { logits: sh.logits(&x, t)?, mlp_acts: acts })
@@ -283,7 +289,11 @@ impl LanguageModel for Llama {
     fn run_step(&self, groups: &mut [StepGroup]) -> Result<Tensor> {
         let sh = &self.shell;
         let (input, rows) = check_step(&sh.cfg, groups, &sh.device)?;
-        let pos = groups.iter().map(|g| Pos::at(&self.rope, g.cache.seq_len(), 1, None)).collect::<Result<Vec<_>>>()?;
+        let fused = self.fused_blocks() > 0;
+        let pos = groups
+            .iter_mut()
+            .map(|g| if fused { Pos::step(&self.rope, g.cache, &sh.device) } else { Pos::at(&self.rope, g.cache.seq_len(), 1, None) })
+            .collect::<Result<Vec<_>>>()?;
         let x = sh.embed(&input)?;
         let x = run_step_layers(x, groups, &rows, self.layers(&pos))?;
         sh.logits(&x, 1)
