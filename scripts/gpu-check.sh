@@ -15,8 +15,9 @@
 #          (b) the PyTorch peer (scripts/peer_map_gpu.py) on the same GPU, weights and dtype;
 #      (c) greedy generation tokens/s and a 16-value sweep (`bench-generate --device cuda`)
 #          against (d) HF transformers' generate on the same directory, and (c) again with
-#          decoding steps through the fused kernels (FLASH_INTERP_FUSED_DECODE=1, checked for
-#          correctness in step 2 too);
+#          decoding steps replayed from a captured CUDA graph of the fused step
+#          (FLASH_INTERP_CUDA_GRAPH=1), and with the fused step alone (FLASH_INTERP_FUSED_DECODE=1;
+#          both checked for correctness in step 2 too);
 #      and the `map` command end to end (weights streamed from the file).
 # Every step's time limit is cut to what is left of GPU_CHECK_BUDGET seconds (default 450: run it
 # with timeout_s=480), and the report is rewritten after each step, so a run cut short still
@@ -130,9 +131,11 @@ step version 30 "$BIN" --version
 # 2. Correctness: CPU and GPU in the same binary. The CPU reference is the exact f32 product
 #    (not the AMX split-bf16 one, on an Intel host), so that the f32 tolerances measure the GPU.
 FLASH_INTERP_NO_AMX=1 step device-check 180 "$BIN" --device "$DEV" device-check --synth smollm2-135m --synth-layers 2
-#    The same with decoding steps through the fused kernels (kernels/decode.cu): the models whose
-#    heads fit them (the SmolLM2 shape) decode through them on the GPU.
-FLASH_INTERP_FUSED_DECODE=1 FLASH_INTERP_NO_AMX=1 step device-check-fused 180 "$BIN" --device "$DEV" device-check --synth smollm2-135m --synth-layers 2
+#    The same with decoding steps through the fused kernels (kernels/decode.cu), replayed from a
+#    captured CUDA graph: the models whose heads fit them (the SmolLM2 shape) decode through them
+#    on the GPU (`fused_decode_blocks`), the greedy answer's steps after its second as replays
+#    (`graph_replays`); the server's batch runs the fused step without replays.
+FLASH_INTERP_CUDA_GRAPH=1 FLASH_INTERP_NO_AMX=1 step device-check-fused 180 "$BIN" --device "$DEV" device-check --synth smollm2-135m --synth-layers 2
 
 # 3. Speed at the real shape.
 if [ ! -f "$M/config.json" ]; then
@@ -141,6 +144,7 @@ fi
 export FLASH_INTERP_PYTHON=$PY FLASH_INTERP_CACHE=$W/cache
 step bench-map 300 "$BIN" --device "$DEV" --model "$M" --weights bf16 --json bench
 step bench-generate 300 "$BIN" --device "$DEV" --model "$M" --weights bf16 --json bench-generate --tokens 128 --runs 1
+FLASH_INTERP_CUDA_GRAPH=1 step bench-generate-graph 200 "$BIN" --device "$DEV" --model "$M" --weights bf16 --json bench-generate --tokens 128 --runs 1 --no-peer
 FLASH_INTERP_FUSED_DECODE=1 step bench-generate-fused 200 "$BIN" --device "$DEV" --model "$M" --weights bf16 --json bench-generate --tokens 128 --runs 1 --no-peer
 step map-command 200 "$BIN" --device "$DEV" --model "$M" --weights bf16 --json map --rebuild
 

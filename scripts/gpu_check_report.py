@@ -40,7 +40,7 @@ def device_check(dc):
         return dc
     keys = ("model", "weights", "pass", "error", "tolerance", "search_pass", "search_top_cpu", "search_top_device", "sweep_pass",
             "sweep_max_abs_err", "greedy_prompt", "greedy_pass", "greedy_common_prefix", "greedy_parting", "detail_pass", "detail_max_logprob_err", "detail_unexplained",
-            "batch_common_prefix", "batch_partings", "batch_jobs_per_step", "batch_pass", "fused_decode_blocks")
+            "batch_common_prefix", "batch_partings", "batch_jobs_per_step", "batch_pass", "fused_decode_blocks", "graph_replays")
     map_keys = ("final_norm", "pass", "lse_max_rel_err", "value_max_rel_err", "std_max_rel_err", "id_mismatches", "unexplained",
                 "seconds_cpu", "seconds_device")
     return {"pass": dc.get("pass"), "models": [
@@ -51,6 +51,7 @@ report["device_check_fused"] = device_check(js("device-check-fused"))
 report["bench_map"] = js("bench-map")
 report["bench_generate"] = js("bench-generate")
 report["bench_generate_fused"] = js("bench-generate-fused")
+report["bench_generate_graph"] = js("bench-generate-graph")
 # A peer that failed leaves the step's rc 0 and its result null: its error is on the step's stderr.
 for name, key in (("bench-map", "bench_map"), ("bench-generate", "bench_generate")):
     r = report[key]
@@ -89,24 +90,30 @@ if "lm_head.weight" in sizes:
 report["weight_bytes_per_token"] = weights
 bg = report["bench_generate"] or {}
 bgf = report["bench_generate_fused"] or {}
+bgg = report["bench_generate_graph"] or {}
 def decode_rate(b):
     return ((b.get("ours") or {}).get("timing") or {}).get("decode_tokens_per_second")
-ours, fused = decode_rate(bg), decode_rate(bgf)
+ours, fused, graph = decode_rate(bg), decode_rate(bgf), decode_rate(bgg)
 if bw and weights:
     bound = bw / weights
     report["decode_bound_tokens_per_second"] = bound
     report["decode_fraction_of_bound"] = ours / bound if ours else None
     report["decode_fraction_of_bound_fused"] = fused / bound if fused else None
+    report["decode_fraction_of_bound_graph"] = graph / bound if graph else None
 if ours and fused:
     report["decode_fused_over_plain"] = fused / ours
+if ours and graph:
+    report["decode_graph_over_plain"] = graph / ours
 with open(os.path.join(out, "gpu-check.json.tmp"), "w") as f:
     json.dump(report, f, indent=1)
 os.replace(os.path.join(out, "gpu-check.json.tmp"), os.path.join(out, "gpu-check.json"))
 if not final:
     sys.exit(0)
 print(json.dumps({k: report.get(k) for k in ("gpu", "device_check", "device_check_fused", "decode_fraction_of_bound",
-                                              "decode_fraction_of_bound_fused", "decode_fused_over_plain")}, indent=1)[:8000])
+                                              "decode_fraction_of_bound_fused", "decode_fraction_of_bound_graph", "decode_fused_over_plain",
+                                              "decode_graph_over_plain")}, indent=1)[:8000])
 bm = report.get("bench_map") or {}
 print("map seconds:", bm.get("map_seconds"), "peer/ours:", bm.get("ratio_peer_over_ours"), "device phases:", bm.get("map_device_phases"))
 print("generate:", {k: bg.get(k) for k in ("ratio_decode", "sweep_16_values_seconds", "decode_step")})
 print("generate, fused:", {k: bgf.get(k) for k in ("fused_decode_blocks", "sweep_16_values_seconds", "decode_step")})
+print("generate, graph:", {k: bgg.get(k) for k in ("fused_decode_blocks", "graph_replays", "decode_step")})

@@ -415,6 +415,7 @@ pub fn run_generate(cli: &Cli, a: &super::BenchGenerateArgs) -> Result<()> {
         "new_tokens": a.tokens,
         "threads": threads,
         "fused_decode_blocks": engine.model.fused_blocks(),
+        "graph_replays": flash_interp::model::graph::replays(),
         "ours": { "weights": engine.weight_mode().name(), "timing": ours, "peak_rss_bytes": our_rss, "tokens": our_tokens.len() },
         "peer": peer.as_ref().map(|p| { let mut p = p.clone(); p.as_object_mut().map(|o| o.remove("tokens")); p }),
         "ratio_decode": ratio("decode_tokens_per_second"),

@@ -114,6 +114,9 @@ pub struct ModelCheck {
     pub batch_pass: bool,
     /// Blocks whose decoding steps took the fused path on the device (FLASH_INTERP_FUSED_DECODE).
     pub fused_decode_blocks: usize,
+    /// Decoding steps replayed from a captured CUDA graph during this model's checks
+    /// (`FLASH_INTERP_CUDA_GRAPH=1`; the greedy answer's steps after its second).
+    pub graph_replays: u64,
     pub pass: bool,
 }
 
@@ -217,6 +220,7 @@ pub fn compare_maps(cpu: &NeuronMap, dev: &NeuronMap, tol: &Tolerance, value_tol
 
 /// Run the whole comparison on one model file or directory.
 pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<ModelCheck> {
+    let replays_before = crate::model::graph::replays();
     let cpu = Engine::load(path, &LoadOptions { device: Device::Cpu, mode, ..Default::default() })?;
     let dev = Engine::load(path, &LoadOptions { device: device.clone(), mode, ..Default::default() })?;
     let dtype = dev.weight_mode().compute_dtype();
@@ -356,6 +360,7 @@ pub fn check_model(path: &Path, device: &Device, mode: WeightMode) -> Result<Mod
         batch_jobs_per_step,
         batch_pass,
         fused_decode_blocks: dev.model.fused_blocks(),
+        graph_replays: crate::model::graph::replays() - replays_before,
         pass,
     })
 }

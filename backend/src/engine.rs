@@ -22,6 +22,7 @@ use crate::limits;
 use crate::map::{self, NeuronMap};
 use crate::model::config::Gemma3Params;
 use crate::model::config::HfConfig;
+use crate::model::graph::DecodeGraph;
 use crate::model::{Arch, Cache, Clamp, Config, GgufSource, Intervention, Key, LanguageModel, Room, SafetensorsSource, WeightMode, WeightSource};
 use crate::prompt_cache::{Entry, PromptCache};
 use crate::sampling::Sampler;
@@ -598,10 +599,12 @@ impl Engine {
         on_text: &mut dyn FnMut(usize, &str, &[TokenStep]) -> bool,
     ) -> Result<Vec<GenOutput>> {
         let (mut g, mut logits) = self.start_generation(ids, variants, seeds, params, cancel, None)?;
+        let mut steps = DecodeGraph::new(&*self.model, &g.variants);
         while let Some(next) = self.advance(&mut g, &logits, on_text)? {
             let n = next.len();
             logits = if use_cache {
-                self.model.forward(&Tensor::from_vec(next, (n, 1), self.model.device())?, &mut g.cache, &g.variants, &[])?.logits
+                g.cache.cancel.check()?;
+                steps.step(&*self.model, next, &mut g.cache, &g.variants)?
             } else {
                 let t = g.seqs[0].len();
                 let flat: Vec<u32> = g.seqs.iter().flatten().copied().collect();

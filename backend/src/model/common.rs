@@ -75,6 +75,16 @@ impl Cache {
         }
     }
 
+    /// What a step's forward pass does to the host's record of the cache, for a step that ran
+    /// without it (a CUDA graph's replay): one more position in every layer that holds keys.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn stepped(&mut self) {
+        for c in self.kvs.iter_mut().flatten() {
+            c.len += 1;
+        }
+        self.seq_len += 1;
+    }
+
     /// Positions each layer has room for (0 where it holds nothing).
     pub fn kv_positions(&self) -> Vec<usize> {
         self.kvs.iter().map(|kv| kv.as_ref().map_or(0, |c| c.k.dims()[2])).collect()

@@ -19,10 +19,10 @@ use candle_core::{Device, Tensor, D};
 
 use crate::error::Result;
 
-/// Whether decoding steps on `device` take the fused path (`FLASH_INTERP_FUSED_DECODE=1`, on a
-/// CUDA device).
+/// Whether decoding steps on `device` take the fused path (`FLASH_INTERP_FUSED_DECODE=1`, or
+/// `FLASH_INTERP_CUDA_GRAPH=1`, whose replays need it; on a CUDA device).
 pub(crate) fn wanted(device: &Device) -> bool {
-    device.is_cuda() && std::env::var("FLASH_INTERP_FUSED_DECODE").is_ok_and(|v| v == "1")
+    device.is_cuda() && (std::env::var("FLASH_INTERP_FUSED_DECODE").is_ok_and(|v| v == "1") || super::graph::wanted(device))
 }
 
 /// Largest head dim the attention kernel takes (a multiple of 32 up to this).

@@ -6,6 +6,7 @@ pub mod config;
 pub mod exact;
 pub mod fused;
 pub mod gemma3;
+pub mod graph;
 pub mod llama;
 pub mod weights;
 
