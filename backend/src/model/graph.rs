@@ -7,7 +7,9 @@
 //! cache in step ([`Cache::stepped`]).
 //!
 //! One generation's rows, on the device's one stream: for `generate` (the CLI, `bench-generate`),
-//! not for the server's shared batch, whose groups change from step to step. The first decoding
+//! not for the server's shared batch, whose groups change from step to step. While a step is
+//! captured nothing else may use that stream (another thread's work would be recorded into the
+//! graph): one generation at a time on the device, as the CLI runs. The first decoding
 //! step runs plainly while candle records the small uploads (shapes, strides) that the capture
 //! must find cached; the second is captured and launched; every later one is a replay. Where
 //! capture is not possible (clamps, whose masks are uploaded per step; a block off the fused path;
@@ -28,9 +30,19 @@ pub fn replays() -> u64 {
 }
 
 /// Whether decoding steps on `device` replay a captured graph (`FLASH_INTERP_CUDA_GRAPH=1`, on a
-/// CUDA device).
+/// CUDA device whose driver allocates in stream order: a capture records allocations only so).
 pub(crate) fn wanted(device: &candle_core::Device) -> bool {
-    device.is_cuda() && std::env::var("FLASH_INTERP_CUDA_GRAPH").is_ok_and(|v| v == "1")
+    device.is_cuda() && std::env::var("FLASH_INTERP_CUDA_GRAPH").is_ok_and(|v| v == "1") && stream_ordered_alloc(device)
+}
+
+#[cfg(feature = "cuda")]
+fn stream_ordered_alloc(device: &candle_core::Device) -> bool {
+    device.as_cuda_device().is_ok_and(|d| d.cuda_stream().context().has_async_alloc())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn stream_ordered_alloc(_: &candle_core::Device) -> bool {
+    false
 }
 
 /// One generation's decoding steps: plain forward passes, or a captured step's replays.
@@ -68,6 +80,9 @@ impl DecodeGraph {
         match std::mem::replace(&mut self.state, State::Off) {
             State::Off => Ok(model.forward(&input, cache, variants, &[])?.logits),
             State::Warm => {
+                // The position first, outside what candle records (it would keep one upload per
+                // position it saw).
+                cache.step_slot(model.device())?;
                 #[cfg(feature = "cuda")]
                 let _record = model.device().as_cuda_device()?.enable_cuda_graph_htod_cache();
                 let out = model.forward(&input, cache, variants, &[])?;
@@ -78,7 +93,7 @@ impl DecodeGraph {
             State::Capture { .. } => Ok(model.forward(&input, cache, variants, &[])?.logits),
             #[cfg(feature = "cuda")]
             State::Capture { ids } => {
-                if !room_for_one_more(cache) {
+                if !room_for_one_more(cache, model.config().max_seq_len) {
                     return Ok(model.forward(&input, cache, variants, &[])?.logits);
                 }
                 ids.slice_set(&input, 0, 0)?;
@@ -92,7 +107,7 @@ impl DecodeGraph {
             }
             #[cfg(feature = "cuda")]
             State::Ready { graph, ids, logits } => {
-                if !room_for_one_more(cache) {
+                if !room_for_one_more(cache, model.config().max_seq_len) {
                     return Ok(model.forward(&input, cache, variants, &[])?.logits);
                 }
                 ids.slice_set(&input, 0, 0)?;
@@ -108,16 +123,17 @@ impl DecodeGraph {
 }
 
 /// Whether every layer's cache has room for one more position without growing (a replay writes
-/// into the buffers it was captured with).
+/// into the buffers it was captured with), within the model's context of `max_seq_len` (a
+/// replay runs none of the forward pass's host checks; its kernels index the RoPE tables).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn room_for_one_more(cache: &Cache) -> bool {
-    cache.kvs.iter().all(|kv| kv.as_ref().is_some_and(|c| c.k.dims().get(2).is_some_and(|&cap| c.len < cap)))
+fn room_for_one_more(cache: &Cache, max_seq_len: usize) -> bool {
+    cache.seq_len < max_seq_len && cache.kvs.iter().all(|kv| kv.as_ref().is_some_and(|c| c.k.dims().get(2).is_some_and(|&cap| c.len < cap)))
 }
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
+    use candle_core::cuda_backend::cudarc::driver::{result, CudaGraph, CudaStream};
     use candle_core::Tensor;
 
     use super::super::common::{Cache, Intervention};
@@ -140,12 +156,23 @@ mod gpu {
         let (seq_len, lens): (usize, Vec<Option<usize>>) = (cache.seq_len, cache.kvs.iter().map(|kv| kv.as_ref().map(|c| c.len)).collect());
         let _cached = dev.enable_cuda_graph_htod_cache();
         stream.synchronize().map_err(|e| fail(format!("before capturing: {e}")))?;
+        // An error recorded before (a failed free) is the device's to report, not the capture's.
+        stream.context().check_err().map_err(|e| fail(format!("before capturing: {e}")))?;
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| fail(format!("starting a capture: {e}")))?;
+        let open = Open(&stream);
         // `run`, not `forward`: the finite check copies to the host, which a capture cannot.
         let out = model.run(ids, cache, variants, &[]);
+        // Frees that failed in an invalidated capture leave an error recorded, which cudarc's
+        // `end_capture` would return before ending the capture: taken first, as the capture's.
+        let recorded = stream.context().check_err();
         let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-        let why = match (out, graph) {
-            (Ok(out), Ok(Some(graph))) => match graph.launch() {
+        drop(open);
+        let why = match (out, recorded, graph) {
+            (Ok(out), Err(e), _) => {
+                std::mem::forget(out);
+                format!("during the capture: {e}")
+            }
+            (Ok(out), Ok(()), Ok(Some(graph))) => match graph.launch() {
                 Ok(()) => {
                     tracing::info!("decoding steps replay a captured CUDA graph");
                     return Ok(Some((graph, out.logits)));
@@ -156,17 +183,22 @@ mod gpu {
                     format!("launching it: {e}")
                 }
             },
-            (Ok(out), Ok(None)) => {
+            (Ok(out), Ok(()), Ok(None)) => {
                 std::mem::forget(out);
                 "the capture recorded nothing".to_string()
             }
-            (Ok(out), Err(e)) => {
+            (Ok(out), Ok(()), Err(e)) => {
                 std::mem::forget(out);
                 format!("ending the capture: {e}")
             }
-            (Err(e), _) => format!("the step: {e}"),
+            (Err(e), _, _) => format!("the step: {e}"),
         };
         tracing::warn!("decoding steps run plainly: a CUDA graph of the step could not be captured ({why})");
+        // The plain steps after this need the stream out of capture mode.
+        let status = stream.capture_status().map_err(|e| fail(format!("after a failed capture: {e}")))?;
+        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Err(fail(format!("the stream is still capturing ({status:?}) after a failed capture ({why})")));
+        }
         cache.seq_len = seq_len;
         for (kv, len) in cache.kvs.iter_mut().zip(lens) {
             match (kv.as_mut(), len) {
@@ -176,6 +208,26 @@ mod gpu {
             }
         }
         Ok(None)
+    }
+
+    /// A capture in progress on a stream, ended when dropped if it still is (a step that panicked
+    /// while captured): the stream is the device's only one, and a stream left capturing would
+    /// fail everything after.
+    struct Open<'a>(&'a CudaStream);
+
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            if self.0.capture_status().is_ok_and(|s| s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE) {
+                let _ = self.0.context().check_err();
+                // SAFETY: the stream is live; the graph an ended capture returns is ours, never
+                // instantiated, and destroyed here once.
+                if let Ok(g) = unsafe { result::stream::end_capture(self.0.cu_stream()) } {
+                    if !g.is_null() {
+                        let _ = unsafe { result::graph::destroy(g) };
+                    }
+                }
+            }
+        }
     }
 
     fn fail(what: String) -> crate::error::Error {
@@ -210,13 +262,14 @@ mod tests {
             m.forward(&prompt, c, &[], &[]).unwrap();
         }
         let record = |c: &Cache| (c.seq_len, c.kvs.iter().map(|kv| kv.as_ref().map(|k| (k.len, k.k.dims().to_vec()))).collect::<Vec<_>>());
+        assert!(!room_for_one_more(&ran, 3), "the model's context is full at 3 positions, the cache's is not");
         for s in 0..2u32 {
-            assert!(room_for_one_more(&ran), "step {s}");
+            assert!(room_for_one_more(&ran, o.cfg.max_seq_len), "step {s}");
             m.forward(&Tensor::new(&[[5 + s]], &dev).unwrap(), &mut ran, &[], &[]).unwrap();
             replayed.stepped();
             assert_eq!(record(&ran), record(&replayed), "step {s}");
         }
-        assert!(!room_for_one_more(&ran), "5 positions held");
+        assert!(!room_for_one_more(&ran, o.cfg.max_seq_len), "5 positions held");
         // Off the GPU, a generation's steps are plain forward passes.
         assert!(matches!(DecodeGraph::new(&m, &[Intervention::none()]).state, State::Off));
     }
