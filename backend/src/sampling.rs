@@ -88,7 +88,10 @@ pub fn argmax(xs: &[f32]) -> usize {
 pub fn check_finite(logits: &[f32]) -> Result<()> {
     match logits.iter().position(|x| !x.is_finite()) {
         None => Ok(()),
-        Some(i) => Err(Error::NonFinite(format!("the model's output is not a finite number (logit {i} is {})", logits[i]))),
+        Some(i) => Err(Error::NonFinite(format!(
+            "the model's output is not a finite number for this input (logit {i} is {}: an overflow, try smaller clamp values)",
+            logits[i]
+        ))),
     }
 }
 
