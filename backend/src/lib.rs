@@ -23,6 +23,7 @@ pub mod server;
 pub mod synth;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod vmath;
 
 pub use cancel::Cancel;
 pub use engine::{Engine, LoadOptions};

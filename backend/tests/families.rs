@@ -316,7 +316,11 @@ fn long_prompts_equal_token_by_token_decoding() {
             step = e.model.forward(&x, &mut cache, &[Intervention::none()], &[]).unwrap().logits.i(0).unwrap().to_vec1().unwrap();
         }
         let d = max_abs_diff(&whole, &step);
-        assert!(d < 1e-4, "gemma3 {gemma3}: max |diff| {d}");
+        eprintln!("DIFF gemma3 {gemma3}: {d} max|logit| {}", whole.iter().fold(0f32, |m, x| m.max(x.abs())));
+        // Two summation orders over 300 positions and 4 layers: within 1e-5 of the logits' scale
+        // (up to ~18 here; a wrong mask or window moves them by far more).
+        let tol = 1e-5 * whole.iter().fold(1f32, |m, x| m.max(x.abs()));
+        assert!(d < tol, "gemma3 {gemma3}: max |diff| {d}, tolerance {tol}");
         // In chunks: Gemma's local layers keep only their window, so a chunk after the first
         // attends to a cache that dropped positions (its mask's first columns); a chunk longer
         // than their buffer (the window plus WINDOW_SLACK) keeps only its end.

@@ -443,26 +443,8 @@ mod simd {
     use super::RowAcc;
     use std::arch::x86_64::*;
 
-    pub fn has_avx512() -> bool {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-
-    /// exp(x) for x <= 0, 16 lanes: Cody–Waite range reduction and a degree-6 polynomial,
-    /// scaled by 2^n with `scalef`. ~2e-7 relative; values below e^-87 come out as ~e^-87.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        _mm512_scalef_ps(p, n)
-    }
+    use crate::vmath::avx512::exp16;
+    pub use crate::vmath::has_avx512;
 
     /// Σ exp(x − m) over `xs` (every x ≤ m), 16 lanes at a time.
     #[target_feature(enable = "avx512f")]

@@ -1115,13 +1115,21 @@ impl Shell {
     }
 }
 
-/// The gating nonlinearity of a gated MLP.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Act {
-    /// Llama: SiLU.
-    Silu,
-    /// Gemma: GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`, candle's `gelu`).
-    GeluTanh,
+/// The gating nonlinearity of a gated MLP: Llama's SiLU, or Gemma's GELU with the tanh
+/// approximation (PyTorch's `gelu(approximate="tanh")`, candle's `gelu`).
+pub(crate) use crate::vmath::Act;
+
+/// `f` of the elements of a contiguous f32 tensor on the CPU, read in place; `None` elsewhere.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => Some(f(&v[start..end])),
+        _ => None,
+    }
 }
 
 /// The gated MLP: down(act(gate(x)) * up(x)). `hidden` is the neuron activation we read and clamp.
@@ -1139,12 +1147,20 @@ impl Mlp {
     }
 
     pub(crate) fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?;
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        // On the CPU in f32 (every CPU path but explicit bf16/f16 weights): one vectorised pass
+        // (`vmath::gated`) where candle's ops take libm's scalar exp or tanh per element and a
+        // second pass for the product.
+        if g.dims() == u.dims() {
+            if let Some(h) = with_cpu_f32(&g, |gs| with_cpu_f32(&u, |us| crate::vmath::gated(gs, us, self.act))).flatten() {
+                return Ok(Tensor::from_vec(h, g.shape(), g.device())?);
+            }
+        }
         let g = match self.act {
             Act::Silu => candle_nn::ops::silu(&g)?,
             Act::GeluTanh => g.gelu()?,
         };
-        Ok((g * self.up.forward(x)?)?)
+        Ok((g * u)?)
     }
 
     pub(crate) fn bytes(&self) -> usize {
