@@ -796,15 +796,15 @@ impl Engine {
     }
 
     /// What the hover of a generated token shows: its probability under the model (temperature
-    /// 1, in f64 relative to the largest logit) and the most likely tokens at its position.
+    /// 1, against the logits' logsumexp) and the most likely tokens at its position.
     /// `text` is filled in by the caller once the token's characters are complete.
     fn step(&self, logits: &[f32], id: u32) -> TokenStep {
         // Two vectorised passes and one of comparisons (a few hundred µs for a 262,144-token
         // vocabulary), where an f64 exp per token and a selection over all of them took 1.4 ms:
         // on a GPU the device waits for this between tokens.
-        let lse = crate::map::kernel::log_sum_exp(logits);
+        let lse = crate::vmath::log_sum_exp(logits);
         let prob = |i: usize| (logits[i] as f64 - lse).exp() as f32;
-        let top = crate::map::kernel::top_k(logits, shared::STEP_TOP)
+        let top = crate::vmath::top_k(logits, shared::STEP_TOP)
             .into_iter()
             .map(|(logit, i)| TokenProb { id: i, text: self.tok.token_text(i), prob: prob(i as usize), logit })
             .collect();
@@ -1069,7 +1069,7 @@ fn first_clamped_layer(variants: &[Intervention]) -> Option<usize> {
 
 /// Indices of the `k` largest values, largest first (ties: the lower index first).
 pub fn top_indices(xs: &[f32], k: usize) -> Vec<usize> {
-    crate::map::kernel::top_k(xs, k).into_iter().map(|(_, i)| i as usize).collect()
+    crate::vmath::top_k(xs, k).into_iter().map(|(_, i)| i as usize).collect()
 }
 
 /// Gemma 2's or 3's additions from a Hugging Face config.json (`gemma2`, `gemma3_text`). The
